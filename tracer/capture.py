@@ -1,0 +1,270 @@
+"""Capture: run a vendor forward under a recording dispatch mode and build an aten-level `torch.fx.Graph`.
+
+The recorder sits where `torch.utils.flop_counter.FlopCounterMode` sits (a `TorchDispatchMode` above the
+fake-tensor mode), skips the same size queries and decomposes the same composite ops, so the graph holds
+exactly the ops FlopCounterMode would count: `tracer.count` can then reproduce its numbers node by node.
+
+Each call_function node's meta holds:
+  val            the (fake) output, as make_fx stores it; args are other nodes or constants
+  nn_module_stack  {path: (qualified path with call indices, module class)}, outermost first
+  module         innermost module path (`<root>` outside any submodule)
+  module_call    the same path with `#k` after each module called for the k-th time (k > 0) within
+                 its parent's call, e.g. `model.vision_tower#1.sam_encoder...` for SAM on the tiles
+  module_class   innermost module class name
+  source         first frame outside torch and flopdiff, `file:line` relative to its package root
+  vendor_source  first frame in the vendor's own files (e.g. modeling_deepseek_ocr2.py), `file:line`
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import sys
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx
+from torch._ops import HigherOrderOperator
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry
+
+ROOT = "<root>"
+
+# The ops FlopCounterMode passes through untouched (size and layout queries): never graph nodes.
+_SKIPPED = {
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "is_contiguous", "is_strides_like_format", "is_non_overlapping_and_dense", "size", "sym_size",
+        "stride", "sym_stride", "storage_offset", "sym_storage_offset", "numel", "sym_numel", "dim",
+    )
+    if hasattr(torch.ops.aten, name)
+}
+_SKIPPED |= {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.default}
+if hasattr(torch.ops.aten, "sym_is_contiguous"):
+    _SKIPPED.add(torch.ops.aten.sym_is_contiguous.default)
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_TRACER_DIR = os.path.dirname(__file__) + os.sep
+_STDLIB_DIR = os.path.dirname(os.__file__) + os.sep
+
+
+@dataclass
+class StageGraph:
+    """One captured forward: `stage` is vision, prefill or decode (`step` 0.. for decode)."""
+
+    stage: str
+    graph: torch.fx.Graph
+    step: int | None = None
+    kv_len: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def op_nodes(self) -> Iterable[torch.fx.Node]:
+        return (n for n in self.graph.nodes if n.op == "call_function" and n.target is not operator.getitem)
+
+
+class _ModuleStack:
+    """Tracks which module is running via global forward hooks, with per-parent call indices."""
+
+    def __init__(self, names: dict[int, str]):
+        self.names = names
+        self.frames: list[tuple[str, str, str, dict[str, int]]] = []  # (path, qualified, class, child calls)
+        self.root_calls: dict[str, int] = {}
+
+    def push(self, module, *_):
+        path = self.names.get(id(module))
+        if path is None or path == "":
+            self.frames.append(("", "", "", {}))
+            return
+        calls = self.frames[-1][3] if self.frames else self.root_calls
+        k = calls.get(path, 0)
+        calls[path] = k + 1
+        parent_q = next((f[1] for f in reversed(self.frames) if f[0]), "")
+        parent_p = next((f[0] for f in reversed(self.frames) if f[0]), "")
+        local = path[len(parent_p) + 1:] if parent_p and path.startswith(parent_p + ".") else path
+        qualified = (parent_q + "." if parent_q else "") + local + (f"#{k}" if k else "")
+        self.frames.append((path, qualified, type(module).__qualname__, {}))
+
+    def pop(self, *_):
+        if self.frames:
+            self.frames.pop()
+
+    def snapshot(self) -> tuple[dict[str, tuple[str, str]], str, str, str]:
+        stack = {p: (q, c) for p, q, c, _ in self.frames if p}
+        for p, q, c, _ in reversed(self.frames):
+            if p:
+                return stack, p, q, c
+        return stack, ROOT, ROOT, ""
+
+
+@contextmanager
+def _module_hooks(stack: _ModuleStack):
+    from torch.nn.modules import module as nn_module
+
+    pre = nn_module.register_module_forward_pre_hook(stack.push)
+    try:
+        post = nn_module.register_module_forward_hook(stack.pop, always_call=True)
+    except TypeError:  # torch < 2.1 has no always_call
+        post = nn_module.register_module_forward_hook(stack.pop)
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
+
+
+class _SourceLocator:
+    """Maps the Python stack at dispatch time to `file:line` strings (cached per code file)."""
+
+    def __init__(self, vendor_roots: Iterable[str]):
+        self.vendor_roots = tuple(os.path.abspath(r) + os.sep for r in vendor_roots)
+        self._rel: dict[str, str] = {}
+
+    def _relative(self, filename: str) -> str:
+        rel = self._rel.get(filename)
+        if rel is None:
+            rel = filename
+            parts = Path(filename).parts
+            if "site-packages" in parts:
+                rel = "/".join(parts[parts.index("site-packages") + 1:])
+            else:
+                for root in self.vendor_roots:
+                    if filename.startswith(root):
+                        rel = Path(root).name + "/" + filename[len(root):]
+                        break
+            self._rel[filename] = rel
+        return rel
+
+    def locate(self) -> tuple[str, str]:
+        source = vendor = ""
+        frame = sys._getframe(2)
+        while frame is not None and not vendor:
+            fn = frame.f_code.co_filename
+            if not source and not fn.startswith((_TORCH_DIR, _TRACER_DIR, _STDLIB_DIR)) and not fn.startswith("<"):
+                source = f"{self._relative(fn)}:{frame.f_lineno}"
+            if fn.startswith(self.vendor_roots):
+                vendor = f"{self._relative(fn)}:{frame.f_lineno}"
+            frame = frame.f_back
+        return source, vendor
+
+
+def op_name(target) -> str:
+    """`aten::mm`, `flash_attn::_flash_attn_forward`, `higher_order::flex_attention`."""
+    if isinstance(target, HigherOrderOperator):
+        return f"higher_order::{target.name()}"
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return schema.name
+    return getattr(target, "__name__", str(target))
+
+
+class GraphRecorder(TorchDispatchMode):
+    """Records every dispatched op as an fx node, mirroring FlopCounterMode's view of the program."""
+
+    supports_higher_order_operators = True
+
+    def __init__(self, tensor_names: dict[int, str], module_names: dict[int, str], vendor_roots: Iterable[str]):
+        super().__init__()
+        self.graph = torch.fx.Graph()
+        self.tensor_names = tensor_names
+        self.modules = _ModuleStack(module_names)
+        self.locator = _SourceLocator(vendor_roots)
+        self._nodes: dict[int, tuple[torch.fx.Node, torch.Tensor]] = {}
+        self._first_op: torch.fx.Node | None = None
+
+    def _node_for(self, t: torch.Tensor) -> torch.fx.Node:
+        hit = self._nodes.get(id(t))
+        if hit is not None and hit[1] is t:
+            return hit[0]
+        name = self.tensor_names.get(id(t), "input")
+        if self._first_op is None:
+            node = self.graph.placeholder(name.replace(".", "_"))
+        else:
+            with self.graph.inserting_before(self._first_op):
+                node = self.graph.placeholder(name.replace(".", "_"))
+        node.meta["val"] = t
+        node.meta["tensor_name"] = name
+        self._nodes[id(t)] = (node, t)
+        return node
+
+    def _as_arg(self, x):
+        return self._node_for(x) if isinstance(x, torch.Tensor) else x
+
+    def _record(self, func, args, kwargs, out) -> None:
+        node_args = tree_map(self._as_arg, args)
+        node_kwargs = tree_map(self._as_arg, kwargs)
+        node = self.graph.create_node("call_function", func, tuple(node_args), dict(node_kwargs),
+                                      name=op_name(func).split("::")[-1].lstrip("_") or "op")
+        if self._first_op is None:
+            self._first_op = node
+        stack, path, qualified, cls = self.modules.snapshot()
+        source, vendor = self.locator.locate()
+        node.meta.update(val=out, nn_module_stack=stack, module=path, module_call=qualified,
+                         module_class=cls, source=source, vendor_source=vendor, op=op_name(func))
+        if isinstance(out, torch.Tensor):
+            self._nodes[id(out)] = (node, out)
+        elif isinstance(out, (tuple, list)):
+            for i, o in enumerate(out):
+                if isinstance(o, torch.Tensor):
+                    item = self.graph.call_function(operator.getitem, (node, i))
+                    item.meta.update(node.meta, val=o)
+                    self._nodes[id(o)] = (item, o)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SKIPPED:
+            return NotImplemented
+        if isinstance(func, HigherOrderOperator):
+            out = func(*args, **kwargs)
+            self._record(func, args, kwargs, out)
+            return out
+        # Same rule as FlopCounterMode: an op torch has no formula for is decomposed when it can be.
+        if func._overloadpacket not in flop_registry and func is not torch.ops.prim.device.default:
+            with self:
+                r = func.decompose(*args, **kwargs)
+                if r is not NotImplemented:
+                    return r
+        out = func(*args, **kwargs)
+        self._record(func, args, kwargs, out)
+        return out
+
+
+def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, vendor_roots: Iterable[str] = (),
+            step: int | None = None, kv_len: int | None = None) -> tuple[StageGraph, object]:
+    """Run `fn()` (one vendor forward) and return its graph and its result."""
+    tensor_names = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
+    tensor_names.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False)})
+    module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    recorder = GraphRecorder(tensor_names, module_names, vendor_roots)
+    with _module_hooks(recorder.modules), recorder:
+        result = fn()
+    outputs = [recorder._node_for(t) for t in tree_flatten(result_tensors(result))[0]]
+    recorder.graph.output(tuple(outputs))
+    return StageGraph(stage, recorder.graph, step=step, kv_len=kv_len), result
+
+
+def result_tensors(result) -> list[torch.Tensor]:
+    """The tensors a forward returned that the graph should output (logits first when present)."""
+    logits = getattr(result, "logits", None)
+    return [logits] if isinstance(logits, torch.Tensor) else []
+
+
+def subgraph(source: StageGraph, stage: str, keep: Callable[[torch.fx.Node], bool]) -> StageGraph:
+    """A new graph of the nodes `keep` selects; values they read from outside become placeholders."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    kept = [n for n in source.graph.nodes if n.op == "call_function" and keep(n)]
+    kept_set = set(kept)
+
+    for n in kept:
+        for dep in n.all_input_nodes:
+            if dep not in kept_set and dep not in env:
+                env[dep] = graph.placeholder(dep.name)
+                env[dep].meta.update(dep.meta)
+    for n in kept:
+        env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output(tuple(env[n] for n in kept if any(u not in kept_set for u in n.users)))
+    return StageGraph(stage, graph, step=source.step, kv_len=source.kv_len, notes=list(source.notes))

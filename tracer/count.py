@@ -1,0 +1,129 @@
+"""Count: a pass over a captured graph that writes per-node FLOPs under two policies.
+
+  flops_torch  what `FlopCounterMode` counts for the node: torch's own `flop_registry` formula, called
+               exactly as FlopCounterMode calls it (same arguments, `out_val`), 0 for ops it lacks;
+  flops_full   flops_torch plus `tracer.formulas` for the ops torch lacks (and, with the causal-halving
+               switch, torch's attention ops recounted under that convention).
+
+Every op gets a status: `torch` (torch's formula), `formula` (ours), `free` (cannot carry tensor-core
+FLOPs: elementwise, reductions, data movement) or `unknown` (may carry FLOPs and nobody has a formula:
+a matmul-like aten op, a custom op, a higher-order op). Unknown ops are listed, never silently zero.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch._ops import HigherOrderOperator
+from torch.utils.flop_counter import flop_registry
+
+from tracer.capture import StageGraph, op_name
+from tracer.errors import FlopdiffError
+from tracer.formulas import FORMULAS, Conventions
+
+# Name tokens (split on "_") that mark an aten op as a possible matmul/convolution/attention.
+_FLOP_TOKENS = {
+    "mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "matmul", "einsum", "linear",
+    "conv", "convolution", "conv1d", "conv2d", "conv3d", "attention", "attn", "gemm", "flex", "sdpa",
+    "tensordot", "ger", "outer", "bilinear",
+}
+_CORE_NAMESPACES = {"aten", "prims", "prim"}
+# Higher-order ops that only wrap other ops (their inner ops are what counts).
+_FREE_HOPS = {"auto_functionalized", "auto_functionalized_v2", "with_effects", "run_const_graph"}
+
+
+def may_carry_flops(name: str) -> bool:
+    """Whether an op without a formula could hide tensor-core FLOPs (then it must be reported)."""
+    namespace, _, op = name.partition("::")
+    if namespace == "higher_order":
+        return op not in _FREE_HOPS
+    if namespace not in _CORE_NAMESPACES:
+        return True  # a custom op: a kernel of unknown cost
+    return bool(_FLOP_TOKENS & set(op.lower().split("_")))
+
+
+def _val(x):
+    return x.meta.get("val") if isinstance(x, torch.fx.Node) else x
+
+
+def _materialize(node: torch.fx.Node):
+    args = torch.fx.node.map_arg(node.args, _val)
+    kwargs = torch.fx.node.map_arg(node.kwargs, _val)
+    return args, kwargs
+
+
+def torch_flops(node: torch.fx.Node) -> int:
+    """FlopCounterMode's count for this node (it handles no higher-order op but triton and cond)."""
+    target = node.target
+    if isinstance(target, HigherOrderOperator):
+        return 0
+    formula = flop_registry.get(target._overloadpacket)
+    if formula is None:
+        return 0
+    args, kwargs = _materialize(node)
+    return int(formula(*args, **kwargs, out_val=node.meta.get("val")))
+
+
+def count_node(node: torch.fx.Node, conv: Conventions) -> None:
+    """Write flops_torch, flops_full, flop_status (and flop_note when unknown) into node.meta."""
+    name = op_name(node.target)
+    ft = torch_flops(node)
+    ours = FORMULAS.get(name)
+    meta = node.meta
+    meta["flop_note"] = ""
+    if ours is not None and (ft == 0 or conv.causal_halving):
+        args, kwargs = _materialize(node)
+        try:
+            full = int(ours(*args, out=meta.get("val"), conv=conv, **kwargs))
+            status = "formula" if ft == 0 else "torch"
+        except FlopdiffError as exc:
+            full, status, meta["flop_note"] = ft, "unknown", str(exc)
+    elif ft or (not isinstance(node.target, HigherOrderOperator) and node.target._overloadpacket in flop_registry):
+        full, status = ft, "torch"
+    elif may_carry_flops(name):
+        full, status = 0, "unknown"
+        meta["flop_note"] = "no FLOP formula for this op"
+    else:
+        full, status = 0, "free"
+    if isinstance(node.target, HigherOrderOperator) and name.split("::")[1] not in _FREE_HOPS:
+        meta["flop_note"] = meta["flop_note"] or "FlopCounterMode raises on this higher-order op"
+    meta.update(flops_torch=ft, flops_full=full, flop_status=status)
+
+
+def count_graph(sg: StageGraph, conv: Conventions = Conventions()) -> StageGraph:
+    """Annotate every op node of `sg` (getitem nodes copy nothing and count 0)."""
+    for node in sg.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem:
+            node.meta.update(flops_torch=0, flops_full=0, flop_status="free", flop_note="")
+            continue
+        count_node(node, conv)
+    return sg
+
+
+@dataclass
+class Totals:
+    flops_torch: int = 0
+    flops_full: int = 0
+    unknown: Counter = field(default_factory=Counter)
+
+    def add(self, sg: StageGraph) -> "Totals":
+        for n in sg.op_nodes():
+            self.flops_torch += n.meta["flops_torch"]
+            self.flops_full += n.meta["flops_full"]
+            if n.meta["flop_status"] == "unknown":
+                self.unknown[n.meta["op"]] += 1
+        return self
+
+
+def totals(graphs: list[StageGraph]) -> Totals:
+    t = Totals()
+    for sg in graphs:
+        t.add(sg)
+    return t

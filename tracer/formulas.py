@@ -1,0 +1,165 @@
+"""FLOP formulas for ops `torch.utils.flop_counter` has no entry for (policy "full" adds them).
+
+Conventions (the same as FlopCounterMode's, so the two policies add up):
+  * one multiply-add = 2 FLOPs;
+  * attention = two matmuls, 2*b*h*s_q*s_k*d (Q K^T) + 2*b*h*s_q*s_k*d_v (P V); softmax, scaling and
+    masking are CUDA-core work and not counted here;
+  * causal attention is counted dense (as FlopCounterMode does) unless `Conventions.causal_halving` is on;
+    then only the (query, key) pairs the mask keeps are counted, with the op's own mask alignment.
+
+Each formula is a small pure function of the op's arguments (fake or real tensors: only shapes are read,
+except where a docstring says otherwise), registered under the op's qualified name, so that ops of
+packages that are not installed (flash_attn) can still be named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tracer.errors import FlopdiffError
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """Switches of the counting convention; the defaults are FlopCounterMode's."""
+
+    causal_halving: bool = False
+
+
+Formula = Callable[..., int]
+FORMULAS: dict[str, Formula] = {}
+
+
+def register(*names: str) -> Callable[[Formula], Formula]:
+    """Register `fn(*args, out=..., conv=..., **kwargs) -> int` for each qualified op name."""
+
+    def deco(fn: Formula) -> Formula:
+        for name in names:
+            if name in FORMULAS:
+                raise RuntimeError(f"duplicate FLOP formula for {name}")
+            FORMULAS[name] = fn
+        return fn
+
+    return deco
+
+
+def attention_pairs(s_q: int, s_k: int, causal: bool, align: str = "top_left",
+                    window: tuple[int, int] = (-1, -1)) -> int:
+    """Number of (query, key) pairs an attention mask keeps.
+
+    `align="top_left"` is torch SDPA's `is_causal` (query i sees keys 0..i); `"bottom_right"` is
+    flash-attn's (query i sees keys up to i + s_k - s_q). `window=(left, right)`, -1 = unbounded,
+    is flash-attn's sliding window around the aligned diagonal.
+    """
+    offset = 0 if align == "top_left" else s_k - s_q
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    total = 0
+    for i in range(s_q):
+        diag = i + offset
+        hi = s_k - 1 if right < 0 else min(s_k - 1, diag + right)
+        lo = 0 if left < 0 else max(0, diag - left)
+        total += max(0, hi - lo + 1)
+    return total
+
+
+def attention_flops(b: int, h: int, s_q: int, s_k: int, d: int, d_v: int, pairs: int | None = None) -> int:
+    """2*b*h*pairs*(d + d_v): Q K^T over the kept pairs plus P V over the same pairs."""
+    kept = s_q * s_k if pairs is None else pairs
+    return 2 * b * h * kept * d + 2 * b * h * kept * d_v
+
+
+def _causal_pairs(s_q: int, s_k: int, causal: bool, conv: Conventions, align: str,
+                  window: tuple[int, int] = (-1, -1)) -> int | None:
+    if not conv.causal_halving or (not causal and window == (-1, -1)):
+        return None
+    return attention_pairs(s_q, s_k, causal, align, window)
+
+
+@register("aten::_grouped_mm")
+def grouped_mm_flop(mat_a: torch.Tensor, mat_b: torch.Tensor, *args: Any, out: torch.Tensor, conv: Conventions,
+                    **kwargs: Any) -> int:
+    """Grouped GEMM (MoE experts): every output element costs K multiply-adds.
+
+    2d x 3d (tokens sorted by expert, `offs` splits the rows): A (S, K), B (G, K, N) -> 2*S*K*N.
+    3d x 3d: 2*G*M*N*K; 3d x 2d likewise 2*numel(out)*K. 2d x 2d splits K by `offs`: the groups
+    partition A (M, K_total) so the total is 2*M*N*K_total. Rows of A that no group covers (offs[-1] < S)
+    still count: the shapes are all a fake trace knows, and the MoE layers of transformers cover all rows.
+    """
+    if mat_a.dim() == 2 and mat_b.dim() == 2:
+        return 2 * mat_a.shape[0] * mat_a.shape[1] * mat_b.shape[1]
+    return 2 * out.numel() * mat_a.shape[-1]
+
+
+@register("aten::_scaled_dot_product_flash_attention_for_cpu")
+def sdpa_cpu_flop(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
+                  is_causal: bool = False, *args: Any, out: Any, conv: Conventions, **kwargs: Any) -> int:
+    """The CPU SDPA kernel, (b, h, s, d) layout: torch's own SDPA formula, 2*b*h*s_q*s_k*(d + d_v).
+
+    An explicit `attn_mask` is counted dense (its zeros are data); `is_causal` is halved only with the
+    causal-halving switch (top-left alignment, as SDPA defines it).
+    """
+    b, h, s_q, d = query.shape
+    s_k, d_v = key.shape[-2], value.shape[-1]
+    return attention_flops(b, h, s_q, s_k, d, d_v, _causal_pairs(s_q, s_k, is_causal, conv, "top_left"))
+
+
+# The SDPA ops torch does count; listed here only so the causal-halving switch can apply to them.
+register("aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+         "aten::_scaled_dot_product_cudnn_attention")(sdpa_cpu_flop)
+
+
+@register("flash_attn::_flash_attn_forward")
+def flash_attn_forward_flop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                            softmax_scale: float | None = None, causal: bool = False, window_size_left: int = -1,
+                            window_size_right: int = -1, *args: Any, out: Any, conv: Conventions,
+                            **kwargs: Any) -> int:
+    """Dao-AILab flash-attn forward, (b, s, h, d) layout: 2*b*h*s_q*s_k*(d + d_v).
+
+    `causal` and the sliding window use flash-attn's bottom-right alignment; counted dense unless the
+    causal-halving switch is on (FlopCounterMode's convention for its own flash ops).
+    """
+    b, s_q, h, d = q.shape
+    s_k, d_v = k.shape[1], v.shape[-1]
+    window = (int(window_size_left), int(window_size_right))
+    return attention_flops(b, h, s_q, s_k, d, d_v, _causal_pairs(s_q, s_k, causal, conv, "bottom_right", window))
+
+
+@register("flash_attn::_flash_attn_varlen_forward")
+def flash_attn_varlen_forward_flop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                   dropout_p: float = 0.0, softmax_scale: float | None = None,
+                                   causal: bool = False, window_size_left: int = -1, window_size_right: int = -1,
+                                   *args: Any, out: Any, conv: Conventions, **kwargs: Any) -> int:
+    """flash-attn varlen forward, packed (total, h, d): sum over sequences of 2*h*s_q_i*s_k_i*(d + d_v).
+
+    Reads the values of `cu_seqlens_*` (raw access): under fake tensors they are unknown and the op is
+    reported as such rather than guessed.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(cu_seqlens_q, FakeTensor) or isinstance(cu_seqlens_k, FakeTensor):
+        raise FlopdiffError("flash_attn varlen: sequence lengths are data; capture in real mode to count it")
+    h, d = q.shape[1], q.shape[2]
+    d_v = v.shape[-1]
+    lq = cu_seqlens_q.diff().tolist()
+    lk = cu_seqlens_k.diff().tolist()
+    window = (int(window_size_left), int(window_size_right))
+    return sum(attention_flops(1, h, a, b, d, d_v, _causal_pairs(a, b, causal, conv, "bottom_right", window))
+               for a, b in zip(lq, lk))
+
+
+@register("higher_order::flex_attention")
+def flex_attention_flop(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, out: Any,
+                        conv: Conventions, **kwargs: Any) -> int:
+    """flex_attention, (b, h, s, d) layout: dense 2*b*h*s_q*s_k*(d + d_v), as torch >= 2.13 counts it.
+
+    The block mask's sparsity is data, so flex is counted dense, like FlopCounterMode without a hint.
+    """
+    b, h, s_q, d = query.shape
+    return attention_flops(b, h, s_q, key.shape[-2], d, value.shape[-1])

@@ -1,0 +1,68 @@
+"""Trace a workload: build the vendor model without weights and capture every stage as an fx graph.
+
+Stages: `prefill` (the first forward, vision included, logits for the last position as `generate`
+does), `vision` (the prefill nodes under the vendor's vision modules: vision tower + projector) and
+`decode` (one graph per one-token step on the KV cache, KV length growing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from tracer.capture import StageGraph, capture, subgraph
+from tracer.vendors import BuildOptions, Prepared, get_vendor
+from tracer.workload import Workload, validate
+
+STAGES = ("vision", "prefill", "decode")
+
+
+@dataclass
+class Trace:
+    workload: Workload
+    prepared: Prepared
+    options: BuildOptions
+    stages: dict[str, list[StageGraph]] = field(default_factory=dict)
+    config: Any = None
+
+    def graphs(self):
+        for name in STAGES:
+            yield from self.stages.get(name, [])
+
+
+def _under(prefixes: tuple[str, ...]) -> Callable:
+    def keep(node) -> bool:
+        return any(p == m or p.startswith(m + ".") for p in node.meta.get("nn_module_stack", {}) for m in prefixes)
+    return keep
+
+
+def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_path: str | None = None,
+          progress: Callable[[str], None] = lambda msg: None) -> Trace:
+    workload = validate(workload)
+    vendor = get_vendor(workload.model)
+    config = vendor.load_config(config_path)
+    progress("preprocessing")
+    prepared = vendor.prepare(workload, config)
+    roots = vendor.source_roots()
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    progress("building the model (fake weights)")
+    with fake:
+        model = vendor.build(config, options)
+    result = Trace(workload, prepared, options, config=config)
+    with fake, torch.no_grad(), vendor.shims():
+        progress("prefill")
+        prefill, out = capture(vendor.prefill(model, prepared), model, "prefill", vendor_roots=roots)
+        decode = []
+        prompt_len = prepared.derived.prompt_len
+        for k in range(workload.decode_steps):
+            progress(f"decode step {k + 1}/{workload.decode_steps}")
+            step, out = capture(vendor.decode(model, out, k), model, "decode", vendor_roots=roots,
+                                step=k, kv_len=prompt_len + k)
+            decode.append(step)
+    result.stages = {"vision": [subgraph(prefill, "vision", _under(vendor.vision_modules))],
+                     "prefill": [prefill], "decode": decode}
+    return result

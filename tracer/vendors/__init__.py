@@ -1,0 +1,66 @@
+"""Vendor adapters: one module per model family, registered by the name the CLI takes (`--model`).
+
+An adapter knows how to read the vendor config, build the vendor model without weights, turn a workload
+into the exact vendor inputs with the vendor's own preprocessing, and run each stage's forward. Whatever
+must be shimmed to run the vendor code weight-free is declared in the adapter with its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from tracer.errors import FlopdiffError
+from tracer.workload import Derived, Workload
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to instantiate the vendor model. `attn` / `experts` take one value or {sub_config: value}."""
+
+    attn: str | dict[str, str] = "sdpa"
+    experts: str | dict[str, str] = "grouped_mm"
+    dtype: torch.dtype = torch.bfloat16
+    device: str = "cpu"
+
+
+@dataclass
+class Prepared:
+    """The vendor inputs for one workload (real tensors) and what the preprocessing derived."""
+
+    inputs: dict[str, Any]
+    derived: Derived
+    notes: list[str] = field(default_factory=list)
+
+
+class Vendor(Protocol):
+    name: str
+    #: module paths whose nodes form the `vision` stage (vision tower + projector)
+    vision_modules: tuple[str, ...]
+
+    def load_config(self, path: str | None) -> Any: ...
+    def prepare(self, workload: Workload, config: Any) -> Prepared: ...
+    def build(self, config: Any, options: BuildOptions) -> torch.nn.Module: ...
+    def prefill(self, model: torch.nn.Module, prepared: Prepared) -> Callable[[], Any]: ...
+    def decode(self, model: torch.nn.Module, previous: Any, step: int) -> Callable[[], Any]: ...
+    def source_roots(self) -> list[str]: ...
+
+
+def _deepseek_ocr2() -> Vendor:
+    from tracer.vendors import deepseek_ocr2
+
+    return deepseek_ocr2.VENDOR
+
+
+VENDORS: dict[str, Callable[[], Vendor]] = {"deepseek-ocr-2": _deepseek_ocr2}
+
+
+def get_vendor(name: str) -> Vendor:
+    try:
+        factory = VENDORS[name]
+    except KeyError:
+        raise FlopdiffError(f"--model {name!r}: unknown model; choose one of {', '.join(sorted(VENDORS))}") from None
+    return factory()

@@ -1,0 +1,222 @@
+"""DeepSeek-OCR-2, native in transformers (>= 5): `DeepseekOcr2ForConditionalGeneration`.
+
+Preprocessing is the vendor's own: `DeepseekOcr2ImageProcessorPil` (no torchvision needed) makes the
+views, and `DeepseekOcr2Processor.replace_image_token` (the processor's token layout) gives the number of
+image tokens for the views the image processor actually produced.
+
+Shims (applied only while capturing, see `SHIMS`):
+  * TRANSFORMERS_DISABLE_TORCH_CHECK=1: `get_placeholder_mask` checks `n_image_tokens * hidden ==
+    features.numel()` with a data-dependent `.item()`, which fake tensors cannot answer. We check the same
+    equality ourselves from the projector's output shapes (`_check_image_tokens`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tracer.errors import FlopdiffError
+from tracer.vendors import BuildOptions, Prepared
+from tracer.workload import Derived, Workload, load_image
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"
+
+# Keys the model and the analytic overlay read; a config lacking one is refused up front, by name.
+REQUIRED_KEYS = (
+    "image_token_id",
+    "text_config.hidden_size", "text_config.num_hidden_layers", "text_config.num_attention_heads",
+    "text_config.num_key_value_heads", "text_config.intermediate_size", "text_config.moe_intermediate_size",
+    "text_config.vocab_size", "text_config.n_routed_experts", "text_config.num_experts_per_tok",
+    "text_config.n_shared_experts", "text_config.mlp_layer_types",
+    "vision_config.sam_config.hidden_size", "vision_config.sam_config.num_hidden_layers",
+    "vision_config.sam_config.global_attn_indexes", "vision_config.sam_config.downsample_channels",
+    "vision_config.encoder_config.hidden_size", "vision_config.encoder_config.num_hidden_layers",
+    "vision_config.encoder_config.intermediate_size",
+)
+
+SHIMS = {"TRANSFORMERS_DISABLE_TORCH_CHECK": "1"}
+
+TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value
+
+
+def _dig(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            raise KeyError(dotted)
+        d = d[part]
+    return d
+
+
+def _transformers_classes():
+    try:
+        from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
+        from transformers.models.deepseek_ocr2 import image_processing_pil_deepseek_ocr2 as pil
+        from transformers.models.deepseek_ocr2.processing_deepseek_ocr2 import DeepseekOcr2Processor
+    except ImportError:
+        import transformers
+
+        raise FlopdiffError(
+            f"--model deepseek-ocr-2 needs transformers with DeepSeek-OCR-2 (5.x); installed is "
+            f"{transformers.__version__}: run `pip install -U 'transformers>=5'` (DeepSeek-OCR v1 users: "
+            f"keep v1 in its own virtual environment, see README)") from None
+    return DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration, pil, DeepseekOcr2Processor
+
+
+class DeepseekOcr2Vendor:
+    name = "deepseek-ocr-2"
+    vision_modules = ("model.vision_tower", "model.multi_modal_projector")
+
+    def load_config(self, path: str | None) -> Any:
+        config_cls = _transformers_classes()[0]
+        file = Path(path) if path else DEFAULT_CONFIG
+        try:
+            raw = json.loads(file.read_text())
+        except OSError as exc:
+            raise FlopdiffError(f"--config {file}: cannot read it ({exc.strerror or exc})") from None
+        except json.JSONDecodeError as exc:
+            raise FlopdiffError(f"--config {file}: not valid JSON ({exc})") from None
+        for key in REQUIRED_KEYS:
+            try:
+                _dig(raw, key)
+            except KeyError:
+                raise FlopdiffError(f"--config {file}: missing key {key!r} (a DeepSeek-OCR-2 config.json has it)") from None
+        return config_cls(**raw)
+
+    def prepare(self, workload: Workload, config: Any) -> Prepared:
+        _, _, pil, processor_cls = _transformers_classes()
+        image = load_image(workload)
+        ip = pil.DeepseekOcr2ImageProcessorPil()
+        base = workload.base_size or ip.size["height"]
+        tile = workload.tile_size or ip.tile_size
+        batch = ip(image, return_tensors="pt", crop_to_patches=workload.crop_mode, tile_size=tile,
+                   size={"height": base, "width": base})
+        n_local = int(batch["num_local_patches"][0])
+        w, h = image.size
+        grid = (pil.get_optimal_tiled_canvas((h, w), (tile, tile), ip.min_patches, ip.max_patches)
+                if n_local else (1, 1))
+        image_tokens = self._image_tokens(processor_cls, ip, batch, int(batch["pixel_values"].shape[-1]), tile)
+        bos, image_id = config.text_config.bos_token_id, config.image_token_id
+        if workload.tokenizer:
+            before, after = _tokenize_prompt(workload)
+        else:
+            if workload.text_tokens is None:
+                raise FlopdiffError("--text-tokens: required when no --tokenizer is given (no tokenizer offline)")
+            before, after = [], [TEXT_PLACEHOLDER_ID] * workload.text_tokens
+        ids = [bos] + before + [image_id] * image_tokens + after
+        inputs = {
+            "input_ids": torch.tensor([ids]),
+            "pixel_values": batch["pixel_values"],
+            "num_local_patches": batch["num_local_patches"],
+            "image_tokens": image_tokens,
+        }
+        if "pixel_values_local" in batch:
+            inputs["pixel_values_local"] = batch["pixel_values_local"]
+        derived = Derived(base_size=base, tile_size=tile, views=1 + n_local, crop_grid_wh=tuple(grid),
+                          image_tokens=image_tokens, prompt_len=len(ids),
+                          extra={"global_view_px": int(batch["pixel_values"].shape[-1])})
+        return Prepared(inputs, derived)
+
+    @staticmethod
+    def _image_tokens(processor_cls, ip, batch, global_px: int, tile: int) -> int:
+        """The processor's own token layout, for the global view size the image processor produced."""
+        defaults = inspect.signature(processor_cls.__init__).parameters
+        stand_in = types.SimpleNamespace(image_processor=ip, image_token="<image>",
+                                         patch_size=defaults["patch_size"].default,
+                                         downsample_ratio=defaults["downsample_ratio"].default)
+        text = processor_cls.replace_image_token(stand_in, dict(batch), 0, size={"height": global_px},
+                                                 tile_size=tile)
+        return len(text) // len("<image>")
+
+    def build(self, config: Any, options: BuildOptions) -> torch.nn.Module:
+        _, model_cls, _, _ = _transformers_classes()
+        config._attn_implementation = options.attn
+        config._experts_implementation = options.experts
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(options.dtype)
+        try:
+            model = model_cls(config)
+        except (ValueError, ImportError, KeyError) as exc:
+            raise FlopdiffError(f"--attn {options.attn} / --experts {options.experts}: the model refused it: "
+                                f"{str(exc).splitlines()[0]}") from None
+        finally:
+            torch.set_default_dtype(previous)
+        return model.eval()
+
+    @contextmanager
+    def shims(self) -> Iterator[None]:
+        saved = {k: os.environ.get(k) for k in SHIMS}
+        os.environ.update(SHIMS)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def prefill(self, model: torch.nn.Module, prepared: Prepared) -> Callable[[], Any]:
+        inputs = dict(prepared.inputs)
+        expected = inputs.pop("image_tokens")
+        dtype = next(model.parameters()).dtype
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        if "pixel_values_local" in inputs:
+            inputs["pixel_values_local"] = inputs["pixel_values_local"].to(dtype)
+
+        def run():
+            rows: list[int] = []
+            hook = model.model.multi_modal_projector.register_forward_hook(
+                lambda m, i, o: rows.append(o.shape[0] * o.shape[1]))
+            try:
+                out = model(**inputs, use_cache=True, logits_to_keep=1)
+            finally:
+                hook.remove()
+            _check_image_tokens(expected, sum(rows) + len(inputs["num_local_patches"]))
+            return out
+
+        return run
+
+    def decode(self, model: torch.nn.Module, previous: Any, step: int) -> Callable[[], Any]:
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache = getattr(previous, "cache", None) or getattr(previous, "past_key_values", None)
+        ids = torch.tensor([[TEXT_PLACEHOLDER_ID]])
+        return lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+
+    def source_roots(self) -> list[str]:
+        return [os.path.dirname(inspect.getfile(_transformers_classes()[1]))]
+
+
+def _check_image_tokens(expected: int, produced: int) -> None:
+    if expected != produced:
+        raise FlopdiffError(
+            f"image tokens: the processor's layout gives {expected} but the vision tower produced {produced} "
+            f"features; this --base-size/--tile-size/--crop-mode combination is not one the vendor supports")
+
+
+def _tokenize_prompt(workload: Workload) -> tuple[list[int], list[int]]:
+    """Token ids before and after `<image>` in the prompt, with the user's tokenizer (no special tokens)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(workload.tokenizer)
+    try:
+        tok = (PreTrainedTokenizerFast(tokenizer_file=str(path)) if path.is_file()
+               else AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+    except Exception as exc:  # tokenizers raise many types; the user needs the path and the reason
+        raise FlopdiffError(f"--tokenizer {path}: cannot load it ({exc.__class__.__name__}: {exc})") from None
+    prompt = workload.prompt if workload.prompt is not None else "<image>\nFree OCR."
+    if prompt.count("<image>") != 1:
+        raise FlopdiffError(f"--prompt {prompt!r}: must contain exactly one <image>")
+    head, tail = prompt.split("<image>")
+    return (tok.encode(head, add_special_tokens=False) if head else [],
+            tok.encode(tail, add_special_tokens=False) if tail else [])
+
+
+VENDOR = DeepseekOcr2Vendor()

@@ -1,0 +1,91 @@
+"""What the user asks to measure: the image (a file or a synthetic white page of a given size) and the
+vendor's own knobs. Values derived from these (tiles, views, image tokens, prompt length) come from the
+vendor's preprocessing, see `tracer.vendors`; this module only validates and holds the request."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tracer.errors import FlopdiffError
+
+MAX_SIDE = 20_000  # px; larger pages are almost certainly a typo (a 20k x 20k RGB page is 1.2 GB)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One request. `None` for a knob means "the vendor's default" (read from its processor)."""
+
+    model: str = "deepseek-ocr-2"
+    image_wh: tuple[int, int] = (1000, 1400)
+    image_path: str | None = None
+    base_size: int | None = None
+    tile_size: int | None = None
+    crop_mode: bool = True
+    text_tokens: int | None = 4
+    prompt: str | None = None
+    tokenizer: str | None = None
+    decode_steps: int = 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_image_shape(text: str) -> tuple[int, int]:
+    """'1000x1400' -> (1000, 1400): width x height in pixels."""
+    m = re.fullmatch(r"\s*(-?\d+)\s*[xX]\s*(-?\d+)\s*", text)
+    if not m:
+        raise FlopdiffError(f"--image-shape {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 1000x1400")
+    return check_image_wh((int(m.group(1)), int(m.group(2))), f"--image-shape {text}")
+
+
+def check_image_wh(wh: tuple[int, int], what: str) -> tuple[int, int]:
+    w, h = wh
+    if w <= 0 or h <= 0:
+        raise FlopdiffError(f"{what}: width and height must be positive (got {w}x{h})")
+    if w > MAX_SIDE or h > MAX_SIDE:
+        raise FlopdiffError(f"{what}: {w}x{h} exceeds {MAX_SIDE} px on a side; give the real page size")
+    return w, h
+
+
+def load_image(workload: Workload):
+    """The PIL image the vendor preprocessing receives: the user's file, or a white RGB page."""
+    from PIL import Image
+
+    if workload.image_path is None:
+        return Image.new("RGB", workload.image_wh, (255, 255, 255))
+    path = Path(workload.image_path)
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise FlopdiffError(f"--image {path}: cannot read it as an image ({exc.__class__.__name__}: {exc})") from None
+    check_image_wh(image.size, f"--image {path}")
+    return image
+
+
+def validate(workload: Workload) -> Workload:
+    """Reject knobs no vendor accepts, naming the flag; returns the workload (with the file's size)."""
+    if workload.decode_steps < 0:
+        raise FlopdiffError(f"--decode-steps {workload.decode_steps}: must be 0 or more")
+    if workload.text_tokens is not None and workload.text_tokens < 0:
+        raise FlopdiffError(f"--text-tokens {workload.text_tokens}: must be 0 or more")
+    for flag, value in (("--base-size", workload.base_size), ("--tile-size", workload.tile_size)):
+        if value is not None and not 0 < value <= MAX_SIDE:
+            raise FlopdiffError(f"{flag} {value}: must be between 1 and {MAX_SIDE} px")
+    check_image_wh(workload.image_wh, "--image-shape")
+    return workload
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What the vendor's preprocessing made of the workload (reported as-is in report.json)."""
+
+    base_size: int
+    tile_size: int
+    views: int
+    crop_grid_wh: tuple[int, int]
+    image_tokens: int
+    prompt_len: int
+    extra: dict = field(default_factory=dict)
