@@ -29,12 +29,13 @@ import torch
 import torch.fx
 from torch._ops import HigherOrderOperator
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 ROOT = "<root>"
 
-# The ops FlopCounterMode passes through untouched (size and layout queries): never graph nodes.
+# The ops FlopCounterMode passes through untouched (size and layout queries), and `prim::device`, which
+# only fake tensors send through the dispatcher: metadata queries, never graph nodes.
 _SKIPPED = {
     getattr(torch.ops.aten, name).default
     for name in (
@@ -43,7 +44,7 @@ _SKIPPED = {
     )
     if hasattr(torch.ops.aten, name)
 }
-_SKIPPED |= {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.default}
+_SKIPPED |= {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.default, torch.ops.prim.device.default}
 if hasattr(torch.ops.aten, "sym_is_contiguous"):
     _SKIPPED.add(torch.ops.aten.sym_is_contiguous.default)
 
@@ -190,13 +191,20 @@ class GraphRecorder(TorchDispatchMode):
         self._nodes[id(t)] = (node, t)
         return node
 
-    def _as_arg(self, x):
-        return self._node_for(x) if isinstance(x, torch.Tensor) else x
+    def _map(self, x):
+        # A hand-rolled tree_map: ops' arguments are only tensors, scalars, lists, tuples and dicts.
+        if isinstance(x, torch.Tensor):
+            return self._node_for(x)
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._map(v) for v in x) if type(x) in (list, tuple) else x
+        if isinstance(x, dict):
+            return {k: self._map(v) for k, v in x.items()}
+        return x
 
     def _record(self, func, args, kwargs, out) -> None:
-        node_args = tree_map(self._as_arg, args)
-        node_kwargs = tree_map(self._as_arg, kwargs)
-        node = self.graph.create_node("call_function", func, tuple(node_args), dict(node_kwargs),
+        node_args = self._map(tuple(args))
+        node_kwargs = self._map(dict(kwargs))
+        node = self.graph.create_node("call_function", func, node_args, node_kwargs,
                                       name=op_name(func).split("::")[-1].lstrip("_") or "op")
         if self._first_op is None:
             self._first_op = node
@@ -222,7 +230,7 @@ class GraphRecorder(TorchDispatchMode):
             self._record(func, args, kwargs, out)
             return out
         # Same rule as FlopCounterMode: an op torch has no formula for is decomposed when it can be.
-        if func._overloadpacket not in flop_registry and func is not torch.ops.prim.device.default:
+        if func._overloadpacket not in flop_registry:
             with self:
                 r = func.decompose(*args, **kwargs)
                 if r is not NotImplemented:

@@ -7,6 +7,7 @@ does), `vision` (the prefill nodes under the vendor's vision modules: vision tow
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,15 +42,17 @@ def _under(prefixes: tuple[str, ...]) -> Callable:
 
 
 def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_path: str | None = None,
-          progress: Callable[[str], None] = lambda msg: None) -> Trace:
+          progress: Callable[[str], None] = lambda msg: None, mode: str = "fake") -> Trace:
+    """`mode="fake"`: no weights, no compute (FakeTensorMode). `mode="real"`: random weights, real compute
+    (slow at full size; the tests use it on reduced configs to check fake against real)."""
     workload = validate(workload)
     vendor = get_vendor(workload.model)
     config = vendor.load_config(config_path)
     progress("preprocessing")
     prepared = vendor.prepare(workload, config)
     roots = vendor.source_roots()
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
-    progress("building the model (fake weights)")
+    fake = FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else contextlib.nullcontext()
+    progress(f"building the model ({mode} weights)")
     with fake:
         model = vendor.build(config, options)
     result = Trace(workload, prepared, options, config=config)

@@ -82,6 +82,7 @@ def validate(workload: Workload) -> Workload:
 class Derived:
     """What the vendor's preprocessing made of the workload (reported as-is in report.json)."""
 
+    image_wh: tuple[int, int]
     base_size: int
     tile_size: int
     views: int

@@ -119,7 +119,7 @@ class DeepseekOcr2Vendor:
         }
         if "pixel_values_local" in batch:
             inputs["pixel_values_local"] = batch["pixel_values_local"]
-        derived = Derived(base_size=base, tile_size=tile, views=1 + n_local, crop_grid_wh=tuple(grid),
+        derived = Derived(image_wh=(w, h), base_size=base, tile_size=tile, views=1 + n_local, crop_grid_wh=tuple(grid),
                           image_tokens=image_tokens, prompt_len=len(ids),
                           extra={"global_view_px": int(batch["pixel_values"].shape[-1])})
         return Prepared(inputs, derived)

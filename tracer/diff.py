@@ -1,0 +1,106 @@
+"""flopdiff command line: `python -m tracer.diff` (console script `flopdiff`).
+
+The pipeline, top to bottom: parse the workload -> trace every stage weight-free (tracer.trace) ->
+count FLOPs per node under both policies (tracer.count) -> build the report (tracer.report) -> print
+the tables and write DIR/report.json atomically. Bad input exits 2 with one line and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tracer.errors import FlopdiffError
+from tracer.formulas import Conventions
+from tracer.vendors import VENDORS, BuildOptions
+from tracer.workload import Workload, parse_image_shape
+
+DEFAULT = Workload()
+
+
+def parse_impl(text: str, flag: str) -> str | dict[str, str]:
+    """'sdpa' or 'text_config=flex_attention,vision_config=sdpa' (one value per sub-config)."""
+    if "=" not in text:
+        return text
+    try:
+        return dict(part.split("=", 1) for part in text.split(","))
+    except ValueError:
+        raise FlopdiffError(f"{flag} {text!r}: expected NAME or SUBCONFIG=NAME[,SUBCONFIG=NAME...]") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flopdiff", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT.model, help=f"one of: {', '.join(sorted(VENDORS))}")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--image", help="an image file (its size is the workload's)")
+    src.add_argument("--image-shape", default="x".join(map(str, DEFAULT.image_wh)),
+                     help="WIDTHxHEIGHT of a synthetic white page")
+    p.add_argument("--base-size", type=int, help="global view size (default: the vendor processor's)")
+    p.add_argument("--tile-size", type=int, help="tile size (default: the vendor processor's)")
+    p.add_argument("--crop-mode", action=argparse.BooleanOptionalAction, default=DEFAULT.crop_mode,
+                   help="cut large pages into tiles, as the vendor does")
+    p.add_argument("--text-tokens", type=int, default=DEFAULT.text_tokens,
+                   help="number of prompt text tokens after the image (BOS excluded) when no tokenizer is given")
+    p.add_argument("--prompt", help="prompt with one <image>, tokenized with --tokenizer")
+    p.add_argument("--tokenizer", help="a local tokenizer folder or tokenizer.json")
+    p.add_argument("--decode-steps", type=int, default=DEFAULT.decode_steps)
+    p.add_argument("--config", help="vendor config.json (default: the published one, shipped with flopdiff)")
+    p.add_argument("--attn", default="sdpa", help="attn_implementation, or SUBCONFIG=NAME,...")
+    p.add_argument("--experts", default="grouped_mm", help="experts_implementation (grouped_mm, batched_mm, eager)")
+    p.add_argument("--causal-halving", action="store_true",
+                   help="policy full counts only the (query, key) pairs a causal mask keeps "
+                        "(default: dense, FlopCounterMode's convention)")
+    p.add_argument("--out", default="flopdiff-report", help="output folder for report.json")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    return p
+
+
+def workload_from_args(args: argparse.Namespace) -> Workload:
+    image_wh = DEFAULT.image_wh if args.image else parse_image_shape(args.image_shape)
+    return Workload(model=args.model, image_wh=image_wh, image_path=args.image, base_size=args.base_size,
+                    tile_size=args.tile_size, crop_mode=args.crop_mode, text_tokens=args.text_tokens,
+                    prompt=args.prompt, tokenizer=args.tokenizer, decode_steps=args.decode_steps)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tracer.count import count_graph
+    from tracer.report import build_report, dumps, stage_table, unseen_table, write_atomic
+    from tracer.trace import trace
+
+    workload = workload_from_args(args)
+    options = BuildOptions(attn=parse_impl(args.attn, "--attn"), experts=parse_impl(args.experts, "--experts"))
+    conventions = Conventions(causal_halving=args.causal_halving)
+    err = Console(stderr=True, quiet=args.quiet)
+    with err.status("tracing") as status:
+        tr = trace(workload, options, args.config, progress=lambda msg: status.update(f"tracing: {msg}"))
+        status.update("counting FLOPs per node")
+        for sg in tr.graphs():
+            count_graph(sg, conventions)
+        report = build_report(tr)
+    out = Console()
+    out.print(stage_table(report))
+    out.print(unseen_table(report))
+    if report["unknown_ops"]:
+        out.print("[bold red]ops that may carry FLOPs and have no formula:[/] " +
+                  ", ".join(f"{u['op']} x{u['count']}" for u in report["unknown_ops"]))
+    path = Path(args.out) / "report.json"
+    write_atomic(path, dumps(report))
+    out.print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except FlopdiffError as exc:
+        print(f"flopdiff: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Report: the stable JSON document (schema `flopdiff.report/1`), its atomic writer and the terminal tables.
+
+Formatting lives here; counting lives in `tracer.count`. The JSON is deterministic: the same input gives
+byte-identical output (no timestamps, node order = execution order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tracer.capture import StageGraph
+from tracer.count import Totals, totals
+from tracer.trace import STAGES, Trace
+
+SCHEMA = "flopdiff.report/1"
+
+
+def _tensors(v) -> list[torch.Tensor]:
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [t for x in v for t in _tensors(x)]
+    return []
+
+
+def _shapes(values) -> tuple[list[list[int]], list[str]]:
+    flat = _tensors(values)
+    return [list(v.shape) for v in flat], [str(v.dtype).removeprefix("torch.") for v in flat]
+
+
+def node_id(sg: StageGraph, name: str) -> str:
+    return f"{sg.stage}/{sg.step}/{name}" if sg.step is not None else f"{sg.stage}/{name}"
+
+
+def node_record(sg: StageGraph, node) -> dict[str, Any]:
+    m = node.meta
+    in_vals = [a.meta.get("val") for a in node.all_input_nodes]
+    in_shapes, in_dtypes = _shapes(in_vals)
+    out_shapes, out_dtypes = _shapes(m.get("val"))
+    return {
+        "id": node_id(sg, node.name), "stage": sg.stage, "step": sg.step, "op": m["op"],
+        "module": m["module_call"], "module_class": m["module_class"],
+        "source": m["source"], "vendor_source": m["vendor_source"],
+        "input_shapes": in_shapes, "input_dtypes": in_dtypes,
+        "output_shapes": out_shapes, "output_dtypes": out_dtypes,
+        "flops_torch": m["flops_torch"], "flops_full": m["flops_full"], "status": m["flop_status"],
+        **({"note": m["flop_note"]} if m.get("flop_note") else {}),
+    }
+
+
+def stage_record(name: str, graphs: list[StageGraph]) -> dict[str, Any]:
+    t = totals(graphs)
+    rec: dict[str, Any] = {"name": name, "flops_torch": t.flops_torch, "flops_full": t.flops_full,
+                           "unknown_ops": sum(t.unknown.values())}
+    if name == "decode":
+        rec["steps"] = [{"kv_len": g.kv_len, **_flops(totals([g]))} for g in graphs]
+    return rec
+
+
+def _flops(t: Totals) -> dict[str, int]:
+    return {"flops_torch": t.flops_torch, "flops_full": t.flops_full}
+
+
+def build_report(tr: Trace) -> dict[str, Any]:
+    w, d = tr.workload, tr.prepared.derived
+    stages = [stage_record(name, tr.stages.get(name, [])) for name in STAGES]
+    unknown: Counter = Counter()
+    nodes = []
+    for sg in tr.graphs():
+        for node in sg.op_nodes():
+            nodes.append(node_record(sg, node))
+            if sg.stage != "vision" and node.meta["flop_status"] == "unknown":  # vision nodes repeat prefill's
+                unknown[node.meta["op"]] += 1
+    return {
+        "schema": SCHEMA,
+        "model": w.model,
+        "workload": {
+            "image_wh": list(d.image_wh),
+            "image_path": w.image_path, "base_size": d.base_size, "tile_size": d.tile_size,
+            "crop_mode": w.crop_mode, "views": d.views, "crop_grid_wh": list(d.crop_grid_wh),
+            "image_tokens": d.image_tokens, "prompt_len": d.prompt_len, "decode_steps": w.decode_steps,
+        },
+        "options": {"attn": tr.options.attn, "experts": tr.options.experts,
+                    "dtype": str(tr.options.dtype).removeprefix("torch."), "device": tr.options.device},
+        "notes": tr.prepared.notes,
+        "stages": stages,
+        "nodes": nodes,
+        "unknown_ops": [{"op": op, "count": c} for op, c in sorted(unknown.items())],
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def dumps(report: dict[str, Any]) -> str:
+    """Compact JSON, one node per line: small, diffable, and fast (the C encoder needs indent=None)."""
+    head = {k: v for k, v in report.items() if k != "nodes"}
+    body = json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1]
+    nodes = ",\n".join(json.dumps(n, ensure_ascii=False, separators=(",", ":")) for n in report["nodes"])
+    return f'{body},"nodes":[\n{nodes}\n]}}\n'
+
+
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def stage_table(report: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title=f"{report['model']}: FLOPs per stage", title_justify="left")
+    table.caption = "torch = what FlopCounterMode counts; unseen = full - torch"
+    for col in ("stage", "torch", "full", "unseen", "unseen %", "unknown ops"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in report["stages"]:
+        unseen = s["flops_full"] - s["flops_torch"]
+        pct = f"{100 * unseen / s['flops_full']:.1f}" if s["flops_full"] else "-"
+        table.add_row(s["name"], _fmt(s["flops_torch"]), _fmt(s["flops_full"]), _fmt(unseen), pct,
+                      str(s["unknown_ops"]))
+    return table
+
+
+def unseen_table(report: dict[str, Any]):
+    """Per stage and op: the FLOPs only policy `full` counts (what FlopCounterMode misses)."""
+    from rich.table import Table
+
+    by: Counter = Counter()
+    calls: Counter = Counter()
+    for n in report["nodes"]:
+        gap = n["flops_full"] - n["flops_torch"]
+        if gap:
+            by[(n["stage"], n["op"])] += gap
+            calls[(n["stage"], n["op"])] += 1
+    table = Table(title="unseen by FlopCounterMode, by op", title_justify="left")
+    for col in ("stage", "op", "nodes", "FLOPs"):
+        table.add_column(col, justify="right" if col in ("nodes", "FLOPs") else "left")
+    for (stage, op), flops in sorted(by.items(), key=lambda kv: (STAGES.index(kv[0][0]), -kv[1])):
+        table.add_row(stage, op, str(calls[(stage, op)]), _fmt(flops))
+    return table
