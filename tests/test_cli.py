@@ -1,0 +1,82 @@
+"""The command line: output document, determinism, and one clear line + exit 2 for bad input."""
+
+import json
+import os
+
+import pytest
+
+from tracer.diff import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_report_json_schema_and_determinism(tmp_path, capsys, tiny_v2_config):
+    argv = ["--config", tiny_v2_config, "--image-shape", "1000x1400", "--text-tokens", "3", "--decode-steps", "2",
+            "--quiet"]
+    assert run(argv + ["--out", str(tmp_path / "a")], capsys)[0] == 0
+    assert run(argv + ["--out", str(tmp_path / "b")], capsys)[0] == 0
+    a, b = (tmp_path / "a" / "report.json").read_bytes(), (tmp_path / "b" / "report.json").read_bytes()
+    assert a == b
+    doc = json.loads(a)
+    assert doc["schema"] == "flopdiff.report/1" and doc["model"] == "deepseek-ocr-2"
+    w = doc["workload"]
+    assert (w["image_wh"], w["views"], w["crop_grid_wh"], w["decode_steps"]) == ([1000, 1400], 7, [2, 3], 2)
+    assert w["prompt_len"] == 1 + w["image_tokens"] + 3
+    stages = {s["name"]: s for s in doc["stages"]}
+    assert [s["kv_len"] for s in stages["decode"]["steps"]] == [w["prompt_len"], w["prompt_len"] + 1]
+    for name, s in stages.items():
+        nodes = [n for n in doc["nodes"] if n["stage"] == name]
+        assert s["flops_full"] == sum(n["flops_full"] for n in nodes) > s["flops_torch"] == sum(n["flops_torch"] for n in nodes)
+    assert sum(s["flops_full"] for s in stages["decode"]["steps"]) == stages["decode"]["flops_full"]
+    node = next(n for n in doc["nodes"] if n["op"] == "aten::_grouped_mm")
+    assert node["module"].endswith("mlp.experts") and node["source"].endswith(".py:" + node["source"].split(":")[-1])
+    assert set(node) >= {"id", "stage", "step", "op", "module", "module_class", "source", "input_shapes",
+                         "output_shapes", "flops_torch", "flops_full"}
+    assert doc["unknown_ops"] == []
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--image", "does-not-exist.png"], "--image does-not-exist.png"),
+    (["--image-shape", "0x100"], "--image-shape"),
+    (["--image-shape", "30000x100"], "--image-shape"),
+    (["--image-shape", "big"], "--image-shape"),
+    (["--model", "gpt-17"], "--model 'gpt-17'"),
+    (["--decode-steps", "-1"], "--decode-steps -1"),
+    (["--text-tokens", "-3"], "--text-tokens -3"),
+    (["--config", "missing.json"], "--config missing.json"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(argv, names, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, err = run(argv + ["--out", str(out_dir), "--quiet"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flopdiff: error: ") and names in lines[0]
+    assert not out_dir.exists()
+
+
+def test_unreadable_image_and_config_missing_keys(tmp_path, capsys, tiny_v2_config):
+    bad = tmp_path / "page.png"
+    bad.write_bytes(b"not a png")
+    code, _, err = run(["--image", str(bad), "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert code == 2 and "cannot read it as an image" in err
+    cfg = json.loads(open(tiny_v2_config).read())
+    del cfg["text_config"]["moe_intermediate_size"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    code, _, err = run(["--config", str(path), "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert code == 2 and "missing key 'text_config.moe_intermediate_size'" in err
+    assert set(os.listdir(tmp_path)) == {"page.png", "config.json"}
+
+
+def test_image_file_gives_its_own_size(tmp_path, capsys, tiny_v2_config):
+    from PIL import Image
+
+    Image.new("RGB", (900, 500), "white").save(tmp_path / "p.png")
+    code, _, _ = run(["--config", tiny_v2_config, "--image", str(tmp_path / "p.png"), "--decode-steps", "0",
+                      "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    doc = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert code == 0 and doc["workload"]["image_wh"] == [900, 500] and doc["workload"]["views"] == 3

@@ -1,0 +1,84 @@
+"""Ops FlopCounterMode cannot see: flash_attn custom ops (a stand-in of the real schema) and unknown ops."""
+
+import torch
+
+from tracer.capture import capture
+from tracer.count import count_graph, may_carry_flops, totals
+from tracer.formulas import Conventions
+
+
+@torch.library.custom_op("flash_attn::_flash_attn_forward", mutates_args=())
+def _flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, softmax_scale: float,
+                        causal: bool, window_size_left: int, window_size_right: int, softcap: float,
+                        alibi_slopes: torch.Tensor | None, return_softmax: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stand-in with the schema of Dao-AILab flash-attn 2.x (q, k, v in (batch, seq, heads, dim))."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+    b, s, h, _ = q.shape
+    return out.contiguous(), q.new_zeros(b, h, s), q.new_zeros(2, dtype=torch.int64), q.new_zeros(0)
+
+
+@_flash_attn_forward.register_fake
+def _(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap, alibi_slopes,
+      return_softmax):
+    b, s, h, _ = q.shape
+    return torch.empty_like(q), q.new_empty(b, h, s), q.new_empty(2, dtype=torch.int64), q.new_empty(0)
+
+
+@torch.library.custom_op("flopdifftest::mystery_gemm", mutates_args=())
+def mystery_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a @ b
+
+
+@mystery_gemm.register_fake
+def _(a, b):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+class Attn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, q, k, v):
+        o = torch.ops.flash_attn._flash_attn_forward(q, k, v, 0.0, 0.25, True, -1, -1, 0.0, None, False)[0]
+        return self.proj(o), torch.ops.flopdifftest.mystery_gemm(q.flatten(0, 2), k.flatten(0, 2).T)
+
+
+def _trace(conv=Conventions()):
+    m = Attn()
+    q, k, v = torch.randn(2, 6, 4, 16), torch.randn(2, 6, 4, 16), torch.randn(2, 6, 4, 16)
+    with torch.no_grad():
+        sg, _ = capture(lambda: m(q, k, v), m, "prefill")
+    return count_graph(sg, conv)
+
+
+def test_flash_attn_op_counted_by_formula_not_by_torch():
+    sg = _trace()
+    (node,) = [n for n in sg.op_nodes() if n.meta["op"] == "flash_attn::_flash_attn_forward"]
+    assert node.meta["flops_torch"] == 0
+    assert node.meta["flops_full"] == 4 * 2 * 4 * 6 * 6 * 16
+    assert node.meta["flop_status"] == "formula"
+    assert node.meta["module"] == "<root>"
+
+
+def test_flash_attn_causal_halving_switch():
+    sg = _trace(Conventions(causal_halving=True))
+    (node,) = [n for n in sg.op_nodes() if n.meta["op"] == "flash_attn::_flash_attn_forward"]
+    assert node.meta["flops_full"] == 4 * 2 * 4 * (1 + 2 + 3 + 4 + 5 + 6) * 16
+
+
+def test_custom_op_without_formula_is_unknown_never_silent():
+    sg = _trace()
+    t = totals([sg])
+    assert t.unknown == {"flopdifftest::mystery_gemm": 1}
+    # the Linear is still counted by torch's own formula: 2 * rows * in * out
+    assert t.flops_torch == 2 * (2 * 6 * 4) * 16 * 16
+
+
+def test_may_carry_flops_classification():
+    assert may_carry_flops("aten::_int_mm") and may_carry_flops("aten::_weight_int4pack_mm")
+    assert may_carry_flops("mylib::fused_thing") and may_carry_flops("higher_order::flex_attention")
+    assert not may_carry_flops("aten::add") and not may_carry_flops("prims::convert_element_type")
+    assert not may_carry_flops("aten::softmax")
