@@ -1,0 +1,245 @@
+"""Analytic layers: one small class per kind, each a pure function of its shapes.
+
+Conventions (shared with `tracer.formulas`):
+  * tensor-core FLOPs: 1 multiply-add = 2 FLOPs; attention = Q K^T + P V over the (query, key) pairs
+    kept (dense unless `Policy.causal_halving`); relative-position and RoPE matmuls are real matmuls;
+  * CUDA-core FLOPs (a separate column, never mixed in): per element, LayerNorm/RMSNorm 4 (mean,
+    variance, normalize, scale), softmax 3 (max-subtract, exp, divide), SiLU-gated product 4, GELU 8,
+    residual add 1;
+  * bytes: activations and weights at `dtype_bytes`; I/O = inputs + outputs + weights read once;
+    KV cache = keys and values of every cached position.
+
+`Policy.ignore_torch_unsupported_flops` (CLI `--policy torch`) counts what FlopCounterMode counts on the
+workload's device: a layer says which aten op carries its matmul (`op`), and the policy drops ops torch
+has no formula for (SDPA on CPU, grouped GEMM, flash-attn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+#: aten ops FlopCounterMode cannot count, per device (torch 2.4 - 2.14)
+TORCH_BLIND = {
+    "cpu": {"sdpa", "grouped_mm", "flash_attn"},
+    "cuda": {"grouped_mm", "flash_attn"},
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """`ignore_torch_unsupported_flops=True` reproduces FlopCounterMode (policy "torch"); False is the
+    full algorithmic count (policy "full"). `causal_halving` counts only the pairs a causal mask keeps."""
+
+    ignore_torch_unsupported_flops: bool = False
+    device: str = "cpu"
+    causal_halving: bool = False
+
+    def counts(self, op: str) -> bool:
+        return not (self.ignore_torch_unsupported_flops and op in TORCH_BLIND[self.device])
+
+
+@dataclass
+class Cost:
+    tc_flops: int = 0
+    cuda_flops: int = 0
+    io_bytes: int = 0
+    weight_bytes: int = 0
+    act_bytes: int = 0
+    kv_bytes: int = 0
+
+    def __add__(self, o: "Cost") -> "Cost":
+        return Cost(*(a + b for a, b in zip(self.astuple(), o.astuple())))
+
+    def astuple(self) -> tuple[int, ...]:
+        return (self.tc_flops, self.cuda_flops, self.io_bytes, self.weight_bytes, self.act_bytes, self.kv_bytes)
+
+
+@dataclass
+class Layer:
+    """A leaf: `id` is unique per stage, `op` names the aten op that carries its tensor-core work."""
+
+    id: str
+    op: str = "mm"
+    dtype_bytes: int = 2
+
+    def cost(self, policy: Policy) -> Cost:
+        raise NotImplementedError
+
+    def formula(self) -> str:
+        """The formula with this layer's numbers, for `--explain`."""
+        return type(self).__name__
+
+    def leaves(self) -> Iterator["Layer"]:
+        yield self
+
+
+@dataclass
+class Linear(Layer):
+    tokens: int = 0
+    d_in: int = 0
+    d_out: int = 0
+
+    def cost(self, policy: Policy) -> Cost:
+        tc = 2 * self.tokens * self.d_in * self.d_out if policy.counts(self.op) else 0
+        w = self.d_in * self.d_out * self.dtype_bytes
+        act = self.tokens * (self.d_in + self.d_out) * self.dtype_bytes
+        return Cost(tc, 0, act + w, w, self.tokens * self.d_out * self.dtype_bytes)
+
+    def formula(self) -> str:
+        return f"2 * tokens {self.tokens} * d_in {self.d_in} * d_out {self.d_out}"
+
+
+@dataclass
+class Experts(Layer):
+    """Routed experts (SwiGLU): gate+up (d -> 2I) and down (I -> d) over tokens x top-k routed rows."""
+
+    routed_rows: int = 0
+    d: int = 0
+    inter: int = 0
+    n_experts: int = 0
+    op: str = "grouped_mm"
+
+    def cost(self, policy: Policy) -> Cost:
+        tc = 2 * self.routed_rows * self.d * 2 * self.inter + 2 * self.routed_rows * self.inter * self.d
+        w = self.n_experts * 3 * self.d * self.inter * self.dtype_bytes
+        act = self.routed_rows * (self.d + 2 * self.inter) * self.dtype_bytes
+        return Cost(tc if policy.counts(self.op) else 0, 4 * self.routed_rows * self.inter, act + w, w, act)
+
+    def formula(self) -> str:
+        return f"2 * rows {self.routed_rows} * d {self.d} * 3 * inter {self.inter}"
+
+
+@dataclass
+class Conv2d(Layer):
+    batch: int = 1
+    c_in: int = 0
+    c_out: int = 0
+    kernel: int = 1
+    out_hw: tuple[int, int] = (0, 0)
+    op: str = "convolution"
+
+    def cost(self, policy: Policy) -> Cost:
+        out = self.batch * self.c_out * self.out_hw[0] * self.out_hw[1]
+        tc = 2 * out * self.c_in * self.kernel * self.kernel
+        w = self.c_out * self.c_in * self.kernel ** 2 * self.dtype_bytes
+        return Cost(tc, 0, w + out * self.dtype_bytes, w, out * self.dtype_bytes)
+
+    def formula(self) -> str:
+        return (f"2 * batch {self.batch} * c_out {self.c_out} * out {self.out_hw[0]}x{self.out_hw[1]}"
+                f" * c_in {self.c_in} * k {self.kernel}^2")
+
+
+def kept_pairs(s_q: int, s_k: int, causal: bool) -> int:
+    """(query, key) pairs a bottom-right aligned causal mask keeps (KV cache: the new queries are last)."""
+    if not causal:
+        return s_q * s_k
+    return sum(min(s_k, s_k - s_q + i + 1) for i in range(s_q))
+
+
+@dataclass
+class Attention(Layer):
+    """Attention core: `batch` (windows x images), `heads` query heads; `causal` only matters with halving."""
+
+    batch: int = 1
+    heads: int = 1
+    s_q: int = 0
+    s_k: int = 0
+    d: int = 0
+    d_v: int = 0
+    causal: bool = False
+    op: str = "sdpa"
+
+    def pairs(self, policy: Policy) -> int:
+        return kept_pairs(self.s_q, self.s_k, self.causal) if policy.causal_halving else self.s_q * self.s_k
+
+    def cost(self, policy: Policy) -> Cost:
+        p = self.pairs(policy)
+        tc = 2 * self.batch * self.heads * p * (self.d + self.d_v) if policy.counts(self.op) else 0
+        scores = self.batch * self.heads * p
+        act = self.batch * self.heads * (self.s_q * (self.d + self.d_v) + self.s_k * (self.d + self.d_v))
+        return Cost(tc, 3 * scores, act * self.dtype_bytes, 0, self.batch * self.heads * self.s_q * self.d_v * self.dtype_bytes)
+
+    def formula(self) -> str:
+        return (f"2 * batch {self.batch} * heads {self.heads} * s_q {self.s_q} * s_k {self.s_k}"
+                f" * (d {self.d} + d_v {self.d_v})")
+
+
+@dataclass
+class RelPos(Layer):
+    """SAM's decomposed relative positions: two einsums (bmm) of q with R_h and R_w."""
+
+    batch_heads: int = 0
+    h: int = 0
+    w: int = 0
+    d: int = 0
+    op: str = "bmm"
+
+    def cost(self, policy: Policy) -> Cost:
+        tc = 2 * self.batch_heads * self.h * self.w * (self.h + self.w) * self.d
+        return Cost(tc, self.batch_heads * (self.h * self.w) ** 2, 0, 0, 0)
+
+    def formula(self) -> str:
+        return f"2 * (batch x heads) {self.batch_heads} * {self.h}x{self.w} * (k_h + k_w) {self.h + self.w} * d {self.d}"
+
+
+@dataclass
+class Rope(Layer):
+    """RoPE angles as transformers computes them: inv_freq (d/2, 1) @ positions (1, L), a small bmm."""
+
+    positions: int = 0
+    half_dim: int = 0
+    op: str = "bmm"
+
+    def cost(self, policy: Policy) -> Cost:
+        return Cost(2 * self.half_dim * self.positions, 0, 0, 0, 0)
+
+    def formula(self) -> str:
+        return f"2 * (head_dim/2) {self.half_dim} * positions {self.positions}"
+
+
+@dataclass
+class Elementwise(Layer):
+    """CUDA-core only work (norms, activations, residuals): `per_element` FLOPs per element."""
+
+    elements: int = 0
+    per_element: int = 1
+    op: str = "elementwise"
+
+    def cost(self, policy: Policy) -> Cost:
+        b = self.elements * self.dtype_bytes
+        return Cost(0, self.per_element * self.elements, 2 * b, 0, b)
+
+    def formula(self) -> str:
+        return f"{self.per_element} * elements {self.elements} (CUDA cores)"
+
+
+@dataclass
+class KVCache(Layer):
+    """Keys and values of `positions` cached tokens (memory only)."""
+
+    positions: int = 0
+    kv_heads: int = 0
+    d: int = 0
+    op: str = "none"
+
+    def cost(self, policy: Policy) -> Cost:
+        return Cost(kv_bytes=2 * self.positions * self.kv_heads * self.d * self.dtype_bytes)
+
+
+@dataclass
+class Block(Layer):
+    """A composite: its cost is the sum of its children's, nothing else."""
+
+    children: list[Layer] = field(default_factory=list)
+    op: str = "none"
+
+    def cost(self, policy: Policy) -> Cost:
+        total = Cost()
+        for c in self.children:
+            total = total + c.cost(policy)
+        return total
+
+    def leaves(self) -> Iterator[Layer]:
+        for c in self.children:
+            yield from c.leaves()
