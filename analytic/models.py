@@ -38,6 +38,16 @@ class Shape:
     decode_steps: int
 
 
+@dataclass(frozen=True)
+class Variant:
+    """Deviations from the vendor (presets/*.yaml): `aligned` has none; `seed-naive` has all."""
+
+    single_view: bool = False
+    clip_layers: int | None = None
+    projector_tokens: int | None = None
+    decode_kv_growth: bool = True
+
+
 @dataclass
 class ModelTree:
     model: str
@@ -113,14 +123,14 @@ def clip(prefix: str, views: int, tokens: int, width: int, layers: int, heads: i
     ]) for i in range(layers)])
 
 
-def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int) -> Block:
+def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, layers: int | None = None) -> Block:
     """v2's Qwen2-style encoder over n SAM tokens + n learned queries (image tokens both ways, queries
     causal: counted dense, the mask is data to SDPA)."""
     s, h = 2 * n, enc["hidden_size"]
     heads, kv, inter = enc["num_attention_heads"], enc["num_key_value_heads"], enc["intermediate_size"]
     t = views * s
     kids: list[Layer] = []  # RoPE angles: a broadcast multiply in transformers 5, no matmul
-    for i in range(enc["num_hidden_layers"]):
+    for i in range(layers or enc["num_hidden_layers"]):
         p = f"{prefix}.layers.{i}"
         kids.append(Block(p, children=[
             Linear(f"{p}.q_proj", op="addmm", tokens=t, d_in=h, d_out=heads * head_dim),
@@ -188,18 +198,19 @@ def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) 
 
 
 def _stages(model: str, views: Views, vision: Block, spec: DecoderSpec, prompt_len: int, steps: int,
-            all_logits: bool) -> ModelTree:
+            all_logits: bool, variant: Variant) -> ModelTree:
     tree = ModelTree(model, views, prompt_len)
     tree.stages["vision"] = [vision]
     tree.stages["prefill"] = [Block("prefill", children=[vision, decoder(spec, "decoder", prompt_len, prompt_len,
                                                                          prompt_len if all_logits else 1)])]
-    tree.stages["decode"] = [decoder(spec, "decoder", 1, prompt_len + k + 1, 1) for k in range(steps)]
+    grow = 1 if variant.decode_kv_growth else 0
+    tree.stages["decode"] = [decoder(spec, "decoder", 1, prompt_len + grow * (k + 1), 1) for k in range(steps)]
     return tree
 
 
 # ---- DeepSeek-OCR (v1) ---------------------------------------------------------------------------------
 
-def build_v1(cfg: dict, shape: Shape, where: str = "config") -> ModelTree:
+def build_v1(cfg: dict, shape: Shape, where: str = "config", variant: Variant = Variant()) -> ModelTree:
     c = VENDOR_CONSTANTS["deepseek-ocr"]
     sam_cfg = _dig(cfg, "vision_config.width.sam_vit_b", where)
     clip_cfg = _dig(cfg, "vision_config.width.clip-l-14-224", where)
@@ -212,16 +223,17 @@ def build_v1(cfg: dict, shape: Shape, where: str = "config") -> ModelTree:
         return [sam(f"vision.{name}.sam", count, px, sam_cfg["width"], sam_cfg["layers"], sam_cfg["heads"],
                     sam_cfg["global_attn_indexes"], sam_cfg["width"] * c["sam_mlp_ratio"], c["neck"],
                     sam_cfg["downsample_channels"], c),
-                clip(f"vision.{name}.clip", count, sam_tokens + 1, clip_cfg["width"], clip_cfg["layers"],
-                     clip_cfg["heads"], c["clip_ffn"]),
-                Linear(f"vision.{name}.projector", op="addmm", tokens=count * sam_tokens, d_in=n_proj_in, d_out=n_embed)]
+                clip(f"vision.{name}.clip", count, sam_tokens + 1, clip_cfg["width"],
+                     variant.clip_layers or clip_cfg["layers"], clip_cfg["heads"], c["clip_ffn"]),
+                Linear(f"vision.{name}.projector", op="addmm", tokens=count * (variant.projector_tokens or sam_tokens),
+                       d_in=n_proj_in, d_out=n_embed)]
 
     kids = view("global", 1, views.global_px)
-    if views.tiles:
+    if views.tiles and not variant.single_view:
         kids = view("tiles", views.tiles, views.tile_px) + kids  # the vendor runs the tiles first
     spec = _decoder_spec(lang, where, rope_per_layer=True, attn_op="bmm", experts_op="mm")
     return _stages("deepseek-ocr", views, Block("vision", children=kids), spec,
-                   1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=True)
+                   1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=True, variant=variant)
 
 
 def _decoder_spec(lang: dict, where: str, **kw) -> DecoderSpec:
@@ -241,7 +253,8 @@ def _decoder_spec(lang: dict, where: str, **kw) -> DecoderSpec:
 
 # ---- DeepSeek-OCR-2 ------------------------------------------------------------------------------------
 
-def build_v2(cfg: dict, shape: Shape, where: str = "config", experts_op: str = "grouped_mm") -> ModelTree:
+def build_v2(cfg: dict, shape: Shape, where: str = "config", variant: Variant = Variant(),
+             experts_op: str = "grouped_mm") -> ModelTree:
     c = VENDOR_CONSTANTS["deepseek-ocr-2"]
     s = _dig(cfg, "vision_config.sam_config", where)
     enc = _dig(cfg, "vision_config.encoder_config", where)
@@ -253,16 +266,17 @@ def build_v2(cfg: dict, shape: Shape, where: str = "config", experts_op: str = "
         return [sam(f"vision.{name}.sam", count, px, _dig(s, "hidden_size", where), _dig(s, "num_hidden_layers", where),
                     s.get("num_attention_heads", 12), _dig(s, "global_attn_indexes", where), s.get("mlp_dim", c["sam_mlp_dim"]),
                     s.get("output_channels", c["neck"]), _dig(s, "downsample_channels", where), c),
-                qwen2_encoder(f"vision.{name}.encoder", count, n, enc, enc.get("head_dim") or enc["hidden_size"] // enc["num_attention_heads"]),
-                Linear(f"vision.{name}.projector", op="addmm", tokens=count * n, d_in=enc["hidden_size"],
+                qwen2_encoder(f"vision.{name}.encoder", count, n, enc, enc.get("head_dim") or enc["hidden_size"] // enc["num_attention_heads"],
+                              variant.clip_layers),
+                Linear(f"vision.{name}.projector", op="addmm", tokens=count * (variant.projector_tokens or n), d_in=enc["hidden_size"],
                        d_out=_dig(text, "hidden_size", where))]
 
     kids = view("global", 1, views.global_px)
-    if views.tiles:
+    if views.tiles and not variant.single_view:
         kids += view("tiles", views.tiles, views.tile_px)
     spec = _decoder_spec(text, where, rope_per_layer=False, attn_op="sdpa", experts_op=experts_op)
     return _stages("deepseek-ocr-2", views, Block("vision", children=kids), spec,
-                   1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=False)
+                   1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=False, variant=variant)
 
 
 BUILDERS = {"deepseek-ocr": build_v1, "deepseek-ocr-2": build_v2}

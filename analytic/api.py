@@ -1,0 +1,109 @@
+"""Python API of the analytic overlay: presets composed with OmegaConf, then evaluated per stage.
+
+    from analytic.api import evaluate
+    doc = evaluate("deepseek-ocr", image_wh=(1000, 1400), preset="aligned", policy="full")
+
+`doc` has the JSON shape `python -m analytic --json` prints: workload, stages [{name, flops}],
+layers [{id, stage, flops}] (prefill includes vision, decode sums the steps).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from analytic.layers import Policy
+from analytic.models import BUILDERS, ModelTree, Shape, Variant, load_config
+from tracer.errors import FlopdiffError
+
+PRESETS = Path(__file__).resolve().parent / "presets"
+DATA = Path(__file__).resolve().parent.parent / "tracer" / "data"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml") if p.stem != "defaults")
+
+
+def compose(model: str, overrides: list[str] | None = None) -> Any:
+    """defaults.yaml + the CLI/API `key=value` overrides (OmegaConf dotlist)."""
+    base = OmegaConf.load(PRESETS / "defaults.yaml")
+    try:
+        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
+    except Exception as exc:  # OmegaConf raises several types for a malformed dotlist
+        raise FlopdiffError(f"override {overrides}: {exc}") from None
+    if model not in cfg.models:
+        raise FlopdiffError(f"--model {model!r}: unknown model; choose one of {', '.join(cfg.models)}")
+    return cfg
+
+
+def variant(preset: str) -> Variant:
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESETS / f"{preset}.yaml"
+    if not path.is_file() or path.stem == "defaults":
+        raise FlopdiffError(f"--preset {preset!r}: unknown preset; choose one of {', '.join(presets())} or a YAML file")
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        return Variant(**raw)
+    except TypeError as exc:
+        raise FlopdiffError(f"--preset {preset}: {exc}") from None
+
+
+def policy(name: str, device: str = "cpu", causal_halving: bool = False) -> Policy:
+    if name not in ("torch", "full"):
+        raise FlopdiffError(f"--policy {name!r}: choose torch or full")
+    return Policy(ignore_torch_unsupported_flops=name == "torch", device=device, causal_halving=causal_halving)
+
+
+def build(model: str, shape: Shape, preset: str = "aligned", config: str | None = None) -> ModelTree:
+    if shape.width <= 0 or shape.height <= 0:
+        raise FlopdiffError(f"--image-shape {shape.width}x{shape.height}: width and height must be positive")
+    if shape.base_size % 16 or shape.tile_size % 16:
+        raise FlopdiffError(f"--base-size {shape.base_size} / --tile-size {shape.tile_size}: must be multiples of the "
+                            f"patch size 16")
+    path = Path(config) if config else DATA / model / "config.json"
+    return BUILDERS[model](load_config(path), shape, where=f"--config {path}", variant=variant(preset))
+
+
+def shape_for(model: str, image_wh: tuple[int, int], mode: str | None = None, base_size: int | None = None,
+              tile_size: int | None = None, crop_mode: bool | None = None, text_tokens: int | None = None,
+              decode_steps: int | None = None, overrides: list[str] | None = None) -> Shape:
+    cfg = compose(model, overrides)
+    m = cfg.models[model]
+    mode = mode or m.default_mode
+    if mode not in m.modes:
+        raise FlopdiffError(f"--mode {mode!r}: choose one of {', '.join(m.modes)}")
+    knobs = m.modes[mode]
+    w = cfg.workload
+    return Shape(image_wh[0], image_wh[1], base_size or knobs.base_size, tile_size or knobs.tile_size,
+                 knobs.crop_mode if crop_mode is None else crop_mode,
+                 w.text_tokens if text_tokens is None else text_tokens,
+                 w.decode_steps if decode_steps is None else decode_steps)
+
+
+def evaluate_tree(tree: ModelTree, shape: Shape, pol: Policy) -> dict[str, Any]:
+    layers = []
+    stages = []
+    for name, blocks in tree.stages.items():
+        by_id: dict[str, int] = {}
+        for block in blocks:
+            for leaf in block.leaves():
+                by_id[leaf.id] = by_id.get(leaf.id, 0) + leaf.cost(pol).tc_flops
+        stages.append({"name": name, "flops": sum(b.cost(pol).tc_flops for b in blocks)})
+        layers += [{"id": k, "stage": name, "flops": v} for k, v in by_id.items()]
+    v = tree.views
+    return {
+        "workload": {"image_wh": [shape.width, shape.height], "base_size": shape.base_size, "tile_size": shape.tile_size,
+                     "crop_mode": shape.crop_mode, "views": 1 + v.tiles, "crop_grid_wh": list(v.crop_grid_wh),
+                     "image_tokens": v.image_tokens, "prompt_len": tree.prompt_len, "decode_steps": shape.decode_steps},
+        "stages": stages,
+        "layers": layers,
+    }
+
+
+def evaluate(model: str, image_wh: tuple[int, int], preset: str = "aligned", policy_name: str = "full",
+             config: str | None = None, **knobs: Any) -> dict[str, Any]:
+    shape = shape_for(model, image_wh, **knobs)
+    return evaluate_tree(build(model, shape, preset, config), shape, policy(policy_name))

@@ -1,0 +1,170 @@
+"""The analytic overlay against the reference tables, the tracer and the vendors' own tiling functions."""
+
+import ast
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from analytic.api import build, evaluate, policy, shape_for
+from analytic.layers import Policy
+from analytic.models import VENDOR_CONSTANTS
+from analytic.shapes import v1_views, v2_views
+
+FULL, TORCH = policy("full"), policy("torch")
+
+
+def flops(blocks, pol):
+    return sum(b.cost(pol).tc_flops for b in blocks)
+
+
+@pytest.fixture(scope="module")
+def v1_ref(shared_reference):
+    return json.loads((shared_reference / "deepseek-ocr" / "flops-reference.json").read_text())
+
+
+@pytest.mark.parametrize("key, wh", [("gundam_1000x1400", (1000, 1400)), ("gundam_640x640", (640, 640))])
+def test_v1_aligned_reproduces_reference_per_stage_both_policies(v1_ref, key, wh):
+    ref = v1_ref["workloads"][key]
+    shape = shape_for("deepseek-ocr", wh, mode="gundam", text_tokens=9, decode_steps=10)
+    tree = build("deepseek-ocr", shape)
+    assert (1 + tree.views.tiles, tree.views.image_tokens, tree.prompt_len) == (ref["views"], ref["image_tokens"], ref["prompt_len"])
+    for stage, rk in (("vision", "vision"), ("prefill", "prefill"), ("decode", "decode10")):
+        assert flops(tree.stages[stage], FULL) == ref["stages"][rk]["flops"]
+        assert flops(tree.stages[stage], TORCH) == ref["stages"][rk]["flops_torch_registry_only"]
+
+
+@pytest.mark.parametrize("key, wh", [("gundam_1000x1400", (1000, 1400)), ("gundam_640x640", (640, 640))])
+def test_v1_aligned_per_decoder_layer_and_lm_head(v1_ref, key, wh):
+    ref = v1_ref["workloads"][key]["decoder"]
+    doc = evaluate("deepseek-ocr", wh, mode="gundam", text_tokens=9, decode_steps=10)
+    per = {}
+    for layer in doc["layers"]:
+        if layer["id"].startswith("decoder.layers.") or layer["id"] == "lm_head":
+            k = layer["id"].split(".")[2] if layer["id"] != "lm_head" else "lm_head"
+            per[(layer["stage"], k)] = per.get((layer["stage"], k), 0) + layer["flops"]
+    assert per[("prefill", "0")] == ref["prefill"]["layer0_dense"]
+    assert all(per[("prefill", str(i))] == ref["prefill"]["each_moe_layer_1_to_11"] for i in range(1, 12))
+    assert per[("prefill", "lm_head")] == ref["prefill"]["lm_head_all_positions"] == 2 * 913 * 1280 * 129280 or key != "gundam_1000x1400"
+    assert per[("decode", "0")] == ref["decode10"]["layer0_dense"]
+    assert per[("decode", "1")] == ref["decode10"]["each_moe_layer_1_to_11"]
+    assert per[("decode", "lm_head")] == ref["decode10"]["lm_head"]
+
+
+def test_v1_per_view(v1_ref):
+    ref = v1_ref["per_view"]
+    doc = evaluate("deepseek-ocr", (1000, 1400), mode="gundam", text_tokens=9, decode_steps=0)
+    parts = {"sam_model": ".sam.", "vision_model": ".clip.", "projector": ".projector"}
+    for view, ref_key, n in (("global", "global_1024", 1), ("tiles", "crop_640", 6)):
+        for part, tag in parts.items():
+            got = sum(x["flops"] for x in doc["layers"] if x["stage"] == "vision" and x["id"].startswith(f"vision.{view}")
+                      and tag in x["id"])
+            assert got == n * ref[ref_key][part]
+
+
+def test_v2_aligned_reproduces_reference(shared_reference):
+    ref = json.loads((shared_reference / "deepseek-ocr-2" / "flops-reference.json").read_text())["workloads"]["640x640"]
+    shape = shape_for("deepseek-ocr-2", (640, 640), text_tokens=4, decode_steps=1)
+    tree = build("deepseek-ocr-2", shape)
+    assert flops(tree.stages["prefill"], FULL) == ref["prefill"]["flops"]
+    assert flops(tree.stages["prefill"], TORCH) == ref["prefill"]["flops_torch_registry_only"]
+    assert flops(tree.stages["decode"], FULL) == ref["decode_step_kv262"]["flops"]
+    assert flops(tree.stages["decode"], TORCH) == ref["decode_step_kv262"]["flops_torch_registry_only"]
+
+
+@pytest.mark.parametrize("wh", [(1000, 1400), (2000, 700), (800, 800), (3000, 3000), (500, 1600)])
+def test_v2_aligned_equals_traced_full_and_torch(wh):
+    from tracer.count import count_graph, totals
+    from tracer.trace import trace
+    from tracer.workload import Workload
+
+    tr = trace(Workload(image_wh=wh, text_tokens=7, decode_steps=2))
+    shape = shape_for("deepseek-ocr-2", wh, text_tokens=7, decode_steps=2)
+    tree = build("deepseek-ocr-2", shape)
+    for stage in ("vision", "prefill", "decode"):
+        graphs = [count_graph(g) for g in tr.stages[stage]]
+        t = totals(graphs)
+        assert (flops(tree.stages[stage], FULL), flops(tree.stages[stage], TORCH)) == (t.flops_full, t.flops_torch)
+    assert tree.views.image_tokens == tr.prepared.derived.image_tokens
+
+
+def test_seed_naive_vision_near_one_tflop():
+    doc = evaluate("deepseek-ocr", (1000, 1400), preset="seed-naive", mode="gundam", text_tokens=9, decode_steps=10)
+    vision = next(s["flops"] for s in doc["stages"] if s["name"] == "vision")
+    assert vision == 1_005_203_963_904  # one 1024 view: SAM 976.9 G + 4 CLIP blocks 26.9 G + projector 1.3 G
+
+
+def test_causal_halving_only_changes_causal_attention():
+    shape = shape_for("deepseek-ocr", (640, 640), mode="gundam", text_tokens=9, decode_steps=0)
+    tree = build("deepseek-ocr", shape)
+    dense, halved = flops(tree.stages["prefill"], FULL), flops(tree.stages["prefill"], Policy(causal_halving=True))
+    L = 283
+    assert dense - halved == 12 * 2 * 10 * (L * L - L * (L + 1) // 2) * (128 + 128)
+
+
+def test_v2_sam_defaults_match_transformers():
+    cfg = pytest.importorskip("transformers").DeepseekOcr2SamVisionConfig()
+    c = VENDOR_CONSTANTS["deepseek-ocr-2"]
+    assert (cfg.patch_size, cfg.window_size, cfg.mlp_dim, cfg.output_channels) == (c["patch"], c["window"], c["sam_mlp_dim"], c["neck"])
+
+
+def test_v2_tiling_matches_transformers_processor_on_10000_shapes():
+    pil = pytest.importorskip("transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2")
+    rng = random.Random(0)
+    shapes = [(rng.randint(1, 6000), rng.randint(1, 6000)) for _ in range(9000)]
+    shapes += [(768 * c, 768 * r) for c in range(1, 7) for r in range(1, 7)]          # exact aspect ties
+    shapes += [(k * a, k * b) for a, b in ((1, 2), (2, 1), (1, 1), (2, 3), (3, 2)) for k in range(1, 200)]
+    for w, h in shapes:
+        v = v2_views(w, h)
+        expect = pil.get_optimal_tiled_canvas((h, w), (768, 768), 2, 6) if max(w, h) > 768 else (1, 1)
+        assert v.crop_grid_wh == tuple(expect), (w, h)
+    assert len(shapes) >= 10_000
+
+
+def _vendor_v1_functions():
+    folder = os.environ.get("FLOPDIFF_DSOCR_V1_DIR")
+    if not folder:
+        pytest.skip("FLOPDIFF_DSOCR_V1_DIR is not set: point it at a DeepSeek-OCR remote-code folder to compare with it")
+    # Execute only the two pure functions of the vendor file (the module itself needs transformers 4.46).
+    src = (Path(folder) / "modeling_deepseekocr.py").read_text()
+    tree = ast.parse(src)
+    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("find_closest_aspect_ratio", "dynamic_preprocess")]
+    ns: dict = {}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "modeling_deepseekocr.py", "exec"), ns)
+    return ns
+
+
+def test_v1_tiling_matches_vendor_dynamic_preprocess_on_10000_shapes():
+    ns = _vendor_v1_functions()
+
+    class Img:  # dynamic_preprocess reads .size and calls resize/crop; only the ratio matters here
+        def __init__(self, w, h):
+            self.size = (w, h)
+
+        def resize(self, wh):
+            return self
+
+        def crop(self, box):
+            return self
+
+    rng = random.Random(1)
+    shapes = [(rng.randint(641, 8000), rng.randint(1, 8000)) for _ in range(9200)]
+    shapes += [(640 * c, 640 * r) for c in range(1, 10) for r in range(1, 10) if c * r > 1]
+    shapes += [(k * a, k * b) for a, b in ((1, 2), (2, 1), (1, 1), (3, 4)) for k in range(321, 600)]
+    shapes = [(w, h) for w, h in shapes if max(w, h) > 640]  # infer() skips dynamic_preprocess below that
+    assert v1_views(640, 640).crop_grid_wh == (1, 1) and v1_views(640, 300).tiles == 0
+    for w, h in shapes:
+        _, ratio = ns["dynamic_preprocess"](Img(w, h))
+        assert v1_views(w, h).crop_grid_wh == tuple(ratio), (w, h)
+    assert len(shapes) >= 10_000
+
+
+def test_bad_input_names_it(capsys):
+    from analytic.__main__ import main
+
+    for argv, text in ((["--preset", "nope"], "--preset 'nope'"), (["--image-shape=-5x10"], "--image-shape"),
+                       (["--tile-size", "650"], "--tile-size 650"), (["--policy", "both"], "--policy 'both'")):
+        assert main(argv) == 2
+        assert text in capsys.readouterr().err
