@@ -9,6 +9,7 @@ layers [{id, stage, flops}] (prefill includes vision, decode sums the steps).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def compose(model: str, overrides: list[str] | None = None) -> Any:
     return cfg
 
 
+@lru_cache(maxsize=64)
 def variant(preset: str) -> Variant:
     path = Path(preset)
     if not path.suffix:
@@ -64,7 +66,13 @@ def build(model: str, shape: Shape, preset: str = "aligned", config: str | None 
         raise FlopdiffError(f"--base-size {shape.base_size} / --tile-size {shape.tile_size}: must be multiples of the "
                             f"patch size 16")
     path = Path(config) if config else DATA / model / "config.json"
-    return BUILDERS[model](load_config(path), shape, where=f"--config {path}", variant=variant(preset))
+    return BUILDERS[model](_config(str(path)), shape, where=f"--config {path}", variant=variant(preset))
+
+
+@lru_cache(maxsize=16)
+def _config(path: str) -> dict:
+    """Parsed once per process: a sweep evaluates thousands of workloads on one config (never mutated)."""
+    return load_config(Path(path))
 
 
 def shape_for(model: str, image_wh: tuple[int, int], mode: str | None = None, base_size: int | None = None,
