@@ -16,7 +16,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from analytic.layers import Policy
-from analytic.models import BUILDERS, ModelTree, Shape, Variant, load_config
+from analytic.models import BUILDERS, ModelTree, Shape, Variant
+from tracer.configfile import read_json
 from tracer.errors import FlopdiffError
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -72,7 +73,7 @@ def build(model: str, shape: Shape, preset: str = "aligned", config: str | None 
 @lru_cache(maxsize=16)
 def _config(path: str) -> dict:
     """Parsed once per process: a sweep evaluates thousands of workloads on one config (never mutated)."""
-    return load_config(Path(path))
+    return read_json(Path(path))
 
 
 def shape_for(model: str, image_wh: tuple[int, int], mode: str | None = None, base_size: int | None = None,

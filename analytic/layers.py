@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from tracer.formulas import attention_pairs
+
 #: aten ops FlopCounterMode cannot count, per device (torch 2.4 - 2.14)
 TORCH_BLIND = {
     "cpu": {"sdpa", "grouped_mm", "flash_attn"},
@@ -66,10 +68,6 @@ class Layer:
     def cost(self, policy: Policy) -> Cost:
         raise NotImplementedError
 
-    def formula(self) -> str:
-        """The formula with this layer's numbers, for `--explain`."""
-        return type(self).__name__
-
     def leaves(self) -> Iterator["Layer"]:
         yield self
 
@@ -85,9 +83,6 @@ class Linear(Layer):
         w = self.d_in * self.d_out * self.dtype_bytes
         act = self.tokens * (self.d_in + self.d_out) * self.dtype_bytes
         return Cost(tc, 0, act + w, w, self.tokens * self.d_out * self.dtype_bytes)
-
-    def formula(self) -> str:
-        return f"2 * tokens {self.tokens} * d_in {self.d_in} * d_out {self.d_out}"
 
 
 @dataclass
@@ -106,9 +101,6 @@ class Experts(Layer):
         act = self.routed_rows * (self.d + 2 * self.inter) * self.dtype_bytes
         return Cost(tc if policy.counts(self.op) else 0, 4 * self.routed_rows * self.inter, act + w, w, act)
 
-    def formula(self) -> str:
-        return f"2 * rows {self.routed_rows} * d {self.d} * 3 * inter {self.inter}"
-
 
 @dataclass
 class Conv2d(Layer):
@@ -125,17 +117,6 @@ class Conv2d(Layer):
         w = self.c_out * self.c_in * self.kernel ** 2 * self.dtype_bytes
         return Cost(tc, 0, w + out * self.dtype_bytes, w, out * self.dtype_bytes)
 
-    def formula(self) -> str:
-        return (f"2 * batch {self.batch} * c_out {self.c_out} * out {self.out_hw[0]}x{self.out_hw[1]}"
-                f" * c_in {self.c_in} * k {self.kernel}^2")
-
-
-def kept_pairs(s_q: int, s_k: int, causal: bool) -> int:
-    """(query, key) pairs a bottom-right aligned causal mask keeps (KV cache: the new queries are last)."""
-    if not causal:
-        return s_q * s_k
-    return sum(min(s_k, s_k - s_q + i + 1) for i in range(s_q))
-
 
 @dataclass
 class Attention(Layer):
@@ -151,7 +132,10 @@ class Attention(Layer):
     op: str = "sdpa"
 
     def pairs(self, policy: Policy) -> int:
-        return kept_pairs(self.s_q, self.s_k, self.causal) if policy.causal_halving else self.s_q * self.s_k
+        if not policy.causal_halving:
+            return self.s_q * self.s_k
+        # KV cache: the new queries are the last ones, so the causal mask is bottom-right aligned
+        return attention_pairs(self.s_q, self.s_k, self.causal, align="bottom_right")
 
     def cost(self, policy: Policy) -> Cost:
         p = self.pairs(policy)
@@ -159,10 +143,6 @@ class Attention(Layer):
         scores = self.batch * self.heads * p
         act = self.batch * self.heads * (self.s_q * (self.d + self.d_v) + self.s_k * (self.d + self.d_v))
         return Cost(tc, 3 * scores, act * self.dtype_bytes, 0, self.batch * self.heads * self.s_q * self.d_v * self.dtype_bytes)
-
-    def formula(self) -> str:
-        return (f"2 * batch {self.batch} * heads {self.heads} * s_q {self.s_q} * s_k {self.s_k}"
-                f" * (d {self.d} + d_v {self.d_v})")
 
 
 @dataclass
@@ -179,9 +159,6 @@ class RelPos(Layer):
         tc = 2 * self.batch_heads * self.h * self.w * (self.h + self.w) * self.d
         return Cost(tc, self.batch_heads * (self.h * self.w) ** 2, 0, 0, 0)
 
-    def formula(self) -> str:
-        return f"2 * (batch x heads) {self.batch_heads} * {self.h}x{self.w} * (k_h + k_w) {self.h + self.w} * d {self.d}"
-
 
 @dataclass
 class Rope(Layer):
@@ -193,9 +170,6 @@ class Rope(Layer):
 
     def cost(self, policy: Policy) -> Cost:
         return Cost(2 * self.half_dim * self.positions, 0, 0, 0, 0)
-
-    def formula(self) -> str:
-        return f"2 * (head_dim/2) {self.half_dim} * positions {self.positions}"
 
 
 @dataclass
@@ -209,9 +183,6 @@ class Elementwise(Layer):
     def cost(self, policy: Policy) -> Cost:
         b = self.elements * self.dtype_bytes
         return Cost(0, self.per_element * self.elements, 2 * b, 0, b)
-
-    def formula(self) -> str:
-        return f"{self.per_element} * elements {self.elements} (CUDA cores)"
 
 
 @dataclass

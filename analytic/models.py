@@ -8,13 +8,12 @@ decoder over the prompt + lm_head), `decode` (one Block per one-token step, KV l
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from analytic.layers import Attention, Block, Conv2d, Elementwise, Experts, KVCache, Layer, Linear, RelPos, Rope
 from analytic.shapes import Views, v1_views, v2_views
+from tracer.configfile import dig
 from tracer.errors import FlopdiffError
 
 # Numbers the vendor code fixes outside config.json (v1: deepencoder.py build_sam_vit_b / build_clip_l;
@@ -57,21 +56,10 @@ class ModelTree:
 
 
 def _dig(cfg: dict, dotted: str, where: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise FlopdiffError(f"{where}: missing key {dotted!r}")
-        node = node[part]
-    return node
-
-
-def load_config(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise FlopdiffError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
-    except json.JSONDecodeError as exc:
-        raise FlopdiffError(f"--config {path}: not valid JSON ({exc})") from None
+        return dig(cfg, dotted)
+    except KeyError:
+        raise FlopdiffError(f"{where}: missing key {dotted!r}") from None
 
 
 # ---- vision encoders -------------------------------------------------------------------------------

@@ -10,13 +10,10 @@ Each side runs in its own process; the table gives wall time, peak RSS and the r
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
 import time
-
-WORKLOAD = dict(image_wh=(1000, 1400), text_tokens=4, decode_steps=1)
 
 FLOPDIFF = """
 import json, sys, tempfile

@@ -29,7 +29,6 @@ import torch
 import torch.fx
 from torch._ops import HigherOrderOperator
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 ROOT = "<root>"
@@ -249,7 +248,7 @@ def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, ven
     recorder = GraphRecorder(tensor_names, module_names, vendor_roots)
     with _module_hooks(recorder.modules), recorder:
         result = fn()
-    outputs = [recorder._node_for(t) for t in tree_flatten(result_tensors(result))[0]]
+    outputs = [recorder._node_for(t) for t in result_tensors(result)]
     recorder.graph.output(tuple(outputs))
     return StageGraph(stage, recorder.graph, step=step, kv_len=kv_len), result
 

@@ -13,7 +13,6 @@ a matmul-like aten op, a custom op, a higher-order op). Unknown ops are listed, 
 from __future__ import annotations
 
 import operator
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -72,6 +71,8 @@ def torch_flops(node: torch.fx.Node) -> int:
 def count_node(node: torch.fx.Node, conv: Conventions) -> None:
     """Write flops_torch, flops_full, flop_status (and flop_note when unknown) into node.meta."""
     name = op_name(node.target)
+    hop = isinstance(node.target, HigherOrderOperator)
+    in_torch = not hop and node.target._overloadpacket in flop_registry
     ft = torch_flops(node)
     ours = FORMULAS.get(name)
     meta = node.meta
@@ -83,14 +84,14 @@ def count_node(node: torch.fx.Node, conv: Conventions) -> None:
             status = "formula" if ft == 0 else "torch"
         except FlopdiffError as exc:
             full, status, meta["flop_note"] = ft, "unknown", str(exc)
-    elif ft or (not isinstance(node.target, HigherOrderOperator) and node.target._overloadpacket in flop_registry):
+    elif in_torch:
         full, status = ft, "torch"
     elif may_carry_flops(name):
         full, status = 0, "unknown"
         meta["flop_note"] = "no FLOP formula for this op"
     else:
         full, status = 0, "free"
-    if isinstance(node.target, HigherOrderOperator) and name.split("::")[1] not in _FREE_HOPS:
+    if hop and name.split("::")[1] not in _FREE_HOPS:
         meta["flop_note"] = meta["flop_note"] or "FlopCounterMode raises on this higher-order op"
     meta.update(flops_torch=ft, flops_full=full, flop_status=status)
 

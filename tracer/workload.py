@@ -5,7 +5,7 @@ vendor's preprocessing, see `tracer.vendors`; this module only validates and hol
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tracer.errors import FlopdiffError
@@ -27,9 +27,6 @@ class Workload:
     prompt: str | None = None
     tokenizer: str | None = None
     decode_steps: int = 1
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def parse_image_shape(text: str) -> tuple[int, int]:

@@ -13,7 +13,6 @@ Shims (applied only while capturing, see `SHIMS`):
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import types
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tracer.configfile import dig, read_json
 from tracer.errors import FlopdiffError
 from tracer.vendors import BuildOptions, Prepared
 from tracer.workload import Derived, Workload, load_image
@@ -47,14 +47,6 @@ SHIMS = {"TRANSFORMERS_DISABLE_TORCH_CHECK": "1"}
 TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value
 
 
-def _dig(d: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            raise KeyError(dotted)
-        d = d[part]
-    return d
-
-
 def _transformers_classes():
     try:
         from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
@@ -77,15 +69,10 @@ class DeepseekOcr2Vendor:
     def load_config(self, path: str | None) -> Any:
         config_cls = _transformers_classes()[0]
         file = Path(path) if path else DEFAULT_CONFIG
-        try:
-            raw = json.loads(file.read_text())
-        except OSError as exc:
-            raise FlopdiffError(f"--config {file}: cannot read it ({exc.strerror or exc})") from None
-        except json.JSONDecodeError as exc:
-            raise FlopdiffError(f"--config {file}: not valid JSON ({exc})") from None
+        raw = read_json(file)
         for key in REQUIRED_KEYS:
             try:
-                _dig(raw, key)
+                dig(raw, key)
             except KeyError:
                 raise FlopdiffError(f"--config {file}: missing key {key!r} (a DeepSeek-OCR-2 config.json has it)") from None
         return config_cls(**raw)
