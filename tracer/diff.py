@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         for sg in tr.graphs():
             count_graph(sg, conventions)
         report = build_report(tr)
-    out = Console()
+    out = Console(width=None if sys.stdout.isatty() else 140)  # piped output: full numbers, no ellipsis
     out.print(stage_table(report))
     out.print(unseen_table(report))
     if report["unknown_ops"]:
