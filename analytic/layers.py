@@ -17,7 +17,8 @@ has no formula for (SDPA on CPU, grouped GEMM, flash-attn).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from tracer.formulas import attention_pairs
 
@@ -65,8 +66,17 @@ class Layer:
     op: str = "mm"
     dtype_bytes: int = 2
 
+    formula: ClassVar[str] = ""
+
     def cost(self, policy: Policy) -> Cost:
         raise NotImplementedError
+
+    def explain(self, policy: Policy) -> str:
+        """'Linear: 2 * tokens * d_in * d_out with tokens=913, d_in=1280, d_out=1536 = 3,590,225,920'."""
+        knobs = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                          if f.name not in ("id", "dtype_bytes", "children"))
+        note = "" if policy.counts(self.op) else f" (policy torch: op {self.op} is invisible to FlopCounterMode)"
+        return f"{type(self).__name__}: {self.formula} with {knobs} = {self.cost(policy).tc_flops:,}{note}"
 
     def leaves(self) -> Iterator["Layer"]:
         yield self
@@ -74,6 +84,7 @@ class Layer:
 
 @dataclass
 class Linear(Layer):
+    formula: ClassVar[str] = "2 * tokens * d_in * d_out"
     tokens: int = 0
     d_in: int = 0
     d_out: int = 0
@@ -88,6 +99,7 @@ class Linear(Layer):
 @dataclass
 class Experts(Layer):
     """Routed experts (SwiGLU): gate+up (d -> 2I) and down (I -> d) over tokens x top-k routed rows."""
+    formula: ClassVar[str] = "2 * routed_rows * d * 2 * inter + 2 * routed_rows * inter * d"
 
     routed_rows: int = 0
     d: int = 0
@@ -104,6 +116,7 @@ class Experts(Layer):
 
 @dataclass
 class Conv2d(Layer):
+    formula: ClassVar[str] = "2 * batch * c_out * out_h * out_w * c_in * kernel^2"
     batch: int = 1
     c_in: int = 0
     c_out: int = 0
@@ -121,6 +134,7 @@ class Conv2d(Layer):
 @dataclass
 class Attention(Layer):
     """Attention core: `batch` (windows x images), `heads` query heads; `causal` only matters with halving."""
+    formula: ClassVar[str] = "2 * batch * heads * pairs * (d + d_v), pairs = s_q * s_k (dense) or the causal pairs kept"
 
     batch: int = 1
     heads: int = 1
@@ -148,6 +162,7 @@ class Attention(Layer):
 @dataclass
 class RelPos(Layer):
     """SAM's decomposed relative positions: two einsums (bmm) of q with R_h and R_w."""
+    formula: ClassVar[str] = "2 * batch_heads * h * w * (h + w) * d"
 
     batch_heads: int = 0
     h: int = 0
@@ -163,6 +178,7 @@ class RelPos(Layer):
 @dataclass
 class Rope(Layer):
     """RoPE angles as transformers computes them: inv_freq (d/2, 1) @ positions (1, L), a small bmm."""
+    formula: ClassVar[str] = "2 * half_dim * positions"
 
     positions: int = 0
     half_dim: int = 0
@@ -175,6 +191,7 @@ class Rope(Layer):
 @dataclass
 class Elementwise(Layer):
     """CUDA-core only work (norms, activations, residuals): `per_element` FLOPs per element."""
+    formula: ClassVar[str] = "0 tensor-core; per_element * elements CUDA-core"
 
     elements: int = 0
     per_element: int = 1
@@ -188,6 +205,7 @@ class Elementwise(Layer):
 @dataclass
 class KVCache(Layer):
     """Keys and values of `positions` cached tokens (memory only)."""
+    formula: ClassVar[str] = "0 (memory only)"
 
     positions: int = 0
     kv_heads: int = 0
@@ -201,6 +219,7 @@ class KVCache(Layer):
 @dataclass
 class Block(Layer):
     """A composite: its cost is the sum of its children's, nothing else."""
+    formula: ClassVar[str] = "sum of the children"
 
     children: list[Layer] = field(default_factory=list)
     op: str = "none"

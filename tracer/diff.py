@@ -1,13 +1,17 @@
 """flopdiff command line: `python -m tracer.diff` (console script `flopdiff`).
 
 The pipeline, top to bottom: parse the workload -> trace every stage weight-free (tracer.trace) ->
-count FLOPs per node under both policies (tracer.count) -> build the report (tracer.report) -> print
-the tables and write DIR/report.json atomically. Bad input exits 2 with one line and writes nothing.
+count FLOPs per node under both policies (tracer.count) -> build the report (tracer.report) -> evaluate
+the analytic model for the same workload (analytic) -> map every FLOP-bearing node to an analytic layer
+(mapping) -> gaps per stage and layer (tracer.gaps) -> print the tables, write DIR/report.json,
+DIR/report.html and DIR/model-explorer.json atomically.
+Exit status: 0; 1 when a stage's gap exceeds --max-gap; 2 for bad input (one line, nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -52,7 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--causal-halving", action="store_true",
                    help="policy full counts only the (query, key) pairs a causal mask keeps "
                         "(default: dense, FlopCounterMode's convention)")
-    p.add_argument("--out", default="flopdiff-report", help="output folder for report.json")
+    p.add_argument("--analytic", default="aligned", metavar="PRESET",
+                   help="analytic model: aligned (vendor-exact), seed-naive, or a preset YAML file")
+    p.add_argument("--mapping", metavar="TABLE", help="mapping table YAML (default: the built-in one of --model)")
+    p.add_argument("--explain", metavar="ID", help="print one analytic layer (e.g. decoder.layers.3.attn) with its "
+                                                   "formula and nodes, or one node (e.g. prefill/mm_12)")
+    p.add_argument("--max-gap", type=float, metavar="PCT",
+                   help="exit 1 when a stage's |gap| exceeds PCT percent of its full count")
+    p.add_argument("--out", default="flopdiff-report",
+                   help="output folder for report.json, report.html and model-explorer.json")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     return p
 
@@ -67,10 +79,20 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from analytic.api import variant
+    from mapping.table import load_table
     from tracer.count import count_graph
-    from tracer.report import build_report, dumps, stage_table, unseen_table, write_atomic
+    from tracer.explain import explain
+    from tracer.gaps import add_diff, analytic_for, map_report
+    from tracer.html import render_html
+    from tracer.overlay import overlay
+    from tracer.report import build_report, dumps, gap_table, stage_table, unmapped_table, unseen_table, write_atomic
     from tracer.trace import trace
 
+    if args.max_gap is not None and args.max_gap < 0:
+        raise FlopdiffError(f"--max-gap {args.max_gap}: must be 0 or more (percent of the full count)")
+    variant(args.analytic)                      # bad preset or table: fail before minutes of tracing
+    load_table(args.mapping or args.model)
     workload = workload_from_args(args)
     options = BuildOptions(attn=parse_impl(args.attn, "--attn"), experts=parse_impl(args.experts, "--experts"))
     conventions = Conventions(causal_halving=args.causal_halving)
@@ -81,16 +103,30 @@ def run(args: argparse.Namespace) -> int:
         for sg in tr.graphs():
             count_graph(sg, conventions)
         report = build_report(tr)
+        status.update(f"analytic model ({args.analytic}) and mapping")
+        analytic = analytic_for(report, args.analytic, args.causal_halving, args.config)
+        add_diff(report, analytic, map_report(report, analytic, args.mapping))
+        detail = explain(report, analytic, args.explain, args.causal_halving) if args.explain else None
     out = Console(width=None if sys.stdout.isatty() else 140)  # piped output: full numbers, no ellipsis
     out.print(stage_table(report))
+    out.print(gap_table(report))
     out.print(unseen_table(report))
+    if report["coverage"]["unmapped"]:
+        out.print(unmapped_table(report))
     if report["unknown_ops"]:
         out.print("[bold red]ops that may carry FLOPs and have no formula:[/] " +
                   ", ".join(f"{u['op']} x{u['count']}" for u in report["unknown_ops"]))
-    path = Path(args.out) / "report.json"
-    write_atomic(path, dumps(report))
-    out.print(f"wrote {path}")
-    return 0
+    if detail is not None:
+        out.print(detail)
+    folder = Path(args.out)
+    write_atomic(folder / "report.json", dumps(report))
+    write_atomic(folder / "report.html", render_html(report))
+    write_atomic(folder / "model-explorer.json", json.dumps(overlay(report), separators=(",", ":")))
+    out.print(f"wrote {folder}/report.json, report.html, model-explorer.json")
+    over = [s for s in report["stages"] if args.max_gap is not None and abs(s["gap_pct"]) > args.max_gap]
+    for s in over:
+        print(f"flopdiff: stage {s['name']}: gap {s['gap_pct']:.2f}% exceeds --max-gap {args.max_gap}", file=sys.stderr)
+    return 1 if over else 0
 
 
 def main(argv: list[str] | None = None) -> int:

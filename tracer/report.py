@@ -133,15 +133,46 @@ def _fmt(n: int) -> str:
 def stage_table(report: dict[str, Any]):
     from rich.table import Table
 
-    table = Table(title=f"{report['model']}: FLOPs per stage", title_justify="left")
-    table.caption = "torch = what FlopCounterMode counts; unseen = full - torch"
-    for col in ("stage", "torch", "full", "unseen", "unseen %", "unknown ops"):
+    preset = report["analytic"]["preset"]
+    table = Table(title=f"{report['model']}: FLOPs per stage (analytic: {preset})", title_justify="left")
+    table.caption = ("torch = what FlopCounterMode counts; full = torch + what it cannot see; "
+                     "gap = full - analytic (% of full)")
+    for col in ("stage", "analytic", "torch", "full", "gap", "gap %", "mapped nodes", "unknown ops"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for s in report["stages"]:
-        unseen = s["flops_full"] - s["flops_torch"]
-        pct = f"{100 * unseen / s['flops_full']:.1f}" if s["flops_full"] else "-"
-        table.add_row(s["name"], _fmt(s["flops_torch"]), _fmt(s["flops_full"]), _fmt(unseen), pct,
+        c = s["coverage"]
+        table.add_row(s["name"], _fmt(s["flops_analytic"]), _fmt(s["flops_torch"]), _fmt(s["flops_full"]),
+                      _fmt(s["gap"]), f"{s['gap_pct']:.2f}", f"{c['mapped']}/{c['nodes_with_flops']}",
                       str(s["unknown_ops"]))
+    return table
+
+
+def gap_table(report: dict[str, Any], top: int = 12):
+    """Where each stage's gap comes from: groups of layers with the reason, largest first."""
+    from rich.table import Table
+
+    from tracer.gaps import REASONS, gap_groups
+
+    table = Table(title="where the gap comes from (full - analytic)", title_justify="left")
+    for col in ("stage", "layers", "why", "count", "gap", "% of stage gap"):
+        table.add_column(col, justify="right" if col in ("count", "gap", "% of stage gap") else "left")
+    for s in report["stages"]:
+        for g in gap_groups(report, s["name"])[:top]:
+            share = f"{100 * g['gap'] / s['gap']:.1f}" if s["gap"] else "-"
+            table.add_row(s["name"], g["group"], REASONS.get(g["reason"], ""), str(g["layers"]), _fmt(g["gap"]), share)
+    return table
+
+
+def unmapped_table(report: dict[str, Any], top: int = 20):
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = [n for n in report["nodes"] if n.get("unmapped")]
+    table = Table(title=f"FLOP-bearing nodes with no analytic layer ({len(rows)})", title_justify="left")
+    for col in ("node", "op", "module", "full", "why"):
+        table.add_column(col, justify="right" if col == "full" else "left", overflow="fold")
+    for n in sorted(rows, key=lambda n: -n["flops_full"])[:top]:
+        table.add_row(Text(n["id"]), Text(n["op"]), Text(n["module"]), _fmt(n["flops_full"]), Text(n["unmapped"]))
     return table
 
 

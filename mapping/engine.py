@@ -1,0 +1,140 @@
+"""The matching engine: graph nodes -> modules -> analytic layers, as a networkx graph.
+
+Each FLOP-bearing node (FLOPs under policy full, or an op with no formula) resolves to exactly one analytic
+layer: the one rule of the table that matches its module path (call indices stripped) and op. Two matching
+rules are an error naming both; no matching rule leaves the node unmapped, with the reason, never dropped.
+Results are cached per (stage, module path, op): a stage has tens of thousands of nodes but a few hundred
+distinct pairs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from mapping.table import CallName, Table
+from tracer.errors import FlopdiffError
+
+_CALL = re.compile(r"#(\d+)$")
+
+
+def flop_bearing(node: dict[str, Any]) -> bool:
+    return node["flops_full"] > 0 or node["status"] == "unknown"
+
+
+def split_path(module_call: str) -> tuple[list[str], list[int]]:
+    """'model.vision_tower#1.sam_encoder' -> (['model', 'vision_tower', 'sam_encoder'], [0, 1, 0])."""
+    names, calls = [], []
+    for comp in module_call.split(".") if module_call else []:
+        m = _CALL.search(comp)
+        names.append(comp[: m.start()] if m else comp)
+        calls.append(int(m.group(1)) if m else 0)
+    return names, calls
+
+
+@dataclass
+class Resolution:
+    layer: str | None
+    rule: int | None = None
+    reason: str = ""
+
+
+@dataclass
+class Mapping:
+    """The join. `graph` nodes: ('node', id), ('module', stage, module_call), ('layer', stage, layer id)."""
+
+    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    layer_of: dict[str, str] = field(default_factory=dict)      # node id -> layer id
+    unmapped: dict[str, str] = field(default_factory=dict)      # node id -> reason
+
+    def nodes_of(self, stage: str, layer: str) -> list[str]:
+        key = ("layer", stage, layer)
+        if key not in self.graph:
+            return []
+        return [n[1] for m in self.graph.predecessors(key) for n in self.graph.predecessors(m)
+                if self.layer_of.get(n[1]) == layer]
+
+
+class Matcher:
+    def __init__(self, table: Table, present: set[str], catalogue: dict[str, set[str]]):
+        """`present`: call names this workload has (e.g. {'global', 'tiles'}); `catalogue`: per stage, the
+        layer ids of the vendor-exact (aligned) analytic model."""
+        self.table = table
+        self.catalogue = catalogue
+        self.orders = {c.placeholder: [n for n in c.order if n in present] for c in table.call_names}
+        self._cache: dict[tuple[str, str, str], Resolution] = {}
+
+    def resolve(self, stage: str, module_call: str, op: str) -> Resolution:
+        key = (stage, module_call, op)
+        if key not in self._cache:
+            self._cache[key] = self._resolve(stage, module_call, op)
+        return self._cache[key]
+
+    def _call_name(self, spec: CallName, names: list[str], calls: list[int]) -> str | None:
+        for k in range(len(names)):
+            if ".".join(names[: k + 1]) in spec.modules:
+                order = self.orders[spec.placeholder]
+                return order[calls[k]] if calls[k] < len(order) else None
+        return None
+
+    def _resolve(self, stage: str, module_call: str, op: str) -> Resolution:
+        names, calls = split_path(module_call)
+        path = ".".join(names)
+        hits = [(r, g) for r in self.table.rules if (g := r.match(path, op)) is not None]
+        if not hits:
+            return Resolution(None, reason=f"no rule matches module {path or '(top level)'} with op {op}")
+        if len(hits) > 1:
+            raise FlopdiffError(f"mapping table {self.table.source}: ambiguous: {hits[0][0].name()} and "
+                                f"{hits[1][0].name()} both match module {path} with op {op}; narrow one of them")
+        rule, groups = hits[0]
+        for spec in self.table.call_names:
+            if "{" + spec.placeholder + "}" in rule.layer:
+                name = self._call_name(spec, names, calls)
+                if name is None:
+                    return Resolution(None, rule.index, f"{rule.name()}: call {module_call} has no "
+                                                        f"{spec.placeholder} name in {self.orders[spec.placeholder]}")
+                groups[spec.placeholder] = name
+        layer = rule.layer.format(**groups)
+        if layer not in self.catalogue.get(stage, set()):
+            return Resolution(None, rule.index, f"{rule.name()} gives {layer!r}, which the analytic model has not "
+                                                f"in stage {stage}")
+        return Resolution(layer, rule.index)
+
+
+def map_nodes(table: Table, nodes: Iterable[dict[str, Any]], present: set[str],
+              catalogue: dict[str, set[str]]) -> Mapping:
+    """Resolve every FLOP-bearing node record (report.json's `nodes`) to one analytic layer."""
+    matcher = Matcher(table, present, catalogue)
+    result = Mapping()
+    g = result.graph
+    for node in nodes:
+        if not flop_bearing(node):
+            continue
+        nid, stage = node["id"], node["stage"]
+        module = ("module", stage, node["module"])
+        g.add_edge(("node", nid), module)
+        res = matcher.resolve(stage, node["module"], node["op"])
+        if res.layer is None:
+            result.unmapped[nid] = res.reason
+            continue
+        result.layer_of[nid] = res.layer
+        g.add_edge(module, ("layer", stage, res.layer), rule=res.rule)
+    return result
+
+
+def coverage(nodes: Iterable[dict[str, Any]], mapping: Mapping) -> dict[str, int]:
+    c = {"nodes_with_flops": 0, "mapped": 0, "unmapped": 0, "unmapped_flops": 0}
+    for n in nodes:
+        if not flop_bearing(n):
+            continue
+        c["nodes_with_flops"] += 1
+        if n["id"] in mapping.layer_of:
+            c["mapped"] += 1
+        else:
+            c["unmapped"] += 1
+            c["unmapped_flops"] += n["flops_full"]
+    return c

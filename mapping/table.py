@@ -1,0 +1,142 @@
+"""Mapping tables: load `tables/<model>.yaml`, compile its patterns, check its layer ids.
+
+A table has `rules` and `call_names`:
+
+    call_names:
+      view:                                   # placeholder {view}
+        modules: [model.vision_tower]         # ... named by the call index of these modules
+        order: [global, tiles]                # vendor call order; names the workload lacks are skipped
+    rules:
+      - module: model.vision_tower.sam_encoder.layers.{i}.attn     # path, call indices stripped
+        ops: ["aten::bmm"]                                          # optional op globs
+        layer: vision.{view}.sam.blocks.{i}.rel_pos                 # analytic layer id template
+
+Module patterns are dotted globs: a component is a literal, `*` (any one component), `**` (one or
+more), `{name}` (one component, captured) or `{name:a|b}` (one of the alternatives, captured).
+Every `{name}` of a layer template must be captured by the pattern or be a call name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from tracer.errors import FlopdiffError
+
+TABLES = Path(__file__).resolve().parent / "tables"
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int
+    module: str
+    layer: str
+    ops: tuple[str, ...] = ()
+    regex: re.Pattern = field(compare=False, default=None)
+
+    def name(self) -> str:
+        ops = f" ops={list(self.ops)}" if self.ops else ""
+        return f"rule {self.index} ({self.module}{ops} -> {self.layer})"
+
+    def match(self, path: str, op: str) -> dict[str, str] | None:
+        if self.ops and not any(fnmatch.fnmatchcase(op, g) for g in self.ops):
+            return None
+        m = self.regex.fullmatch(path)
+        return m.groupdict() if m else None
+
+
+@dataclass(frozen=True)
+class CallName:
+    placeholder: str
+    modules: tuple[str, ...]
+    order: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Table:
+    model: str
+    source: str
+    rules: tuple[Rule, ...]
+    call_names: tuple[CallName, ...]
+
+
+def compile_pattern(pattern: str, where: str) -> re.Pattern:
+    parts = []
+    for comp in pattern.split("."):
+        if comp == "**":
+            parts.append(r"[^.]+(?:\.[^.]+)*")
+        elif comp == "*":
+            parts.append(r"[^.]+")
+        elif m := re.fullmatch(r"\{(\w+)(?::([\w|]+))?\}", comp):
+            alts = "|".join(re.escape(a) for a in m.group(2).split("|")) if m.group(2) else r"[^.]+"
+            parts.append(f"(?P<{m.group(1)}>{alts})")
+        elif re.fullmatch(r"[\w\-]+", comp):
+            parts.append(re.escape(comp))
+        else:
+            raise FlopdiffError(f"{where}: module pattern {pattern!r}: bad component {comp!r} "
+                                "(use a name, *, **, {name} or {name:a|b})")
+    try:
+        return re.compile(r"\.".join(parts))
+    except re.error as exc:
+        raise FlopdiffError(f"{where}: module pattern {pattern!r}: {exc}") from None
+
+
+def template_regex(template: str) -> re.Pattern:
+    """A layer-id template as a regex over concrete ids: each {field} stands for one component."""
+    return re.compile(_FIELD.sub(r"[^.]+", re.escape(template).replace(r"\{", "{").replace(r"\}", "}")))
+
+
+def _path(model_or_path: str) -> Path:
+    p = Path(model_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    return TABLES / f"{model_or_path}.yaml"
+
+
+@lru_cache(maxsize=16)
+def load_table(model_or_path: str) -> Table:
+    """The table of a model (`deepseek-ocr-2`) or a user's YAML file. Structural errors raise FlopdiffError."""
+    path = _path(model_or_path)
+    where = f"mapping table {path}"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in TABLES.glob("*.yaml")))
+        raise FlopdiffError(f"{where}: no such file (built-in tables: {known})")
+    try:
+        raw: Any = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:  # OmegaConf wraps the YAML parser's several error types
+        raise FlopdiffError(f"{where}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("rules"), list) or "model" not in raw:
+        raise FlopdiffError(f"{where}: expected keys 'model' and 'rules' (a list)")
+    calls = tuple(CallName(name, tuple(spec["modules"]), tuple(spec["order"]))
+                  for name, spec in (raw.get("call_names") or {}).items())
+    call_fields = {c.placeholder for c in calls}
+    rules = []
+    for i, r in enumerate(raw["rules"]):
+        if not isinstance(r, dict) or not {"module", "layer"} <= r.keys() or r.keys() - {"module", "layer", "ops"}:
+            raise FlopdiffError(f"{where}: rule {i}: expected keys module, layer and optionally ops; got {r!r}")
+        rule = Rule(i, r["module"], r["layer"], tuple(r.get("ops") or ()),
+                    compile_pattern(r["module"], f"{where}: rule {i}"))
+        missing = set(_FIELD.findall(rule.layer)) - set(rule.regex.groupindex) - call_fields
+        if missing:
+            raise FlopdiffError(f"{where}: {rule.name()}: layer template uses {sorted(missing)}, which the module "
+                                "pattern does not capture")
+        rules.append(rule)
+    return Table(str(raw["model"]), str(path), tuple(rules), calls)
+
+
+def check_layers(table: Table, catalogue: set[str]) -> None:
+    """Fail at load time when a rule names a layer the analytic model does not have."""
+    for rule in table.rules:
+        rx = template_regex(rule.layer)
+        if not any(rx.fullmatch(lid) for lid in catalogue):
+            near = sorted(lid for lid in catalogue if lid.split(".")[0] == rule.layer.split(".")[0])[:3]
+            raise FlopdiffError(f"mapping table {table.source}: {rule.name()} names analytic layer {rule.layer!r}, "
+                                f"which the analytic model of {table.model} does not have "
+                                f"(layer ids look like: {', '.join(near) or '(none)'})")

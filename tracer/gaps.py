@@ -1,0 +1,149 @@
+"""Gaps: the analytic model beside the traced counts, per stage and per analytic layer.
+
+Inputs are the report's node records (already counted), the node -> layer mapping and the analytic model
+evaluated for the same workload. gap = full - analytic (positive: the analytic model undercounts);
+gap % is relative to the measured full count (100% when the analytic model misses a layer entirely).
+Each layer carries why it differs: the analytic model lacks it, it has no graph node, or the formulas
+disagree.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from analytic.api import build, evaluate_tree, policy
+from analytic.models import ModelTree, Shape
+from mapping.engine import Mapping, coverage, flop_bearing, map_nodes
+from mapping.table import check_layers, load_table
+from tracer.errors import FlopdiffError
+
+REASONS = {
+    "missing": "not in the analytic model",
+    "no_nodes": "no graph node maps to it",
+    "formula": "analytic formula differs",
+}
+
+
+@dataclass
+class Analytic:
+    """The preset's tree and the vendor-exact (aligned) tree whose layer ids the mapping must name."""
+
+    preset: str
+    shape: Shape
+    tree: ModelTree
+    aligned: ModelTree
+    doc: dict[str, Any]
+
+
+def shape_of(report: dict[str, Any]) -> Shape:
+    w = report["workload"]
+    text = w["prompt_len"] - 1 - w["image_tokens"]  # BOS + image tokens + text, as the vendor lays them out
+    return Shape(w["image_wh"][0], w["image_wh"][1], w["base_size"], w["tile_size"], w["crop_mode"], text,
+                 w["decode_steps"])
+
+
+def analytic_for(report: dict[str, Any], preset: str, causal_halving: bool, config: str | None) -> Analytic:
+    model, shape = report["model"], shape_of(report)
+    aligned = build(model, shape, "aligned", config)
+    tree = aligned if preset == "aligned" else build(model, shape, preset, config)
+    if aligned.views.image_tokens != report["workload"]["image_tokens"]:
+        raise FlopdiffError(f"analytic model of {model}: {aligned.views.image_tokens} image tokens for "
+                            f"{shape.width}x{shape.height}, the vendor preprocessing made "
+                            f"{report['workload']['image_tokens']}; the analytic tiling needs fixing (please report)")
+    doc = evaluate_tree(tree, shape, policy("full", causal_halving=causal_halving))
+    return Analytic(preset, shape, tree, aligned, doc)
+
+
+def catalogue(tree: ModelTree) -> dict[str, set[str]]:
+    return {stage: {leaf.id for b in blocks for leaf in b.leaves()} for stage, blocks in tree.stages.items()}
+
+
+def present_views(report: dict[str, Any]) -> set[str]:
+    return {"global", "tiles"} if report["workload"]["views"] > 1 else {"global"}
+
+
+def map_report(report: dict[str, Any], an: Analytic, table: str | None = None) -> Mapping:
+    tab = load_table(table or report["model"])
+    if tab.model != report["model"]:
+        raise FlopdiffError(f"mapping table {tab.source} is for {tab.model}, not {report['model']}")
+    cat = catalogue(an.aligned)
+    # tile layers must validate even on a page without tiles: check against a tiled workload too
+    tiled = build(report["model"], Shape(1000, 1400, an.shape.base_size, an.shape.tile_size, True, 1, 1))
+    check_layers(tab, set().union(*cat.values(), *catalogue(tiled).values()))
+    return map_nodes(tab, report["nodes"], present_views(report), cat)
+
+
+def _pct(gap: int, full: int) -> float:
+    if full:
+        return 100.0 * gap / full
+    return 0.0 if gap == 0 else -100.0
+
+
+def _row(base: dict[str, Any], analytic: int, torch_: int, full: int) -> dict[str, Any]:
+    gap = full - analytic
+    return {**base, "flops_analytic": analytic, "flops_torch": torch_, "flops_full": full, "gap": gap,
+            "gap_pct": round(_pct(gap, full), 4)}
+
+
+def add_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> None:
+    """Adds `flops_analytic`, gap and coverage per stage, `layers` and `coverage`, and `layer` per node."""
+    per_layer: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for n in report["nodes"]:
+        n["layer"] = mapping.layer_of.get(n["id"])
+        if n["layer"] is not None:
+            per_layer[(n["stage"], n["layer"])].append(n)
+        elif n["id"] in mapping.unmapped:
+            n["unmapped"] = mapping.unmapped[n["id"]]
+    analytic = {(row["stage"], row["id"]): row["flops"] for row in an.doc["layers"]}
+    layers = []
+    for key in sorted(set(per_layer) | {k for k, v in analytic.items() if v}, key=_order(an.aligned)):
+        stage, lid = key
+        nodes = per_layer.get(key, [])
+        row = _row({"id": lid, "stage": stage}, analytic.get(key, 0), sum(n["flops_torch"] for n in nodes),
+                   sum(n["flops_full"] for n in nodes))
+        row["reason"] = ("missing" if key not in analytic else "no_nodes" if not nodes
+                         else "formula" if row["gap"] else None)
+        row["nodes"] = [n["id"] for n in nodes]
+        layers.append(row)
+    stage_analytic = {s["name"]: s["flops"] for s in an.doc["stages"]}
+    for s in report["stages"]:
+        stage_nodes = [n for n in report["nodes"] if n["stage"] == s["name"]]
+        s.update(_row({}, stage_analytic.get(s["name"], 0), s["flops_torch"], s["flops_full"]))
+        s["coverage"] = coverage(stage_nodes, mapping)
+    report["analytic"] = {"preset": an.preset, "policy": "full"}
+    report["layers"] = layers
+    report["coverage"] = coverage(report["nodes"], mapping)
+
+
+def _order(tree: ModelTree):
+    """Layers in model order (stage, then the aligned tree's leaf order); unknown ids last."""
+    stages = list(tree.stages)
+    rank = {(s, leaf.id): i for s, blocks in tree.stages.items() for b in blocks for i, leaf in enumerate(b.leaves())}
+    return lambda key: (stages.index(key[0]) if key[0] in stages else len(stages), rank.get(key, 1 << 30), key[1])
+
+
+def gap_groups(report: dict[str, Any], stage: str) -> list[dict[str, Any]]:
+    """A stage's gap by where it comes from and why: the layer id up to its first index, at most three
+    components (`vision.tiles.sam`, `decoder.layers.*`), and the reason."""
+    groups: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for row in report["layers"]:
+        if row["stage"] != stage or not row["gap"]:
+            continue
+        prefix = []
+        for comp in row["id"].split("."):
+            if comp.isdigit():
+                prefix.append("*")
+                break
+            prefix.append(comp)
+        prefix = prefix[:3]
+        key = (".".join(prefix), row["reason"])
+        g = groups.setdefault(key, {"group": key[0], "reason": key[1], "layers": 0, "gap": 0})
+        g["layers"] += 1
+        g["gap"] += row["gap"]
+    return sorted(groups.values(), key=lambda g: -abs(g["gap"]))
+
+
+def flop_nodes(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [n for n in report["nodes"] if flop_bearing(n)]
