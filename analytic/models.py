@@ -20,7 +20,7 @@ from tracer.errors import FlopdiffError
 # v2: transformers DeepseekOcr2SamVisionConfig defaults, checked against transformers in the tests).
 VENDOR_CONSTANTS = {
     "deepseek-ocr": {"patch": 16, "window": 14, "sam_mlp_ratio": 4, "neck": 256, "clip_ffn": 4096, "downsample": 4},
-    "deepseek-ocr-2": {"patch": 16, "window": 14, "sam_mlp_dim": 3072, "neck": 256, "downsample": 4},
+    "deepseek-ocr-2": {"patch": 16, "window": 14, "sam_mlp_ratio": 4.0, "neck": 256, "downsample": 4},
 }
 
 
@@ -252,7 +252,8 @@ def build_v2(cfg: dict, shape: Shape, where: str = "config", variant: Variant = 
     def view(name: str, count: int, px: int) -> list[Layer]:
         n = (px // c["patch"] // 4) ** 2
         return [sam(f"vision.{name}.sam", count, px, _dig(s, "hidden_size", where), _dig(s, "num_hidden_layers", where),
-                    s.get("num_attention_heads", 12), _dig(s, "global_attn_indexes", where), s.get("mlp_dim", c["sam_mlp_dim"]),
+                    s.get("num_attention_heads", 12), _dig(s, "global_attn_indexes", where),
+                    s.get("mlp_dim") or int(_dig(s, "hidden_size", where) * s.get("mlp_ratio", c["sam_mlp_ratio"])),
                     s.get("output_channels", c["neck"]), _dig(s, "downsample_channels", where), c),
                 qwen2_encoder(f"vision.{name}.encoder", count, n, enc, enc.get("head_dim") or enc["hidden_size"] // enc["num_attention_heads"],
                               variant.clip_layers),

@@ -111,7 +111,7 @@ def load_table(model_or_path: str) -> Table:
     try:
         raw: Any = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as exc:  # OmegaConf wraps the YAML parser's several error types
-        raise FlopdiffError(f"{where}: not valid YAML ({exc})") from None
+        raise FlopdiffError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("rules"), list) or "model" not in raw:
         raise FlopdiffError(f"{where}: expected keys 'model' and 'rules' (a list)")
     calls = tuple(CallName(name, tuple(spec["modules"]), tuple(spec["order"]))

@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import json
+
 import pytest
 
 HERE = Path(__file__).resolve().parent
@@ -19,3 +21,15 @@ def shared_reference() -> Path:
     if not ref.is_dir():
         pytest.skip(f"reference data not found at {ref} (the repo's ../shared folder)")
     return ref
+
+
+@pytest.fixture(scope="session")
+def v2_page(tmp_path_factory):
+    """The acceptance workload: published v2 config, 1000x1400, 9 text tokens, 10 decode steps (aligned)."""
+    from tracer.diff import main
+
+    out = tmp_path_factory.mktemp("v2")
+    code = main(["--image-shape", "1000x1400", "--text-tokens", "9", "--decode-steps", "10", "--quiet",
+                 "--out", str(out)])
+    assert code == 0
+    return json.loads((out / "report.json").read_text())

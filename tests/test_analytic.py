@@ -107,7 +107,8 @@ def test_causal_halving_only_changes_causal_attention():
 def test_v2_sam_defaults_match_transformers():
     cfg = pytest.importorskip("transformers").DeepseekOcr2SamVisionConfig()
     c = VENDOR_CONSTANTS["deepseek-ocr-2"]
-    assert (cfg.patch_size, cfg.window_size, cfg.mlp_dim, cfg.output_channels) == (c["patch"], c["window"], c["sam_mlp_dim"], c["neck"])
+    assert (cfg.patch_size, cfg.window_size, cfg.mlp_ratio, cfg.output_channels) == (c["patch"], c["window"], c["sam_mlp_ratio"], c["neck"])
+    assert cfg.mlp_dim == int(cfg.hidden_size * cfg.mlp_ratio)
 
 
 def test_v2_tiling_matches_transformers_processor_on_10000_shapes():

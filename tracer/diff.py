@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tracer.errors import FlopdiffError
 from tracer.formulas import Conventions
-from tracer.vendors import VENDORS, BuildOptions
+from tracer.vendors import VENDORS, BuildOptions, get_vendor
 from tracer.workload import Workload, parse_image_shape
 
 DEFAULT = Workload()
@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_gap is not None and args.max_gap < 0:
         raise FlopdiffError(f"--max-gap {args.max_gap}: must be 0 or more (percent of the full count)")
-    variant(args.analytic)                      # bad preset or table: fail before minutes of tracing
+    get_vendor(args.model)                      # bad model, preset or table: fail before minutes of tracing
+    variant(args.analytic)
     load_table(args.mapping or args.model)
     workload = workload_from_args(args)
     options = BuildOptions(attn=parse_impl(args.attn, "--attn"), experts=parse_impl(args.experts, "--experts"))
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except FlopdiffError as exc:
-        print(f"flopdiff: error: {exc}", file=sys.stderr)
+        print(f"flopdiff: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2
 
 

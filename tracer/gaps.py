@@ -35,6 +35,7 @@ class Analytic:
     tree: ModelTree
     aligned: ModelTree
     doc: dict[str, Any]
+    config: str | None = None
 
 
 def shape_of(report: dict[str, Any]) -> Shape:
@@ -53,7 +54,7 @@ def analytic_for(report: dict[str, Any], preset: str, causal_halving: bool, conf
                             f"{shape.width}x{shape.height}, the vendor preprocessing made "
                             f"{report['workload']['image_tokens']}; the analytic tiling needs fixing (please report)")
     doc = evaluate_tree(tree, shape, policy("full", causal_halving=causal_halving))
-    return Analytic(preset, shape, tree, aligned, doc)
+    return Analytic(preset, shape, tree, aligned, doc, config)
 
 
 def catalogue(tree: ModelTree) -> dict[str, set[str]]:
@@ -70,7 +71,7 @@ def map_report(report: dict[str, Any], an: Analytic, table: str | None = None) -
         raise FlopdiffError(f"mapping table {tab.source} is for {tab.model}, not {report['model']}")
     cat = catalogue(an.aligned)
     # tile layers must validate even on a page without tiles: check against a tiled workload too
-    tiled = build(report["model"], Shape(1000, 1400, an.shape.base_size, an.shape.tile_size, True, 1, 1))
+    tiled = build(report["model"], Shape(1000, 1400, an.shape.base_size, an.shape.tile_size, True, 1, 1), config=an.config)
     check_layers(tab, set().union(*cat.values(), *catalogue(tiled).values()))
     return map_nodes(tab, report["nodes"], present_views(report), cat)
 

@@ -1,0 +1,107 @@
+"""report.html in a real headless Chromium (Debian's `chromium`, driven by Playwright): it loads without
+console errors, a layer opens onto its nodes, the search box filters, and vendor strings stay text."""
+
+import copy
+import os
+import shutil
+
+import pytest
+
+from tracer.html import render_html
+from tracer.report import write_atomic
+
+PLANTED = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
+
+
+def _missing(reason: str):
+    """Outside CI a missing browser skips with the reason; CI (.ci/run installs both) must run the test."""
+    if os.environ.get("CI"):
+        pytest.fail(reason + ": CI must run the browser test")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = os.environ.get("FLOPDIFF_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        _missing("no chromium on PATH (apt-get install chromium, or set FLOPDIFF_CHROMIUM)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _missing("playwright is not installed (pip install -e '.[test]')")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page_file(v2_page, tmp_path_factory):
+    doc = copy.deepcopy(v2_page)
+    # vendor strings with markup: a module name of a mapped node, one of an unmapped node, a note
+    mapped = next(n for n in doc["nodes"] if n["layer"] == "lm_head" and n["stage"] == "prefill")
+    mapped["module"] = "lm_head" + PLANTED
+    gate = next(n for n in doc["nodes"] if n["layer"] and n["stage"] == "decode")
+    gate["layer"], gate["unmapped"] = None, "planted " + PLANTED
+    gate["vendor_source"] = "modeling.py:1</script>" + PLANTED
+    for row in doc["layers"]:
+        if gate["id"] in row["nodes"]:
+            row["nodes"].remove(gate["id"])
+    doc["notes"].append("note " + PLANTED)
+    path = tmp_path_factory.mktemp("html") / "report.html"
+    write_atomic(path, render_html(doc))
+    return path, doc
+
+
+@pytest.fixture
+def page(browser, page_file):
+    pg = browser.new_page()
+    errors = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(page_file[0].as_uri())
+    pg.wait_for_selector("table.layers tr.layer")
+    yield pg
+    assert errors == []
+    assert pg.evaluate("window.__pwned") is None
+    pg.close()
+
+
+def test_page_loads_with_every_layer_and_stage(page, page_file):
+    doc = page_file[1]
+    assert page.locator("table.layers tr.layer").count() == len(doc["layers"])
+    assert page.locator("#stages tbody tr").count() == 3
+    assert page.locator("tr.node").count() == 0  # node rows are built on demand
+
+
+def test_expanding_a_layer_shows_its_nodes_and_planted_markup_stays_text(page, page_file):
+    doc = page_file[1]
+    head = next(r for r in doc["layers"] if r["id"] == "lm_head" and r["stage"] == "prefill")
+    row = page.locator("table.layers[data-stage=prefill] tr.layer", has_text="lm_head")
+    row.click()
+    nodes = page.locator("table.layers[data-stage=prefill] tr.node")
+    assert nodes.count() == len(head["nodes"]) == 1
+    assert PLANTED in nodes.first.inner_text()  # shown as typed, not parsed
+    row.click()
+    assert page.locator("tr.node").count() == 0
+
+
+def test_search_filters_layer_rows(page, page_file):
+    doc = page_file[1]
+    page.fill("#search", "shared_experts.down_proj")
+    page.wait_for_function("document.getElementById('count').textContent.includes('match')")
+    expected = sum(1 for r in doc["layers"] if "shared_experts.down_proj" in r["id"])
+    assert page.locator("table.layers tr.layer").count() == expected == 3 * 11 - 11  # prefill + decode, 11 MoE layers
+    page.fill("#search", "")
+    page.wait_for_function("!document.getElementById('count').textContent.includes('match')")
+    assert page.locator("table.layers tr.layer").count() == len(doc["layers"])
+
+
+def test_sorting_by_gap_and_unmapped_section(page, page_file):
+    page.locator("table.layers[data-stage=decode] th", has_text="nodes").click()
+    first = page.locator("table.layers[data-stage=decode] tr.layer").first.inner_text()
+    most = max(len(r["nodes"]) for r in page_file[1]["layers"] if r["stage"] == "decode")
+    assert first.split()[-1] == str(most) == "20"  # experts: 2 grouped GEMMs per step, 10 steps
+    unmapped = page.locator("#unmapped-nodes tbody tr")
+    assert unmapped.count() == 1 and "planted " + PLANTED in unmapped.first.inner_text()
+    assert page.locator("#notes").inner_text().endswith("note " + PLANTED)
