@@ -45,13 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=int, help="tile size (default: the vendor processor's)")
     p.add_argument("--crop-mode", action=argparse.BooleanOptionalAction, default=DEFAULT.crop_mode,
                    help="cut large pages into tiles, as the vendor does")
-    p.add_argument("--text-tokens", type=int, default=DEFAULT.text_tokens,
-                   help="number of prompt text tokens after the image (BOS excluded) when no tokenizer is given")
+    p.add_argument("--text-tokens", type=int,
+                   help="number of prompt text tokens after the image (BOS excluded) when no tokenizer is given "
+                        "(deepseek-ocr-2: 4 by default; deepseek-ocr: required)")
     p.add_argument("--prompt", help="prompt with one <image>, tokenized with --tokenizer")
     p.add_argument("--tokenizer", help="a local tokenizer folder or tokenizer.json")
     p.add_argument("--decode-steps", type=int, default=DEFAULT.decode_steps)
-    p.add_argument("--config", help="vendor config.json (default: the published one, shipped with flopdiff)")
-    p.add_argument("--attn", default="sdpa", help="attn_implementation, or SUBCONFIG=NAME,...")
+    p.add_argument("--config", help="vendor config.json (default: deepseek-ocr-2: the published one, shipped "
+                                    "with flopdiff; deepseek-ocr: the one in --vendor-dir)")
+    p.add_argument("--vendor-dir", help="deepseek-ocr: a local copy of the Hugging Face repo deepseek-ai/DeepSeek-OCR "
+                                        "(*.py, *.json; no weights), or its hub id where the hub is reachable")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow importing and running the vendor's Python files from --vendor-dir")
+    p.add_argument("--mode", choices=("fake", "real"), default="fake",
+                   help="fake: no weights, no compute (minimal declared shims); real: the vendor code on random "
+                        "weights, computing for real (slow on CPU)")
+    p.add_argument("--attn", help="attn_implementation, or SUBCONFIG=NAME,... (default: deepseek-ocr-2 sdpa, "
+                                  "deepseek-ocr eager)")
     p.add_argument("--experts", default="grouped_mm", help="experts_implementation (grouped_mm, batched_mm, eager)")
     p.add_argument("--causal-halving", action="store_true",
                    help="policy full counts only the (query, key) pairs a causal mask keeps "
@@ -95,11 +105,14 @@ def run(args: argparse.Namespace) -> int:
     variant(args.analytic)
     load_table(args.mapping or args.model)
     workload = workload_from_args(args)
-    options = BuildOptions(attn=parse_impl(args.attn, "--attn"), experts=parse_impl(args.experts, "--experts"))
+    options = BuildOptions(attn=parse_impl(args.attn, "--attn") if args.attn else None,
+                           experts=parse_impl(args.experts, "--experts"), vendor_dir=args.vendor_dir,
+                           trust_remote_code=args.trust_remote_code)
     conventions = Conventions(causal_halving=args.causal_halving)
     err = Console(stderr=True, quiet=args.quiet)
     with err.status("tracing") as status:
-        tr = trace(workload, options, args.config, progress=lambda msg: status.update(f"tracing: {msg}"))
+        tr = trace(workload, options, args.config, progress=lambda msg: status.update(f"tracing: {msg}"),
+                   mode=args.mode)
         status.update("counting FLOPs per node")
         for sg in tr.graphs():
             count_graph(sg, conventions)

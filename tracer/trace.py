@@ -8,6 +8,7 @@ does), `vision` (the prefill nodes under the vendor's vision modules: vision tow
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,8 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
     (slow at full size; the tests use it on reduced configs to check fake against real)."""
     workload = validate(workload)
     vendor = get_vendor(workload.model)
-    config = vendor.load_config(config_path)
+    options = dataclasses.replace(options, mode=mode)
+    config = vendor.load_config(config_path, options)
     progress("preprocessing")
     prepared = vendor.prepare(workload, config)
     roots = vendor.source_roots()

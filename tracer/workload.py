@@ -23,7 +23,7 @@ class Workload:
     base_size: int | None = None
     tile_size: int | None = None
     crop_mode: bool = True
-    text_tokens: int | None = 4
+    text_tokens: int | None = None
     prompt: str | None = None
     tokenizer: str | None = None
     decode_steps: int = 1

@@ -20,12 +20,16 @@ from tracer.workload import Derived, Workload
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """How to instantiate the vendor model. `attn` / `experts` take one value or {sub_config: value}."""
+    """How to load and instantiate the vendor model. `attn` / `experts` take one value or {sub_config: value}
+    (None: the vendor's default). `mode`: "fake" (no weights, no compute) or "real" (random weights)."""
 
-    attn: str | dict[str, str] = "sdpa"
+    attn: str | dict[str, str] | None = None
     experts: str | dict[str, str] = "grouped_mm"
     dtype: torch.dtype = torch.bfloat16
     device: str = "cpu"
+    mode: str = "fake"
+    vendor_dir: str | None = None
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -42,7 +46,7 @@ class Vendor(Protocol):
     #: module paths whose nodes form the `vision` stage (vision tower + projector)
     vision_modules: tuple[str, ...]
 
-    def load_config(self, path: str | None) -> Any: ...
+    def load_config(self, path: str | None, options: BuildOptions) -> Any: ...
     def prepare(self, workload: Workload, config: Any) -> Prepared: ...
     def build(self, config: Any, options: BuildOptions) -> torch.nn.Module: ...
     def shims(self) -> AbstractContextManager[None]: ...
@@ -57,7 +61,13 @@ def _deepseek_ocr2() -> Vendor:
     return deepseek_ocr2.VENDOR
 
 
-VENDORS: dict[str, Callable[[], Vendor]] = {"deepseek-ocr-2": _deepseek_ocr2}
+def _deepseek_ocr() -> Vendor:
+    from tracer.vendors import deepseek_ocr
+
+    return deepseek_ocr.VENDOR
+
+
+VENDORS: dict[str, Callable[[], Vendor]] = {"deepseek-ocr": _deepseek_ocr, "deepseek-ocr-2": _deepseek_ocr2}
 
 
 def get_vendor(name: str) -> Vendor:

@@ -44,6 +44,7 @@ REQUIRED_KEYS = (
 
 SHIMS = {"TRANSFORMERS_DISABLE_TORCH_CHECK": "1"}
 
+DEFAULT_TEXT_TOKENS = 4  # prompt text tokens after the image when neither --text-tokens nor --tokenizer is given
 TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value
 
 
@@ -66,7 +67,7 @@ class DeepseekOcr2Vendor:
     name = "deepseek-ocr-2"
     vision_modules = ("model.vision_tower", "model.multi_modal_projector")
 
-    def load_config(self, path: str | None) -> Any:
+    def load_config(self, path: str | None, options: BuildOptions) -> Any:
         config_cls = _transformers_classes()[0]
         file = Path(path) if path else DEFAULT_CONFIG
         raw = read_json(file)
@@ -94,9 +95,8 @@ class DeepseekOcr2Vendor:
         if workload.tokenizer:
             before, after = _tokenize_prompt(workload)
         else:
-            if workload.text_tokens is None:
-                raise FlopdiffError("--text-tokens: required when no --tokenizer is given (no tokenizer offline)")
-            before, after = [], [TEXT_PLACEHOLDER_ID] * workload.text_tokens
+            n = DEFAULT_TEXT_TOKENS if workload.text_tokens is None else workload.text_tokens
+            before, after = [], [TEXT_PLACEHOLDER_ID] * n
         ids = [bos] + before + [image_id] * image_tokens + after
         inputs = {
             "input_ids": torch.tensor([ids]),
@@ -124,7 +124,7 @@ class DeepseekOcr2Vendor:
 
     def build(self, config: Any, options: BuildOptions) -> torch.nn.Module:
         _, model_cls, _, _ = _transformers_classes()
-        config._attn_implementation = options.attn
+        config._attn_implementation = options.attn or "sdpa"
         config._experts_implementation = options.experts
         previous = torch.get_default_dtype()
         torch.set_default_dtype(options.dtype)

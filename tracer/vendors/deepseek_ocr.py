@@ -1,0 +1,346 @@
+"""DeepSeek-OCR (v1), from its own Hugging Face remote code (`modeling_deepseekocr.py` and friends), loaded
+from a local folder (`--vendor-dir`) only with `--trust-remote-code`: importing it executes that folder.
+
+The remote code was written for transformers 4.46.x (it imports `LlamaFlashAttention2`, gone from later
+releases); flopdiff itself runs on 4.46 and 5.x, so v1 runs in its own virtual environment (README).
+
+Preprocessing is the vendor's own: `DeepseekOCRForCausalLM.infer()` runs unchanged on a stand-in `self`
+whose `generate` records the exact tensors infer() would hand to the model (input ids with the vendor token
+layout, the padded global view, the `dynamic_preprocess` tiles, the image mask, the crop grid), then stops.
+
+Shims, each with its reason (`SHIMS`; applied only while capturing or preprocessing):
+  * `cuda_identity`: infer() and `DeepseekOCRModel.forward` call `.cuda()` (the image mask before
+    `masked_scatter_`); on a machine without CUDA the tensor stays where it is. Moves no data that FLOPs
+    depend on. Applied in both modes when CUDA is unavailable.
+  * `image_gate` (fake mode): the forward decides whether to run the vision encoders with
+    `torch.sum(image).item() != 0`, which fake tensors cannot answer; `torch.sum` of one of the prepared
+    image tensors is computed on the real tensor, so the decision is the real one.
+  * `crop_grid_list` (fake mode): the forward reads the crop grid (`images_spatial_crop`) as integers to
+    shape the tile features; it gets the same values as a host list instead of a tensor.
+  * `even_split_moe` (fake mode): `moe_infer` copies per-expert token counts to the host (`.cpu().numpy()`)
+    and loops over the experts that got tokens. The shim issues the same per-expert ops for an even split of
+    tokens x top-k rows over the experts (the first experts take the remainder). Per-layer FLOPs do not
+    depend on routing; which experts appear as nodes does (the report says so).
+"""
+
+from __future__ import annotations
+
+import importlib
+import hashlib
+import os
+import sys
+import tempfile
+import types
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+
+from tracer.configfile import dig, read_json
+from tracer.errors import FlopdiffError
+from tracer.vendors import BuildOptions, Prepared
+from tracer.workload import Derived, Workload
+
+VENDOR_FILES = ("modeling_deepseekocr.py", "modeling_deepseekv2.py", "deepencoder.py",
+                "configuration_deepseek_v2.py", "conversation.py")
+REQUIRED_KEYS = ("language_config.hidden_size", "language_config.num_hidden_layers", "language_config.vocab_size",
+                 "language_config.n_routed_experts", "language_config.num_experts_per_tok",
+                 "vision_config.width.sam_vit_b", "vision_config.width.clip-l-14-224", "projector_config.n_embed")
+DEFAULT_PROMPT = "<image>\n<|grounding|>Convert the document to markdown. "  # the model card's document prompt
+TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value
+EVEN_SPLIT_NOTE = ("experts: fake mode routes tokens x top-k evenly over the experts (moe_infer shim); per-layer "
+                   "FLOPs equal the real routing's, the experts listed as nodes may differ")
+
+SHIMS = {
+    "cuda_identity": "Tensor.cuda() is the identity without CUDA (the vendor moves the image mask to the GPU)",
+    "image_gate": "torch.sum of the prepared images is taken on the real tensors (the vision gate's .item())",
+    "crop_grid_list": "images_spatial_crop goes in as a host list of ints (the forward sizes views with it)",
+    "even_split_moe": "moe_infer issues its per-expert ops for an even split of tokens x top-k (no host copy)",
+}
+
+
+def _fix(msg: str) -> str:
+    return (f"{msg}; run DeepSeek-OCR in its own environment: python3 -m venv .venv-v1 && .venv-v1/bin/pip install "
+            f"'transformers==4.46.3' 'tokenizers==0.20.3' torchvision addict easydict einops -e . (see README)")
+
+
+class _Tokens:
+    """Stand-in tokenizer for folders without one: any non-empty text is `--text-tokens` placeholders."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.eos_token_id = 1
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [TEXT_PLACEHOLDER_ID] * self.n if text else []
+
+
+class _Captured(Exception):
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__("generate() reached")
+        self.args, self.kwargs = args, kwargs
+
+
+class DeepseekOcrVendor:
+    name = "deepseek-ocr"
+    vision_modules = ("model.sam_model", "model.vision_model", "model.projector")
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self.package: str | None = None
+        self.options = BuildOptions()
+        self.gate: _RealSums | None = None
+
+    # ---- loading --------------------------------------------------------------------------------------
+
+    def load_config(self, path: str | None, options: BuildOptions) -> Any:
+        folder = _resolve_folder(options.vendor_dir)
+        if not options.trust_remote_code:
+            raise FlopdiffError(f"--vendor-dir {folder}: loading DeepSeek-OCR imports and runs the Python files in "
+                                f"that folder (Hugging Face remote code); pass --trust-remote-code to allow it")
+        file = Path(path) if path else folder / "config.json"
+        if not file.is_file():
+            raise FlopdiffError(f"--vendor-dir {folder}: no config.json there (expected a copy of the Hugging Face "
+                                f"repo deepseek-ai/DeepSeek-OCR: its *.py and *.json files)")
+        raw = read_json(file)
+        if "DeepseekOCRForCausalLM" not in raw.get("architectures", []) or any(_missing(raw, k) for k in REQUIRED_KEYS):
+            raise FlopdiffError(f"{file}: not a DeepSeek-OCR config (architectures {raw.get('architectures')}; "
+                                f"it needs DeepseekOCRForCausalLM and the keys {', '.join(REQUIRED_KEYS)})")
+        absent = [f for f in VENDOR_FILES if not (folder / f).is_file()]
+        if absent:
+            raise FlopdiffError(f"--vendor-dir {folder}: missing vendor files {', '.join(absent)}")
+        self.folder, self.options = folder, options
+        self.package = _import_package(folder)
+        modeling = self._module("modeling_deepseekocr")
+        config = modeling.DeepseekOCRConfig.from_dict(raw)
+        return config
+
+    def _module(self, name: str) -> types.ModuleType:
+        return sys.modules[f"{self.package}.{name}"]
+
+    # ---- preprocessing ----------------------------------------------------------------------------------
+
+    def prepare(self, workload: Workload, config: Any) -> Prepared:
+        """Run the vendor's infer() up to generate() and keep what it would pass."""
+        modeling = self._module("modeling_deepseekocr")
+        tokenizer, prompt, notes = self._tokenizer(workload)
+        base = workload.base_size or 1024
+        # without crops the vendor's global view is `image_size`: a lone --base-size sets it (Tiny: 512, ...)
+        tile = workload.tile_size or (workload.base_size if workload.base_size and not workload.crop_mode else 640)
+        captured = _run_infer(modeling, tokenizer, prompt, workload, base, tile)
+        ids = captured.args[0]
+        crop, ori = captured.kwargs["images"][0]
+        mask = captured.kwargs["images_seq_mask"]
+        grid = tuple(int(x) for x in captured.kwargs["images_spatial_crop"][0])
+        tiles = grid[0] * grid[1] if grid != (1, 1) else 0
+        inputs = {"input_ids": ids, "images": [(crop, ori)], "images_seq_mask": mask,
+                  "images_spatial_crop": captured.kwargs["images_spatial_crop"]}
+        self.gate = _RealSums([crop, ori])
+        w, h = _image_size(workload)
+        derived = Derived(image_wh=(w, h), base_size=base if workload.crop_mode else tile, tile_size=tile,
+                          views=1 + tiles, crop_grid_wh=grid, image_tokens=int(mask.sum()), prompt_len=ids.shape[1],
+                          extra={"global_view_px": int(ori.shape[-1])})
+        if self.options.mode == "fake":
+            notes.append(EVEN_SPLIT_NOTE)
+        return Prepared(inputs, derived, notes)
+
+    def _tokenizer(self, workload: Workload) -> tuple[Any, str, list[str]]:
+        assert self.folder is not None
+        tok_file = Path(workload.tokenizer) if workload.tokenizer else self.folder / "tokenizer.json"
+        if tok_file.exists():
+            from transformers import AutoTokenizer
+
+            src = tok_file if tok_file.is_dir() else tok_file.parent
+            try:
+                tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+            except Exception as exc:  # tokenizers raise many types; name the path and the reason
+                raise FlopdiffError(f"tokenizer {src}: cannot load it ({exc.__class__.__name__}: {exc})") from None
+            prompt = workload.prompt if workload.prompt is not None else DEFAULT_PROMPT
+            if prompt.count("<image>") != 1:
+                raise FlopdiffError(f"--prompt {prompt!r}: must contain exactly one <image>")
+            return tok, prompt, [f"prompt tokenized with {src}"]
+        if workload.text_tokens is None:
+            raise FlopdiffError(f"--text-tokens: required for --model deepseek-ocr when the vendor folder has no "
+                                f"tokenizer.json ({self.folder}); the model card's document prompt is 9 tokens")
+        return _Tokens(workload.text_tokens), "<image>x", []
+
+    # ---- model ------------------------------------------------------------------------------------------
+
+    def build(self, config: Any, options: BuildOptions) -> torch.nn.Module:
+        modeling = self._module("modeling_deepseekocr")
+        attn = options.attn or "eager"
+        if not isinstance(attn, str) or attn not in ("eager", "flash_attention_2"):
+            raise FlopdiffError(f"--attn {attn}: DeepSeek-OCR's decoder has eager and flash_attention_2 "
+                                f"(its SAM and CLIP always call scaled_dot_product_attention)")
+        config._attn_implementation = attn
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(options.dtype)
+        try:
+            model = modeling.DeepseekOCRForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+        return model.eval()
+
+    @contextmanager
+    def shims(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            if not torch.cuda.is_available():
+                stack.enter_context(_cuda_identity())
+            if self.options.mode == "fake":
+                v2 = self._module("modeling_deepseekv2")
+                stack.enter_context(mock.patch.object(v2.DeepseekV2MoE, "moe_infer", even_split_moe_infer))
+            yield
+
+    def prefill(self, model: torch.nn.Module, prepared: Prepared) -> Callable[[], Any]:
+        inputs = dict(prepared.inputs)
+        modeling = self._module("modeling_deepseekocr")
+
+        def run():
+            if self.options.mode == "real":
+                return model(**inputs, use_cache=True)
+            # fake: the crop grid sizes views; as host ints the forward reads the values fake tensors hide
+            grid = inputs["images_spatial_crop"].tolist()
+            with mock.patch.object(modeling, "torch", self.gate):
+                return model(**{**inputs, "images_spatial_crop": grid}, use_cache=True)
+
+        return run
+
+    def decode(self, model: torch.nn.Module, previous: Any, step: int) -> Callable[[], Any]:
+        ids = torch.tensor([[TEXT_PLACEHOLDER_ID]])
+        return lambda: model(input_ids=ids, past_key_values=previous.past_key_values, use_cache=True)
+
+    def source_roots(self) -> list[str]:
+        return [str(self.folder)] if self.folder else []
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+
+def _missing(raw: dict, key: str) -> bool:
+    try:
+        dig(raw, key)
+    except KeyError:
+        return True
+    return False
+
+
+def _resolve_folder(vendor_dir: str | None) -> Path:
+    if not vendor_dir:
+        raise FlopdiffError("--model deepseek-ocr needs --vendor-dir DIR: a local copy of the Hugging Face repo "
+                            "deepseek-ai/DeepSeek-OCR (its *.py and *.json files; no weights needed)")
+    folder = Path(vendor_dir)
+    if folder.is_dir():
+        return folder.resolve()
+    if vendor_dir.count("/") == 1 and not folder.exists():  # a hub id: fetch code and config only, never weights
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(vendor_dir, allow_patterns=["*.py", "*.json"]))
+        except Exception as exc:  # offline, unknown repo, no huggingface_hub: say which and what to do
+            raise FlopdiffError(f"--vendor-dir {vendor_dir}: not a folder, and fetching it from the hub failed "
+                                f"({exc.__class__.__name__}); download its *.py and *.json files and pass the folder") from None
+    raise FlopdiffError(f"--vendor-dir {vendor_dir}: no such folder")
+
+
+def _import_package(folder: Path) -> str:
+    """Import the folder as a package of its own (its files use relative imports), once per folder."""
+    name = "flopdiff_vendor_" + hashlib.sha1(str(folder).encode()).hexdigest()[:12]
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(folder)]
+        sys.modules[name] = pkg
+        try:
+            importlib.import_module(f"{name}.modeling_deepseekocr")
+        except ImportError as exc:
+            del sys.modules[name]
+            import transformers
+
+            missing = getattr(exc, "name", None)
+            if missing and not missing.startswith(("transformers", name)):
+                raise FlopdiffError(_fix(f"--vendor-dir {folder}: the vendor code needs the package {missing!r}, "
+                                         f"which is not installed")) from None
+            raise FlopdiffError(_fix(f"--vendor-dir {folder}: the vendor code cannot be imported with transformers "
+                                     f"{transformers.__version__} ({exc}); it was written for transformers 4.46.x")) from None
+    return name
+
+
+def _image_size(workload: Workload) -> tuple[int, int]:
+    from tracer.workload import load_image
+
+    return load_image(workload).size if workload.image_path else workload.image_wh
+
+
+def _run_infer(modeling: types.ModuleType, tokenizer: Any, prompt: str, workload: Workload, base: int,
+               tile: int) -> _Captured:
+    def generate(*args, **kwargs):
+        raise _Captured(args, kwargs)
+
+    stand_in = types.SimpleNamespace(disable_torch_init=lambda: None, generate=generate)
+    with tempfile.TemporaryDirectory(prefix="flopdiff-v1-") as tmp, _cuda_identity():
+        image_file = workload.image_path
+        if image_file is None:
+            from tracer.workload import load_image
+
+            image_file = os.path.join(tmp, "page.png")
+            load_image(workload).save(image_file)
+        try:
+            modeling.DeepseekOCRForCausalLM.infer(stand_in, tokenizer, prompt=prompt, image_file=image_file,
+                                                  output_path=os.path.join(tmp, "out"), base_size=base,
+                                                  image_size=tile, crop_mode=workload.crop_mode, eval_mode=True)
+        except _Captured as done:
+            return done
+    raise FlopdiffError("the vendor's infer() returned without calling generate(); its preprocessing changed")
+
+
+@contextmanager
+def _cuda_identity() -> Iterator[None]:
+    if torch.cuda.is_available():
+        yield
+        return
+    with mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self):
+        yield
+
+
+class _RealSums:
+    """`torch` as the vendor module sees it while capturing, except that `torch.sum` of a prepared image tensor
+    answers with its real sum (taken at preprocessing, outside any fake mode): the image gate
+    (`torch.sum(image).item() != 0`) gets the real decision."""
+
+    def __init__(self, images: list[torch.Tensor]):
+        self._sums = {id(t): float(t.double().sum()) for t in images}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    def sum(self, t, *args, **kwargs):
+        if id(t) not in self._sums:
+            return torch.sum(t, *args, **kwargs)
+        # a plain number behind .item(): a tensor would go back through the fake mode, which cannot read it
+        return types.SimpleNamespace(item=self._sums[id(t)].__float__)
+
+
+@torch.no_grad()
+def even_split_moe_infer(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+    """`DeepseekV2MoE.moe_infer` without the host copy: rows (token, slot) in slot-major order are cut into
+    per-expert runs of an even split; the same gather, per-expert MLPs, cat, scatter and weighting follow."""
+    tokens, k = topk_ids.shape
+    rows, experts = tokens * k, len(self.experts)
+    counts = [rows // experts + (1 if i < rows % experts else 0) for i in range(experts)]
+    idxs = torch.arange(rows, device=x.device)
+    sorted_tokens = x[idxs // k]
+    outputs, start = [], 0
+    for i, n in enumerate(counts):
+        if n == 0:
+            continue
+        outputs.append(self.experts[i](sorted_tokens[start:start + n]))
+        start += n
+    outs = torch.cat(outputs, dim=0)
+    new_x = torch.empty_like(outs)
+    new_x[idxs] = outs
+    return (new_x.view(*topk_ids.shape, -1).type(topk_weight.dtype).mul_(topk_weight.unsqueeze(dim=-1))
+            .sum(dim=1).type(new_x.dtype))
+
+
+VENDOR = DeepseekOcrVendor()
