@@ -30,9 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from tracer.vendors import BuildOptions, get_vendor
 from tracer.workload import Workload
 vendor = get_vendor("deepseek-ocr-2")
-config = vendor.load_config(None)
+config = vendor.load_config(None, BuildOptions(mode="real"))
 prepared = vendor.prepare(Workload(image_wh=(1000, 1400), text_tokens=4, decode_steps=1), config)
-model = vendor.build(config, BuildOptions())
+model = vendor.build(config, BuildOptions(mode="real"))
 counts = {}
 with torch.no_grad(), vendor.shims():
     with FlopCounterMode(display=False) as fc:

@@ -122,7 +122,9 @@ def map_nodes(table: Table, nodes: Iterable[dict[str, Any]], present: set[str],
             result.unmapped[nid] = res.reason
             continue
         result.layer_of[nid] = res.layer
-        g.add_edge(module, ("layer", stage, res.layer), rule=res.rule)
+        layer = ("layer", stage, res.layer)
+        if not g.has_edge(module, layer):
+            g.add_edge(module, layer, rule=res.rule)
     return result
 
 

@@ -9,6 +9,26 @@ TINY_V2 = HERE / "data" / "deepseek-ocr-2-tiny.json"
 SHARED = HERE.parent.parent / "shared"
 
 
+def _has_v2() -> bool:
+    try:
+        from transformers import DeepseekOcr2ForConditionalGeneration  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    """DeepSeek-OCR-2 needs transformers 5.x; the v1 environment (transformers 4.46) skips its tests, by reason."""
+    if _has_v2():
+        return
+    import transformers
+
+    skip = pytest.mark.skip(reason=f"DeepSeek-OCR-2 needs transformers 5.x (installed: {transformers.__version__})")
+    for item in items:
+        if item.get_closest_marker("v2") or {"tiny_v2_config", "v2_page"} & set(item.fixturenames):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_v2_config() -> str:
     """DeepSeek-OCR-2 at reduced size (2+2 vision layers, 2 decoder layers: dense + MoE, small widths)."""

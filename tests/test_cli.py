@@ -39,6 +39,7 @@ def test_report_json_schema_and_determinism(tmp_path, capsys, tiny_v2_config):
     assert doc["unknown_ops"] == []
 
 
+@pytest.mark.v2  # the default model
 @pytest.mark.parametrize("argv, names", [
     (["--image", "does-not-exist.png"], "--image does-not-exist.png"),
     (["--image-shape", "0x100"], "--image-shape"),

@@ -36,10 +36,10 @@ def _by_op(graph) -> Counter:
 def real_run(tiny_v2_config):
     """Each stage of the tiny model run twice on the same weights: once captured, once under FlopCounterMode."""
     vendor = get_vendor("deepseek-ocr-2")
-    config = vendor.load_config(tiny_v2_config)
+    config = vendor.load_config(tiny_v2_config, BuildOptions(mode="real"))
     prepared = vendor.prepare(WORKLOAD, config)
     torch.manual_seed(0)
-    model = vendor.build(config, BuildOptions())
+    model = vendor.build(config, BuildOptions(mode="real"))
     stages = []
     with torch.no_grad(), vendor.shims():
         # FlopCounterMode sits below the recorder: both see the very same ops of the very same run.

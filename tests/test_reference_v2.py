@@ -8,6 +8,8 @@ from tracer.count import count_graph, totals
 from tracer.trace import trace
 from tracer.workload import Workload
 
+pytestmark = pytest.mark.v2
+
 
 @pytest.fixture(scope="module")
 def page_640(shared_reference):

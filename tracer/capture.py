@@ -20,6 +20,7 @@ from __future__ import annotations
 import operator
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -242,15 +243,26 @@ class GraphRecorder(TorchDispatchMode):
 def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, vendor_roots: Iterable[str] = (),
             step: int | None = None, kv_len: int | None = None) -> tuple[StageGraph, object]:
     """Run `fn()` (one vendor forward) and return its graph and its result."""
-    tensor_names = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
-    tensor_names.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False)})
-    module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    tensor_names, module_names = _names(model)
     recorder = GraphRecorder(tensor_names, module_names, vendor_roots)
     with _module_hooks(recorder.modules), recorder:
         result = fn()
     outputs = [recorder._node_for(t) for t in result_tensors(result)]
     recorder.graph.output(tuple(outputs))
     return StageGraph(stage, recorder.graph, step=step, kv_len=kv_len), result
+
+
+_NAMES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[dict[int, str], dict[int, str]]]" = weakref.WeakKeyDictionary()
+
+
+def _names(model: torch.nn.Module) -> tuple[dict[int, str], dict[int, str]]:
+    """Parameter/buffer and module names by object id, computed once per model (a decode loop captures the
+    same model many times; walking a 10k-module tree each time is measurable)."""
+    if model not in _NAMES:
+        tensors = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
+        tensors.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False)})
+        _NAMES[model] = tensors, {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    return _NAMES[model]
 
 
 def result_tensors(result) -> list[torch.Tensor]:

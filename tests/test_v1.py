@@ -1,0 +1,199 @@
+"""DeepSeek-OCR (v1) from its own remote code: exact reference counts, the fake-mode shims against the
+unmodified vendor code on random weights, mapping and gaps, bad input.
+
+Needs a copy of the vendor's remote code in FLOPDIFF_DSOCR_V1_DIR (never committed) and transformers 4.46.x
+(the vendor code's own requirement); skips with the reason otherwise. Tests that need neither are at the end.
+"""
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tracer.diff import main
+
+V1_DIR = os.environ.get("FLOPDIFF_DSOCR_V1_DIR")
+
+
+@pytest.fixture(scope="module")
+def v1_dir() -> str:
+    if not V1_DIR:
+        pytest.skip("FLOPDIFF_DSOCR_V1_DIR is not set: point it at a DeepSeek-OCR remote-code folder to run v1 tests")
+    import transformers
+
+    if not transformers.__version__.startswith("4.46."):
+        pytest.skip(f"the v1 vendor code needs transformers 4.46.x (installed: {transformers.__version__}); "
+                    "run these tests in the v1 environment (README)")
+    return V1_DIR
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _v1(v1_dir, tmp, shape, *extra):
+    out = tmp / shape
+    argv = ["--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code", "--image-shape", shape,
+            "--text-tokens", "9", "--decode-steps", "10", "--quiet", "--out", str(out), *extra]
+    assert main(argv) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pages(v1_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("v1")
+    return {shape: _v1(v1_dir, tmp, shape) for shape in ("1000x1400", "640x640")}
+
+
+@pytest.mark.parametrize("shape, key", [("1000x1400", "gundam_1000x1400"), ("640x640", "gundam_640x640")])
+def test_v1_reproduces_the_reference_exactly(pages, shared_reference, shape, key):
+    ref = json.loads((shared_reference / "deepseek-ocr" / "flops-reference.json").read_text())["workloads"][key]
+    doc = pages[shape]
+    w = doc["workload"]
+    assert (w["views"], w["crop_grid_wh"], w["image_tokens"], w["prompt_len"]) == (
+        ref["views"], ref["crop_grid_wh"], ref["image_tokens"], ref["prompt_len"])
+    stages = {s["name"]: s for s in doc["stages"]}
+    for name, ref_name in (("vision", "vision"), ("prefill", "prefill"), ("decode", "decode10")):
+        assert stages[name]["flops_full"] == ref["stages"][ref_name]["flops"], name
+        assert stages[name]["flops_torch"] == ref["stages"][ref_name]["flops_torch_registry_only"], name
+    # per decoder layer, from the nodes' module paths (independent of the mapping)
+    per = Counter()
+    for n in doc["nodes"]:
+        parts = n["module"].split(".")
+        if n["stage"] in ("prefill", "decode") and parts[:2] == ["model", "layers"]:
+            per[(n["stage"], int(parts[2]))] += n["flops_full"]
+        elif n["module"] == "lm_head":
+            per[(n["stage"], "lm_head")] += n["flops_full"]
+    dec = ref["decoder"]
+    assert per[("prefill", 0)] == dec["prefill"]["layer0_dense"]
+    assert {per[("prefill", i)] for i in range(1, 12)} == {dec["prefill"]["each_moe_layer_1_to_11"]}
+    assert per[("prefill", "lm_head")] == dec["prefill"]["lm_head_all_positions"]
+    assert per[("decode", 0)] == dec["decode10"]["layer0_dense"]
+    assert {per[("decode", i)] for i in range(1, 12)} == {dec["decode10"]["each_moe_layer_1_to_11"]}
+
+
+def test_v1_every_flop_node_mapped_aligned_gap_zero(pages):
+    for doc in pages.values():
+        assert doc["unknown_ops"] == [] and doc["coverage"]["unmapped"] == 0
+        assert all(s["gap"] == 0 for s in doc["stages"]) and all(r["gap"] == 0 for r in doc["layers"])
+        assert any("even split" in note or "evenly" in note for note in doc["notes"])
+    experts = next(r for r in pages["1000x1400"]["layers"] if r["id"] == "decoder.layers.5.mlp.experts"
+                   and r["stage"] == "prefill")
+    assert len(experts["nodes"]) == 64 * 3  # 913 x 6 rows cover every expert: gate, up, down each
+
+
+def test_v1_seed_naive_gap_attributed_and_max_gap_exits_1(v1_dir, tmp_path, capsys):
+    out = tmp_path / "naive"
+    code, _, err = _run(["--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code", "--image-shape",
+                         "1000x1400", "--text-tokens", "9", "--decode-steps", "10", "--quiet", "--out", str(out),
+                         "--analytic", "seed-naive", "--max-gap", "1"], capsys)
+    assert code == 1 and "stage vision: gap" in err
+    doc = json.loads((out / "report.json").read_text())
+    vision = next(s for s in doc["stages"] if s["name"] == "vision")
+    named = sum(r["gap"] for r in doc["layers"] if r["stage"] == "vision" and r["reason"])
+    assert named >= 0.99 * vision["gap"] > 0
+    missing = {r["id"].split(".")[1] for r in doc["layers"] if r["stage"] == "vision" and r["reason"] == "missing"}
+    assert missing == {"tiles", "global"}  # the tile views, and CLIP blocks 4..23 of the global view
+    clip = [r for r in doc["layers"] if r["stage"] == "vision" and r["id"].startswith("vision.global.clip.layers.")]
+    assert {r["reason"] for r in clip if int(r["id"].split(".")[4]) >= 4} == {"missing"}
+
+
+# ---- fake (shims) against real (unmodified vendor code, random weights) on a reduced vendor model ---------
+
+@pytest.fixture
+def reduced(v1_dir, tmp_path, monkeypatch):
+    """2 SAM blocks, 2 CLIP layers, 2 decoder layers (dense + MoE with 8 experts): the same vendor code."""
+    from tracer.vendors import deepseek_ocr
+    from tracer.vendors.deepseek_ocr import _import_package
+
+    pkg = _import_package(Path(v1_dir).resolve())
+    import sys
+
+    enc, modeling = sys.modules[f"{pkg}.deepencoder"], sys.modules[f"{pkg}.modeling_deepseekocr"]
+    monkeypatch.setattr(modeling, "build_sam_vit_b", lambda checkpoint=None: enc._build_sam(768, 2, 12, [1]))
+    monkeypatch.setitem(enc.vit_model_cfg, "num_layers", 2)
+    cfg = json.loads((Path(v1_dir) / "config.json").read_text())
+    for c in (cfg, cfg["language_config"]):
+        c.update(num_hidden_layers=2, n_routed_experts=8)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return str(path), deepseek_ocr
+
+
+def _per(doc, key):
+    c = Counter()
+    for n in doc["nodes"]:
+        c[(n["stage"], key(n))] += n["flops_full"]
+    return c
+
+
+@pytest.mark.parametrize("shape", ["1000x1400", "600x500"])  # tiles (both gate branches) / global view only
+def test_v1_fake_equals_real_per_module_and_stage(reduced, v1_dir, tmp_path, shape):
+    config, _ = reduced
+    docs = {}
+    for mode in ("fake", "real"):
+        out = tmp_path / mode
+        argv = ["--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code", "--config", config,
+                "--image-shape", shape, "--text-tokens", "5", "--decode-steps", "2", "--quiet", "--out", str(out),
+                "--mode", mode]
+        assert main(argv) == 0
+        docs[mode] = json.loads((out / "report.json").read_text())
+    fake, real = docs["fake"], docs["real"]
+    assert fake["workload"] == real["workload"]
+    assert [(s["name"], s["flops_torch"], s["flops_full"]) for s in fake["stages"]] == \
+           [(s["name"], s["flops_torch"], s["flops_full"]) for s in real["stages"]]
+    # per module with the experts folded into their MoE layer (which experts get rows is routing)
+    fold = lambda n: n["module"].split(".experts.")[0]  # noqa: E731
+    assert _per(fake, fold) == _per(real, fold)
+    # every module outside the routed experts matches node for node in op and FLOPs
+    ops = lambda d: Counter((n["stage"], n["module"], n["op"], n["flops_full"]) for n in d["nodes"]  # noqa: E731
+                            if n["flops_full"] and ".experts." not in n["module"])
+    assert ops(fake) == ops(real)
+    views = fake["workload"]["views"]
+    assert any(".sam_model#1." in n["module"] for n in fake["nodes"]) == (views > 1)
+
+
+# ---- bad input: these need no vendor code ------------------------------------------------------------------
+
+def _stub_folder(tmp_path, modeling_text="", config=True):
+    folder = tmp_path / "vendor"
+    folder.mkdir()
+    if config:
+        src = Path(__file__).resolve().parent.parent / "tracer" / "data" / "deepseek-ocr" / "config.json"
+        (folder / "config.json").write_text(src.read_text())
+    for name in ("modeling_deepseekv2.py", "deepencoder.py", "configuration_deepseek_v2.py", "conversation.py"):
+        (folder / name).write_text("")
+    (folder / "modeling_deepseekocr.py").write_text(modeling_text)
+    return folder
+
+
+@pytest.mark.parametrize("case, argv, names", [
+    ("no vendor dir", [], "--model deepseek-ocr needs --vendor-dir DIR"),
+    ("no flag", ["--vendor-dir", "{dir}"], "pass --trust-remote-code"),
+    ("no config", ["--vendor-dir", "{noconfig}", "--trust-remote-code"], "no config.json there"),
+    ("not deepseek-ocr", ["--vendor-dir", "{dir}", "--trust-remote-code", "--config", "{v2config}"],
+     "not a DeepSeek-OCR config"),
+    ("old transformers API", ["--vendor-dir", "{dir}", "--trust-remote-code"], "written for transformers 4.46.x"),
+])
+def test_v1_bad_input_one_line_exit_2(case, argv, names, tmp_path, capsys):
+    folder = _stub_folder(tmp_path, "from transformers.models.llama.modeling_llama import NoSuchAttention2\n")
+    (tmp_path / "x").mkdir()
+    noconfig = _stub_folder(tmp_path / "x", config=False)
+    v2config = Path(__file__).resolve().parent.parent / "tracer" / "data" / "deepseek-ocr-2" / "config.json"
+    argv = [a.format(dir=folder, noconfig=noconfig, v2config=v2config) for a in argv]
+    out = tmp_path / "out"
+    code, _, err = _run(["--model", "deepseek-ocr", "--text-tokens", "9", "--quiet", "--out", str(out), *argv], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and names in lines[0], err
+    assert not out.exists()
+
+
+def test_v1_missing_text_tokens_without_tokenizer(v1_dir, tmp_path, capsys):
+    code, _, err = _run(["--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code", "--quiet",
+                         "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--text-tokens: required for --model deepseek-ocr" in err
+    assert not (tmp_path / "o").exists()
