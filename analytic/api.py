@@ -112,6 +112,17 @@ def evaluate_tree(tree: ModelTree, shape: Shape, pol: Policy) -> dict[str, Any]:
     }
 
 
+def weight_bytes(tree: ModelTree) -> int:
+    """Bytes of the distinct weights the prefill reads: a layer run on several kinds of view (tiles, global)
+    has one set of weights; the token embedding table (a lookup) is not counted."""
+    distinct: dict[str, int] = {}
+    for block in tree.stages["prefill"]:
+        for leaf in block.leaves():
+            key = leaf.id.replace(".tiles.", ".").replace(".global.", ".")
+            distinct[key] = leaf.cost(policy("full")).weight_bytes
+    return sum(distinct.values())
+
+
 def evaluate(model: str, image_wh: tuple[int, int], preset: str = "aligned", policy_name: str = "full",
              config: str | None = None, **knobs: Any) -> dict[str, Any]:
     shape = shape_for(model, image_wh, **knobs)

@@ -17,6 +17,7 @@ Each call_function node's meta holds:
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import sys
@@ -74,8 +75,10 @@ class _ModuleStack:
         self.names = names
         self.frames: list[tuple[str, str, str, dict[str, int]]] = []  # (path, qualified, class, child calls)
         self.root_calls: dict[str, int] = {}
+        self._snapshot: tuple[dict[str, tuple[str, str]], str, str, str] | None = None
 
     def push(self, module, *_):
+        self._snapshot = None
         path = self.names.get(id(module))
         if path is None or path == "":
             self.frames.append(("", "", "", {}))
@@ -90,15 +93,18 @@ class _ModuleStack:
         self.frames.append((path, qualified, type(module).__qualname__, {}))
 
     def pop(self, *_):
+        self._snapshot = None
         if self.frames:
             self.frames.pop()
 
     def snapshot(self) -> tuple[dict[str, tuple[str, str]], str, str, str]:
-        stack = {p: (q, c) for p, q, c, _ in self.frames if p}
-        for p, q, c, _ in reversed(self.frames):
-            if p:
-                return stack, p, q, c
-        return stack, ROOT, ROOT, ""
+        """(nn_module_stack, path, qualified path, class) of the innermost module; cached between hooks, as
+        every op of one module shares it (node metas share the stack dict: read-only by contract)."""
+        if self._snapshot is None:
+            stack = {p: (q, c) for p, q, c, _ in self.frames if p}
+            inner = next(((p, q, c) for p, q, c, _ in reversed(self.frames) if p), (ROOT, ROOT, ""))
+            self._snapshot = (stack, *inner)
+        return self._snapshot
 
 
 @contextmanager
@@ -160,6 +166,14 @@ def op_name(target) -> str:
     if schema is not None:
         return schema.name
     return getattr(target, "__name__", str(target))
+
+
+@functools.cache
+def _decomposable(func) -> bool:
+    """Whether `func.decompose` can do anything (the test it makes itself), asked once per op: re-entering
+    the mode to learn that it cannot costs more than most ops' fake kernels."""
+    key = torch._C.DispatchKey.CompositeImplicitAutograd
+    return key in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
 
 
 class GraphRecorder(TorchDispatchMode):
@@ -230,7 +244,7 @@ class GraphRecorder(TorchDispatchMode):
             self._record(func, args, kwargs, out)
             return out
         # Same rule as FlopCounterMode: an op torch has no formula for is decomposed when it can be.
-        if func._overloadpacket not in flop_registry:
+        if func._overloadpacket not in flop_registry and _decomposable(func):
             with self:
                 r = func.decompose(*args, **kwargs)
                 if r is not NotImplemented:

@@ -86,6 +86,36 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
                     prompt=args.prompt, tokenizer=args.tokenizer, decode_steps=args.decode_steps)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def real_run_estimate(workload: Workload, config: str | None) -> str:
+    """What `--mode real` on CPU is about to cost: the analytic FLOPs of all stages at this machine's measured
+    bf16 matmul rate, and the weights' memory."""
+    import time
+
+    import torch
+
+    from analytic.api import build, evaluate_tree, policy, shape_for, weight_bytes
+
+    shape = shape_for(workload.model, workload.image_wh, base_size=workload.base_size, tile_size=workload.tile_size,
+                      crop_mode=workload.crop_mode, text_tokens=workload.text_tokens or 0,
+                      decode_steps=workload.decode_steps)
+    tree = build(workload.model, shape, "aligned", config)
+    doc = evaluate_tree(tree, shape, policy("full"))
+    flops = sum(s["flops"] for s in doc["stages"] if s["name"] != "vision")  # prefill includes vision
+    a = torch.ones(1024, 1024, dtype=torch.bfloat16)
+    a @ a  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(4):
+        a @ a
+    rate = 4 * 2 * 1024**3 / (time.perf_counter() - t0)
+    return (f"--mode real on CPU computes about {flops / 1e12:.1f} TFLOP; at this machine's {rate / 1e9:.0f} GFLOP/s "
+            f"(bf16 matmul) that is at least {_duration(flops / rate)}, with about "
+            f"{weight_bytes(tree) / 2**30:.1f} GiB of bf16 weights plus activations")
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -109,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
                            experts=parse_impl(args.experts, "--experts"), vendor_dir=args.vendor_dir,
                            trust_remote_code=args.trust_remote_code)
     conventions = Conventions(causal_halving=args.causal_halving)
+    if args.mode == "real" and options.device == "cpu":
+        config = args.config or (str(Path(args.vendor_dir) / "config.json") if args.vendor_dir else None)
+        print(f"flopdiff: warning: {real_run_estimate(workload, config)}", file=sys.stderr)
     err = Console(stderr=True, quiet=args.quiet)
     with err.status("tracing") as status:
         tr = trace(workload, options, args.config, progress=lambda msg: status.update(f"tracing: {msg}"),

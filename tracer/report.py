@@ -30,9 +30,12 @@ def _tensors(v) -> list[torch.Tensor]:
     return []
 
 
+_DTYPE_NAMES = {d: str(d).removeprefix("torch.") for d in vars(torch).values() if isinstance(d, torch.dtype)}
+
+
 def _shapes(values) -> tuple[list[list[int]], list[str]]:
     flat = _tensors(values)
-    return [list(v.shape) for v in flat], [str(v.dtype).removeprefix("torch.") for v in flat]
+    return [list(v.shape) for v in flat], [_DTYPE_NAMES[v.dtype] for v in flat]
 
 
 def node_id(sg: StageGraph, name: str) -> str:

@@ -1,0 +1,39 @@
+"""Shared by the end-to-end benchmarks: run a snippet in a fresh interpreter, measure wall time and peak RSS,
+print the table with ratios. Each side runs in its own process so that imports and memory are its own."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import time
+
+
+def measure(code: str) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (GiB) of a fresh interpreter running `code`, and its last stderr line."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"benchmark child failed:\n{proc.stderr}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak <= before:
+        print("warning: peak RSS of this child is not above an earlier child's; run the sides separately",
+              file=sys.stderr)
+    return wall, peak / 2**20, proc.stderr.strip().splitlines()[-1]
+
+
+def table(title: str, rows: list[tuple[str, float, float, str]]) -> None:
+    """rows: (run, wall s, peak GiB, FLOPs); the first row is flopdiff, a second one its baseline."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("run", "wall s", "peak RSS GiB", "FLOPs per stage"):
+        t.add_column(col)
+    for name, wall, rss, counts in rows:
+        t.add_row(name, f"{wall:.1f}", f"{rss:.2f}", counts)
+    if len(rows) == 2:
+        t.add_row("ratio baseline / flopdiff", f"{rows[1][1] / rows[0][1]:.1f}x", f"{rows[1][2] / rows[0][2]:.1f}x", "")
+    Console(width=160).print(t)
