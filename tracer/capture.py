@@ -139,8 +139,8 @@ class _SourceLocator:
                 rel = "/".join(parts[parts.index("site-packages") + 1:])
             else:
                 for root in self.vendor_roots:
-                    if filename.startswith(root):
-                        rel = Path(root).name + "/" + filename[len(root):]
+                    if filename.startswith(root):  # the vendor's own file name: its folder is the user's
+                        rel = filename[len(root):]
                         break
             self._rel[filename] = rel
         return rel

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "formula and nodes, or one node (e.g. prefill/mm_12)")
     p.add_argument("--max-gap", type=float, metavar="PCT",
                    help="exit 1 when a stage's |gap| exceeds PCT percent of its full count")
+    p.add_argument("--json-nodes", choices=("all", "flops"), default="all",
+                   help="nodes in report.json: all, or only those with FLOPs or no formula (a much smaller file)")
     p.add_argument("--out", default="flopdiff-report",
                    help="output folder for report.json, report.html and model-explorer.json")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -166,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     if detail is not None:
         out.print(detail)
     folder = Path(args.out)
-    write_atomic(folder / "report.json", dumps(report))
+    write_atomic(folder / "report.json", dumps(report, only_flops=args.json_nodes == "flops"))
     write_atomic(folder / "report.html", render_html(report))
     write_atomic(folder / "model-explorer.json", json.dumps(overlay(report), separators=(",", ":")))
     out.print(f"wrote {folder}/report.json, report.html, model-explorer.json")

@@ -119,11 +119,17 @@ def _umask() -> int:
     return mask
 
 
-def dumps(report: dict[str, Any]) -> str:
-    """Compact JSON, one node per line: small, diffable, and fast (the C encoder needs indent=None)."""
+def dumps(report: dict[str, Any], only_flops: bool = False) -> str:
+    """Compact JSON, one node per line: small, diffable, and fast (the C encoder needs indent=None).
+    `only_flops` keeps the nodes with FLOPs or without a formula (the ones layers and coverage refer to)."""
+    from mapping.engine import flop_bearing
+
     head = {k: v for k, v in report.items() if k != "nodes"}
+    if only_flops:
+        head["nodes_written"] = "flops"
     body = json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1]
-    nodes = ",\n".join(json.dumps(n, ensure_ascii=False, separators=(",", ":")) for n in report["nodes"])
+    kept = (n for n in report["nodes"] if not only_flops or flop_bearing(n))
+    nodes = ",\n".join(json.dumps(n, ensure_ascii=False, separators=(",", ":")) for n in kept)
     return f'{body},"nodes":[\n{nodes}\n]}}\n'
 
 

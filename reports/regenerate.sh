@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Regenerates the curated examples in reports/: the 1000x1400 page, 9 text tokens, 2 decode steps, against
+# the vendor-exact (aligned) and the seed's naive analytic model. report.json keeps the FLOP-bearing nodes.
+#   reports/regenerate.sh                      # DeepSeek-OCR-2 (this environment)
+#   V1_PYTHON=.venv-v1/bin/python FLOPDIFF_DSOCR_V1_DIR=DIR reports/regenerate.sh   # also DeepSeek-OCR v1
+# v1 examples carry module names and file:line references only, no vendor source text.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run() {  # python model name preset [extra flags]
+  local py=$1 model=$2 name=$3 preset=$4; shift 4
+  local out=reports/$name-$preset
+  mkdir -p "$out"
+  "$py" -m tracer.diff --model "$model" --image-shape 1000x1400 --text-tokens 9 --decode-steps 2 \
+      --analytic "$preset" --json-nodes flops --quiet --out "$out" "$@" > "$out/summary.txt" || [ $? = 1 ]
+}
+for preset in aligned seed-naive; do
+  run .venv/bin/python deepseek-ocr-2 v2 "$preset"
+  if [ -n "${V1_PYTHON:-}" ] && [ -n "${FLOPDIFF_DSOCR_V1_DIR:-}" ]; then
+    run "$V1_PYTHON" deepseek-ocr v1 "$preset" --vendor-dir "$FLOPDIFF_DSOCR_V1_DIR" --trust-remote-code
+  fi
+done
