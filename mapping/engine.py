@@ -16,7 +16,7 @@ from typing import Any
 
 import networkx as nx
 
-from mapping.table import CallName, Table
+from mapping.table import CallName, Rule, Table
 from tracer.errors import FlopdiffError
 
 _CALL = re.compile(r"#(\d+)$")
@@ -47,6 +47,7 @@ class Resolution:
 class Mapping:
     """The join. `graph` nodes: ('node', id), ('module', stage, module_call), ('layer', stage, layer id)."""
 
+    matcher: "Matcher | None" = None
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     layer_of: dict[str, str] = field(default_factory=dict)      # node id -> layer id
     unmapped: dict[str, str] = field(default_factory=dict)      # node id -> reason
@@ -74,6 +75,36 @@ class Matcher:
             self._cache[key] = self._resolve(stage, module_call, op)
         return self._cache[key]
 
+    def resolve_scope(self, stage: str, module_call: str) -> str | None:
+        """The analytic layer or block that work in `module_call` belongs to when no rule maps it by op: from the
+        innermost module outwards, the first level where the rules (ops ignored) or the scopes name exactly one."""
+        key = (stage, module_call, "*scope*")
+        if key not in self._cache:
+            names, calls = split_path(module_call)
+            layer = None
+            for k in range(len(names), 0, -1):
+                for rules in (self.table.rules, self.table.scopes):
+                    found = {self._fill(r, g.groupdict(), names[:k], calls[:k]) for r in rules
+                             if (g := r.regex.fullmatch(".".join(names[:k]))) is not None}
+                    found.discard(None)
+                    if len(found) == 1:
+                        layer = found.pop()
+                        break
+                if layer is not None:
+                    break
+            self._cache[key] = Resolution(layer)
+        return self._cache[key].layer
+
+    def _fill(self, rule: Rule, groups: dict[str, str], names: list[str], calls: list[int]) -> str | None:
+        """The rule's layer id for this module call; None when a call name it needs is out of range."""
+        for spec in self.table.call_names:
+            if "{" + spec.placeholder + "}" in rule.layer:
+                name = self._call_name(spec, names, calls)
+                if name is None:
+                    return None
+                groups[spec.placeholder] = name
+        return rule.layer.format(**groups)
+
     def _call_name(self, spec: CallName, names: list[str], calls: list[int]) -> str | None:
         for k in range(len(names)):
             if ".".join(names[: k + 1]) in spec.modules:
@@ -91,14 +122,10 @@ class Matcher:
             raise FlopdiffError(f"mapping table {self.table.source}: ambiguous: {hits[0][0].name()} and "
                                 f"{hits[1][0].name()} both match module {path} with op {op}; narrow one of them")
         rule, groups = hits[0]
-        for spec in self.table.call_names:
-            if "{" + spec.placeholder + "}" in rule.layer:
-                name = self._call_name(spec, names, calls)
-                if name is None:
-                    return Resolution(None, rule.index, f"{rule.name()}: call {module_call} has no "
-                                                        f"{spec.placeholder} name in {self.orders[spec.placeholder]}")
-                groups[spec.placeholder] = name
-        layer = rule.layer.format(**groups)
+        layer = self._fill(rule, groups, names, calls)
+        if layer is None:
+            return Resolution(None, rule.index, f"{rule.name()}: call {module_call} has no name in "
+                                                f"{self.orders}")
         if layer not in self.catalogue.get(stage, set()):
             return Resolution(None, rule.index, f"{rule.name()} gives {layer!r}, which the analytic model has not "
                                                 f"in stage {stage}")
@@ -109,7 +136,7 @@ def map_nodes(table: Table, nodes: Iterable[dict[str, Any]], present: set[str],
               catalogue: dict[str, set[str]]) -> Mapping:
     """Resolve every FLOP-bearing node record (report.json's `nodes`) to one analytic layer."""
     matcher = Matcher(table, present, catalogue)
-    result = Mapping()
+    result = Mapping(matcher)
     g = result.graph
     for node in nodes:
         if not flop_bearing(node):

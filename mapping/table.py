@@ -65,6 +65,7 @@ class Table:
     source: str
     rules: tuple[Rule, ...]
     call_names: tuple[CallName, ...]
+    scopes: tuple[Rule, ...] = ()  # module -> enclosing analytic block, for work no rule maps (CUDA kernels)
 
 
 def compile_pattern(pattern: str, where: str) -> re.Pattern:
@@ -117,23 +118,26 @@ def load_table(model_or_path: str) -> Table:
     calls = tuple(CallName(name, tuple(spec["modules"]), tuple(spec["order"]))
                   for name, spec in (raw.get("call_names") or {}).items())
     call_fields = {c.placeholder for c in calls}
-    rules = []
-    for i, r in enumerate(raw["rules"]):
-        if not isinstance(r, dict) or not {"module", "layer"} <= r.keys() or r.keys() - {"module", "layer", "ops"}:
-            raise FlopdiffError(f"{where}: rule {i}: expected keys module, layer and optionally ops; got {r!r}")
-        rule = Rule(i, r["module"], r["layer"], tuple(r.get("ops") or ()),
-                    compile_pattern(r["module"], f"{where}: rule {i}"))
-        missing = set(_FIELD.findall(rule.layer)) - set(rule.regex.groupindex) - call_fields
-        if missing:
-            raise FlopdiffError(f"{where}: {rule.name()}: layer template uses {sorted(missing)}, which the module "
-                                "pattern does not capture")
-        rules.append(rule)
-    return Table(str(raw["model"]), str(path), tuple(rules), calls)
+    rules = tuple(_rule(i, r, where, call_fields) for i, r in enumerate(raw["rules"]))
+    scopes = tuple(_rule(i, r, f"{where}: scopes", call_fields, ops=False) for i, r in enumerate(raw.get("scopes") or []))
+    return Table(str(raw["model"]), str(path), rules, calls, scopes)
+
+
+def _rule(i: int, r: Any, where: str, call_fields: set[str], ops: bool = True) -> Rule:
+    keys = {"module", "layer", "ops"} if ops else {"module", "layer"}
+    if not isinstance(r, dict) or not {"module", "layer"} <= r.keys() or r.keys() - keys:
+        raise FlopdiffError(f"{where}: rule {i}: expected keys {', '.join(sorted(keys))} (ops optional); got {r!r}")
+    rule = Rule(i, r["module"], r["layer"], tuple(r.get("ops") or ()), compile_pattern(r["module"], f"{where}: rule {i}"))
+    missing = set(_FIELD.findall(rule.layer)) - set(rule.regex.groupindex) - call_fields
+    if missing:
+        raise FlopdiffError(f"{where}: {rule.name()}: layer template uses {sorted(missing)}, which the module "
+                            "pattern does not capture")
+    return rule
 
 
 def check_layers(table: Table, catalogue: set[str]) -> None:
     """Fail at load time when a rule names a layer the analytic model does not have."""
-    for rule in table.rules:
+    for rule in table.rules + table.scopes:
         rx = template_regex(rule.layer)
         if not any(rx.fullmatch(lid) for lid in catalogue):
             near = sorted(lid for lid in catalogue if lid.split(".")[0] == rule.layer.split(".")[0])[:3]

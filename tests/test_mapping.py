@@ -89,7 +89,8 @@ def _table(tmp_path, extra_rules: str, drop: str | None = None):
     if drop:
         text = "\n".join(line for line in text.splitlines() if drop not in line)
     path = tmp_path / "table.yaml"
-    path.write_text(text.rstrip("\n") + "\n" + extra_rules)
+    head, sep, scopes = text.partition("\n# Enclosing analytic blocks")  # extra rules go at the end of `rules`
+    path.write_text(head.rstrip("\n") + "\n" + extra_rules + sep + scopes)
     return str(path)
 
 

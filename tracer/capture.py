@@ -23,7 +23,7 @@ import os
 import sys
 import weakref
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +63,7 @@ class StageGraph:
     step: int | None = None
     kv_len: int | None = None
     notes: list[str] = field(default_factory=list)
+    kernels: list[dict] = field(default_factory=list)  # CUDA runs: one record per kernel launch
 
     def op_nodes(self) -> Iterable[torch.fx.Node]:
         return (n for n in self.graph.nodes if n.op == "call_function" and n.target is not operator.getitem)
@@ -71,8 +72,10 @@ class StageGraph:
 class _ModuleStack:
     """Tracks which module is running via global forward hooks, with per-parent call indices."""
 
-    def __init__(self, names: dict[int, str]):
+    def __init__(self, names: dict[int, str], ranges: bool = False):
         self.names = names
+        self.ranges = ranges  # profiler ranges `flopdiff.module.<qualified>` around each module call
+        self._open: list[object] = []
         self.frames: list[tuple[str, str, str, dict[str, int]]] = []  # (path, qualified, class, child calls)
         self.root_calls: dict[str, int] = {}
         self._snapshot: tuple[dict[str, tuple[str, str]], str, str, str] | None = None
@@ -91,11 +94,15 @@ class _ModuleStack:
         local = path[len(parent_p) + 1:] if parent_p and path.startswith(parent_p + ".") else path
         qualified = (parent_q + "." if parent_q else "") + local + (f"#{k}" if k else "")
         self.frames.append((path, qualified, type(module).__qualname__, {}))
+        if self.ranges:
+            self._open.append(_range(f"{MODULE_RANGE}{qualified}"))
 
     def pop(self, *_):
         self._snapshot = None
         if self.frames:
-            self.frames.pop()
+            path = self.frames.pop()[0]
+            if self.ranges and path:
+                self._open.pop().__exit__(None, None, None)
 
     def snapshot(self) -> tuple[dict[str, tuple[str, str]], str, str, str]:
         """(nn_module_stack, path, qualified path, class) of the innermost module; cached between hooks, as
@@ -158,6 +165,17 @@ class _SourceLocator:
         return source, vendor
 
 
+OP_RANGE = "flopdiff.op."          # + the recorded op's sequence number (node.meta["seq"])
+MODULE_RANGE = "flopdiff.module."  # + the module call's qualified path
+
+
+def _range(name: str):
+    """An open profiler range that does not pass through the dispatcher (so the recorder never sees it)."""
+    rf = torch._C._profiler._RecordFunctionFast(name)
+    rf.__enter__()
+    return rf
+
+
 def op_name(target) -> str:
     """`aten::mm`, `flash_attn::_flash_attn_forward`, `higher_order::flex_attention`."""
     if isinstance(target, HigherOrderOperator):
@@ -181,11 +199,14 @@ class GraphRecorder(TorchDispatchMode):
 
     supports_higher_order_operators = True
 
-    def __init__(self, tensor_names: dict[int, str], module_names: dict[int, str], vendor_roots: Iterable[str]):
+    def __init__(self, tensor_names: dict[int, str], module_names: dict[int, str], vendor_roots: Iterable[str],
+                 ranges: bool = False):
         super().__init__()
         self.graph = torch.fx.Graph()
         self.tensor_names = tensor_names
-        self.modules = _ModuleStack(module_names)
+        self.modules = _ModuleStack(module_names, ranges)
+        self.ranges = ranges  # profiler ranges around each recorded op, for kernel attribution
+        self._seq = 0
         self.locator = _SourceLocator(vendor_roots)
         self._nodes: dict[int, tuple[torch.fx.Node, torch.Tensor]] = {}
         self._first_op: torch.fx.Node | None = None
@@ -225,7 +246,8 @@ class GraphRecorder(TorchDispatchMode):
         stack, path, qualified, cls = self.modules.snapshot()
         source, vendor = self.locator.locate()
         node.meta.update(val=out, nn_module_stack=stack, module=path, module_call=qualified,
-                         module_class=cls, source=source, vendor_source=vendor, op=op_name(func))
+                         module_class=cls, source=source, vendor_source=vendor, op=op_name(func), seq=self._seq)
+        self._seq += 1
         if isinstance(out, torch.Tensor):
             self._nodes[id(out)] = (node, out)
         elif isinstance(out, (tuple, list)):
@@ -240,7 +262,7 @@ class GraphRecorder(TorchDispatchMode):
         if func in _SKIPPED:
             return NotImplemented
         if isinstance(func, HigherOrderOperator):
-            out = func(*args, **kwargs)
+            out = self._run(func, args, kwargs)
             self._record(func, args, kwargs, out)
             return out
         # Same rule as FlopCounterMode: an op torch has no formula for is decomposed when it can be.
@@ -249,21 +271,47 @@ class GraphRecorder(TorchDispatchMode):
                 r = func.decompose(*args, **kwargs)
                 if r is not NotImplemented:
                     return r
-        out = func(*args, **kwargs)
+        out = self._run(func, args, kwargs)
         self._record(func, args, kwargs, out)
         return out
 
+    def _run(self, func, args, kwargs):
+        if not self.ranges:
+            return func(*args, **kwargs)
+        rf = _range(f"{OP_RANGE}{self._seq}")
+        try:
+            return func(*args, **kwargs)
+        finally:
+            rf.__exit__(None, None, None)
+
 
 def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, vendor_roots: Iterable[str] = (),
-            step: int | None = None, kv_len: int | None = None) -> tuple[StageGraph, object]:
-    """Run `fn()` (one vendor forward) and return its graph and its result."""
+            step: int | None = None, kv_len: int | None = None,
+            profile: bool = False) -> tuple[StageGraph, object]:
+    """Run `fn()` (one vendor forward) and return its graph and its result. `profile` (CUDA): run it under
+    torch.profiler too, with a range per op and per module call, and keep each kernel with its ranges
+    (`StageGraph.kernels`, see `tracer.kernels`)."""
     tensor_names, module_names = _names(model)
-    recorder = GraphRecorder(tensor_names, module_names, vendor_roots)
-    with _module_hooks(recorder.modules), recorder:
+    recorder = GraphRecorder(tensor_names, module_names, vendor_roots, ranges=profile)
+    prof = _profiler() if profile else nullcontext()
+    with prof, _module_hooks(recorder.modules), recorder:
         result = fn()
+        if profile and torch.cuda.is_available():
+            torch.cuda.synchronize()
     outputs = [recorder._node_for(t) for t in result_tensors(result)]
     recorder.graph.output(tuple(outputs))
-    return StageGraph(stage, recorder.graph, step=step, kv_len=kv_len), result
+    sg = StageGraph(stage, recorder.graph, step=step, kv_len=kv_len)
+    if profile:
+        from tracer.kernels import kernel_records
+
+        sg.kernels = kernel_records(prof.events())
+    return sg, result
+
+
+def _profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
 
 _NAMES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[dict[int, str], dict[int, str]]]" = weakref.WeakKeyDictionary()

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(*.py, *.json; no weights), or its hub id where the hub is reachable")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow importing and running the vendor's Python files from --vendor-dir")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda (with --mode real): run on the GPU and attribute every kernel (torch.profiler) to "
+                        "nodes and analytic layers")
     p.add_argument("--mode", choices=("fake", "real"), default="fake",
                    help="fake: no weights, no compute (minimal declared shims); real: the vendor code on random "
                         "weights, computing for real (slow on CPU)")
@@ -127,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from tracer.explain import explain
     from tracer.gaps import add_diff, analytic_for, map_report
     from tracer.html import render_html
+    from tracer.kernels import attribute_kernels, kernel_table
     from tracer.overlay import overlay
     from tracer.report import build_report, dumps, gap_table, stage_table, unmapped_table, unseen_table, write_atomic
     from tracer.trace import trace
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     workload = workload_from_args(args)
     options = BuildOptions(attn=parse_impl(args.attn, "--attn") if args.attn else None,
                            experts=parse_impl(args.experts, "--experts"), vendor_dir=args.vendor_dir,
-                           trust_remote_code=args.trust_remote_code)
+                           trust_remote_code=args.trust_remote_code, device=args.device)
     conventions = Conventions(causal_halving=args.causal_halving)
     if args.mode == "real" and options.device == "cpu":
         config = args.config or (str(Path(args.vendor_dir) / "config.json") if args.vendor_dir else None)
@@ -154,12 +158,18 @@ def run(args: argparse.Namespace) -> int:
         report = build_report(tr)
         status.update(f"analytic model ({args.analytic}) and mapping")
         analytic = analytic_for(report, args.analytic, args.causal_halving, args.config)
-        add_diff(report, analytic, map_report(report, analytic, args.mapping))
+        mapping = map_report(report, analytic, args.mapping)
+        add_diff(report, analytic, mapping)
+        if args.device == "cuda":
+            status.update("attributing kernels")
+            attribute_kernels(tr, report, mapping.matcher)
         detail = explain(report, analytic, args.explain, args.causal_halving) if args.explain else None
     out = Console(width=None if sys.stdout.isatty() else 140)  # piped output: full numbers, no ellipsis
     out.print(stage_table(report))
     out.print(gap_table(report))
     out.print(unseen_table(report))
+    if report.get("kernels"):
+        out.print(kernel_table(report))
     if report["coverage"]["unmapped"]:
         out.print(unmapped_table(report))
     if report["unknown_ops"]:

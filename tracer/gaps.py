@@ -10,6 +10,7 @@ disagree.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +59,13 @@ def analytic_for(report: dict[str, Any], preset: str, causal_halving: bool, conf
 
 
 def catalogue(tree: ModelTree) -> dict[str, set[str]]:
-    return {stage: {leaf.id for b in blocks for leaf in b.leaves()} for stage, blocks in tree.stages.items()}
+    """Per stage, every layer id of the tree: leaves and the blocks that hold them (scopes name blocks)."""
+    def ids(layer) -> Iterator[str]:
+        yield layer.id
+        for child in getattr(layer, "children", ()):
+            yield from ids(child)
+
+    return {stage: {i for b in blocks for i in ids(b)} for stage, blocks in tree.stages.items()}
 
 
 def present_views(report: dict[str, Any]) -> set[str]:

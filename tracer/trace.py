@@ -18,6 +18,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tracer.capture import StageGraph, capture, subgraph
+from tracer.errors import FlopdiffError
 from tracer.vendors import BuildOptions, Prepared, get_vendor
 from tracer.workload import Workload, validate
 
@@ -58,6 +59,16 @@ def _no_init():
         yield
 
 
+def _to_device(x: Any, device: str) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
 def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_path: str | None = None,
           progress: Callable[[str], None] = lambda msg: None, mode: str = "fake") -> Trace:
     """`mode="fake"`: no weights, no compute (FakeTensorMode). `mode="real"`: random weights, real compute
@@ -70,19 +81,27 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
     prepared = vendor.prepare(workload, config)
     roots = vendor.source_roots()
     fake = FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else contextlib.nullcontext()
+    cuda = options.device == "cuda"
+    if cuda:
+        if mode != "real":
+            raise FlopdiffError("--device cuda: needs --mode real (fake tensors run no kernels to attribute)")
+        if not torch.cuda.is_available():
+            raise FlopdiffError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+        prepared.inputs = _to_device(prepared.inputs, "cuda")
+    device = torch.device("cuda") if cuda else contextlib.nullcontext()
     progress(f"building the model ({mode} weights)")
-    with fake, (_no_init() if mode == "fake" else contextlib.nullcontext()):
+    with fake, device, (_no_init() if mode == "fake" else contextlib.nullcontext()):
         model = vendor.build(config, options)
     result = Trace(workload, prepared, options, config=config)
-    with fake, torch.no_grad(), vendor.shims():
+    with fake, device, torch.no_grad(), vendor.shims():
         progress("prefill")
-        prefill, out = capture(vendor.prefill(model, prepared), model, "prefill", vendor_roots=roots)
+        prefill, out = capture(vendor.prefill(model, prepared), model, "prefill", vendor_roots=roots, profile=cuda)
         decode = []
         prompt_len = prepared.derived.prompt_len
         for k in range(workload.decode_steps):
             progress(f"decode step {k + 1}/{workload.decode_steps}")
             step, out = capture(vendor.decode(model, out, k), model, "decode", vendor_roots=roots,
-                                step=k, kv_len=prompt_len + k)
+                                step=k, kv_len=prompt_len + k, profile=cuda)
             decode.append(step)
     result.stages = {"vision": [subgraph(prefill, "vision", _under(vendor.vision_modules))],
                      "prefill": [prefill], "decode": decode}
