@@ -11,7 +11,7 @@ SHARED = HERE.parent.parent / "shared"
 
 def _has_v2() -> bool:
     try:
-        from transformers import DeepseekOcr2ForConditionalGeneration  # noqa: F401
+        import transformers.models.deepseek_ocr2  # noqa: F401  (a module: its import is the check)
     except ImportError:
         return False
     return True

@@ -76,6 +76,10 @@ class _ModuleStack:
         self.names = names
         self.ranges = ranges  # profiler ranges `flopdiff.module.<qualified>` around each module call
         self._open: list[object] = []
+        # `--ncu MODULE` runs flopdiff again under Nsight Compute with FLOPDIFF_NVTX=MODULE: one NVTX range
+        # named NVTX_RANGE around each call of that module, which ncu's --nvtx-include selects
+        self.nvtx_module = os.environ.get("FLOPDIFF_NVTX") if ranges else None
+        self._nvtx: list[bool] = []
         self.frames: list[tuple[str, str, str, dict[str, int]]] = []  # (path, qualified, class, child calls)
         self.root_calls: dict[str, int] = {}
         self._snapshot: tuple[dict[str, tuple[str, str]], str, str, str] | None = None
@@ -96,6 +100,9 @@ class _ModuleStack:
         self.frames.append((path, qualified, type(module).__qualname__, {}))
         if self.ranges:
             self._open.append(_range(f"{MODULE_RANGE}{qualified}"))
+            self._nvtx.append(path == self.nvtx_module)
+            if self._nvtx[-1]:
+                torch.cuda.nvtx.range_push(NVTX_RANGE)
 
     def pop(self, *_):
         self._snapshot = None
@@ -103,6 +110,8 @@ class _ModuleStack:
             path = self.frames.pop()[0]
             if self.ranges and path:
                 self._open.pop().__exit__(None, None, None)
+                if self._nvtx.pop():
+                    torch.cuda.nvtx.range_pop()
 
     def snapshot(self) -> tuple[dict[str, tuple[str, str]], str, str, str]:
         """(nn_module_stack, path, qualified path, class) of the innermost module; cached between hooks, as
@@ -167,6 +176,7 @@ class _SourceLocator:
 
 OP_RANGE = "flopdiff.op."          # + the recorded op's sequence number (node.meta["seq"])
 MODULE_RANGE = "flopdiff.module."  # + the module call's qualified path
+NVTX_RANGE = "flopdiff-ncu"
 
 
 def _range(name: str):

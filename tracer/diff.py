@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda (with --mode real): run on the GPU and attribute every kernel (torch.profiler) to "
                         "nodes and analytic layers")
+    p.add_argument("--ncu", metavar="MODULE",
+                   help="with --device cuda: Nsight Compute hardware FLOPs for the kernels inside MODULE (a module "
+                        "path, e.g. model.language_model.layers.1), beside the formula")
     p.add_argument("--mode", choices=("fake", "real"), default="fake",
                    help="fake: no weights, no compute (minimal declared shims); real: the vendor code on random "
                         "weights, computing for real (slow on CPU)")
@@ -131,10 +134,14 @@ def run(args: argparse.Namespace) -> int:
     from tracer.gaps import add_diff, analytic_for, map_report
     from tracer.html import render_html
     from tracer.kernels import attribute_kernels, kernel_table
+    from tracer.ncu import join as ncu_join
+    from tracer.ncu import ncu_table, run_ncu
     from tracer.overlay import overlay
     from tracer.report import build_report, dumps, gap_table, stage_table, unmapped_table, unseen_table, write_atomic
     from tracer.trace import trace
 
+    if args.ncu and args.device != "cuda":
+        raise FlopdiffError(f"--ncu {args.ncu}: needs --device cuda --mode real")
     if args.max_gap is not None and args.max_gap < 0:
         raise FlopdiffError(f"--max-gap {args.max_gap}: must be 0 or more (percent of the full count)")
     get_vendor(args.model)                      # bad model, preset or table: fail before minutes of tracing
@@ -163,6 +170,10 @@ def run(args: argparse.Namespace) -> int:
         if args.device == "cuda":
             status.update("attributing kernels")
             attribute_kernels(tr, report, mapping.matcher)
+        if args.ncu:
+            status.update(f"Nsight Compute on the kernels inside {args.ncu} (runs flopdiff again)")
+            rows, ncu_csv = run_ncu(args.argv, args.ncu)
+            report["ncu"] = ncu_join(report, args.ncu, rows)
         detail = explain(report, analytic, args.explain, args.causal_halving) if args.explain else None
     out = Console(width=None if sys.stdout.isatty() else 140)  # piped output: full numbers, no ellipsis
     out.print(stage_table(report))
@@ -170,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     out.print(unseen_table(report))
     if report.get("kernels"):
         out.print(kernel_table(report))
+    if report.get("ncu"):
+        out.print(ncu_table(report))
     if report["coverage"]["unmapped"]:
         out.print(unmapped_table(report))
     if report["unknown_ops"]:
@@ -181,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
     write_atomic(folder / "report.json", dumps(report, only_flops=args.json_nodes == "flops"))
     write_atomic(folder / "report.html", render_html(report))
     write_atomic(folder / "model-explorer.json", json.dumps(overlay(report), separators=(",", ":")))
+    if args.ncu:
+        write_atomic(folder / "ncu.csv", ncu_csv)
     out.print(f"wrote {folder}/report.json, report.html, model-explorer.json")
     over = [s for s in report["stages"] if args.max_gap is not None and abs(s["gap_pct"]) > args.max_gap]
     for s in over:
@@ -190,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # --ncu runs the same command line again
     try:
         return run(args)
     except FlopdiffError as exc:

@@ -8,7 +8,8 @@ without one (norms, activations, residual adds) and a bare module go to the clos
 table names (`Matcher.resolve_scope`); a kernel outside every module is "outside the model". So 100% of kernel
 time lands somewhere named.
 
-FLOPs: a node's FLOPs go to its longest kernel (the compute kernel; helpers such as split-K reductions get 0).
+FLOPs: a node's FLOPs go to its compute kernel: its longest kernel that is not one of torch's generic helpers
+(`at::native::` elementwise/copy/reduce kernels, memsets), else its longest; the helpers get 0.
 "counted by FlopCounterMode": yes (torch == full), no (torch 0, full > 0), partly, or "-" (no FLOPs).
 """
 
@@ -44,6 +45,24 @@ def kernel_records(events) -> list[dict[str, Any]]:
         for k in kernels:
             records.append({"kernel": k.name, "us": float(k.duration), "op": op, "module": module})
     return records
+
+
+def compute_kernels(report: dict[str, Any], records: list[dict[str, Any]]) -> dict[int, int]:
+    """Record index -> FLOPs (full) for each node's compute kernel: its longest kernel that is not one of torch's
+    own helpers (layout copies, bias adds, reductions, memsets), else its longest kernel."""
+    best: dict[str, int] = {}
+    for i, r in enumerate(records):
+        if r["node"] is None:
+            continue
+        j = best.get(r["node"])
+        if j is None or (_helper(records[j]["kernel"]), -records[j]["us"]) > (_helper(r["kernel"]), -r["us"]):
+            best[r["node"]] = i
+    flops = {n["id"]: n["flops_full"] for n in report["nodes"]}
+    return {i: flops.get(nid, 0) for nid, i in best.items() if nid in flops}
+
+
+def _helper(kernel: str) -> bool:
+    return "at::native::" in kernel or kernel.startswith("Memset") or kernel.startswith("Memcpy")
 
 
 def counted(torch_flops: int, full: int) -> str:
@@ -83,17 +102,13 @@ def attribute(report: dict[str, Any], records: list[dict[str, Any]], matcher: Ma
               device: dict[str, Any] | None = None) -> None:
     """Adds `kernels` (per kernel name) and `kernel_layers` (per stage and layer) to the report."""
     nodes = {n["id"]: n for n in report["nodes"]}
-    # the longest kernel of each node carries the node's FLOPs
-    longest: dict[str, int] = {}
-    for i, r in enumerate(records):
-        if r["node"] is not None and (r["node"] not in longest or r["us"] > records[longest[r["node"]]]["us"]):
-            longest[r["node"]] = i
+    compute = compute_kernels(report, records)
     by_kernel: dict[str, dict[str, Any]] = {}
     by_layer: dict[tuple[str, str], dict[str, Any]] = {}
     for i, r in enumerate(records):
         node = nodes.get(r["node"]) if r["node"] else None
         flops_full = flops_torch = 0
-        if node is not None and longest.get(node["id"]) == i:
+        if i in compute:
             flops_full, flops_torch = node["flops_full"], node["flops_torch"]
         layer = _layer(node, r, matcher)
         k = by_kernel.setdefault(r["kernel"], {"kernel": r["kernel"], "calls": 0, "time_us": 0.0, "flops_full": 0,

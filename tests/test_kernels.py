@@ -1,0 +1,137 @@
+"""Kernel attribution (CUDA runs), tested on CPU from data flopdiff itself recorded on an H200
+(tests/data/cuda/: DeepSeek-OCR-2 640x640, 4 text tokens, 1 decode step, real bf16 weights, sdpa + grouped_mm)."""
+
+import gzip
+import json
+import types
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mapping.engine import map_nodes
+from mapping.table import load_table
+from tracer.capture import MODULE_RANGE, OP_RANGE
+from tracer.gaps import analytic_for, catalogue, present_views
+from tracer.kernels import OUTSIDE, attribute, counted, kernel_records
+
+DATA = Path(__file__).resolve().parent / "data" / "cuda" / "v2-640x640-h200.json.gz"
+
+
+@pytest.fixture(scope="module")
+def h200():
+    doc = json.loads(gzip.open(DATA).read())
+    report = {"model": doc["model"], "workload": doc["workload"], "nodes": doc["nodes"]}
+    device_layers = {n["id"]: n["layer"] for n in doc["nodes"]}
+    for n in report["nodes"]:
+        n["layer"] = None
+    an = analytic_for(report, "aligned", False, None)
+    mapping = map_nodes(load_table("deepseek-ocr-2"), report["nodes"], present_views(report), catalogue(an.aligned))
+    for n in report["nodes"]:
+        n["layer"] = mapping.layer_of.get(n["id"])
+    attribute(report, doc["kernel_records"], mapping.matcher, doc["device"])
+    return report, doc, device_layers
+
+
+def test_every_kernel_microsecond_is_attributed_to_a_named_layer(h200):
+    report, doc, _ = h200
+    total = sum(r["us"] for r in doc["kernel_records"])
+    assert report["kernel_time"]["total_us"] == pytest.approx(total)
+    assert sum(r["time_us"] for r in report["kernel_layers"]) == pytest.approx(total)
+    assert [r for r in report["kernel_layers"] if r["layer"].startswith("(module")] == []
+    assert report["kernel_time"]["outside_model_us"] == sum(r["time_us"] for r in report["kernel_layers"]
+                                                            if r["layer"] == OUTSIDE)
+    layers = {r["layer"] for r in report["kernel_layers"]}
+    assert {"decoder.layers.3.mlp.experts", "decoder.layers.3.attn", "vision.global.sam.blocks.2.attn",
+            "vision.global.encoder.layers.5.attn", "lm_head", "decoder.layers.3", "vision"} <= layers
+
+
+def test_mapping_on_cpu_agrees_with_the_device_run(h200):
+    report, _, device_layers = h200
+    assert {n["id"]: n["layer"] for n in report["nodes"]} == device_layers
+
+
+def test_grouped_gemm_kernels_flagged_unseen_with_formula_flops(h200):
+    report, doc, _ = h200
+    grouped = sum(n["flops_full"] for n in doc["nodes"] if n["op"] == "aten::_grouped_mm" and n["stage"] != "vision")
+    rows = [k for k in report["kernels"] if k["flops_full"] and "aten::_grouped_mm" in k["ops"]]
+    assert rows and all(k["counted_by_flopcountermode"] == "no" for k in rows)
+    assert sum(k["flops_full"] for k in rows) == grouped == sum(k["unseen_flops"] for k in rows)
+    assert report["kernels"][0] is rows[0]  # sorted by FLOPs FlopCounterMode misses
+    assert all("cutlass" in k["kernel"] for k in rows)  # CUTLASS grouped GEMM
+
+
+def test_every_attention_node_has_its_kernels_and_flops(h200):
+    report, doc, _ = h200
+    attn = [n for n in doc["nodes"] if "scaled_dot_product" in n["op"] and n["stage"] != "vision"]
+    launched = {r["node"] for r in doc["kernel_records"]}
+    assert attn and all(n["id"] in launched for n in attn)
+    rows = [k for k in report["kernels"] if any("scaled_dot_product" in o for o in k["ops"]) and k["flops_full"]]
+    assert sum(k["flops_full"] for k in rows) == sum(n["flops_full"] for n in attn)
+    assert {k["counted_by_flopcountermode"] for k in rows} == {"yes"}  # cuDNN SDPA: torch has the formula on CUDA
+    assert all(k["kernel"].startswith("cudnn_generated_fort_native_sdpa") for k in rows)
+
+
+def test_kernel_flops_add_up_to_the_stage_totals(h200):
+    report, doc, _ = h200
+    stages = {s["name"]: s for s in doc["stages"]}
+    assert sum(k["flops_full"] for k in report["kernels"]) == stages["prefill"]["flops_full"] + stages["decode"]["flops_full"]
+    assert sum(k["flops_torch"] for k in report["kernels"]) == stages["prefill"]["flops_torch"] + stages["decode"]["flops_torch"]
+    # a convolution's FLOPs sit on its convolution kernel, not on a layout or bias-add helper
+    conv = [k for k in report["kernels"] if k["flops_full"] and "aten::convolution" in k["ops"]]
+    assert conv and not any("at::native::" in k["kernel"] for k in conv)
+
+
+def test_achieved_rate_against_the_card_peak(h200):
+    report, doc, _ = h200
+    assert (doc["device"]["name"], doc["device"]["sms"], doc["device"]["max_sm_clock_mhz"]) == ("NVIDIA H200", 132, 1980)
+    assert doc["device"]["peak_bf16_tflops"] == round(132 * 1980e6 * 4096 / 1e12, 1)  # SMs x clock x FLOPs/SM/clock
+    qkv = next(r for r in report["kernel_layers"] if r["layer"] == "vision.global.sam.blocks.2.qkv")
+    assert qkv["achieved_tflops"] == pytest.approx(qkv["flops_full"] / (qkv["time_us"] * 1e-6) / 1e12, rel=1e-3)
+    assert 0 < qkv["peak_pct"] < 100
+
+
+def test_counted_by_flopcountermode():
+    assert [counted(0, 0), counted(5, 5), counted(0, 5), counted(2, 5)] == ["-", "yes", "no", "partly"]
+
+
+def test_kernel_records_walk_to_the_innermost_op_and_module_range():
+    def ev(name, parent=None, kernels=()):
+        return types.SimpleNamespace(name=name, cpu_parent=parent,
+                                     kernels=[types.SimpleNamespace(name=k, duration=d) for k, d in kernels])
+    outer = ev(f"{MODULE_RANGE}model.layers.0")
+    inner = ev(f"{MODULE_RANGE}model.layers.0.mlp", outer)
+    op = ev(f"{OP_RANGE}17", inner)
+    aten = ev("aten::mm", op, [("gemm", 3.0), ("splitk_reduce", 1.0)])
+    triton = ev("triton_launch", inner, [("triton_kernel", 2.0)])
+    stray = ev("aten::copy_", None, [("copy", 0.5)])
+    records = kernel_records([outer, inner, op, aten, triton, stray])
+    assert records == [
+        {"kernel": "gemm", "us": 3.0, "op": 17, "module": "model.layers.0.mlp"},
+        {"kernel": "splitk_reduce", "us": 1.0, "op": 17, "module": "model.layers.0.mlp"},
+        {"kernel": "triton_kernel", "us": 2.0, "op": None, "module": "model.layers.0.mlp"},
+        {"kernel": "copy", "us": 0.5, "op": None, "module": None},
+    ]
+    assert Counter(r["module"] for r in records)[None] == 1
+
+
+@pytest.mark.parametrize("model, module, layer", [
+    ("deepseek-ocr-2", "model.language_model.layers.3.self_attn", "decoder.layers.3.attn"),
+    ("deepseek-ocr", "model.layers.3.self_attn", "decoder.layers.3.attn"),
+])
+def test_flash_attn_ops_map_to_the_attention_layer_and_carry_their_kernels(model, module, layer):
+    """The Dao-AILab ops (v1's flash_attention_2 path) by name: mapped like SDPA, their kernel carries the
+    formula FLOPs and is flagged unseen (formula and causal switch: tests/test_custom_ops.py)."""
+    from analytic.api import build, shape_for
+
+    tree = build(model, shape_for(model, (1000, 1400), text_tokens=9, decode_steps=1))
+    node = {"id": "prefill/flash_fwd", "stage": "prefill", "op": "flash_attn::_flash_attn_forward", "module": module,
+            "flops_full": 1234, "flops_torch": 0, "status": "formula"}
+    mapping = map_nodes(load_table(model), [node], {"global", "tiles"}, catalogue(tree))
+    assert mapping.layer_of == {"prefill/flash_fwd": layer}
+    report = {"nodes": [{**node, "layer": layer}]}
+    records = [{"kernel": "flash_fwd_kernel", "us": 5.0, "node": "prefill/flash_fwd", "module": module,
+                "stage": "prefill", "step": None}]
+    attribute(report, records, mapping.matcher)
+    (k,) = report["kernels"]
+    assert (k["flops_full"], k["counted_by_flopcountermode"], k["layers"]) == (1234, "no", [layer])

@@ -1,0 +1,139 @@
+"""`--ncu MODULE` (CUDA): hardware FLOPs from Nsight Compute for the kernels launched inside one module (e.g. one
+decoder layer, `model.language_model.layers.1`), beside the formula FLOPs of the same launches.
+
+flopdiff runs itself again under `ncu` with FLOPDIFF_NVTX=MODULE: an NVTX range around each call of MODULE, which
+`--nvtx-include` selects, so only that module's kernels are replayed. The program is the same, so the
+k-th kernel ncu profiled is the k-th kernel flopdiff recorded under MODULE (prefill, then each decode step).
+
+Metrics (Hopper, sm_90): tensor-core FLOPs `sm__ops_path_tensor_src_{bf16,fp16}_dst_fp32.sum` and
+`sm__ops_path_tensor_src_tf32_dst_fp32.sum` (2 per multiply-add, every tile the kernel computes: padded rows of a
+grouped GEMM, whole diagonal tiles of causal attention), and CUDA-core FLOPs from SASS thread instructions:
+`smsp__sass_thread_inst_executed_op_ffma_pred_on.sum` (x2), `..._fadd_pred_on.sum`, `..._fmul_pred_on.sum`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from tracer.capture import NVTX_RANGE
+from tracer.errors import FlopdiffError
+
+TENSOR = ("sm__ops_path_tensor_src_bf16_dst_fp32.sum", "sm__ops_path_tensor_src_fp16_dst_fp32.sum",
+          "sm__ops_path_tensor_src_tf32_dst_fp32.sum")
+CUDA_CORE = {"smsp__sass_thread_inst_executed_op_ffma_pred_on.sum": 2,
+             "smsp__sass_thread_inst_executed_op_fadd_pred_on.sum": 1,
+             "smsp__sass_thread_inst_executed_op_fmul_pred_on.sum": 1}
+METRICS = (*TENSOR, *CUDA_CORE)
+
+
+def parse_csv(text: str) -> list[dict[str, Any]]:
+    """`ncu --csv --page raw` -> one row per profiled kernel launch, in launch order:
+    {kernel, tensor_flops, cuda_core_flops, hardware_flops}."""
+    lines = [line for line in text.splitlines() if line.startswith('"')]
+    rows = []
+    for r in csv.DictReader(io.StringIO("\n".join(lines))):
+        if not r.get("ID", "").strip().isdigit():
+            continue  # the units row
+        num = lambda k: float((r.get(k) or "0").replace(",", "") or 0)  # noqa: E731
+        tensor = sum(num(k) for k in TENSOR)
+        core = sum(w * num(k) for k, w in CUDA_CORE.items())
+        rows.append({"kernel": r["Kernel Name"], "tensor_flops": int(tensor), "cuda_core_flops": int(core),
+                     "hardware_flops": int(tensor + core)})
+    return rows
+
+
+def module_launches(report: dict[str, Any], module: str) -> list[dict[str, Any]]:
+    """The recorded kernel launches inside `module` (any call of it), in launch order, with their formula FLOPs
+    (the node's FLOPs on its compute kernel, as in `tracer.kernels`)."""
+    nodes = {n["id"]: n for n in report["nodes"]}
+    out = []
+    for r in report["kernel_records"]:
+        scope = nodes[r["node"]]["module"] if r["node"] in nodes else (r["module"] or "")
+        plain = ".".join(c.split("#")[0] for c in scope.split("."))
+        if plain == module or plain.startswith(module + "."):
+            out.append(r)
+    return out
+
+
+def join(report: dict[str, Any], module: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per kernel name inside `module`: launches, hardware FLOPs, formula FLOPs, ratio."""
+    from tracer.kernels import compute_kernels
+
+    launches = module_launches(report, module)
+    if len(launches) != len(rows):
+        raise FlopdiffError(f"--ncu {module}: Nsight Compute profiled {len(rows)} kernels, flopdiff recorded "
+                            f"{len(launches)} there; the two runs differ (nondeterministic kernel choice?)")
+    flops = compute_kernels(report, report["kernel_records"])
+    per: dict[str, dict[str, Any]] = {}
+    index = {id(r): i for i, r in enumerate(report["kernel_records"])}
+    for rec, hw in zip(launches, rows):
+        k = per.setdefault(rec["kernel"], {"kernel": rec["kernel"], "launches": 0, "hardware_flops": 0,
+                                           "tensor_flops": 0, "cuda_core_flops": 0, "flops_full": 0})
+        k["launches"] += 1
+        for key in ("hardware_flops", "tensor_flops", "cuda_core_flops"):
+            k[key] += hw[key]
+        k["flops_full"] += flops.get(index[id(rec)], 0)
+    kernels = sorted(per.values(), key=lambda k: -k["hardware_flops"])
+    for k in kernels:
+        k["ratio"] = round(k["tensor_flops"] / k["flops_full"], 4) if k["flops_full"] else None
+    return {"module": module, "metrics": list(METRICS), "kernels": kernels}
+
+
+def run_ncu(argv: list[str], module: str) -> tuple[list[dict[str, Any]], str]:
+    """flopdiff's own command line again, under ncu, profiling only kernels inside `module`: the parsed rows and
+    ncu's raw CSV (written beside the report as ncu.csv)."""
+    ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
+    if not os.path.exists(ncu):
+        raise FlopdiffError("--ncu: Nsight Compute (ncu) is not on PATH")
+    child = _strip(argv, "--ncu")
+    with tempfile.TemporaryDirectory(prefix="flopdiff-ncu-") as tmp:
+        child = _strip(child, "--out") + ["--out", tmp, "--quiet"]
+        cmd = [ncu, "--csv", "--page", "raw", "--metrics", ",".join(METRICS), "--nvtx", "--nvtx-include",
+               f"{NVTX_RANGE}/", "--target-processes", "all", "--clock-control", "none",
+               sys.executable, "-m", "tracer.diff", *child]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FLOPDIFF_NVTX": module})
+    if proc.returncode not in (0, 1):
+        tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise FlopdiffError(f"--ncu {module}: ncu failed (exit {proc.returncode}): {tail}")
+    rows = parse_csv(proc.stdout)
+    if not rows:
+        raise FlopdiffError(f"--ncu {module}: ncu profiled no kernel inside {module} (is it a module path of this "
+                            f"model? see report.json nodes[].module)")
+    return rows, proc.stdout
+
+
+def _strip(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = True
+            continue
+        if a.startswith(flag + "="):
+            continue
+        out.append(a)
+    return out
+
+
+def ncu_table(report: dict[str, Any]):
+    from rich.table import Table
+    from rich.text import Text
+
+    n = report["ncu"]
+    t = Table(title=f"Nsight Compute inside {n['module']}: hardware FLOPs beside the formula", title_justify="left")
+    t.caption = "ratio = tensor-core FLOPs counted by the hardware / formula FLOPs (tile padding, whole diagonal tiles)"
+    for col in ("kernel", "launches", "formula (full)", "hardware tensor", "hardware CUDA-core", "ratio"):
+        t.add_column(col, overflow="fold", justify="left" if col == "kernel" else "right")
+    for k in n["kernels"]:
+        t.add_row(Text(k["kernel"][:90]), str(k["launches"]), f"{k['flops_full']:,}", f"{k['tensor_flops']:,}",
+                  f"{k['cuda_core_flops']:,}", "-" if k["ratio"] is None else f"{k['ratio']:.4f}")
+    return t
