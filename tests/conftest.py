@@ -10,11 +10,9 @@ SHARED = HERE.parent.parent / "shared"
 
 
 def _has_v2() -> bool:
-    try:
-        import transformers.models.deepseek_ocr2  # noqa: F401  (a module: its import is the check)
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("transformers.models.deepseek_ocr2") is not None
 
 
 def pytest_collection_modifyitems(config, items):
