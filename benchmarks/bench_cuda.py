@@ -1,4 +1,4 @@
-"""Benchmark on a CUDA machine: DeepSeek-OCR-2 1000x1400 in real mode on the GPU with kernel attribution,
+"""Benchmark on a CUDA machine: DeepSeek-OCR-2 1000x1400 (4 text tokens, the default) in real mode on the GPU with kernel attribution,
 end to end (load included), for SDPA and for flex attention in the text model; beside it FlopCounterMode alone
 over the same flex-attention run (which it cannot count: torch.compile'd flex attention).
 
@@ -30,7 +30,7 @@ from tracer.workload import Workload
 opts = BuildOptions(attn={"text_config": "flex_attention", "vision_config": "sdpa"}, mode="real", device="cuda")
 vendor = get_vendor("deepseek-ocr-2")
 config = vendor.load_config(None, opts)
-prepared = vendor.prepare(Workload(image_wh=(1000, 1400), text_tokens=9, decode_steps=0), config)
+prepared = vendor.prepare(Workload(image_wh=(1000, 1400), decode_steps=0), config)
 prepared.inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in prepared.inputs.items()}
 with torch.device("cuda"):
     model = vendor.build(config, opts)
@@ -42,14 +42,14 @@ print("FlopCounterMode total", fc.get_total_flops())
 
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "flopdiff-cuda")
-    table = Table(title="DeepSeek-OCR-2 1000x1400 on CUDA, real mode + kernel attribution (9 text tokens, 2 decode steps)")
+    table = Table(title="DeepSeek-OCR-2 1000x1400 on CUDA, real mode + kernel attribution (4 text tokens, 2 decode steps)")
     for col in ("run", "exit", "wall s", "last line"):
         table.add_column(col)
     for name, flags in RUNS.items():
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "tracer.diff", "--device", "cuda", "--mode", "real", "--image-shape", "1000x1400",
-                "--text-tokens", "9", "--decode-steps", "2", "--json-nodes", "flops", "--quiet", "--out", str(folder), *flags]
+                "--decode-steps", "2", "--json-nodes", "flops", "--quiet", "--out", str(folder), *flags]
         t0 = time.perf_counter()
         proc = subprocess.run(argv, capture_output=True, text=True)
         wall = time.perf_counter() - t0

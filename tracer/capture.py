@@ -303,7 +303,9 @@ def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, ven
     (`StageGraph.kernels`, see `tracer.kernels`)."""
     tensor_names, module_names = _names(model)
     recorder = GraphRecorder(tensor_names, module_names, vendor_roots, ranges=profile)
-    prof = _profiler() if profile else nullcontext()
+    # under `--ncu` (FLOPDIFF_NVTX set) Nsight Compute owns CUPTI: keep the ranges, leave the profiler out
+    tracing = profile and not os.environ.get("FLOPDIFF_NVTX")
+    prof = _profiler() if tracing else nullcontext()
     with prof, _module_hooks(recorder.modules), recorder:
         result = fn()
         if profile and torch.cuda.is_available():
@@ -311,7 +313,7 @@ def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, ven
     outputs = [recorder._node_for(t) for t in result_tensors(result)]
     recorder.graph.output(tuple(outputs))
     sg = StageGraph(stage, recorder.graph, step=step, kv_len=kv_len)
-    if profile:
+    if tracing:
         from tracer.kernels import kernel_records
 
         sg.kernels = kernel_records(prof.events())
