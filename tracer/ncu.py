@@ -3,7 +3,8 @@ decoder layer, `model.language_model.layers.1`), beside the formula FLOPs of the
 
 flopdiff runs itself again under `ncu` with FLOPDIFF_NVTX=MODULE: an NVTX range around each call of MODULE, which
 `--nvtx-include` selects, so only that module's kernels are replayed. The program is the same, so the
-k-th kernel ncu profiled is the k-th kernel flopdiff recorded under MODULE (prefill, then each decode step).
+kernels ncu profiled pair with the kernels flopdiff recorded under MODULE in launch order, by kernel name
+(`align`: ncu sees no memsets or copies).
 
 Metrics (Hopper, sm_90): tensor-core FLOPs `sm__ops_path_tensor_src_{bf16,fp16}_dst_fp32.sum` and
 `sm__ops_path_tensor_src_tf32_dst_fp32.sum` (2 per multiply-add, every tile the kernel computes: padded rows of a
@@ -62,18 +63,46 @@ def module_launches(report: dict[str, Any], module: str) -> list[dict[str, Any]]
     return out
 
 
+def kernel_key(name: str) -> str:
+    """The kernel's own name, comparable between CUPTI (demangled, or mangled for CUTLASS) and ncu (demangled
+    function): the last name component before template or call arguments."""
+    if name.startswith("_ZN"):
+        parts, i = [], 3
+        while i < len(name) and name[i].isdigit():
+            j = i
+            while name[j].isdigit():
+                j += 1
+            n = int(name[i:j])
+            parts.append(name[j:j + n])
+            i = j + n
+        return parts[-1] if parts else name
+    base = name.removeprefix("void ").split("<")[0].split("(")[0]
+    return base.rsplit("::", 1)[-1].strip()
+
+
+def align(launches: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Pairs (recorded launch, ncu row) in launch order, matched by kernel name: ncu profiles kernels only (no
+    memsets or copies), and a library may pick another kernel in one run; those stay unpaired."""
+    import difflib
+
+    a = [kernel_key(r["kernel"]) for r in launches]
+    b = [kernel_key(r["kernel"]) for r in rows]
+    pairs = []
+    for m in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks():
+        pairs += [(launches[m.a + k], rows[m.b + k]) for k in range(m.size)]
+    return pairs
+
+
 def join(report: dict[str, Any], module: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per kernel name inside `module`: launches, hardware FLOPs, formula FLOPs, ratio."""
     from tracer.kernels import compute_kernels
 
-    launches = module_launches(report, module)
-    if len(launches) != len(rows):
-        raise FlopdiffError(f"--ncu {module}: Nsight Compute profiled {len(rows)} kernels, flopdiff recorded "
-                            f"{len(launches)} there; the two runs differ (nondeterministic kernel choice?)")
+    launches = [r for r in module_launches(report, module) if not r["kernel"].startswith(("Memset", "Memcpy"))]
+    pairs = align(launches, rows)
     flops = compute_kernels(report, report["kernel_records"])
     per: dict[str, dict[str, Any]] = {}
     index = {id(r): i for i, r in enumerate(report["kernel_records"])}
-    for rec, hw in zip(launches, rows):
+    for rec, hw in pairs:
         k = per.setdefault(rec["kernel"], {"kernel": rec["kernel"], "launches": 0, "hardware_flops": 0,
                                            "tensor_flops": 0, "cuda_core_flops": 0, "flops_full": 0})
         k["launches"] += 1
@@ -83,7 +112,8 @@ def join(report: dict[str, Any], module: str, rows: list[dict[str, Any]]) -> dic
     kernels = sorted(per.values(), key=lambda k: -k["hardware_flops"])
     for k in kernels:
         k["ratio"] = round(k["tensor_flops"] / k["flops_full"], 4) if k["flops_full"] else None
-    return {"module": module, "metrics": list(METRICS), "kernels": kernels}
+    return {"module": module, "metrics": list(METRICS), "kernels": kernels, "profiled": len(rows),
+            "recorded": len(launches), "paired": len(pairs)}
 
 
 def run_ncu(argv: list[str], module: str) -> tuple[list[dict[str, Any]], str]:
@@ -130,7 +160,8 @@ def ncu_table(report: dict[str, Any]):
 
     n = report["ncu"]
     t = Table(title=f"Nsight Compute inside {n['module']}: hardware FLOPs beside the formula", title_justify="left")
-    t.caption = "ratio = tensor-core FLOPs counted by the hardware / formula FLOPs (tile padding, whole diagonal tiles)"
+    t.caption = (f"ratio = tensor-core FLOPs counted by the hardware / formula FLOPs (tile padding, whole diagonal "
+                 f"tiles); {n['paired']} launches paired of {n['profiled']} profiled / {n['recorded']} recorded")
     for col in ("kernel", "launches", "formula (full)", "hardware tensor", "hardware CUDA-core", "ratio"):
         t.add_column(col, overflow="fold", justify="left" if col == "kernel" else "right")
     for k in n["kernels"]:
