@@ -135,3 +135,41 @@ def test_flash_attn_ops_map_to_the_attention_layer_and_carry_their_kernels(model
     attribute(report, records, mapping.matcher)
     (k,) = report["kernels"]
     assert (k["flops_full"], k["counted_by_flopcountermode"], k["layers"]) == (1234, "no", [layer])
+
+
+@pytest.fixture(scope="module")
+def ncu_layer():
+    from tracer.ncu import join, parse_csv
+
+    d = json.loads(gzip.open(DATA.parent / "ncu-v2-1000x1400-layers1-h200.json.gz").read())
+    rows = parse_csv(d["ncu_csv"])
+    report = {"nodes": d["nodes"], "kernel_records": d["kernel_records"]}
+    return d, rows, join(report, "model.language_model.layers.1", rows)
+
+
+def test_ncu_csv_rows_in_launch_order_with_hardware_flops(ncu_layer):
+    d, rows, _ = ncu_layer
+    assert len(rows) == 148  # every kernel ncu replayed inside the first MoE layer, prefill + 1 decode step
+    gemm = next(r for r in rows if r["kernel"].startswith("nvjet_sm90_tst_128x88"))
+    assert gemm["tensor_flops"] > 0 and gemm["cuda_core_flops"] == 0
+    router = next(r for r in rows if r["kernel"].startswith("sm80_xmma_gemm_f32f32"))
+    assert router["tensor_flops"] == 0 and router["cuda_core_flops"] > 0  # the fp32 router GEMM runs on CUDA cores
+    assert d["prefill_grouped_mm_flops"] == 511_389_204_480  # issue 6: formula FLOPs of the prefill grouped GEMMs
+
+
+def test_ncu_join_shows_padding_and_causal_tiles(ncu_layer):
+    _, _, joined = ncu_layer
+    by = {k["kernel"][:37]: k for k in joined["kernels"]}
+    assert joined["paired"] == 147 and joined["profiled"] == 148
+    for k in joined["kernels"]:
+        assert k["ratio"] is None or k["ratio"] == round(k["tensor_flops"] / k["flops_full"], 4)
+    # dense formula vs causal flash attention: the hardware skips the masked tiles but runs the diagonal ones whole
+    assert 0.5 < by["cudnn_generated_fort_native_sdpa_sm90_"]["ratio"] < 0.6
+    # one decode query row against the whole cache: a 16-row tile for 1 row
+    assert by["cudnn_generated_fort_native_sdpa_sm80_"]["ratio"] > 10
+    # a decode GEMM of one token row runs a 64-row tile: 64x the formula
+    assert by["nvjet_sm90_tst_16x64_64x16_4x1_v_bz_T"]["ratio"] == 64.0
+    # the grouped GEMM pads every expert's rows to its tile: more hardware than formula FLOPs
+    assert by["_ZN7cutlass13device_kernelIN2at4cuda6"]["ratio"] > 1.2
+    # a prefill GEMM with rows near a tile multiple: within a few percent of the formula
+    assert by["nvjet_sm90_tst_128x88_64x7_2x1_v_bz_T"]["ratio"] == pytest.approx(1.0, abs=0.02)
