@@ -159,17 +159,19 @@ def test_ncu_csv_rows_in_launch_order_with_hardware_flops(ncu_layer):
 
 def test_ncu_join_shows_padding_and_causal_tiles(ncu_layer):
     _, _, joined = ncu_layer
-    by = {k["kernel"][:37]: k for k in joined["kernels"]}
+    def by(prefix):
+        (k,) = [k for k in joined["kernels"] if k["kernel"].startswith(prefix)]
+        return k
     assert joined["paired"] == 147 and joined["profiled"] == 148
     for k in joined["kernels"]:
         assert k["ratio"] is None or k["ratio"] == round(k["tensor_flops"] / k["flops_full"], 4)
     # dense formula vs causal flash attention: the hardware skips the masked tiles but runs the diagonal ones whole
-    assert 0.5 < by["cudnn_generated_fort_native_sdpa_sm90_"]["ratio"] < 0.6
+    assert 0.5 < by("cudnn_generated_fort_native_sdpa_sm90_")["ratio"] < 0.6
     # one decode query row against the whole cache: a 16-row tile for 1 row
-    assert by["cudnn_generated_fort_native_sdpa_sm80_"]["ratio"] > 10
+    assert by("cudnn_generated_fort_native_sdpa_sm80_")["ratio"] > 10
     # a decode GEMM of one token row runs a 64-row tile: 64x the formula
-    assert by["nvjet_sm90_tst_16x64_64x16_4x1_v_bz_T"]["ratio"] == 64.0
+    assert by("nvjet_sm90_tst_16x64_64x16_4x1_v_bz_T")["ratio"] == 64.0
     # the grouped GEMM pads every expert's rows to its tile: more hardware than formula FLOPs
-    assert by["_ZN7cutlass13device_kernelIN2at4cuda6"]["ratio"] > 1.2
+    assert by("_ZN7cutlass13device_kernelIN2at4cuda6")["ratio"] > 1.2
     # a prefill GEMM with rows near a tile multiple: within a few percent of the formula
-    assert by["nvjet_sm90_tst_128x88_64x7_2x1_v_bz_T"]["ratio"] == pytest.approx(1.0, abs=0.02)
+    assert by("nvjet_sm90_tst_128x88_64x7_2x1_v_bz_T")["ratio"] == pytest.approx(1.0, abs=0.02)
