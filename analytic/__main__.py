@@ -11,14 +11,16 @@ import sys
 
 from analytic.api import evaluate, presets
 from tracer.errors import FlopdiffError
-from tracer.workload import parse_image_shape
+from tracer.workload import Workload, load_image, parse_image_shape
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analytic", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="deepseek-ocr-2")
     p.add_argument("--config")
-    p.add_argument("--image-shape", default="1000x1400")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--image", help="an image file: its size is the workload's")
+    src.add_argument("--image-shape", default="1000x1400")
     p.add_argument("--mode", help="vendor mode preset (v1: tiny, small, base, large, gundam)")
     p.add_argument("--base-size", type=int)
     p.add_argument("--tile-size", type=int)
@@ -48,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                                   s["vision"], s["prefill"], s["decode"]])
             sys.stdout.write(buf.getvalue())
             return 0
-        doc = evaluate(args.model, parse_image_shape(args.image_shape), args.preset, args.policy, args.config,
-                       mode=args.mode, **knobs)
+        wh = load_image(Workload(image_path=args.image)).size if args.image else parse_image_shape(args.image_shape)
+        doc = evaluate(args.model, wh, args.preset, args.policy, args.config, mode=args.mode, **knobs)
     except FlopdiffError as exc:
         print(f"analytic: error: {exc}", file=sys.stderr)
         return 2

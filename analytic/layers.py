@@ -16,7 +16,7 @@ has no formula for (SDPA on CPU, grouped GEMM, flash-attn).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -51,8 +51,18 @@ class Cost:
     act_bytes: int = 0
     kv_bytes: int = 0
 
-    def __add__(self, o: "Cost") -> "Cost":
-        return Cost(*(a + b for a, b in zip(self.astuple(), o.astuple())))
+    @staticmethod
+    def total(costs: "Iterable[Cost]") -> "Cost":
+        """Field-wise sum, without a Cost per partial sum (a sweep adds millions)."""
+        t = [0, 0, 0, 0, 0, 0]
+        for c in costs:
+            t[0] += c.tc_flops
+            t[1] += c.cuda_flops
+            t[2] += c.io_bytes
+            t[3] += c.weight_bytes
+            t[4] += c.act_bytes
+            t[5] += c.kv_bytes
+        return Cost(*t)
 
     def astuple(self) -> tuple[int, ...]:
         return (self.tc_flops, self.cuda_flops, self.io_bytes, self.weight_bytes, self.act_bytes, self.kv_bytes)
@@ -223,12 +233,13 @@ class Block(Layer):
 
     children: list[Layer] = field(default_factory=list)
     op: str = "none"
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def cost(self, policy: Policy) -> Cost:
-        total = Cost()
-        for c in self.children:
-            total = total + c.cost(policy)
-        return total
+        # memoized per policy: builders share blocks between workloads (analytic.models caches them)
+        if policy not in self._memo:
+            self._memo[policy] = Cost.total(c.cost(policy) for c in self.children)
+        return self._memo[policy]
 
     def leaves(self) -> Iterator[Layer]:
         for c in self.children:

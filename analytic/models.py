@@ -8,6 +8,7 @@ decoder over the prompt + lm_head), `decode` (one Block per one-token step, KV l
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +63,26 @@ def _dig(cfg: dict, dotted: str, where: str) -> Any:
         raise FlopdiffError(f"{where}: missing key {dotted!r}") from None
 
 
+def _shared(builder):
+    """Memoize a block builder on its arguments: a sweep over page shapes rebuilds the same few vision blocks
+    (a tile count, a view size) thousands of times. Blocks are never mutated after building."""
+    cache: dict[str, Block] = {}
+
+    @functools.wraps(builder)
+    def build(*args, **kwargs) -> Block:
+        key = repr((args, sorted(kwargs.items())))
+        if key not in cache:
+            if len(cache) >= 1024:  # bounded: an odd sweep of custom view sizes must not grow without end
+                cache.clear()
+            cache[key] = builder(*args, **kwargs)
+        return cache[key]
+
+    return build
+
+
 # ---- vision encoders -------------------------------------------------------------------------------
 
+@_shared
 def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, global_idx: list[int],
         mlp: int, neck: int, down: list[int], c: dict) -> Block:
     """SAM ViT-B over `views` images of `px` pixels: windowed blocks pad the grid to a multiple of the
@@ -98,6 +117,7 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
     return Block(prefix, children=kids)
 
 
+@_shared
 def clip(prefix: str, views: int, tokens: int, width: int, layers: int, heads: int, ffn: int) -> Block:
     """v1's CLIP-L on SAM features (its patch embedding replaced), class token included in `tokens`."""
     t = views * tokens
@@ -111,6 +131,7 @@ def clip(prefix: str, views: int, tokens: int, width: int, layers: int, heads: i
     ]) for i in range(layers)])
 
 
+@_shared
 def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, layers: int | None = None) -> Block:
     """v2's Qwen2-style encoder over n SAM tokens + n learned queries (image tokens both ways, queries
     causal: counted dense, the mask is data to SDPA)."""

@@ -174,3 +174,15 @@ def test_bad_input_names_it(capsys):
                        (["--tile-size", "650"], "--tile-size 650"), (["--policy", "both"], "--policy 'both'")):
         assert main(argv) == 2
         assert text in capsys.readouterr().err
+
+
+def test_cli_image_file_is_its_size(tmp_path, capsys):
+    from PIL import Image
+
+    from analytic.__main__ import main
+
+    Image.new("RGB", (1000, 1400), "white").save(tmp_path / "page.png")
+    assert main(["--model", "deepseek-ocr", "--image", str(tmp_path / "page.png"), "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(["--model", "deepseek-ocr", "--image-shape", "1000x1400", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == from_file and from_file["workload"]["image_wh"] == [1000, 1400]
