@@ -9,11 +9,10 @@ Run it in the v1 environment (transformers 4.46.x, README). Target (issue 4): fl
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from harness import measure, table
+from harness import compare
 
 FLOPDIFF = """
 import json, sys, tempfile
@@ -50,16 +49,11 @@ print(json.dumps(counts), file=sys.stderr)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip-real", action="store_true", help="skip FlopCounterMode on real random weights")
-    args = parser.parse_args()
     folder = os.environ.get("FLOPDIFF_DSOCR_V1_DIR")
     if not folder:
         sys.exit("set FLOPDIFF_DSOCR_V1_DIR to a copy of the DeepSeek-OCR remote code (README)")
-    rows = [("flopdiff (fake weights, all stages + report)", *measure(FLOPDIFF.format(dir=folder)))]
-    if not args.skip_real:
-        rows.append(("FlopCounterMode, vendor code on random bf16 weights", *measure(REAL.format(dir=folder))))
-    table("DeepSeek-OCR 1000x1400 (7 views), vision + prefill + 10 decode steps", rows)
+    compare(__doc__, "DeepSeek-OCR 1000x1400 (7 views), vision + prefill + 10 decode steps",
+            FLOPDIFF.format(dir=folder), REAL.format(dir=folder), "FlopCounterMode, vendor code on random bf16 weights")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ Each side runs in its own process; the table gives wall time, peak RSS and the r
 
 from __future__ import annotations
 
-import argparse
-
-from harness import measure, table
+from harness import compare
 
 FLOPDIFF = """
 import json, sys, tempfile
@@ -44,13 +42,8 @@ print(json.dumps(counts), file=sys.stderr)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip-real", action="store_true", help="skip FlopCounterMode on real random weights")
-    args = parser.parse_args()
-    rows = [("flopdiff (fake weights, all stages + report)", *measure(FLOPDIFF))]
-    if not args.skip_real:
-        rows.append(("FlopCounterMode, real random bf16 weights", *measure(REAL)))
-    table("DeepSeek-OCR-2 1000x1400, vision + prefill + 1 decode step", rows)
+    compare(__doc__, "DeepSeek-OCR-2 1000x1400, vision + prefill + 1 decode step", FLOPDIFF, REAL,
+            "FlopCounterMode, real random bf16 weights")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,19 @@ def measure(code: str) -> tuple[float, float, str]:
     return wall, peak / 2**20, proc.stderr.strip().splitlines()[-1]
 
 
+def compare(doc: str, title: str, flopdiff_code: str, baseline_code: str, baseline: str) -> None:
+    """The command line of an end-to-end benchmark: flopdiff, then (unless --skip-real) its baseline."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--skip-real", action="store_true", help="skip FlopCounterMode on real random weights")
+    args = parser.parse_args()
+    rows = [("flopdiff (fake weights, all stages + report)", *measure(flopdiff_code))]
+    if not args.skip_real:
+        rows.append((baseline, *measure(baseline_code)))
+    table(title, rows)
+
+
 def table(title: str, rows: list[tuple[str, float, float, str]]) -> None:
     """rows: (run, wall s, peak GiB, FLOPs); the first row is flopdiff, a second one its baseline."""
     from rich.console import Console
