@@ -64,9 +64,15 @@ class StageGraph:
     kv_len: int | None = None
     notes: list[str] = field(default_factory=list)
     kernels: list[dict] = field(default_factory=list)  # CUDA runs: one record per kernel launch
+    selection: list[torch.fx.Node] | None = None  # a stage that is part of another's graph (vision of prefill)
+
+    def call_nodes(self) -> Iterable[torch.fx.Node]:
+        if self.selection is not None:
+            return iter(self.selection)
+        return (n for n in self.graph.nodes if n.op == "call_function")
 
     def op_nodes(self) -> Iterable[torch.fx.Node]:
-        return (n for n in self.graph.nodes if n.op == "call_function" and n.target is not operator.getitem)
+        return (n for n in self.call_nodes() if n.target is not operator.getitem)
 
 
 class _ModuleStack:
@@ -346,18 +352,8 @@ def result_tensors(result) -> list[torch.Tensor]:
 
 
 def subgraph(source: StageGraph, stage: str, keep: Callable[[torch.fx.Node], bool]) -> StageGraph:
-    """A new graph of the nodes `keep` selects; values they read from outside become placeholders."""
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    kept = [n for n in source.graph.nodes if n.op == "call_function" and keep(n)]
-    kept_set = set(kept)
-
-    for n in kept:
-        for dep in n.all_input_nodes:
-            if dep not in kept_set and dep not in env:
-                env[dep] = graph.placeholder(dep.name)
-                env[dep].meta.update(dep.meta)
-    for n in kept:
-        env[n] = graph.node_copy(n, lambda x: env[x])
-    graph.output(tuple(env[n] for n in kept if any(u not in kept_set for u in n.users)))
-    return StageGraph(stage, graph, step=source.step, kv_len=source.kv_len, notes=list(source.notes))
+    """The nodes of `source` that `keep` selects, as a stage of their own over the same graph (no copy: the
+    vision stage is the prefill's vision nodes, and a copy of thousands of fx nodes costs real time)."""
+    kept = [n for n in source.call_nodes() if keep(n)]
+    return StageGraph(stage, source.graph, step=source.step, kv_len=source.kv_len, notes=list(source.notes),
+                      selection=kept)

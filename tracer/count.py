@@ -98,9 +98,7 @@ def count_node(node: torch.fx.Node, conv: Conventions) -> None:
 
 def count_graph(sg: StageGraph, conv: Conventions = Conventions()) -> StageGraph:
     """Annotate every op node of `sg` (getitem nodes copy nothing and count 0)."""
-    for node in sg.graph.nodes:
-        if node.op != "call_function":
-            continue
+    for node in sg.call_nodes():
         if node.target is operator.getitem:
             node.meta.update(flops_torch=0, flops_full=0, flop_status="free", flop_note="")
             continue
