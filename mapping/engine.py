@@ -52,12 +52,12 @@ class Mapping:
     layer_of: dict[str, str] = field(default_factory=dict)      # node id -> layer id
     unmapped: dict[str, str] = field(default_factory=dict)      # node id -> reason
 
-    def nodes_of(self, stage: str, layer: str) -> list[str]:
-        key = ("layer", stage, layer)
-        if key not in self.graph:
-            return []
-        return [n[1] for m in self.graph.predecessors(key) for n in self.graph.predecessors(m)
-                if self.layer_of.get(n[1]) == layer]
+    def rule_of(self, node: dict[str, Any]) -> str | None:
+        """The rule that joined this node's module to its layer (an edge of the graph), as the table states it."""
+        edge = (("module", node["stage"], node["module"]), ("layer", node["stage"], node.get("layer")))
+        if self.matcher is None or not self.graph.has_edge(*edge):
+            return None
+        return self.matcher.table.rules[self.graph.edges[edge]["rule"]].name()
 
 
 class Matcher:

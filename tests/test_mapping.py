@@ -155,3 +155,14 @@ def test_broken_yaml_is_one_line(tmp_path, capsys, tiny_v2_config):
     code, _, err = _run(["--config", tiny_v2_config, "--mapping", str(table), "--quiet", "--out", str(tmp_path / "o")],
                         capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "not valid YAML" in err
+
+
+def test_explain_node_tells_its_whole_story(tmp_path, capsys, tiny_v2_config):
+    argv = ["--config", tiny_v2_config, "--decode-steps", "0", "--quiet", "--out", str(tmp_path / "o")]
+    assert _run(argv, capsys)[0] == 0
+    doc = json.loads((tmp_path / "o" / "report.json").read_text())
+    node = next(n for n in doc["nodes"] if n["module"] == "lm_head" and n["flops_full"])
+    code, out, _ = _run(argv + ["--explain", node["id"]], capsys)
+    assert code == 0 and f"{node['id']}: {node['op']} in lm_head (Linear)" in out
+    assert f"full {node['flops_full']:,}" in out and "maps to lm_head [prefill]" in out
+    assert "by rule" in out and "(lm_head -> lm_head)" in out

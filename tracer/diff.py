@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
             status.update(f"Nsight Compute on the kernels inside {args.ncu} (runs flopdiff again)")
             rows, ncu_csv = run_ncu(args.argv, args.ncu)
             report["ncu"] = ncu_join(report, args.ncu, rows)
-        detail = explain(report, analytic, args.explain, args.causal_halving) if args.explain else None
+        detail = explain(report, analytic, mapping, args.explain, args.causal_halving) if args.explain else None
     out = Console(width=None if sys.stdout.isatty() else 140)  # piped output: full numbers, no ellipsis
     out.print(stage_table(report))
     out.print(gap_table(report))

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from analytic.api import policy
+from mapping.engine import Mapping
 from tracer.errors import FlopdiffError
 from tracer.gaps import REASONS, Analytic
 
@@ -48,7 +49,7 @@ def explain_layer(report: dict[str, Any], an: Analytic, lid: str, causal_halving
     return Group(*parts)
 
 
-def explain_node(report: dict[str, Any], nid: str) -> Group:
+def explain_node(report: dict[str, Any], nid: str, mapping: Mapping) -> Group:
     n = next(x for x in report["nodes"] if x["id"] == nid)
     lines = [
         f"{n['id']}: {n['op']} in {n['module'] or '(top level)'} ({n['module_class'] or '-'})",
@@ -61,6 +62,7 @@ def explain_node(report: dict[str, Any], nid: str) -> Group:
     if n.get("layer"):
         row = next(r for r in report["layers"] if r["id"] == n["layer"] and r["stage"] == n["stage"])
         lines.append(f"  maps to {_layer_line(row)}")
+        lines.append(f"  by {mapping.rule_of(n)} of {mapping.matcher.table.source}")
     elif n.get("unmapped"):
         lines.append(f"  unmapped: {n['unmapped']}")
     else:
@@ -68,11 +70,11 @@ def explain_node(report: dict[str, Any], nid: str) -> Group:
     return Group(*(Text(line) for line in lines))
 
 
-def explain(report: dict[str, Any], an: Analytic, ident: str, causal_halving: bool) -> Group:
+def explain(report: dict[str, Any], an: Analytic, mapping: Mapping, ident: str, causal_halving: bool) -> Group:
     if any(r["id"] == ident for r in report["layers"]):
         return explain_layer(report, an, ident, causal_halving)
     if any(n["id"] == ident for n in report["nodes"]):
-        return explain_node(report, ident)
+        return explain_node(report, ident, mapping)
     near = sorted({r["id"] for r in report["layers"] if ident.split(".")[-1] in r["id"]})[:3]
     raise FlopdiffError(f"--explain {ident!r}: no analytic layer or graph node has that id "
                         f"(layer ids look like {', '.join(near) or 'decoder.layers.0.attn'}; node ids like "
