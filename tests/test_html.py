@@ -105,3 +105,38 @@ def test_sorting_by_gap_and_unmapped_section(page, page_file):
     unmapped = page.locator("#unmapped-nodes tbody tr")
     assert unmapped.count() == 1 and "planted " + PLANTED in unmapped.first.inner_text()
     assert page.locator("#notes").inner_text().endswith("note " + PLANTED)
+
+
+def test_kernels_section_of_a_cuda_report(browser, tmp_path):
+    """A report of a CUDA run (flopdiff's own H200 recording in tests/data/cuda) shows its kernels, the grouped
+    GEMM first (the FLOPs FlopCounterMode misses), with the full kernel name kept in the tooltip."""
+    import gzip
+    import json
+    from pathlib import Path
+
+    from tracer.gaps import add_diff, analytic_for, map_report
+    from tracer.kernels import attribute
+
+    doc = json.loads(gzip.open(Path(__file__).parent / "data" / "cuda" / "v2-640x640-h200.json.gz").read())
+    report = {"model": doc["model"], "workload": doc["workload"], "notes": [], "unknown_ops": [],
+              "nodes": [{**n, "module_class": "", "source": "", "vendor_source": "", "input_shapes": [],
+                         "input_dtypes": [], "output_shapes": [], "output_dtypes": []} for n in doc["nodes"]],
+              "stages": [{**s, "unknown_ops": 0} for s in doc["stages"]]}
+    an = analytic_for(report, "aligned", False, None)
+    mapping = map_report(report, an)
+    add_diff(report, an, mapping)
+    attribute(report, doc["kernel_records"], mapping.matcher, doc["device"])
+    path = tmp_path / "report.html"
+    write_atomic(path, render_html(report))
+    pg = browser.new_page()
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(path.as_uri())
+    pg.wait_for_selector("#kernel-table tbody tr")
+    rows = pg.locator("#kernel-table tbody tr")
+    assert rows.count() == len(report["kernels"])
+    first = rows.first.locator("td")
+    assert first.nth(4).inner_text() == "no" and first.nth(0).get_attribute("title") == report["kernels"][0]["kernel"]
+    assert pg.locator("#kernel-layers tbody tr").count() == len(report["kernel_layers"])
+    assert errors == []
+    pg.close()
