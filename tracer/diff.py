@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 from tracer.errors import FlopdiffError
@@ -21,6 +22,7 @@ from tracer.formulas import Conventions
 from tracer.vendors import VENDORS, BuildOptions, get_vendor
 from tracer.workload import Workload, parse_image_shape
 
+STARTED = time.perf_counter()  # this module's import: the process's imports before it are not counted
 DEFAULT = Workload()
 
 
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="flopdiff-report",
                    help="output folder for report.json, report.html and model-explorer.json")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--timings", action="store_true", help="print the seconds each phase took (stderr)")
     return p
 
 
@@ -125,6 +128,20 @@ def real_run_estimate(workload: Workload, config: str | None) -> str:
             f"{weight_bytes(tree) / 2**30:.1f} GiB of bf16 weights plus activations")
 
 
+class Phases:
+    """The progress display, remembering how long each phase took (`--timings`)."""
+
+    def __init__(self, spinner, started: float) -> None:
+        self.spinner, self.label, self.t = spinner, "loading the vendor code and the tables", started
+        self.rows: list[tuple[str, float]] = [("startup", started - STARTED)]
+
+    def update(self, label: str) -> None:
+        now = time.perf_counter()
+        self.rows.append((self.label, now - self.t))
+        self.label, self.t = label, now
+        self.spinner.update(label)
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -141,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     from tracer.report import build_report, dumps, gap_table, stage_table, unmapped_table, unseen_table, write_atomic
     from tracer.trace import trace
 
+    started = time.perf_counter()
     if args.ncu and args.device != "cuda":
         raise FlopdiffError(f"--ncu {args.ncu}: needs --device cuda --mode real")
     if args.max_gap is not None and args.max_gap < 0:
@@ -157,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         config = args.config or (str(Path(args.vendor_dir) / "config.json") if args.vendor_dir else None)
         print(f"flopdiff: warning: {real_run_estimate(workload, config)}", file=sys.stderr)
     err = Console(stderr=True, quiet=args.quiet)
-    with err.status("tracing") as status:
+    with err.status("tracing") as spinner:
+        status = Phases(spinner, started)
         tr = trace(workload, options, args.config, progress=lambda msg: status.update(f"tracing: {msg}"),
                    mode=args.mode)
         status.update("counting FLOPs per node")
@@ -176,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
             rows, ncu_csv = run_ncu(args.argv, args.ncu)
             report["ncu"] = ncu_join(report, args.ncu, rows)
         detail = explain(report, analytic, mapping, args.explain, args.causal_halving) if args.explain else None
+        status.update("writing the reports")
     out = Console(width=None if sys.stdout.isatty() else 140)  # piped output: full numbers, no ellipsis
     out.print(stage_table(report))
     out.print(gap_table(report))
@@ -198,6 +218,9 @@ def run(args: argparse.Namespace) -> int:
     if args.ncu:
         write_atomic(folder / "ncu.csv", ncu_csv)
     out.print(f"wrote {folder}/report.json, report.html, model-explorer.json")
+    status.update("done")
+    if args.timings:
+        print("flopdiff: seconds per phase: " + "; ".join(f"{label} {s:.2f}" for label, s in status.rows), file=sys.stderr)
     over = [s for s in report["stages"] if args.max_gap is not None and abs(s["gap_pct"]) > args.max_gap]
     for s in over:
         print(f"flopdiff: stage {s['name']}: gap {s['gap_pct']:.2f}% exceeds --max-gap {args.max_gap}", file=sys.stderr)
