@@ -44,19 +44,20 @@ print("FlopCounterMode total", fc.get_total_flops())
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "flopdiff-cuda")
     table = Table(title="DeepSeek-OCR-2 1000x1400 on CUDA, real mode + kernel attribution (4 text tokens, 2 decode steps)")
-    for col in ("run", "exit", "wall s", "last line"):
-        table.add_column(col)
+    for col in ("run", "exit", "wall s", "phases (or the last line)"):
+        table.add_column(col, overflow="fold")
     for name, flags in RUNS.items():
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "tracer.diff", "--device", "cuda", "--mode", "real", "--image-shape", "1000x1400",
-                "--decode-steps", "2", "--json-nodes", "flops", "--quiet", "--out", str(folder), *flags]
+                "--decode-steps", "2", "--json-nodes", "flops", "--quiet", "--timings", "--out", str(folder), *flags]
         t0 = time.perf_counter()
         proc = subprocess.run(argv, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         (folder / "summary.txt").write_text(proc.stdout + proc.stderr)
-        lines = (proc.stdout + proc.stderr).strip().splitlines()
-        table.add_row(name, str(proc.returncode), f"{wall:.1f}", lines[-1][:90] if lines else "")
+        timings = [line for line in proc.stderr.splitlines() if line.startswith("flopdiff: seconds per phase")]
+        last = timings[-1] if timings else (proc.stderr.strip().splitlines() or [""])[-1]
+        table.add_row(name, str(proc.returncode), f"{wall:.1f}", last)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", FLOPCOUNTER_FLEX], capture_output=True, text=True)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
