@@ -1,5 +1,6 @@
 """Each formula of tracer.formulas against numbers derived by hand."""
 
+import pytest
 import torch
 
 from tracer.formulas import FORMULAS, Conventions, attention_pairs
@@ -41,6 +42,18 @@ def test_sdpa_causal_dense_by_default_halved_with_switch():
     assert f(q, k, v, 0.0, True, out=None, conv=DENSE) == 4 * 2 * 3 * 5 * 5 * 8
     # top-left causal, 5x5: 1+2+3+4+5 = 15 kept pairs
     assert f(q, k, v, 0.0, True, out=None, conv=HALVED) == 4 * 2 * 3 * 15 * 8
+
+
+@pytest.mark.parametrize("op", ["aten::_scaled_dot_product_cudnn_attention",
+                                "aten::_scaled_dot_product_efficient_attention"])
+def test_cuda_sdpa_reads_is_causal_after_bias_and_logsumexp(op):
+    """Their schema is (q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, ...): the H200 run's
+    cuDNN attention is causal with compute_log_sumexp False."""
+    q = k = v = t(2, 3, 5, 8)
+    f = FORMULAS[op]
+    assert f(q, k, v, None, False, 0.0, True, out=None, conv=DENSE) == 4 * 2 * 3 * 5 * 5 * 8
+    assert f(q, k, v, None, False, 0.0, True, out=None, conv=HALVED) == 4 * 2 * 3 * 15 * 8
+    assert f(q, k, v, None, True, 0.0, False, out=None, conv=HALVED) == 4 * 2 * 3 * 5 * 5 * 8
 
 
 def test_attention_pairs_alignment_and_window():

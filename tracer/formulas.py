@@ -110,8 +110,16 @@ def sdpa_cpu_flop(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, d
 
 
 # The SDPA ops torch does count; listed here only so the causal-halving switch can apply to them.
-register("aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
-         "aten::_scaled_dot_product_cudnn_attention")(sdpa_cpu_flop)
+register("aten::_scaled_dot_product_flash_attention")(sdpa_cpu_flop)
+
+
+@register("aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention")
+def sdpa_with_bias_flop(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_bias: Any = None,
+                        compute_log_sumexp: bool = False, dropout_p: float = 0.0, is_causal: bool = False,
+                        *args: Any, out: Any, conv: Conventions, **kwargs: Any) -> int:
+    """The CUDA SDPA kernels whose schema puts `attn_bias, compute_log_sumexp` before `is_causal`: the same
+    count as `sdpa_cpu_flop` (torch counts these; listed so the causal-halving switch reads the right flag)."""
+    return sdpa_cpu_flop(query, key, value, dropout_p, is_causal, out=out, conv=conv)
 
 
 @register("flash_attn::_flash_attn_forward")
