@@ -192,14 +192,20 @@ def _range(name: str):
     return rf
 
 
+@functools.cache
 def op_name(target) -> str:
-    """`aten::mm`, `flash_attn::_flash_attn_forward`, `higher_order::flex_attention`."""
+    """`aten::mm`, `flash_attn::_flash_attn_forward`, `higher_order::flex_attention` (asked once per op)."""
     if isinstance(target, HigherOrderOperator):
         return f"higher_order::{target.name()}"
     schema = getattr(target, "_schema", None)
     if schema is not None:
         return schema.name
     return getattr(target, "__name__", str(target))
+
+
+@functools.cache
+def _node_name(op: str) -> str:
+    return op.split("::")[-1].lstrip("_") or "op"
 
 
 @functools.cache
@@ -255,14 +261,15 @@ class GraphRecorder(TorchDispatchMode):
     def _record(self, func, args, kwargs, out) -> None:
         node_args = self._map(tuple(args))
         node_kwargs = self._map(dict(kwargs))
+        name = op_name(func)
         node = self.graph.create_node("call_function", func, node_args, node_kwargs,
-                                      name=op_name(func).split("::")[-1].lstrip("_") or "op")
+                                      name=_node_name(name))
         if self._first_op is None:
             self._first_op = node
         stack, path, qualified, cls = self.modules.snapshot()
         source, vendor = self.locator.locate()
         node.meta.update(val=out, nn_module_stack=stack, module=path, module_call=qualified,
-                         module_class=cls, source=source, vendor_source=vendor, op=op_name(func), seq=self._seq)
+                         module_class=cls, source=source, vendor_source=vendor, op=name, seq=self._seq)
         self._seq += 1
         if isinstance(out, torch.Tensor):
             self._nodes[id(out)] = (node, out)
