@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from harness import compare
+from harness import STAGE_TOTALS, compare
 
 FLOPDIFF = """
 import json, sys, tempfile
@@ -20,8 +20,6 @@ from tracer.diff import main
 out = tempfile.mkdtemp()
 assert main(["--model", "deepseek-ocr", "--vendor-dir", {dir!r}, "--trust-remote-code", "--image-shape", "1000x1400",
              "--text-tokens", "9", "--decode-steps", "10", "--out", out, "--quiet"]) == 0
-doc = json.load(open(out + "/report.json"))
-print(json.dumps({{s["name"]: [s["flops_torch"], s["flops_full"]] for s in doc["stages"]}}), file=sys.stderr)
 """
 
 REAL = """
@@ -53,7 +51,7 @@ def main() -> None:
     if not folder:
         sys.exit("set FLOPDIFF_DSOCR_V1_DIR to a copy of the DeepSeek-OCR remote code (README)")
     compare(__doc__, "DeepSeek-OCR 1000x1400 (7 views), vision + prefill + 10 decode steps",
-            FLOPDIFF.format(dir=folder), REAL.format(dir=folder), "FlopCounterMode, vendor code on random bf16 weights")
+            FLOPDIFF.format(dir=folder) + STAGE_TOTALS, REAL.format(dir=folder), "FlopCounterMode, vendor code on random bf16 weights")
 
 
 if __name__ == "__main__":

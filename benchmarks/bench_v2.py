@@ -9,16 +9,14 @@ Each side runs in its own process; the table gives wall time, peak RSS and the r
 
 from __future__ import annotations
 
-from harness import compare
+from harness import STAGE_TOTALS, compare
 
 FLOPDIFF = """
 import json, sys, tempfile
 from tracer.diff import main
 out = tempfile.mkdtemp()
 assert main(["--image-shape", "1000x1400", "--text-tokens", "4", "--decode-steps", "1", "--out", out, "--quiet"]) == 0
-doc = json.load(open(out + "/report.json"))
-print(json.dumps({s["name"]: [s["flops_torch"], s["flops_full"]] for s in doc["stages"]}), file=sys.stderr)
-"""
+""" + STAGE_TOTALS
 
 REAL = """
 import json, sys, torch
