@@ -57,6 +57,8 @@ def test_grouped_gemm_kernels_flagged_unseen_with_formula_flops(h200):
     rows = [k for k in report["kernels"] if k["flops_full"] and "aten::_grouped_mm" in k["ops"]]
     assert rows and all(k["counted_by_flopcountermode"] == "no" for k in rows)
     assert sum(k["flops_full"] for k in rows) == grouped == sum(k["unseen_flops"] for k in rows)
+    prefill = sum(n["flops_full"] for n in doc["nodes"] if n["op"] == "aten::_grouped_mm" and n["stage"] == "prefill")
+    assert sum(k["flops_full_by_stage"].get("prefill", 0) for k in rows) == prefill
     assert report["kernels"][0] is rows[0]  # sorted by FLOPs FlopCounterMode misses
     assert all("cutlass" in k["kernel"] for k in rows)  # CUTLASS grouped GEMM
 

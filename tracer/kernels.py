@@ -112,10 +112,12 @@ def attribute(report: dict[str, Any], records: list[dict[str, Any]], matcher: Ma
             flops_full, flops_torch = node["flops_full"], node["flops_torch"]
         layer = _layer(node, r, matcher)
         k = by_kernel.setdefault(r["kernel"], {"kernel": r["kernel"], "calls": 0, "time_us": 0.0, "flops_full": 0,
-                                               "flops_torch": 0, "ops": set(), "layers": set()})
+                                               "flops_torch": 0, "flops_full_by_stage": {}, "ops": set(),
+                                               "layers": set()})
         k["calls"] += 1
         k["time_us"] += r["us"]
         k["flops_full"] += flops_full
+        k["flops_full_by_stage"][r["stage"]] = k["flops_full_by_stage"].get(r["stage"], 0) + flops_full
         k["flops_torch"] += flops_torch
         k["ops"].add(node["op"] if node else "(no op: launched from Python)")
         k["layers"].add(layer)
@@ -172,11 +174,13 @@ def kernel_table(report: dict[str, Any], top: int = 15):
     t = Table(title=f"kernels on {dev.get('name', 'CUDA')} (sorted by FLOPs FlopCounterMode misses)", title_justify="left")
     t.caption = (f"{len(report['kernels'])} kernel names, {report['kernel_time']['total_us'] / 1e3:.1f} ms of kernel time, "
                  f"{report['kernel_time']['outside_model_us'] / 1e3:.2f} ms outside the model")
-    for col in ("kernel", "calls", "time ms", "FLOPs (full)", "counted by FlopCounterMode", "ops", "layers"):
-        t.add_column(col, overflow="fold", justify="right" if col in ("calls", "time ms", "FLOPs (full)") else "left")
+    numeric = ("calls", "time ms", "FLOPs prefill", "FLOPs decode")
+    for col in ("kernel", *numeric, "counted by FlopCounterMode", "ops", "layers"):
+        t.add_column(col, overflow="fold", justify="right" if col in numeric else "left")
     for k in report["kernels"][:top]:
-        layers = k["layers"]
-        t.add_row(Text(k["kernel"][:80]), str(k["calls"]), f"{k['time_us'] / 1e3:.3f}", f"{k['flops_full']:,}",
+        layers, stage = k["layers"], k["flops_full_by_stage"]
+        t.add_row(Text(k["kernel"][:80]), str(k["calls"]), f"{k['time_us'] / 1e3:.3f}", f"{stage.get('prefill', 0):,}",
+                  f"{stage.get('decode', 0):,}",
                   k["counted_by_flopcountermode"], Text(", ".join(k["ops"])[:60]),
                   Text(f"{layers[0]} (+{len(layers) - 1})" if len(layers) > 1 else layers[0]))
     return t
