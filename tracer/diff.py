@@ -181,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
                    mode=args.mode)
         status.update("counting FLOPs per node")
         for sg in tr.graphs():
-            count_graph(sg, conventions)
+            if sg.selection is None:  # a selection's nodes (vision) are counted with the graph they belong to
+                count_graph(sg, conventions)
         report = build_report(tr)
         status.update(f"analytic model ({args.analytic}) and mapping")
         analytic = analytic_for(report, args.analytic, args.causal_halving, args.config)
