@@ -166,3 +166,26 @@ def test_explain_node_tells_its_whole_story(tmp_path, capsys, tiny_v2_config):
     assert code == 0 and f"{node['id']}: {node['op']} in lm_head (Linear)" in out
     assert f"full {node['flops_full']:,}" in out and "maps to lm_head [prefill]" in out
     assert "by rule" in out and "(lm_head -> lm_head)" in out
+
+
+def test_model_explorer_graph_and_overlay_agree(tmp_path, capsys, tiny_v2_config):
+    """model-explorer-graph.json (GraphCollection) holds every stage graph; every overlay key is a node of its
+    graph; edges point at nodes of the same graph; namespaces are the module paths."""
+    code, _, _ = _run(["--config", tiny_v2_config, "--decode-steps", "2", "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    graphs = {g["id"]: g for g in json.loads((tmp_path / "model-explorer-graph.json").read_text())["graphs"]}
+    overlay = json.loads((tmp_path / "model-explorer.json").read_text())
+    assert set(graphs) == {"vision", "prefill", "decode.0", "decode.1"} and set(overlay) <= set(graphs)
+    doc = json.loads((tmp_path / "report.json").read_text())
+    for gid, g in graphs.items():
+        ids = {n["id"] for n in g["nodes"]}
+        assert set(overlay[gid]["results"]) <= ids
+        assert all(e["sourceNodeId"] in ids for n in g["nodes"] for e in n["incomingEdges"])
+        stage, _, step = gid.partition(".")
+        nodes = [n for n in doc["nodes"] if n["stage"] == stage and str(n["step"] if step else "") == step]
+        assert len(ids) == len(nodes)
+    qkv = next(n for n in graphs["prefill"]["nodes"] if n["namespace"].endswith("layers/0/attn/qkv")
+               and n["label"] == "addmm")
+    assert qkv["namespace"] == "model/vision_tower/sam_encoder/layers/0/attn/qkv"
+    assert {a["key"]: a["value"] for a in qkv["attrs"]}["layer"] == "vision.global.sam.blocks.0.qkv"
+    assert qkv["incomingEdges"]  # reads the layer norm's output

@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from tracer.kernels import attribute_kernels, kernel_table
     from tracer.ncu import join as ncu_join
     from tracer.ncu import ncu_table, run_ncu
-    from tracer.overlay import overlay
+    from tracer.overlay import graph_collection, overlay
     from tracer.report import build_report, dumps, gap_table, stage_table, unmapped_table, unseen_table, write_atomic
     from tracer.trace import trace
 
@@ -216,9 +216,10 @@ def run(args: argparse.Namespace) -> int:
     write_atomic(folder / "report.json", dumps(report, only_flops=args.json_nodes == "flops"))
     write_atomic(folder / "report.html", render_html(report))
     write_atomic(folder / "model-explorer.json", json.dumps(overlay(report), separators=(",", ":")))
+    write_atomic(folder / "model-explorer-graph.json", json.dumps(graph_collection(tr, report), separators=(",", ":")))
     if args.ncu:
         write_atomic(folder / "ncu.csv", ncu_csv)
-    out.print(f"wrote {folder}/report.json, report.html, model-explorer.json")
+    out.print(f"wrote {folder}/report.json, report.html, model-explorer.json, model-explorer-graph.json")
     status.update("done")
     if args.timings:
         print("flopdiff: seconds per phase: " + "; ".join(f"{label} {s:.2f}" for label, s in status.rows), file=sys.stderr)
