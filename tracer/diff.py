@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda (with --mode real): run on the GPU and attribute every kernel (torch.profiler) to "
                         "nodes and analytic layers")
+    p.add_argument("--graph", choices=("fx", "onnx"), default="fx",
+                   help="onnx: also export the prefill to ONNX (random weights), count FLOPs per ONNX node, map them "
+                        "through the same table and check them against the fx graph (report-onnx.json, prefill.onnx)")
     p.add_argument("--ncu", metavar="MODULE",
                    help="with --device cuda: Nsight Compute hardware FLOPs for the kernels inside MODULE (a module "
                         "path, e.g. model.language_model.layers.1), beside the formula")
@@ -154,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     from tracer.kernels import attribute_kernels, kernel_table
     from tracer.ncu import join as ncu_join
     from tracer.ncu import ncu_table, run_ncu
+    from tracer.onnx_graph import consistency_table, run_onnx
+    from tracer.onnx_graph import save as save_onnx
     from tracer.overlay import graph_collection, overlay
     from tracer.report import build_report, dumps, gap_table, stage_table, unmapped_table, unseen_table, write_atomic
     from tracer.trace import trace
@@ -195,6 +200,10 @@ def run(args: argparse.Namespace) -> int:
             status.update(f"Nsight Compute on the kernels inside {args.ncu} (runs flopdiff again)")
             rows, ncu_csv = run_ncu(args.argv, args.ncu)
             report["ncu"] = ncu_join(report, args.ncu, rows)
+        onnx_rep = proto = None
+        if args.graph == "onnx":
+            status.update("exporting the prefill to ONNX (random weights) and counting its nodes")
+            onnx_rep, proto = run_onnx(tr, report, analytic, args.mapping)
         detail = explain(report, analytic, mapping, args.explain, args.causal_halving) if args.explain else None
         status.update("writing the reports")
     out = Console(width=None if sys.stdout.isatty() else 140)  # piped output: full numbers, no ellipsis
@@ -205,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
         out.print(kernel_table(report))
     if report.get("ncu"):
         out.print(ncu_table(report))
+    if onnx_rep is not None:
+        out.print(consistency_table(onnx_rep))
     if report["coverage"]["unmapped"]:
         out.print(unmapped_table(report))
     if report["unknown_ops"]:
@@ -219,7 +230,11 @@ def run(args: argparse.Namespace) -> int:
     write_atomic(folder / "model-explorer-graph.json", json.dumps(graph_collection(tr, report), separators=(",", ":")))
     if args.ncu:
         write_atomic(folder / "ncu.csv", ncu_csv)
-    out.print(f"wrote {folder}/report.json, report.html, model-explorer.json, model-explorer-graph.json")
+    if onnx_rep is not None:
+        save_onnx(proto, folder)
+        write_atomic(folder / "report-onnx.json", dumps(onnx_rep))
+    onnx_files = ", report-onnx.json, prefill.onnx(.data)" if onnx_rep is not None else ""
+    out.print(f"wrote {folder}/report.json, report.html, model-explorer.json, model-explorer-graph.json{onnx_files}")
     status.update("done")
     if args.timings:
         print("flopdiff: seconds per phase: " + "; ".join(f"{label} {s:.2f}" for label, s in status.rows), file=sys.stderr)

@@ -104,7 +104,8 @@ def add_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> None:
             per_layer[(n["stage"], n["layer"])].append(n)
         elif n["id"] in mapping.unmapped:
             n["unmapped"] = mapping.unmapped[n["id"]]
-    analytic = {(row["stage"], row["id"]): row["flops"] for row in an.doc["layers"]}
+    present = {s["name"] for s in report["stages"]}
+    analytic = {(row["stage"], row["id"]): row["flops"] for row in an.doc["layers"] if row["stage"] in present}
     layers = []
     for key in sorted(set(per_layer) | {k for k, v in analytic.items() if v}, key=_order(an.aligned)):
         stage, lid = key

@@ -177,8 +177,27 @@ class DeepseekOcr2Vendor:
         ids = torch.tensor([[TEXT_PLACEHOLDER_ID]])
         return lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
 
+    def onnx_prefill(self, model: torch.nn.Module, prepared: Prepared) -> tuple[torch.nn.Module, tuple]:
+        """The prefill as a module of positional tensors for torch.onnx.export (wrapped as `m`)."""
+        inputs = dict(prepared.inputs)
+        dtype = next(model.parameters()).dtype
+        local = inputs.get("pixel_values_local")
+        args = (inputs["input_ids"], inputs["pixel_values"].to(dtype),
+                local.to(dtype) if local is not None else None, inputs["num_local_patches"])
+        return _Prefill(model), args
+
     def source_roots(self) -> list[str]:
         return [os.path.dirname(inspect.getfile(_transformers_classes()[1]))]
+
+
+class _Prefill(torch.nn.Module):
+    def __init__(self, m: torch.nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, pixel_values, pixel_values_local, num_local_patches):
+        return self.m(input_ids=input_ids, pixel_values=pixel_values, pixel_values_local=pixel_values_local,
+                      num_local_patches=num_local_patches, use_cache=False, logits_to_keep=1).logits
 
 
 def _check_image_tokens(expected: int, produced: int) -> None:

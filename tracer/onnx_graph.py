@@ -1,0 +1,244 @@
+"""The ONNX path (`--graph onnx`): the prefill (vision included) exported with torch.onnx's dynamo exporter, FLOPs
+counted per ONNX node from its shapes, each node carrying its module path and originating aten op from the
+exporter's metadata, so that the mapping tables and the diff apply unchanged; then checked against the fx graph.
+
+Export: random weights (the exporter needs real tensors for its initializers), SDPA traced with the math backend
+(with a fused backend's output strides the exporter's own SDPA decomposition breaks a vendor `.view`), and the MoE
+experts as `batched_mm` (no ONNX translation exists for `aten._grouped_mm`; the FLOPs are the same).
+
+Per-node FLOPs (1 multiply-add = 2): MatMul 2*batch*M*N*K, Gemm 2*M*N*K, Conv 2*numel(out)*C_in/groups*prod(kernel),
+Einsum 2*prod(every index size). Ops that may carry FLOPs without a formula here (ConvTranspose, contrib attention
+ops, quantized GEMMs) are reported as unknown.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+from tracer.errors import FlopdiffError
+
+ONNX_FORMULAS: dict[str, Callable[..., int]] = {}
+MAY_CARRY = {"ConvTranspose", "Attention", "MultiHeadAttention", "GroupQueryAttention", "MatMulInteger",
+             "QLinearMatMul", "ConvInteger", "QLinearConv", "MatMulNBits", "FusedMatMul"}
+_TARGET = re.compile(r"target=torch\.ops\.(\w+)\.(\w+)")
+
+
+def register(op_type: str):
+    def deco(fn):
+        ONNX_FORMULAS[op_type] = fn
+        return fn
+    return deco
+
+
+@register("MatMul")
+def matmul_flop(shapes: list[list[int]], out: list[int], attrs: dict[str, Any]) -> int:
+    a, b = shapes[0], shapes[1]
+    k = a[-1]
+    m = a[-2] if len(a) > 1 else 1
+    n = b[-1] if len(b) > 1 else 1
+    batch = math.prod(out[:-2]) if len(out) > 2 else 1
+    return 2 * batch * m * n * k
+
+
+@register("Gemm")
+def gemm_flop(shapes: list[list[int]], out: list[int], attrs: dict[str, Any]) -> int:
+    a = shapes[0]
+    k = a[0] if attrs.get("transA") else a[1]
+    return 2 * out[0] * out[1] * k
+
+
+@register("Conv")
+def conv_flop(shapes: list[list[int]], out: list[int], attrs: dict[str, Any]) -> int:
+    w = shapes[1]
+    return 2 * math.prod(out) * w[1] * math.prod(w[2:])
+
+
+@register("Einsum")
+def einsum_flop(shapes: list[list[int]], out: list[int], attrs: dict[str, Any]) -> int:
+    lhs = attrs["equation"].replace(" ", "").split("->")[0].split(",")
+    size: dict[str, int] = {}
+    for term, shape in zip(lhs, shapes):
+        for letter, dim in zip(term, shape):
+            size[letter] = dim
+    return 2 * math.prod(size.values())
+
+
+def export_prefill(vendor: Any, model: Any, prepared: Any) -> Any:
+    """The vendor's prefill as an ONNX ModelProto (raises FlopdiffError with the exporter's message)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    module, args = vendor.onnx_prefill(model, prepared)
+    try:
+        with torch.no_grad(), vendor.shims(), sdpa_kernel(SDPBackend.MATH):
+            program = torch.onnx.export(module, args, dynamo=True, optimize=False, verbose=False)
+    except Exception as exc:  # the exporter raises many types; the user needs the stage and its message
+        first = next((line for line in str(exc).splitlines() if line.strip()), exc.__class__.__name__)
+        raise FlopdiffError(f"--graph onnx: exporting the prefill failed: {first}") from None
+    return program.model_proto
+
+
+def _origin(meta: dict[str, str]) -> str:
+    m = _TARGET.search(meta.get("pkg.torch.onnx.fx_node", ""))
+    return f"{m.group(1)}::{m.group(2)}" if m else "onnx::unknown"
+
+
+def onnx_nodes(proto: Any, wrapper: str = "m") -> list[dict[str, Any]]:
+    """Report-style records of every ONNX node of the prefill: op (originating aten op), onnx_op, module (with
+    call indices, as the fx capture writes them), shapes, FLOPs and status."""
+    import onnx
+
+    proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    g = proto.graph
+    dims: dict[str, list[int] | None] = {i.name: list(i.dims) for i in g.initializer}
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        d = v.type.tensor_type.shape.dim
+        dims[v.name] = [x.dim_value if x.HasField("dim_value") else None for x in d]
+    calls: dict[str, int] = {}
+    previous: set[str] = set()
+    records = []
+    for node in g.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        scopes = _scopes(meta.get("pkg.torch.onnx.name_scopes", ""), wrapper)
+        if scopes:  # nodes without scopes (hoisted constants) say nothing about calls
+            for s in scopes:  # a module whose nodes come back after others ran is called again; its
+                if s not in previous:  # children count their calls afresh within the new call
+                    calls[s] = calls.get(s, -1) + 1
+                    for child in [k for k in calls if k.startswith(s + ".")]:
+                        del calls[child]
+            previous = set(scopes)
+        module = _qualified(scopes, calls)
+        shapes = [dims.get(i) or [] for i in node.input if i]
+        out = dims.get(node.output[0]) or [] if node.output else []
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+        formula = ONNX_FORMULAS.get(node.op_type)
+        flops, status = 0, "free"
+        if formula is not None:
+            if any(d is None for s in shapes[:2] for d in s) or any(d is None for d in out):
+                status = "unknown"
+            else:
+                flops, status = int(formula(shapes, out, attrs)), "formula"
+        elif node.op_type in MAY_CARRY:
+            status = "unknown"
+        records.append({"id": f"onnx/{node.name}", "stage": "prefill", "step": None, "op": _origin(meta),
+                        "onnx_op": node.op_type, "module": module, "input_shapes": shapes, "output_shapes": [out],
+                        "flops_torch": 0, "flops_full": flops, "status": status,
+                        "source": meta.get("pkg.torch.onnx.stack_trace", "").strip().splitlines()[0:1]})
+    return records
+
+
+def _qualified(scopes: list[str], calls: dict[str, int]) -> str:
+    """The innermost module path with `#k` after each module called for the k-th time (k > 0), as in capture."""
+    if not scopes:
+        return ""
+    parts = scopes[-1].split(".")
+    for s in scopes:
+        if calls.get(s):
+            i = len(s.split(".")) - 1
+            parts[i] = f"{parts[i]}#{calls[s]}"
+    return ".".join(parts)
+
+
+def _scopes(text: str, wrapper: str) -> list[str]:
+    """"['', 'm', 'm.model', 'm.model.vision_tower', ..., 'addmm']" -> the module paths below the wrapper."""
+    parts = [p.strip().strip("'\"") for p in text.strip("[]").split(",")] if text else []
+    mods = [p for p in parts[:-1] if p.startswith(wrapper + ".")]
+    return [p[len(wrapper) + 1:] for p in mods]
+
+
+def _plain(module: str) -> str:
+    return ".".join(c.split("#")[0] for c in module.split(".")) if module else ""
+
+
+def onnx_report(fx: dict[str, Any], nodes: list[dict[str, Any]], an: Any, vision_modules: tuple[str, ...],
+                table: str | None = None) -> dict[str, Any]:
+    """The ONNX graph's own report (same schema, stages vision and prefill), diffed against the same analytic model
+    through the same mapping table, with `consistency`: per stage and per analytic layer, ONNX full vs fx full."""
+    from collections import Counter
+
+    from tracer.gaps import add_diff, map_report
+    from tracer.report import SCHEMA
+
+    def under(n: dict[str, Any]) -> bool:
+        p = _plain(n["module"])
+        return any(p == m or p.startswith(m + ".") for m in vision_modules)
+
+    vision = [dict(n, id="onnx-vision/" + n["id"].split("/", 1)[1], stage="vision") for n in nodes if under(n)]
+    every = vision + nodes
+    unknown = Counter(n["onnx_op"] for n in nodes if n["status"] == "unknown")
+    rep: dict[str, Any] = {
+        "schema": SCHEMA, "model": fx["model"], "graph": "onnx", "workload": fx["workload"],
+        "notes": ["ONNX export: random weights, SDPA traced with the math backend, experts as batched_mm"],
+        "stages": [{"name": s, "flops_torch": 0, "flops_full": sum(n["flops_full"] for n in every if n["stage"] == s),
+                    "unknown_ops": sum(1 for n in every if n["stage"] == s and n["status"] == "unknown")}
+                   for s in ("vision", "prefill")],
+        "nodes": every,
+        "unknown_ops": [{"op": op, "count": c} for op, c in sorted(unknown.items())],
+    }
+    add_diff(rep, an, map_report(rep, an, table))
+    fx_layers = {(r["stage"], r["id"]): r["flops_full"] for r in fx["layers"]}
+    differing = [{"stage": r["stage"], "layer": r["id"], "flops_onnx": r["flops_full"],
+                  "flops_fx": fx_layers.get((r["stage"], r["id"]), 0),
+                  "onnx_ops": sorted({n["onnx_op"] for n in every if n["id"] in set(r["nodes"])})}
+                 for r in rep["layers"] if r["flops_full"] != fx_layers.get((r["stage"], r["id"]), 0)]
+    fx_stage = {s["name"]: s["flops_full"] for s in fx["stages"]}
+    rep["consistency"] = {
+        "stages": [{"name": s["name"], "flops_onnx": s["flops_full"], "flops_fx": fx_stage.get(s["name"], 0),
+                    "difference": s["flops_full"] - fx_stage.get(s["name"], 0)} for s in rep["stages"]],
+        "layers_differing": differing,
+    }
+    return rep
+
+
+def consistency_table(rep: dict[str, Any]):
+    from rich.table import Table
+
+    t = Table(title="ONNX graph vs fx graph (full FLOPs)", title_justify="left")
+    t.caption = (f"{len(rep['consistency']['layers_differing'])} analytic layers differ; ONNX nodes with FLOPs mapped: "
+                 f"{rep['coverage']['mapped']}/{rep['coverage']['nodes_with_flops']}, unknown ops: "
+                 f"{sum(u['count'] for u in rep['unknown_ops'])}")
+    for col in ("stage", "ONNX", "fx", "difference"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for s in rep["consistency"]["stages"]:
+        t.add_row(s["name"], f"{s['flops_onnx']:,}", f"{s['flops_fx']:,}", f"{s['difference']:,}")
+    return t
+
+
+def run_onnx(tr: Any, fx: dict[str, Any], an: Any, table: str | None) -> tuple[dict[str, Any], Any]:
+    """The pipeline step: a random-weight model of the same config, its prefill exported, counted and diffed."""
+    import dataclasses
+
+    import torch
+
+    from tracer.vendors import get_vendor
+
+    vendor = get_vendor(tr.workload.model)
+    if not hasattr(vendor, "onnx_prefill"):
+        raise FlopdiffError(f"--graph onnx: not available for --model {tr.workload.model} yet (only deepseek-ocr-2)")
+    options = dataclasses.replace(tr.options, experts="batched_mm", mode="real", device="cpu")
+    torch.manual_seed(0)
+    model = vendor.build(tr.config, options)
+    proto = export_prefill(vendor, model, tr.prepared)
+    return onnx_report(fx, onnx_nodes(proto), an, vendor.vision_modules, table), proto
+
+
+def save(proto: Any, folder: Any) -> None:
+    """prefill.onnx with its weights in prefill.onnx.data, both renamed into place only once fully written."""
+    import os
+    import tempfile
+
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-") as tmp:
+        onnx.save_model(proto, os.path.join(tmp, "prefill.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="prefill.onnx.data")
+        mask = os.umask(0)
+        os.umask(mask)
+        for name in ("prefill.onnx.data", "prefill.onnx"):  # the weights first: the model never points at nothing
+            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
+            os.replace(os.path.join(tmp, name), folder / name)
