@@ -37,7 +37,10 @@ def onnx_run(tmp_path_factory, tiny_v2_config):
 
 def test_onnx_totals_equal_fx_per_stage_and_module(onnx_run):
     out, rep, fx = onnx_run
-    assert (out / "prefill.onnx").is_file() and (out / "prefill.onnx.data").is_file()
+    import onnx
+
+    model = onnx.load(out / "prefill.onnx")
+    assert len(model.graph.node) > 1000 and not model.graph.initializer  # the graph; weights are typed inputs
     assert [(s["name"], s["difference"]) for s in rep["consistency"]["stages"]] == [("vision", 0), ("prefill", 0)]
     assert rep["consistency"]["layers_differing"] == []
     per = lambda nodes: {m: sum(n["flops_full"] for n in nodes if n["module"] == m and n["stage"] == "prefill")  # noqa: E731

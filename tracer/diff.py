@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuda (with --mode real): run on the GPU and attribute every kernel (torch.profiler) to "
                         "nodes and analytic layers")
     p.add_argument("--graph", choices=("fx", "onnx"), default="fx",
-                   help="onnx: also export the prefill to ONNX (random weights), count FLOPs per ONNX node, map them "
+                   help="onnx: also export the prefill to ONNX (no weights), count FLOPs per ONNX node, map them "
                         "through the same table and check them against the fx graph (report-onnx.json, prefill.onnx)")
     p.add_argument("--ncu", metavar="MODULE",
                    help="with --device cuda: Nsight Compute hardware FLOPs for the kernels inside MODULE (a module "
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             report["ncu"] = ncu_join(report, args.ncu, rows)
         onnx_rep = proto = None
         if args.graph == "onnx":
-            status.update("exporting the prefill to ONNX (random weights) and counting its nodes")
+            status.update("exporting the prefill to ONNX (no weights) and counting its nodes")
             onnx_rep, proto = run_onnx(tr, report, analytic, args.mapping)
         detail = explain(report, analytic, mapping, args.explain, args.causal_halving) if args.explain else None
         status.update("writing the reports")
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     if onnx_rep is not None:
         save_onnx(proto, folder)
         write_atomic(folder / "report-onnx.json", dumps(onnx_rep))
-    onnx_files = ", report-onnx.json, prefill.onnx(.data)" if onnx_rep is not None else ""
+    onnx_files = ", report-onnx.json, prefill.onnx" if onnx_rep is not None else ""
     out.print(f"wrote {folder}/report.json, report.html, model-explorer.json, model-explorer-graph.json{onnx_files}")
     status.update("done")
     if args.timings:

@@ -2,9 +2,11 @@
 counted per ONNX node from its shapes, each node carrying its module path and originating aten op from the
 exporter's metadata, so that the mapping tables and the diff apply unchanged; then checked against the fx graph.
 
-Export: random weights (the exporter needs real tensors for its initializers), SDPA traced with the math backend
-(with a fused backend's output strides the exporter's own SDPA decomposition breaks a vendor `.view`), and the MoE
-experts as `batched_mm` (no ONNX translation exists for `aten._grouped_mm`; the FLOPs are the same).
+Export without weights: the model is built on the meta device and exported with `optimize=False` (the optimizer's
+constant folding would need data); the ONNX file holds the graph with the weights as typed graph inputs. SDPA is
+traced with the math backend (with a fused backend's output strides the exporter's own SDPA decomposition breaks a
+vendor `.view`), and the MoE experts run as `batched_mm` (no ONNX translation exists for `aten._grouped_mm`; the
+FLOPs are the same).
 
 Per-node FLOPs (1 multiply-add = 2): MatMul 2*batch*M*N*K, Gemm 2*M*N*K, Conv 2*numel(out)*C_in/groups*prod(kernel),
 Einsum 2*prod(every index size). Ops that may carry FLOPs without a formula here (ConvTranspose, contrib attention
@@ -72,13 +74,27 @@ def export_prefill(vendor: Any, model: Any, prepared: Any) -> Any:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     module, args = vendor.onnx_prefill(model, prepared)
+    device = next(iter(module.parameters()), torch.empty(0)).device
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     try:
         with torch.no_grad(), vendor.shims(), sdpa_kernel(SDPBackend.MATH):
-            program = torch.onnx.export(module, args, dynamo=True, optimize=False, verbose=False)
+            program = torch.onnx.export(module.eval(), args, dynamo=True, optimize=False, verbose=False)
     except Exception as exc:  # the exporter raises many types; the user needs the stage and its message
         first = next((line for line in str(exc).splitlines() if line.strip()), exc.__class__.__name__)
         raise FlopdiffError(f"--graph onnx: exporting the prefill failed: {first}") from None
-    return program.model_proto
+    return _weightless(program.model)
+
+
+def _weightless(model: Any) -> Any:
+    """The exported IR as a ModelProto whose weights are typed graph inputs (meta weights carry no data)."""
+    import onnx_ir
+
+    graph = model.graph
+    for name, value in list(graph.initializers.items()):
+        graph.initializers.pop(name)
+        value.const_value = None
+        graph.inputs.append(value)
+    return onnx_ir.serde.serialize_model(model)
 
 
 def _origin(meta: dict[str, str]) -> str:
@@ -220,25 +236,14 @@ def run_onnx(tr: Any, fx: dict[str, Any], an: Any, table: str | None) -> tuple[d
     if not hasattr(vendor, "onnx_prefill"):
         raise FlopdiffError(f"--graph onnx: not available for --model {tr.workload.model} yet (only deepseek-ocr-2)")
     options = dataclasses.replace(tr.options, experts="batched_mm", mode="real", device="cpu")
-    torch.manual_seed(0)
-    model = vendor.build(tr.config, options)
+    with torch.device("meta"):
+        model = vendor.build(tr.config, options)
     proto = export_prefill(vendor, model, tr.prepared)
     return onnx_report(fx, onnx_nodes(proto), an, vendor.vision_modules, table), proto
 
 
 def save(proto: Any, folder: Any) -> None:
-    """prefill.onnx with its weights in prefill.onnx.data, both renamed into place only once fully written."""
-    import os
-    import tempfile
+    """prefill.onnx (the graph; weights are inputs), written atomically."""
+    from tracer.report import write_atomic_bytes
 
-    import onnx
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-") as tmp:
-        onnx.save_model(proto, os.path.join(tmp, "prefill.onnx"), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="prefill.onnx.data")
-        mask = os.umask(0)
-        os.umask(mask)
-        for name in ("prefill.onnx.data", "prefill.onnx"):  # the weights first: the model never points at nothing
-            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
-            os.replace(os.path.join(tmp, name), folder / name)
+    write_atomic_bytes(folder / "prefill.onnx", proto.SerializeToString())
