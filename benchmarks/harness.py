@@ -26,9 +26,13 @@ def measure(code: str) -> tuple[float, float, str]:
 
 # Read by the flopdiff side after its run: report.json's first line holds everything but the nodes (one node per
 # line follows), so the totals come back without parsing megabytes of nodes into the measured time.
-STAGE_TOTALS = """
-head = open(out + "/report.json").readline()
-doc = json.loads(head[:head.rindex(',"nodes":[')] + "}")
+HEAD = """
+def head(path):
+    line = open(path).readline()
+    return json.loads(line[:line.rindex(',"nodes":[')] + "}")
+"""
+STAGE_TOTALS = HEAD + """
+doc = head(out + "/report.json")
 print(json.dumps({s["name"]: [s["flops_torch"], s["flops_full"]] for s in doc["stages"]}), file=sys.stderr)
 """
 

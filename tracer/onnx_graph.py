@@ -188,7 +188,7 @@ def onnx_report(fx: dict[str, Any], nodes: list[dict[str, Any]], an: Any, vision
     unknown = Counter(n["onnx_op"] for n in nodes if n["status"] == "unknown")
     rep: dict[str, Any] = {
         "schema": SCHEMA, "model": fx["model"], "graph": "onnx", "workload": fx["workload"],
-        "notes": ["ONNX export: random weights, SDPA traced with the math backend, experts as batched_mm"],
+        "notes": ["ONNX export: no weights (meta device), SDPA traced with the math backend, experts as batched_mm"],
         "stages": [{"name": s, "flops_torch": 0, "flops_full": sum(n["flops_full"] for n in every if n["stage"] == s),
                     "unknown_ops": sum(1 for n in every if n["stage"] == s and n["status"] == "unknown")}
                    for s in ("vision", "prefill")],
