@@ -177,3 +177,10 @@ def test_ncu_join_shows_padding_and_causal_tiles(ncu_layer):
     assert by("_ZN7cutlass13device_kernelIN2at4cuda6")["ratio"] > 1.2
     # a prefill GEMM with rows near a tile multiple: within a few percent of the formula
     assert by("nvjet_sm90_tst_128x88_64x7_2x1_v_bz_T")["ratio"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_ncu_child_command_line_drops_ncu_graph_and_out():
+    from tracer.ncu import _strip
+
+    argv = ["--device", "cuda", "--ncu", "model.layers.1", "--graph=onnx", "--out", "x", "--quiet"]
+    assert _strip(_strip(_strip(argv, "--ncu"), "--graph"), "--out") == ["--device", "cuda", "--quiet"]

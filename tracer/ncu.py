@@ -122,7 +122,7 @@ def run_ncu(argv: list[str], module: str) -> tuple[list[dict[str, Any]], str]:
     ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
     if not os.path.exists(ncu):
         raise FlopdiffError("--ncu: Nsight Compute (ncu) is not on PATH")
-    child = _strip(argv, "--ncu")
+    child = _strip(_strip(argv, "--ncu"), "--graph")  # the child only needs to launch the same kernels
     with tempfile.TemporaryDirectory(prefix="flopdiff-ncu-") as tmp:
         child = _strip(child, "--out") + ["--out", tmp, "--quiet"]
         cmd = [ncu, "--csv", "--page", "raw", "--metrics", ",".join(METRICS), "--nvtx", "--nvtx-include",
