@@ -78,3 +78,9 @@ def test_onnx_export_failure_is_one_line_and_writes_nothing(tmp_path, capsys, mo
     lines = err.strip().splitlines()
     assert code == 2 and lines[-1].startswith("flopdiff: error: --graph onnx: exporting the prefill failed")
     assert not out.exists()
+
+
+def test_onnx_refused_up_front_for_v1(tmp_path, capsys):
+    code, _, err = _run(["--model", "deepseek-ocr", "--graph", "onnx", "--quiet", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--graph onnx: not available for --model deepseek-ocr yet" in err
+    assert not (tmp_path / "o").exists()

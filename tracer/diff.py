@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from tracer.kernels import attribute_kernels, kernel_table
     from tracer.ncu import join as ncu_join
     from tracer.ncu import ncu_table, run_ncu
-    from tracer.onnx_graph import consistency_table, run_onnx
+    from tracer.onnx_graph import check_onnx, consistency_table, run_onnx
     from tracer.onnx_graph import save as save_onnx
     from tracer.overlay import graph_collection, overlay
     from tracer.report import build_report, dumps, gap_table, stage_table, unmapped_table, unseen_table, write_atomic
@@ -168,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
         raise FlopdiffError(f"--ncu {args.ncu}: needs --device cuda --mode real")
     if args.max_gap is not None and args.max_gap < 0:
         raise FlopdiffError(f"--max-gap {args.max_gap}: must be 0 or more (percent of the full count)")
-    get_vendor(args.model)                      # bad model, preset or table: fail before minutes of tracing
+    vendor = get_vendor(args.model)             # bad model, preset, table or graph: fail before minutes of tracing
+    if args.graph == "onnx":
+        check_onnx(vendor)
     variant(args.analytic)
     load_table(args.mapping or args.model)
     workload = workload_from_args(args)

@@ -224,6 +224,17 @@ def consistency_table(rep: dict[str, Any]):
     return t
 
 
+def check_onnx(vendor: Any) -> None:
+    """Refuse --graph onnx up front when the model or the environment cannot do it."""
+    import importlib.util
+
+    if not hasattr(vendor, "onnx_prefill"):
+        raise FlopdiffError(f"--graph onnx: not available for --model {vendor.name} yet (only deepseek-ocr-2)")
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FlopdiffError(f"--graph onnx: needs {' and '.join(missing)}: pip install 'flopdiff[onnx]'")
+
+
 def run_onnx(tr: Any, fx: dict[str, Any], an: Any, table: str | None) -> tuple[dict[str, Any], Any]:
     """The pipeline step: a random-weight model of the same config, its prefill exported, counted and diffed."""
     import dataclasses
@@ -233,8 +244,6 @@ def run_onnx(tr: Any, fx: dict[str, Any], an: Any, table: str | None) -> tuple[d
     from tracer.vendors import get_vendor
 
     vendor = get_vendor(tr.workload.model)
-    if not hasattr(vendor, "onnx_prefill"):
-        raise FlopdiffError(f"--graph onnx: not available for --model {tr.workload.model} yet (only deepseek-ocr-2)")
     options = dataclasses.replace(tr.options, experts="batched_mm", mode="real", device="cpu")
     with torch.device("meta"):
         model = vendor.build(tr.config, options)
