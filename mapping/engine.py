@@ -36,6 +36,11 @@ def split_path(module_call: str) -> tuple[list[str], list[int]]:
     return names, calls
 
 
+def plain_path(module_call: str) -> str:
+    """'model.vision_tower#1.sam_encoder' -> 'model.vision_tower.sam_encoder'."""
+    return ".".join(split_path(module_call)[0])
+
+
 @dataclass
 class Resolution:
     layer: str | None

@@ -23,6 +23,7 @@ import sys
 import tempfile
 from typing import Any
 
+from mapping.engine import plain_path
 from tracer.capture import NVTX_RANGE
 from tracer.errors import FlopdiffError
 
@@ -57,7 +58,7 @@ def module_launches(report: dict[str, Any], module: str) -> list[dict[str, Any]]
     out = []
     for r in report["kernel_records"]:
         scope = nodes[r["node"]]["module"] if r["node"] in nodes else (r["module"] or "")
-        plain = ".".join(c.split("#")[0] for c in scope.split("."))
+        plain = plain_path(scope)
         if plain == module or plain.startswith(module + "."):
             out.append(r)
     return out

@@ -166,21 +166,18 @@ def _scopes(text: str, wrapper: str) -> list[str]:
     return [p[len(wrapper) + 1:] for p in mods]
 
 
-def _plain(module: str) -> str:
-    return ".".join(c.split("#")[0] for c in module.split(".")) if module else ""
-
-
 def onnx_report(fx: dict[str, Any], nodes: list[dict[str, Any]], an: Any, vision_modules: tuple[str, ...],
                 table: str | None = None) -> dict[str, Any]:
     """The ONNX graph's own report (same schema, stages vision and prefill), diffed against the same analytic model
     through the same mapping table, with `consistency`: per stage and per analytic layer, ONNX full vs fx full."""
     from collections import Counter
 
+    from mapping.engine import plain_path
     from tracer.gaps import add_diff, map_report
     from tracer.report import SCHEMA
 
     def under(n: dict[str, Any]) -> bool:
-        p = _plain(n["module"])
+        p = plain_path(n["module"])
         return any(p == m or p.startswith(m + ".") for m in vision_modules)
 
     vision = [dict(n, id="onnx-vision/" + n["id"].split("/", 1)[1], stage="vision") for n in nodes if under(n)]
