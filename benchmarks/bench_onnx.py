@@ -8,23 +8,18 @@ Prints wall time, peak RSS and the ONNX vs fx totals per stage.
 
 from __future__ import annotations
 
-from harness import HEAD, measure, table
+from harness import flopdiff, table
 
-ONNX = """
-import json, sys, tempfile
-from tracer.diff import main
-out = tempfile.mkdtemp()
-assert main(["--image-shape", "1000x1400", "--text-tokens", "9", "--decode-steps", "1", "--graph", "onnx",
-             "--out", out, "--quiet"]) == 0
-""" + HEAD + """
-doc = head(out + "/report-onnx.json")
-print(json.dumps({s["name"]: [s["flops_onnx"], s["flops_fx"]] for s in doc["consistency"]["stages"]}), file=sys.stderr)
-"""
+ONNX = ["--image-shape", "1000x1400", "--text-tokens", "9", "--decode-steps", "1", "--graph", "onnx"]
+
+
+def onnx_totals(doc: dict) -> dict:
+    return {s["name"]: [s["flops_onnx"], s["flops_fx"]] for s in doc["consistency"]["stages"]}
 
 
 def main() -> None:
     table("DeepSeek-OCR-2 1000x1400: fx trace + ONNX export of the prefill (ONNX FLOPs, fx FLOPs per stage)",
-          [("flopdiff --graph onnx", *measure(ONNX))])
+          [("flopdiff --graph onnx", *flopdiff(ONNX, "report-onnx.json", onnx_totals))])
 
 
 if __name__ == "__main__":

@@ -1,19 +1,21 @@
-"""Shared by the end-to-end benchmarks: run a snippet in a fresh interpreter, measure wall time and peak RSS,
+"""Shared by the end-to-end benchmarks: run a command in a fresh interpreter, measure wall time and peak RSS,
 print the table with ratios. Each side runs in its own process so that imports and memory are its own."""
 
 from __future__ import annotations
 
+import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 
-def measure(code: str) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (GiB) of a fresh interpreter running `code`, and its last stderr line."""
+def measure(argv: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (GiB) of a fresh process running `argv`, and its last stderr line."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run(argv, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"benchmark child failed:\n{proc.stderr}")
@@ -21,32 +23,42 @@ def measure(code: str) -> tuple[float, float, str]:
     if peak <= before:
         print("warning: peak RSS of this child is not above an earlier child's; run the sides separately",
               file=sys.stderr)
-    return wall, peak / 2**20, proc.stderr.strip().splitlines()[-1]
+    lines = proc.stderr.strip().splitlines()
+    return wall, peak / 2**20, lines[-1] if lines else ""
 
 
-# Read by the flopdiff side after its run: report.json's first line holds everything but the nodes (one node per
-# line follows), so the totals come back without parsing megabytes of nodes into the measured time.
-HEAD = """
-def head(path):
-    line = open(path).readline()
+def snippet(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def head(path: str) -> dict:
+    """report.json's first line: everything but the nodes (one node per line follows), read without parsing
+    megabytes of nodes."""
+    with open(path) as f:
+        line = f.readline()
     return json.loads(line[:line.rindex(',"nodes":[')] + "}")
-"""
-STAGE_TOTALS = HEAD + """
-doc = head(out + "/report.json")
-print(json.dumps({s["name"]: [s["flops_torch"], s["flops_full"]] for s in doc["stages"]}), file=sys.stderr)
-"""
 
 
-def compare(doc: str, title: str, flopdiff_code: str, baseline_code: str, baseline: str) -> None:
+def flopdiff(args: list[str], report: str = "report.json",
+             totals=lambda doc: {s["name"]: [s["flops_torch"], s["flops_full"]] for s in doc["stages"]}
+             ) -> tuple[float, float, str]:
+    """The command line a user runs (`python -m tracer.diff ARGS`), timed from process start to exit; the
+    per-stage totals are read from its report afterwards, outside the measured time."""
+    out = tempfile.mkdtemp(prefix="flopdiff-bench-")
+    wall, peak, _ = measure([sys.executable, "-m", "tracer.diff", *args, "--out", out, "--quiet"])
+    return wall, peak, json.dumps(totals(head(f"{out}/{report}")))
+
+
+def compare(doc: str, title: str, flopdiff_args: list[str], baseline_code: str, baseline: str) -> None:
     """The command line of an end-to-end benchmark: flopdiff, then (unless --skip-real) its baseline."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--skip-real", action="store_true", help="skip FlopCounterMode on real random weights")
     args = parser.parse_args()
-    rows = [("flopdiff (fake weights, all stages + report)", *measure(flopdiff_code))]
+    rows = [("flopdiff (fake weights, all stages + report)", *flopdiff(flopdiff_args))]
     if not args.skip_real:
-        rows.append((baseline, *measure(baseline_code)))
+        rows.append((baseline, *measure(snippet(baseline_code))))
     table(title, rows)
 
 

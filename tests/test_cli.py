@@ -81,3 +81,23 @@ def test_image_file_gives_its_own_size(tmp_path, capsys, tiny_v2_config):
                       "--out", str(tmp_path / "o"), "--quiet"], capsys)
     doc = json.loads((tmp_path / "o" / "report.json").read_text())
     assert code == 0 and doc["workload"]["image_wh"] == [900, 500] and doc["workload"]["views"] == 3
+
+
+def test_command_line_process_exit_status_and_output(tmp_path, tiny_v2_config):
+    """`python -m tracer.diff` as a process: it leaves without interpreter teardown (tracer.diff.cli), so its
+    exit status, its printed tables and its files must all be complete by then."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "tracer.diff", "--config", tiny_v2_config, "--image-shape", "640x640",
+            "--text-tokens", "2", "--decode-steps", "1", "--quiet"]
+    ok = subprocess.run(base + ["--out", str(tmp_path / "ok")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "decode" in ok.stdout and ok.stdout.rstrip().endswith("model-explorer-graph.json")
+    assert json.loads((tmp_path / "ok" / "report.json").read_text())["stages"][0]["name"] == "vision"
+    gap = subprocess.run(base + ["--out", str(tmp_path / "gap"), "--analytic", "seed-naive", "--max-gap", "0"],
+                         capture_output=True, text=True)
+    assert gap.returncode == 1 and "exceeds --max-gap 0" in gap.stderr
+    bad = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--decode-steps", "-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("flopdiff: error: --decode-steps -1")
+    assert not (tmp_path / "bad").exists()

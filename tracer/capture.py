@@ -262,8 +262,12 @@ class GraphRecorder(TorchDispatchMode):
         node_args = self._map(tuple(args))
         node_kwargs = self._map(dict(kwargs))
         name = op_name(func)
-        node = self.graph.create_node("call_function", func, node_args, node_kwargs,
-                                      name=_node_name(name))
+        # args are set after creation: create_node would walk them (pytree) looking for raw SymInts, which
+        # fake tensors with static shapes never produce; the walk costs more than the rest of the node
+        node = self.graph.create_node("call_function", func, name=_node_name(name))
+        node.args = node_args
+        if node_kwargs:
+            node.kwargs = node_kwargs
         if self._first_op is None:
             self._first_op = node
         stack, path, qualified, cls = self.modules.snapshot()
