@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from unittest import mock
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tracer.capture import StageGraph, capture, subgraph
 from tracer.errors import FlopdiffError
+from tracer.parallel import DecodeWorker, available, capture_decode, note_fallback
 from tracer.vendors import BuildOptions, Prepared, get_vendor
 from tracer.workload import Workload, validate
 
@@ -32,6 +34,7 @@ class Trace:
     options: BuildOptions
     stages: dict[str, list[StageGraph]] = field(default_factory=dict)
     config: Any = None
+    worker_steps: list[int] = field(default_factory=list)  # decode steps the forked worker captured
 
     def graphs(self):
         for name in STAGES:
@@ -59,6 +62,12 @@ def _no_init():
         yield
 
 
+@contextlib.contextmanager
+def _capturing(fake, device, vendor):
+    with fake, device, torch.no_grad(), vendor.shims():
+        yield
+
+
 def _to_device(x: Any, device: str) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(device)
@@ -70,9 +79,10 @@ def _to_device(x: Any, device: str) -> Any:
 
 
 def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_path: str | None = None,
-          progress: Callable[[str], None] = lambda msg: None, mode: str = "fake") -> Trace:
+          progress: Callable[[str], None] = lambda msg: None, mode: str = "fake", parallel: bool = True) -> Trace:
     """`mode="fake"`: no weights, no compute (FakeTensorMode). `mode="real"`: random weights, real compute
-    (slow at full size; the tests use it on reduced configs to check fake against real)."""
+    (slow at full size; the tests use it on reduced configs to check fake against real). `parallel` (fake
+    mode, CPU, 3+ decode steps, 2+ CPUs): a forked worker captures the later decode steps (tracer.parallel)."""
     workload = validate(workload)
     vendor = get_vendor(workload.model)
     options = dataclasses.replace(options, mode=mode)
@@ -93,16 +103,31 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
     with fake, device, (_no_init() if mode == "fake" else contextlib.nullcontext()):
         model = vendor.build(config, options)
     result = Trace(workload, prepared, options, config=config)
-    with fake, device, torch.no_grad(), vendor.shims():
-        progress("prefill")
-        prefill, out = capture(vendor.prefill(model, prepared), model, "prefill", vendor_roots=roots, profile=cuda)
-        decode = []
-        prompt_len = prepared.derived.prompt_len
-        for k in range(workload.decode_steps):
-            progress(f"decode step {k + 1}/{workload.decode_steps}")
-            step, out = capture(vendor.decode(model, out, k), model, "decode", vendor_roots=roots,
-                                step=k, kv_len=prompt_len + k, profile=cuda)
-            decode.append(step)
+    steps, prompt_len = workload.decode_steps, prepared.derived.prompt_len
+    worker = None
+    try:
+        with _capturing(fake, device, vendor):
+            if parallel and mode == "fake" and not cuda and steps >= 3 and available():
+                worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps)
+            progress("prefill")
+            prefill, out = capture(vendor.prefill(model, prepared), model, "prefill", vendor_roots=roots, profile=cuda)
+            started = time.perf_counter()
+            decode, out, k = capture_decode(vendor, model, out, steps, prompt_len, roots, worker, progress, cuda)
+            per_step = (time.perf_counter() - started) / max(k, 1)
+        if k < steps:  # the worker's share: from its files, or captured here when it could not deliver
+            progress(f"decode steps {k + 1}-{steps}/{steps} (worker process)")
+            got = worker.collect(k, timeout=60 + 20 * per_step)
+            if got is None:
+                with _capturing(fake, device, vendor):
+                    got, _, _ = capture_decode(vendor, model, out, steps, prompt_len, roots, None, progress, first=k)
+            else:
+                result.worker_steps = [sg.step for sg in got]
+            decode += got
+        if worker is not None and worker.failure:
+            note_fallback(worker)
+    finally:
+        if worker is not None:
+            worker.close()
     result.stages = {"vision": [subgraph(prefill, "vision", _under(vendor.vision_modules))],
                      "prefill": [prefill], "decode": decode}
     return result
