@@ -4,6 +4,7 @@ print the table with ratios. Each side runs in its own process so that imports a
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -39,13 +40,50 @@ def head(path: str) -> dict:
     return json.loads(line[:line.rindex(',"nodes":[')] + "}")
 
 
+def _tree(pid: int) -> list[int]:
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in os.listdir(f"/proc/{pids[i]}/task"):
+            with open(f"/proc/{pids[i]}/task/{task}/children") as f:
+                pids += [int(c) for c in f.read().split()]
+        i += 1
+    return pids
+
+
+def _pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+
+
+def peak_pss(argv: list[str], every: float = 0.25) -> float:
+    """Peak proportional set size (GiB) summed over the process and its children, sampled every `every` s in a
+    run of its own: flopdiff forks a decode worker that shares most pages with it, so the largest process's
+    RSS alone would understate the total and the sum of RSS would count shared pages twice. Reading
+    smaps_rollup costs tens of ms per process, too much to do during the timed run."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, sum(_pss_kib(p) for p in _tree(proc.pid)))
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            pass  # a process exited between listing and reading: the next sample sees the rest
+        time.sleep(every)
+    if proc.returncode:
+        sys.exit(f"benchmark child failed with status {proc.returncode}: {' '.join(argv)}")
+    return peak / 2**20
+
+
 def flopdiff(args: list[str], report: str = "report.json",
              totals=lambda doc: {s["name"]: [s["flops_torch"], s["flops_full"]] for s in doc["stages"]}
              ) -> tuple[float, float, str]:
     """The command line a user runs (`python -m tracer.diff ARGS`), timed from process start to exit; the
-    per-stage totals are read from its report afterwards, outside the measured time."""
+    per-stage totals are read from its report afterwards, outside the measured time. Memory: the larger of
+    the largest process's peak RSS and the sampled peak PSS of all its processes (a second run, on Linux)."""
     out = tempfile.mkdtemp(prefix="flopdiff-bench-")
-    wall, peak, _ = measure([sys.executable, "-m", "tracer.diff", *args, "--out", out, "--quiet"])
+    argv = [sys.executable, "-m", "tracer.diff", *args, "--out", out, "--quiet"]
+    wall, peak, _ = measure(argv)
+    if os.path.exists("/proc/self/smaps_rollup"):
+        peak = max(peak, peak_pss(argv))
     return wall, peak, json.dumps(totals(head(f"{out}/{report}")))
 
 
@@ -68,7 +106,7 @@ def table(title: str, rows: list[tuple[str, float, float, str]]) -> None:
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("run", "wall s", "peak RSS GiB", "FLOPs per stage"):
+    for col in ("run", "wall s", "peak memory GiB", "FLOPs per stage"):
         t.add_column(col)
     for name, wall, rss, counts in rows:
         t.add_row(name, f"{wall:.1f}", f"{rss:.2f}", counts)

@@ -157,6 +157,31 @@ def test_v1_fake_equals_real_per_module_and_stage(reduced, v1_dir, tmp_path, sha
     assert any(".sam_model#1." in n["module"] for n in fake["nodes"]) == (views > 1)
 
 
+def test_v1_decode_worker_gives_the_sequential_report(v1_dir):
+    """The forked decode worker (tracer.parallel) on the real vendor model: its legacy tuple cache is synthesized,
+    checked after step 0, and every report byte equals capturing all steps in one process."""
+    import tracer.parallel as parallel
+    from tracer.count import count_graph
+    from tracer.report import build_report, dumps
+    from tracer.trace import trace
+    from tracer.vendors import BuildOptions
+    from tracer.workload import Workload
+
+    if not parallel.available():
+        pytest.skip("the decode worker needs fork() and a second CPU; this machine has one")
+    workload = Workload(model="deepseek-ocr", image_wh=(640, 640), text_tokens=9, decode_steps=8)
+    options = BuildOptions(vendor_dir=v1_dir, trust_remote_code=True)
+    texts = []
+    for worker in (True, False):
+        tr = trace(workload, options, parallel=worker)
+        assert bool(tr.worker_steps) == worker
+        for sg in tr.graphs():
+            if sg.selection is None:
+                count_graph(sg)
+        texts.append(dumps(build_report(tr)))
+    assert texts[0] == texts[1]
+
+
 # ---- bad input: these need no vendor code ------------------------------------------------------------------
 
 def _stub_folder(tmp_path, modeling_text="", config=True):
@@ -197,3 +222,4 @@ def test_v1_missing_text_tokens_without_tokenizer(v1_dir, tmp_path, capsys):
                          "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "--text-tokens: required for --model deepseek-ocr" in err
     assert not (tmp_path / "o").exists()
+

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nodes in report.json: all, or only those with FLOPs or no formula (a much smaller file)")
     p.add_argument("--out", default="flopdiff-report",
                    help="output folder for report.json, report.html and model-explorer.json")
+    p.add_argument("--sequential", action="store_true",
+                   help="capture every decode step in this process (default with --mode fake on CPU, 3+ steps and 2+ "
+                        "CPUs: a forked worker captures the later steps from a synthesized KV cache, checked against "
+                        "the real one)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--timings", action="store_true", help="print the seconds each phase took (stderr)")
     return p
@@ -186,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     with err.status("tracing") as spinner:
         status = Phases(spinner, started)
         tr = trace(workload, options, args.config, progress=lambda msg: status.update(f"tracing: {msg}"),
-                   mode=args.mode)
+                   mode=args.mode, parallel=not args.sequential)
         status.update("counting FLOPs per node")
         for sg in tr.graphs():
             if sg.selection is None:  # a selection's nodes (vision) are counted with the graph they belong to

@@ -125,7 +125,10 @@ def decode(data: bytes) -> StageGraph:
             node = graph.output(_dec(args[0], nodes))
         else:
             node = graph.create_node(op, _resolve(target), name=name)
-            node.args, node.kwargs = _dec(args, nodes), _dec(kwargs, nodes)
+            if args:
+                node.args = _dec(args, nodes)
+            if kwargs:
+                node.kwargs = _dec(kwargs, nodes)
         if node.name != name and op != "output":
             raise RuntimeError(f"graph codec: node {name!r} came back as {node.name!r}")
         node.meta = {k: (_dec(v, nodes) if k == "val" else v) for k, v in meta.items()}
@@ -312,21 +315,28 @@ class DecodeWorker:
         return False
 
     def collect(self, first: int, timeout: float) -> list[StageGraph] | None:
-        """Steps first..n-1 from the worker (after it exits), or None: then capture them here."""
+        """Steps first..n-1 from the worker, or None: then capture them here. Steps are decoded as their
+        files appear, while the worker finishes the last one."""
         if self.failure:
             return None
         deadline = time.monotonic() + timeout
-        while self._alive():
+        graphs: dict[int, StageGraph] = {}
+        while True:
+            alive = self._alive()  # before reading: files written before the worker exits are all there
+            for k in range(first, self.steps):
+                if k not in graphs and (blob := self._read(f"step-{k}")) is not None:
+                    graphs[k] = decode(blob)
+            if not alive:
+                break
             if time.monotonic() > deadline:
                 self.cancel(f"it took over {timeout:.0f} s to finish its last step")
                 return None
             time.sleep(0.002)
-        blobs = [self._read(f"step-{k}") for k in range(first, self.steps)]
-        if self.status != 0 or any(b is None for b in blobs):
+        if self.status != 0 or len(graphs) < self.steps - first:
             error = self._read("error")
             self.failure = error.decode() if error else f"it exited with status {self.status}"
             return None
-        return [decode(b) for b in blobs]
+        return [graphs[k] for k in range(first, self.steps)]
 
     def close(self) -> None:
         if self.pid:

@@ -1,0 +1,97 @@
+"""The forked decode worker (tracer.parallel): same report as capturing every step here, checked and fallen
+back from when its synthesized cache or the worker itself is wrong; the graph codec round trip."""
+
+import time
+
+import pytest
+
+import tracer.parallel as parallel
+from tracer.count import count_graph
+from tracer.report import build_report, dumps, node_record
+from tracer.trace import trace
+from tracer.vendors import get_vendor
+from tracer.workload import Workload
+
+WORKLOAD = Workload(image_wh=(640, 640), text_tokens=2, decode_steps=6)
+
+needs_two_cpus = pytest.mark.skipif(not parallel.available(),
+                                    reason="the decode worker needs fork() and a second CPU; this machine has one")
+
+
+def report_text(tr) -> str:
+    for sg in tr.graphs():
+        if sg.selection is None:
+            count_graph(sg)
+    return dumps(build_report(tr))
+
+
+@pytest.fixture
+def slow_prefill(monkeypatch):
+    """The prefill (this process only: the worker never runs it) takes a second longer, so that the worker
+    surely claims steps on a model this small."""
+    vendor = get_vendor("deepseek-ocr-2")
+    original = vendor.prefill
+
+    def prefill(model, prepared):
+        run = original(model, prepared)
+
+        def slower():
+            time.sleep(1.0)
+            return run()
+        return slower
+    monkeypatch.setattr(vendor, "prefill", prefill)
+
+
+@pytest.fixture(scope="module")
+def sequential(tiny_v2_config):
+    tr = trace(WORKLOAD, config_path=tiny_v2_config, parallel=False)
+    assert tr.worker_steps == []
+    return report_text(tr)
+
+
+@needs_two_cpus
+def test_worker_steps_give_the_same_report(tiny_v2_config, sequential, slow_prefill, capsys):
+    tr = trace(WORKLOAD, config_path=tiny_v2_config)
+    assert tr.worker_steps and tr.worker_steps == list(range(6 - len(tr.worker_steps), 6))
+    assert 0 not in tr.worker_steps  # step 0 reads the prefill's own cache: always captured here
+    assert report_text(tr) == sequential
+    assert "decode worker" not in capsys.readouterr().err
+
+
+@needs_two_cpus
+def test_wrong_synthesized_cache_is_caught(tiny_v2_config, sequential, slow_prefill, monkeypatch, capsys):
+    original = parallel.synthesized_state
+    monkeypatch.setattr(parallel, "synthesized_state", lambda template, kv_len: original(template, kv_len + 1))
+    tr = trace(WORKLOAD, config_path=tiny_v2_config)
+    assert tr.worker_steps == []
+    assert report_text(tr) == sequential
+    err = capsys.readouterr().err
+    assert "synthesized KV cache differs from the real one" in err and len(err.strip().splitlines()) == 1
+
+
+@needs_two_cpus
+def test_failing_worker_falls_back(tiny_v2_config, sequential, slow_prefill, monkeypatch, capsys):
+    original = parallel.encode
+
+    def encode(sg):
+        if sg.step == 4:
+            raise RuntimeError("planted failure in step 4")
+        return original(sg)
+    monkeypatch.setattr(parallel, "encode", encode)
+    tr = trace(WORKLOAD, config_path=tiny_v2_config)
+    assert tr.worker_steps == []
+    assert report_text(tr) == sequential
+    assert "RuntimeError: planted failure in step 4" in capsys.readouterr().err
+
+
+def test_codec_round_trip(tiny_v2_config):
+    tr = trace(Workload(image_wh=(640, 640), text_tokens=2, decode_steps=1), config_path=tiny_v2_config)
+    for sg in tr.stages["prefill"] + tr.stages["decode"]:
+        back = parallel.decode(parallel.encode(sg))
+        count_graph(sg)
+        count_graph(back)
+        assert (back.stage, back.step, back.kv_len) == (sg.stage, sg.step, sg.kv_len)
+        assert [n.name for n in back.graph.nodes] == [n.name for n in sg.graph.nodes]
+        assert [n.target for n in back.graph.nodes] == [n.target for n in sg.graph.nodes]
+        assert [node_record(back, n) for n in back.op_nodes()] == [node_record(sg, n) for n in sg.op_nodes()]
+        assert sum(n.meta["flops_full"] for n in back.op_nodes()) == sum(n.meta["flops_full"] for n in sg.op_nodes()) > 0
