@@ -95,3 +95,22 @@ def test_codec_round_trip(tiny_v2_config):
         assert [n.target for n in back.graph.nodes] == [n.target for n in sg.graph.nodes]
         assert [node_record(back, n) for n in back.op_nodes()] == [node_record(sg, n) for n in sg.op_nodes()]
         assert sum(n.meta["flops_full"] for n in back.op_nodes()) == sum(n.meta["flops_full"] for n in sg.op_nodes()) > 0
+
+
+@needs_two_cpus
+def test_forked_job_runs_once_in_a_child_and_again_here_only_if_it_failed(tmp_path):
+    import os
+
+    log, here = tmp_path / "runs", os.getpid()
+
+    def job(fail_in_child):
+        with open(log, "a") as f:
+            f.write("child\n" if os.getpid() != here else "here\n")
+        if fail_in_child and os.getpid() != here:
+            raise RuntimeError("planted")
+
+    parallel.forked(lambda: job(False))()
+    assert log.read_text() == "child\n"
+    log.unlink()
+    parallel.forked(lambda: job(True))()
+    assert log.read_text() == "child\nhere\n"

@@ -165,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     from tracer.onnx_graph import check_onnx, consistency_table, run_onnx
     from tracer.onnx_graph import save as save_onnx
     from tracer.overlay import graph_collection, overlay
+    from tracer.parallel import forked
     from tracer.report import build_report, dumps, gap_table, stage_table, unmapped_table, unseen_table, write_atomic
     from tracer.trace import trace
 
@@ -213,6 +214,10 @@ def run(args: argparse.Namespace) -> int:
             onnx_rep, proto = run_onnx(tr, report, analytic, args.mapping)
         detail = explain(report, analytic, mapping, args.explain, args.causal_halving) if args.explain else None
         status.update("writing the reports")
+    folder = Path(args.out)
+    # the largest file, independent of the others: built and encoded in a forked child meanwhile
+    graph_written = forked(lambda: write_atomic(folder / "model-explorer-graph.json",
+                                                json.dumps(graph_collection(tr, report), separators=(",", ":"))))
     out = Console(width=None if sys.stdout.isatty() else 140)  # piped output: full numbers, no ellipsis
     out.print(stage_table(report))
     out.print(gap_table(report))
@@ -230,16 +235,15 @@ def run(args: argparse.Namespace) -> int:
                   ", ".join(f"{u['op']} x{u['count']}" for u in report["unknown_ops"]))
     if detail is not None:
         out.print(detail)
-    folder = Path(args.out)
     write_atomic(folder / "report.json", dumps(report, only_flops=args.json_nodes == "flops"))
     write_atomic(folder / "report.html", render_html(report))
     write_atomic(folder / "model-explorer.json", json.dumps(overlay(report), separators=(",", ":")))
-    write_atomic(folder / "model-explorer-graph.json", json.dumps(graph_collection(tr, report), separators=(",", ":")))
     if args.ncu:
         write_atomic(folder / "ncu.csv", ncu_csv)
     if onnx_rep is not None:
         save_onnx(proto, folder)
         write_atomic(folder / "report-onnx.json", dumps(onnx_rep))
+    graph_written()
     onnx_files = ", report-onnx.json, prefill.onnx" if onnx_rep is not None else ""
     out.print(f"wrote {folder}/report.json, report.html, model-explorer.json, model-explorer-graph.json{onnx_files}")
     status.update("done")

@@ -49,6 +49,31 @@ def available() -> bool:
     return hasattr(os, "fork") and cpus >= 2
 
 
+def forked(job: Callable[[], None]) -> Callable[[], None]:
+    """Run `job` (say, render and write one report file) in a forked child while the caller goes on; the
+    returned function waits for it, and runs `job` here when the child failed (raising what it raises) or
+    when there is no fork or no second CPU."""
+    if not available():
+        job()
+        return lambda: None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            job()
+            code = 0
+        finally:
+            os._exit(code)
+
+    def wait() -> None:
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            job()
+    return wait
+
+
 # ---- the graph codec ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
