@@ -2,7 +2,8 @@
 
 Stages: `prefill` (the first forward, vision included, logits for the last position as `generate`
 does), `vision` (the prefill nodes under the vendor's vision modules: vision tower + projector) and
-`decode` (one graph per one-token step on the KV cache, KV length growing).
+`decode` (one graph per one-token step on the KV cache, KV length growing; in fake mode with 2+ CPUs the
+later steps come from a forked worker, `tracer.parallel`).
 """
 
 from __future__ import annotations
