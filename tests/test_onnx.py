@@ -80,7 +80,12 @@ def test_onnx_export_failure_is_one_line_and_writes_nothing(tmp_path, capsys, mo
     assert not out.exists()
 
 
-def test_onnx_refused_up_front_for_v1(tmp_path, capsys):
-    code, _, err = _run(["--model", "deepseek-ocr", "--graph", "onnx", "--quiet", "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "--graph onnx: not available for --model deepseek-ocr yet" in err
+def test_onnx_refused_up_front_for_a_model_without_an_export(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from tracer import vendors
+
+    monkeypatch.setitem(vendors.VENDORS, "toy", lambda: SimpleNamespace(name="toy"))
+    code, _, err = _run(["--model", "toy", "--graph", "onnx", "--quiet", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--graph onnx: not available for --model toy (its adapter has no onnx_prefill)" in err
     assert not (tmp_path / "o").exists()

@@ -157,6 +157,29 @@ def test_v1_fake_equals_real_per_module_and_stage(reduced, v1_dir, tmp_path, sha
     assert any(".sam_model#1." in n["module"] for n in fake["nodes"]) == (views > 1)
 
 
+def test_v1_onnx_prefill_equals_fx_per_stage_and_module(reduced, v1_dir, tmp_path):
+    """--graph onnx on the reduced vendor model: the exported prefill's per-node FLOPs equal the fx graph's per stage
+    and per module (call indices included), and every FLOP-bearing ONNX node maps through the v1 table."""
+    pytest.importorskip("onnxscript", reason="pip install -e '.[onnx]' (the test extra has it)")
+    config, _ = reduced
+    out = tmp_path / "onnx"
+    assert main(["--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code", "--config", config,
+                 "--image-shape", "1000x1400", "--text-tokens", "9", "--decode-steps", "1", "--graph", "onnx",
+                 "--quiet", "--out", str(out)]) == 0
+    rep = json.loads((out / "report-onnx.json").read_text())
+    fx = json.loads((out / "report.json").read_text())
+    assert [(s["name"], s["difference"]) for s in rep["consistency"]["stages"]] == [("vision", 0), ("prefill", 0)]
+    assert rep["consistency"]["stages"][0]["flops_onnx"] > 0 and rep["consistency"]["layers_differing"] == []
+    per = lambda nodes: {m: sum(n["flops_full"] for n in nodes if n["module"] == m and n["stage"] == "prefill")  # noqa: E731
+                         for m in {n["module"] for n in nodes}}
+    assert {k: v for k, v in per(rep["nodes"]).items() if v} == {k: v for k, v in per(fx["nodes"]).items() if v}
+    assert rep["unknown_ops"] == [] and rep["coverage"]["unmapped"] == 0
+    assert any(".sam_model#1." in n["module"] for n in rep["nodes"] if n["flops_full"])  # SAM on the tiles
+    decoder_attn = {n["op"] for n in rep["nodes"] if n["flops_full"] and n.get("layer", "").endswith(".attn")
+                    and n["layer"].startswith("decoder.")}
+    assert decoder_attn == {"aten::matmul"}  # eager attention's two matmuls, as ONNX names their origin
+
+
 def test_v1_decode_worker_gives_the_sequential_report(v1_dir):
     """The forked decode worker (tracer.parallel) on the real vendor model: its legacy tuple cache is synthesized,
     checked after step 0, and every report byte equals capturing all steps in one process."""

@@ -77,7 +77,7 @@ def export_prefill(vendor: Any, model: Any, prepared: Any) -> Any:
     device = next(iter(module.parameters()), torch.empty(0)).device
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     try:
-        with torch.no_grad(), vendor.shims(), sdpa_kernel(SDPBackend.MATH):
+        with torch.no_grad(), getattr(vendor, "onnx_shims", vendor.shims)(), sdpa_kernel(SDPBackend.MATH):
             program = torch.onnx.export(module.eval(), args, dynamo=True, optimize=False, verbose=False)
     except Exception as exc:  # the exporter raises many types; the user needs the stage and its message
         first = next((line for line in str(exc).splitlines() if line.strip()), exc.__class__.__name__)
@@ -226,7 +226,7 @@ def check_onnx(vendor: Any) -> None:
     import importlib.util
 
     if not hasattr(vendor, "onnx_prefill"):
-        raise FlopdiffError(f"--graph onnx: not available for --model {vendor.name} yet (only deepseek-ocr-2)")
+        raise FlopdiffError(f"--graph onnx: not available for --model {vendor.name} (its adapter has no onnx_prefill)")
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise FlopdiffError(f"--graph onnx: needs {' and '.join(missing)}: pip install 'flopdiff[onnx]'")

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import types
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -212,8 +212,48 @@ class DeepseekOcrVendor:
         ids = torch.tensor([[TEXT_PLACEHOLDER_ID]])
         return lambda: model(input_ids=ids, past_key_values=previous.past_key_values, use_cache=True)
 
+    def onnx_prefill(self, model: torch.nn.Module, prepared: Prepared) -> tuple[torch.nn.Module, tuple]:
+        """The prefill as a module of positional tensors for torch.onnx.export (wrapped as `m`), with the fake-mode
+        shims: the exporter's meta tensors can answer neither the image gate nor moe_infer's host copy."""
+        inputs = prepared.inputs
+        crop, ori = inputs["images"][0]
+        dtype = next(model.parameters()).dtype
+        return (_Prefill(model, self._module("modeling_deepseekocr"), self.gate,
+                         inputs["images_spatial_crop"].tolist()),
+                (inputs["input_ids"], crop.to(dtype), ori.to(dtype), inputs["images_seq_mask"]))
+
+    @contextmanager
+    def onnx_shims(self) -> Iterator[None]:
+        """The fake-mode shims (in any --mode), and `torch.autocast(device_type="meta")` as a no-op: the
+        decoder's rotary embedding (transformers 4.46 Llama code) disables autocast on its input's device,
+        which torch does not support for meta tensors; disabling autocast changes no op."""
+        original = torch.autocast
+
+        def autocast(device_type, *args, **kwargs):
+            return nullcontext() if device_type == "meta" else original(device_type, *args, **kwargs)
+
+        with ExitStack() as stack:
+            stack.enter_context(self.shims())
+            if self.options.mode != "fake":
+                v2 = self._module("modeling_deepseekv2")
+                stack.enter_context(mock.patch.object(v2.DeepseekV2MoE, "moe_infer", even_split_moe_infer))
+            stack.enter_context(mock.patch.object(torch, "autocast", autocast))
+            yield
+
     def source_roots(self) -> list[str]:
         return [str(self.folder)] if self.folder else []
+
+
+class _Prefill(torch.nn.Module):
+    def __init__(self, m: torch.nn.Module, modeling: types.ModuleType, gate: "_RealSums", grid: list[list[int]]):
+        super().__init__()
+        self.m, self._modeling, self._gate, self._grid = m, modeling, gate, grid
+
+    def forward(self, input_ids, crop, ori, images_seq_mask):
+        self._gate.track([crop, ori])
+        with mock.patch.object(self._modeling, "torch", self._gate):
+            return self.m(input_ids=input_ids, images=[(crop, ori)], images_seq_mask=images_seq_mask,
+                          images_spatial_crop=self._grid, use_cache=False).logits
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
@@ -309,7 +349,12 @@ class _RealSums:
     (`torch.sum(image).item() != 0`) gets the real decision."""
 
     def __init__(self, images: list[torch.Tensor]):
-        self._sums = {id(t): float(t.double().sum()) for t in images}
+        self._order = [float(t.double().sum()) for t in images]
+        self._sums = {id(t): v for t, v in zip(images, self._order)}
+
+    def track(self, images: list[torch.Tensor]) -> None:
+        """The same images as other tensor objects (the ONNX exporter's), in the order given at construction."""
+        self._sums.update({id(t): v for t, v in zip(images, self._order)})
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
