@@ -1,9 +1,9 @@
 """Benchmark: the ONNX path on full-size DeepSeek-OCR-2, the 1000x1400 page, end to end (fx trace + weightless
-ONNX export of the prefill + per-node ONNX counting + mapping + consistency check).
+ONNX export of the prefill and of decode step 0 + per-node ONNX counting + mapping + consistency check).
 
     python benchmarks/bench_onnx.py
 
-Prints wall time, peak RSS and the ONNX vs fx totals per stage.
+Prints wall time, peak memory and the ONNX vs fx totals per stage.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def onnx_totals(doc: dict) -> dict:
 
 
 def main() -> None:
-    table("DeepSeek-OCR-2 1000x1400: fx trace + ONNX export of the prefill (ONNX FLOPs, fx FLOPs per stage)",
+    table("DeepSeek-OCR-2 1000x1400: fx trace + ONNX export of the prefill and decode step 0 (ONNX, fx FLOPs per stage)",
           [("flopdiff --graph onnx", *flopdiff(ONNX, "report-onnx.json", onnx_totals))])
 
 

@@ -29,7 +29,7 @@ def test_onnx_formulas_by_hand():
 @pytest.fixture(scope="module")
 def onnx_run(tmp_path_factory, tiny_v2_config):
     out = tmp_path_factory.mktemp("onnx")
-    code = main(["--config", tiny_v2_config, "--image-shape", "1000x800", "--text-tokens", "3", "--decode-steps", "1",
+    code = main(["--config", tiny_v2_config, "--image-shape", "1000x800", "--text-tokens", "3", "--decode-steps", "3",
                  "--graph", "onnx", "--quiet", "--out", str(out)])
     assert code == 0
     return out, json.loads((out / "report-onnx.json").read_text()), json.loads((out / "report.json").read_text())
@@ -41,11 +41,29 @@ def test_onnx_totals_equal_fx_per_stage_and_module(onnx_run):
 
     model = onnx.load(out / "prefill.onnx")
     assert len(model.graph.node) > 1000 and not model.graph.initializer  # the graph; weights are typed inputs
-    assert [(s["name"], s["difference"]) for s in rep["consistency"]["stages"]] == [("vision", 0), ("prefill", 0)]
+    assert [(s["name"], s["difference"]) for s in rep["consistency"]["stages"]] == [
+        ("vision", 0), ("prefill", 0), ("decode", 0)]
     assert rep["consistency"]["layers_differing"] == []
-    per = lambda nodes: {m: sum(n["flops_full"] for n in nodes if n["module"] == m and n["stage"] == "prefill")  # noqa: E731
-                         for m in {n["module"] for n in nodes}}
-    assert {k: v for k, v in per(rep["nodes"]).items() if v} == {k: v for k, v in per(fx["nodes"]).items() if v}
+    for stage, step in (("prefill", None), ("decode", 0)):
+        per = lambda nodes: {m: sum(n["flops_full"] for n in nodes  # noqa: E731
+                                    if n["module"] == m and n["stage"] == stage and n["step"] == step)
+                             for m in {n["module"] for n in nodes}}
+        assert {k: v for k, v in per(rep["nodes"]).items() if v} == {k: v for k, v in per(fx["nodes"]).items() if v}
+
+
+def test_onnx_decode_step_0_with_its_kv_cache_as_inputs(onnx_run):
+    out, rep, fx = onnx_run
+    import onnx
+
+    model = onnx.load(out / "decode.onnx")
+    kv = [i for i in model.graph.input if i.name.startswith("kv_")]
+    # key and value per decoder layer (2 here), (batch, kv heads, prompt length, head dim): what step 0 reads
+    assert len(kv) == 2 * 2
+    assert {i.type.tensor_type.shape.dim[2].dim_value for i in kv} == {fx["workload"]["prompt_len"]}
+    fx_step0 = next(s for s in fx["stages"] if s["name"] == "decode")["steps"][0]["flops_full"]
+    decode = next(s for s in rep["stages"] if s["name"] == "decode")
+    assert decode["flops_full"] == fx_step0 > 0 and decode["gap"] == 0  # against the one-step analytic model
+    assert all(n["step"] == 0 and n["id"].startswith("onnx-decode/0/") for n in rep["nodes"] if n["stage"] == "decode")
 
 
 def test_onnx_nodes_all_mapped_with_their_origin_ops(onnx_run):

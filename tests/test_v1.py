@@ -164,15 +164,19 @@ def test_v1_onnx_prefill_equals_fx_per_stage_and_module(reduced, v1_dir, tmp_pat
     config, _ = reduced
     out = tmp_path / "onnx"
     assert main(["--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code", "--config", config,
-                 "--image-shape", "1000x1400", "--text-tokens", "9", "--decode-steps", "1", "--graph", "onnx",
+                 "--image-shape", "1000x1400", "--text-tokens", "9", "--decode-steps", "2", "--graph", "onnx",
                  "--quiet", "--out", str(out)]) == 0
     rep = json.loads((out / "report-onnx.json").read_text())
     fx = json.loads((out / "report.json").read_text())
-    assert [(s["name"], s["difference"]) for s in rep["consistency"]["stages"]] == [("vision", 0), ("prefill", 0)]
-    assert rep["consistency"]["stages"][0]["flops_onnx"] > 0 and rep["consistency"]["layers_differing"] == []
-    per = lambda nodes: {m: sum(n["flops_full"] for n in nodes if n["module"] == m and n["stage"] == "prefill")  # noqa: E731
-                         for m in {n["module"] for n in nodes}}
-    assert {k: v for k, v in per(rep["nodes"]).items() if v} == {k: v for k, v in per(fx["nodes"]).items() if v}
+    assert [(s["name"], s["difference"]) for s in rep["consistency"]["stages"]] == [
+        ("vision", 0), ("prefill", 0), ("decode", 0)]
+    assert all(s["flops_onnx"] > 0 for s in rep["consistency"]["stages"])
+    assert rep["consistency"]["layers_differing"] == []
+    for stage, step in (("prefill", None), ("decode", 0)):  # decode.onnx: step 0, the legacy tuple cache as inputs
+        per = lambda nodes: {m: sum(n["flops_full"] for n in nodes  # noqa: E731
+                                    if n["module"] == m and n["stage"] == stage and n["step"] == step)
+                             for m in {n["module"] for n in nodes}}
+        assert {k: v for k, v in per(rep["nodes"]).items() if v} == {k: v for k, v in per(fx["nodes"]).items() if v}
     assert rep["unknown_ops"] == [] and rep["coverage"]["unmapped"] == 0
     assert any(".sam_model#1." in n["module"] for n in rep["nodes"] if n["flops_full"])  # SAM on the tiles
     decoder_attn = {n["op"] for n in rep["nodes"] if n["flops_full"] and n.get("layer", "").endswith(".attn")

@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuda (with --mode real): run on the GPU and attribute every kernel (torch.profiler) to "
                         "nodes and analytic layers")
     p.add_argument("--graph", choices=("fx", "onnx"), default="fx",
-                   help="onnx: also export the prefill to ONNX (no weights), count FLOPs per ONNX node, map them "
-                        "through the same table and check them against the fx graph (report-onnx.json, prefill.onnx)")
+                   help="onnx: also export the prefill and decode step 0 to ONNX (no weights), count FLOPs per ONNX node, "
+                        "map them through the same table and check them against the fx graph (report-onnx.json, "
+                        "prefill.onnx, decode.onnx)")
     p.add_argument("--ncu", metavar="MODULE",
                    help="with --device cuda: Nsight Compute hardware FLOPs for the kernels inside MODULE (a module "
                         "path, e.g. model.language_model.layers.1), beside the formula")
@@ -208,10 +209,10 @@ def run(args: argparse.Namespace) -> int:
             status.update(f"Nsight Compute on the kernels inside {args.ncu} (runs flopdiff again)")
             rows, ncu_csv = run_ncu(args.argv, args.ncu)
             report["ncu"] = ncu_join(report, args.ncu, rows)
-        onnx_rep = proto = None
+        onnx_rep = protos = None
         if args.graph == "onnx":
-            status.update("exporting the prefill to ONNX (no weights) and counting its nodes")
-            onnx_rep, proto = run_onnx(tr, report, analytic, args.mapping)
+            status.update("exporting the prefill and decode step 0 to ONNX (no weights) and counting their nodes")
+            onnx_rep, protos = run_onnx(tr, report, analytic, args.mapping)
         detail = explain(report, analytic, mapping, args.explain, args.causal_halving) if args.explain else None
         status.update("writing the reports")
     folder = Path(args.out)
@@ -241,10 +242,10 @@ def run(args: argparse.Namespace) -> int:
     if args.ncu:
         write_atomic(folder / "ncu.csv", ncu_csv)
     if onnx_rep is not None:
-        save_onnx(proto, folder)
+        save_onnx(protos, folder)
         write_atomic(folder / "report-onnx.json", dumps(onnx_rep))
     graph_written()
-    onnx_files = ", report-onnx.json, prefill.onnx" if onnx_rep is not None else ""
+    onnx_files = "".join(f", {name}" for name in ["report-onnx.json", *(protos or {})]) if onnx_rep is not None else ""
     out.print(f"wrote {folder}/report.json, report.html, model-explorer.json, model-explorer-graph.json{onnx_files}")
     status.update("done")
     if args.timings:

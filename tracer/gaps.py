@@ -37,6 +37,7 @@ class Analytic:
     aligned: ModelTree
     doc: dict[str, Any]
     config: str | None = None
+    causal_halving: bool = False
 
 
 def shape_of(report: dict[str, Any]) -> Shape:
@@ -55,7 +56,7 @@ def analytic_for(report: dict[str, Any], preset: str, causal_halving: bool, conf
                             f"{shape.width}x{shape.height}, the vendor preprocessing made "
                             f"{report['workload']['image_tokens']}; the analytic tiling needs fixing (please report)")
     doc = evaluate_tree(tree, shape, policy("full", causal_halving=causal_halving))
-    return Analytic(preset, shape, tree, aligned, doc, config)
+    return Analytic(preset, shape, tree, aligned, doc, config, causal_halving)
 
 
 def catalogue(tree: ModelTree) -> dict[str, set[str]]:

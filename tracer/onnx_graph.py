@@ -15,10 +15,14 @@ ops, quantized GEMMs) are reported as unknown.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
+import types
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from tracer.errors import FlopdiffError
 
@@ -70,19 +74,52 @@ def einsum_flop(shapes: list[list[int]], out: list[int], attrs: dict[str, Any]) 
 
 def export_prefill(vendor: Any, model: Any, prepared: Any) -> Any:
     """The vendor's prefill as an ONNX ModelProto (raises FlopdiffError with the exporter's message)."""
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     module, args = vendor.onnx_prefill(model, prepared)
     device = next(iter(module.parameters()), torch.empty(0)).device
-    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    return _export(vendor, module, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args), "the prefill")
+
+
+def export_decode(vendor: Any, model: Any, prepared: Any) -> Any:
+    """Decode step 0 (KV length = the prompt's) as an ONNX ModelProto, the KV cache tensors as graph inputs. The
+    cache is built as the decode worker builds it (tracer.parallel): a one-token forward's, widened."""
+    from tracer.parallel import EMPTY, cache_of, cache_tensors, synthesized_state
+
+    with torch.no_grad(), _shims(vendor)():
+        template = vendor.decode(model, EMPTY, 0)()
+    cache = cache_of(synthesized_state(template, prepared.derived.prompt_len))
+    kv = cache_tensors(cache)
+    return _export(vendor, _Decode(vendor, model, cache, kv), tuple(kv), "decode step 0")
+
+
+def _shims(vendor: Any):
+    return getattr(vendor, "onnx_shims", vendor.shims)
+
+
+def _export(vendor: Any, module: Any, args: tuple, what: str) -> Any:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     try:
-        with torch.no_grad(), getattr(vendor, "onnx_shims", vendor.shims)(), sdpa_kernel(SDPBackend.MATH):
+        with torch.no_grad(), _shims(vendor)(), sdpa_kernel(SDPBackend.MATH):
             program = torch.onnx.export(module.eval(), args, dynamo=True, optimize=False, verbose=False)
     except Exception as exc:  # the exporter raises many types; the user needs the stage and its message
         first = next((line for line in str(exc).splitlines() if line.strip()), exc.__class__.__name__)
-        raise FlopdiffError(f"--graph onnx: exporting the prefill failed: {first}") from None
+        raise FlopdiffError(f"--graph onnx: exporting {what} failed: {first}") from None
     return _weightless(program.model)
+
+
+class _Decode(torch.nn.Module):
+    """One decode step of the vendor model (wrapped as `m`) with its KV cache as positional tensors."""
+
+    def __init__(self, vendor: Any, model: torch.nn.Module, cache: Any, kv: list[torch.Tensor]):
+        super().__init__()
+        self.m = model
+        self._vendor, self._cache, self._ids = vendor, cache, [id(t) for t in kv]
+        self._device = kv[0].device
+
+    def forward(self, *kv: torch.Tensor) -> torch.Tensor:
+        cache = copy.deepcopy(self._cache, dict(zip(self._ids, kv)))  # the template's structure, these tensors
+        with torch.device(self._device):  # the step's own constants (its token id) beside the weights
+            return self._vendor.decode(self.m, types.SimpleNamespace(cache=cache, past_key_values=cache), 0)().logits
 
 
 def _weightless(model: Any) -> Any:
@@ -102,9 +139,10 @@ def _origin(meta: dict[str, str]) -> str:
     return f"{m.group(1)}::{m.group(2)}" if m else "onnx::unknown"
 
 
-def onnx_nodes(proto: Any, wrapper: str = "m") -> list[dict[str, Any]]:
-    """Report-style records of every ONNX node of the prefill: op (originating aten op), onnx_op, module (with
-    call indices, as the fx capture writes them), shapes, FLOPs and status."""
+def onnx_nodes(proto: Any, wrapper: str = "m", stage: str = "prefill", step: int | None = None) -> list[dict[str, Any]]:
+    """Report-style records of every ONNX node of one exported stage: op (originating aten op), onnx_op, module
+    (with call indices, as the fx capture writes them), shapes, FLOPs and status."""
+    prefix = "onnx" if step is None else f"onnx-{stage}/{step}"
     import onnx
 
     proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
@@ -140,7 +178,7 @@ def onnx_nodes(proto: Any, wrapper: str = "m") -> list[dict[str, Any]]:
                 flops, status = int(formula(shapes, out, attrs)), "formula"
         elif node.op_type in MAY_CARRY:
             status = "unknown"
-        records.append({"id": f"onnx/{node.name}", "stage": "prefill", "step": None, "op": _origin(meta),
+        records.append({"id": f"{prefix}/{node.name}", "stage": stage, "step": step, "op": _origin(meta),
                         "onnx_op": node.op_type, "module": module, "input_shapes": shapes, "output_shapes": [out],
                         "flops_torch": 0, "flops_full": flops, "status": status,
                         "source": meta.get("pkg.torch.onnx.stack_trace", "").strip().splitlines()[0:1]})
@@ -167,9 +205,11 @@ def _scopes(text: str, wrapper: str) -> list[str]:
 
 
 def onnx_report(fx: dict[str, Any], nodes: list[dict[str, Any]], an: Any, vision_modules: tuple[str, ...],
-                table: str | None = None) -> dict[str, Any]:
-    """The ONNX graph's own report (same schema, stages vision and prefill), diffed against the same analytic model
-    through the same mapping table, with `consistency`: per stage and per analytic layer, ONNX full vs fx full."""
+                table: str | None = None, decode: list[dict[str, Any]] = (), an_step: Any = None) -> dict[str, Any]:
+    """The ONNX graphs' own report (same schema; stages vision, prefill and, when exported, decode = decode step 0),
+    diffed against the same analytic model (for decode: `an_step`, the same workload with one decode step) through
+    the same mapping table, with `consistency`: per stage and per analytic layer, ONNX full vs fx full (decode: fx
+    step 0)."""
     from collections import Counter
 
     from mapping.engine import plain_path
@@ -181,30 +221,53 @@ def onnx_report(fx: dict[str, Any], nodes: list[dict[str, Any]], an: Any, vision
         return any(p == m or p.startswith(m + ".") for m in vision_modules)
 
     vision = [dict(n, id="onnx-vision/" + n["id"].split("/", 1)[1], stage="vision") for n in nodes if under(n)]
-    every = vision + nodes
-    unknown = Counter(n["onnx_op"] for n in nodes if n["status"] == "unknown")
-    rep: dict[str, Any] = {
-        "schema": SCHEMA, "model": fx["model"], "graph": "onnx", "workload": fx["workload"],
-        "notes": ["ONNX export: no weights (meta device), SDPA traced with the math backend, experts as batched_mm"],
-        "stages": [{"name": s, "flops_torch": 0, "flops_full": sum(n["flops_full"] for n in every if n["stage"] == s),
-                    "unknown_ops": sum(1 for n in every if n["stage"] == s and n["status"] == "unknown")}
-                   for s in ("vision", "prefill")],
-        "nodes": every,
-        "unknown_ops": [{"op": op, "count": c} for op, c in sorted(unknown.items())],
-    }
+    names = ("vision", "prefill", "decode") if decode else ("vision", "prefill")
+    rep = _onnx_doc(fx, vision + nodes, names, SCHEMA)
     add_diff(rep, an, map_report(rep, an, table))
-    fx_layers = {(r["stage"], r["id"]): r["flops_full"] for r in fx["layers"]}
+    if decode:  # its analytic counterpart is one step: diffed on its own, then merged in
+        step = _onnx_doc(fx, list(decode), ("decode",), SCHEMA)
+        add_diff(step, an_step, map_report(step, an_step, table))
+        rep["stages"] = [s for s in rep["stages"] if s["name"] != "decode"] + step["stages"]
+        rep["layers"] = [r for r in rep["layers"] if r["stage"] != "decode"] + step["layers"]
+        rep["coverage"] = {k: v + step["coverage"][k] for k, v in rep["coverage"].items()}
+        rep["nodes"] += step["nodes"]
+        rep["unknown_ops"] = _unknown(rep["nodes"])
+    fx_layers: Counter = Counter()
+    for n in fx["nodes"]:
+        if n.get("layer") and (n["stage"] != "decode" or n["step"] == 0):
+            fx_layers[(n["stage"], n["layer"])] += n["flops_full"]
     differing = [{"stage": r["stage"], "layer": r["id"], "flops_onnx": r["flops_full"],
                   "flops_fx": fx_layers.get((r["stage"], r["id"]), 0),
-                  "onnx_ops": sorted({n["onnx_op"] for n in every if n["id"] in set(r["nodes"])})}
+                  "onnx_ops": sorted({n["onnx_op"] for n in rep["nodes"] if n["id"] in set(r["nodes"])})}
                  for r in rep["layers"] if r["flops_full"] != fx_layers.get((r["stage"], r["id"]), 0)]
-    fx_stage = {s["name"]: s["flops_full"] for s in fx["stages"]}
+    fx_stage = {s["name"]: s["steps"][0]["flops_full"] if s["name"] == "decode" else s["flops_full"]
+                for s in fx["stages"] if s["name"] != "decode" or s.get("steps")}
     rep["consistency"] = {
         "stages": [{"name": s["name"], "flops_onnx": s["flops_full"], "flops_fx": fx_stage.get(s["name"], 0),
                     "difference": s["flops_full"] - fx_stage.get(s["name"], 0)} for s in rep["stages"]],
         "layers_differing": differing,
     }
     return rep
+
+
+def _unknown(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from collections import Counter
+
+    unknown = Counter(n["onnx_op"] for n in nodes if n["status"] == "unknown" and n["stage"] != "vision")
+    return [{"op": op, "count": c} for op, c in sorted(unknown.items())]
+
+
+def _onnx_doc(fx: dict[str, Any], nodes: list[dict[str, Any]], stages: tuple[str, ...], schema: str) -> dict[str, Any]:
+    return {
+        "schema": schema, "model": fx["model"], "graph": "onnx", "workload": fx["workload"],
+        "notes": ["ONNX export: no weights (meta device), SDPA traced with the math backend, experts as batched_mm"
+                  + ("; decode = decode step 0, its KV cache as graph inputs" if "decode" in stages else "")],
+        "stages": [{"name": s, "flops_torch": 0, "flops_full": sum(n["flops_full"] for n in nodes if n["stage"] == s),
+                    "unknown_ops": sum(1 for n in nodes if n["stage"] == s and n["status"] == "unknown")}
+                   for s in stages],
+        "nodes": nodes,
+        "unknown_ops": _unknown(nodes),
+    }
 
 
 def consistency_table(rep: dict[str, Any]):
@@ -232,24 +295,32 @@ def check_onnx(vendor: Any) -> None:
         raise FlopdiffError(f"--graph onnx: needs {' and '.join(missing)}: pip install 'flopdiff[onnx]'")
 
 
-def run_onnx(tr: Any, fx: dict[str, Any], an: Any, table: str | None) -> tuple[dict[str, Any], Any]:
-    """The pipeline step: a random-weight model of the same config, its prefill exported, counted and diffed."""
+def run_onnx(tr: Any, fx: dict[str, Any], an: Any, table: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pipeline step: a weightless (meta) model of the same config; its prefill and, when the workload decodes,
+    its decode step 0 exported, counted and diffed. Returns the ONNX report and {file name: ModelProto}."""
     import dataclasses
 
-    import torch
-
+    from tracer.gaps import analytic_for
     from tracer.vendors import get_vendor
 
     vendor = get_vendor(tr.workload.model)
     options = dataclasses.replace(tr.options, experts="batched_mm", mode="real", device="cpu")
     with torch.device("meta"):
         model = vendor.build(tr.config, options)
-    proto = export_prefill(vendor, model, tr.prepared)
-    return onnx_report(fx, onnx_nodes(proto), an, vendor.vision_modules, table), proto
+    protos = {"prefill.onnx": export_prefill(vendor, model, tr.prepared)}
+    decode, an_step = [], None
+    if tr.workload.decode_steps:
+        protos["decode.onnx"] = export_decode(vendor, model, tr.prepared)
+        decode = onnx_nodes(protos["decode.onnx"], stage="decode", step=0)
+        an_step = analytic_for({**fx, "workload": {**fx["workload"], "decode_steps": 1}}, an.preset,
+                               an.causal_halving, an.config)
+    rep = onnx_report(fx, onnx_nodes(protos["prefill.onnx"]), an, vendor.vision_modules, table, decode, an_step)
+    return rep, protos
 
 
-def save(proto: Any, folder: Any) -> None:
-    """prefill.onnx (the graph; weights are inputs), written atomically."""
+def save(protos: dict[str, Any], folder: Any) -> None:
+    """prefill.onnx and decode.onnx (the graphs; weights and KV cache are inputs), written atomically."""
     from tracer.report import write_atomic_bytes
 
-    write_atomic_bytes(folder / "prefill.onnx", proto.SerializeToString())
+    for name, proto in protos.items():
+        write_atomic_bytes(folder / name, proto.SerializeToString())

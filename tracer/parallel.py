@@ -182,12 +182,17 @@ def _tensors(x: Any, depth: int = 0) -> Iterable[torch.Tensor]:
         yield from _tensors(vars(x), depth + 1)
 
 
+def cache_tensors(cache: Any) -> list[torch.Tensor]:
+    """The tensors of a cache object (legacy tuples, transformers' Cache classes), in a fixed order."""
+    return list(_tensors(cache))
+
+
 def synthesized_state(template: Any, kv_len: int) -> Any:
     """What a decode step at `kv_len` reads, built from `template` (a one-token forward's output): its cache
     with every tensor widened to `kv_len` positions, contiguous as a decode step's `cat` leaves it."""
     cache = cache_of(template)
     memo: dict[int, Any] = {}
-    for t in _tensors(cache):
+    for t in cache_tensors(cache):
         shape = list(t.shape)
         shape[SEQ_DIM] = kv_len
         memo[id(t)] = torch.empty(shape, dtype=t.dtype, device=t.device)
@@ -222,7 +227,7 @@ def model_signature(model: torch.nn.Module) -> Any:
 
 # ---- the worker ------------------------------------------------------------------------------------------------
 
-_EMPTY = types.SimpleNamespace(cache=None, past_key_values=None)
+EMPTY = types.SimpleNamespace(cache=None, past_key_values=None)  # no cache: a decode step's one-token forward
 
 
 class _Claims:
@@ -299,7 +304,7 @@ class DecodeWorker:
     def _work(self, vendor: Any, model: torch.nn.Module, roots: list[str], prompt_len: int) -> None:
         warnings.simplefilter("ignore")  # the parent shows the vendor's warnings once, from its own steps
         start = model_signature(model)
-        template = vendor.decode(model, _EMPTY, 0)()
+        template = vendor.decode(model, EMPTY, 0)()
         step1 = signature(cache_of(synthesized_state(template, prompt_len + 1)))
         self._write("expected", pickle.dumps((step1, start)))
         while (k := self.claims.high()) is not None:
