@@ -157,6 +157,20 @@ def test_v1_fake_equals_real_per_module_and_stage(reduced, v1_dir, tmp_path, sha
     assert any(".sam_model#1." in n["module"] for n in fake["nodes"]) == (views > 1)
 
 
+def test_v1_real_mode_is_reproducible(reduced, v1_dir, tmp_path):
+    """Real mode's random weights are seeded: the same experts get the same rows on every run (what --ncu's second
+    run relies on to pair its kernels with the recorded ones), so two runs write the same report."""
+    config, _ = reduced
+    texts = []
+    for run in ("a", "b"):
+        assert main(["--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code", "--config", config,
+                     "--image-shape", "1000x1400", "--text-tokens", "5", "--decode-steps", "2", "--mode", "real",
+                     "--quiet", "--out", str(tmp_path / run)]) == 0
+        texts.append((tmp_path / run / "report.json").read_text())
+    experts = {n["module"] for n in json.loads(texts[0])["nodes"] if ".experts." in n["module"]}
+    assert 0 < len(experts) and texts[0] == texts[1]
+
+
 def test_v1_onnx_prefill_equals_fx_per_stage_and_module(reduced, v1_dir, tmp_path):
     """--graph onnx on the reduced vendor model: the exported prefill's per-node FLOPs equal the fx graph's per stage
     and per module (call indices included), and every FLOP-bearing ONNX node maps through the v1 table."""
