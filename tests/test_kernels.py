@@ -117,6 +117,20 @@ def test_kernel_records_walk_to_the_innermost_op_and_module_range():
     assert Counter(r["module"] for r in records)[None] == 1
 
 
+def test_a_kernel_the_profiler_also_hangs_on_a_nested_event_is_one_launch():
+    """As seen on an H200 (torch 2.11): a cuBLASLt GEMM on `aten::mm` and again on its child `Activity Buffer
+    Request`; an op that really launches the same kernel twice keeps both."""
+    def ev(name, parent=None, kernels=()):
+        return types.SimpleNamespace(name=name, cpu_parent=parent,
+                                     kernels=[types.SimpleNamespace(name=k, duration=d) for k, d in kernels])
+    op = ev(f"{OP_RANGE}3")
+    mm = ev("aten::mm", op, [("nvjet_gemm", 7.968)])
+    buffer = ev("Activity Buffer Request", mm, [("nvjet_gemm", 7.968)])
+    twice = ev("aten::sum", ev(f"{OP_RANGE}4"), [("memset", 0.7), ("memset", 0.7), ("reduce", 5.0)])
+    records = kernel_records([op, mm, buffer, twice])
+    assert [(r["kernel"], r["op"]) for r in records] == [("nvjet_gemm", 3), ("memset", 4), ("memset", 4), ("reduce", 4)]
+
+
 @pytest.mark.parametrize("model, module, layer", [
     ("deepseek-ocr-2", "model.language_model.layers.3.self_attn", "decoder.layers.3.attn"),
     ("deepseek-ocr", "model.layers.3.self_attn", "decoder.layers.3.attn"),

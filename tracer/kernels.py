@@ -16,6 +16,7 @@ FLOPs: a node's FLOPs go to its compute kernel: its longest kernel that is not o
 from __future__ import annotations
 
 import subprocess
+from collections import Counter
 from typing import Any
 
 from mapping.engine import Matcher
@@ -28,13 +29,22 @@ BF16_FLOPS_PER_SM_CLOCK = {(8, 0): 2048, (8, 6): 1024, (8, 9): 1024, (9, 0): 409
 
 
 def kernel_records(events) -> list[dict[str, Any]]:
-    """torch.profiler FunctionEvents -> [{kernel, us, op (seq) or None, module (qualified) or None}]."""
+    """torch.profiler FunctionEvents -> [{kernel, us, op (seq) or None, module (qualified) or None}].
+
+    A kernel belongs to the event that launched it; the profiler can also hang it on an event nested inside
+    that one (seen on an H200, torch 2.11: a cuBLASLt GEMM on both `aten::mm` and its child `Activity Buffer
+    Request`). Such a copy, the same kernel and duration as on an enclosing event, is one launch: dropped."""
     records = []
     for e in events:
         kernels = getattr(e, "kernels", None)
         if not kernels:
             continue
         op = module = None
+        enclosing: Counter = Counter()
+        p = e.cpu_parent
+        while p is not None:
+            enclosing.update((k.name, k.duration) for k in getattr(p, "kernels", None) or ())
+            p = p.cpu_parent
         p = e
         while p is not None and (op is None or module is None):
             if op is None and p.name.startswith(OP_RANGE):
@@ -43,6 +53,9 @@ def kernel_records(events) -> list[dict[str, Any]]:
                 module = p.name[len(MODULE_RANGE):]
             p = p.cpu_parent
         for k in kernels:
+            if enclosing[(k.name, k.duration)]:
+                enclosing[(k.name, k.duration)] -= 1
+                continue
             records.append({"kernel": k.name, "us": float(k.duration), "op": op, "module": module})
     return records
 
