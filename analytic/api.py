@@ -76,16 +76,21 @@ def _config(path: str) -> dict:
     return read_json(Path(path))
 
 
+def mode_knobs(model: str, mode: str | None = None, overrides: list[str] | None = None,
+               flag: str = "--mode") -> Any:
+    """A vendor resolution mode's base_size, tile_size and crop_mode (defaults.yaml; None: the model's default)."""
+    m = compose(model, overrides).models[model]
+    mode = mode or m.default_mode
+    if mode not in m.modes:
+        raise FlopdiffError(f"{flag} {mode!r}: {model} has the modes {', '.join(m.modes)}")
+    return m.modes[mode]
+
+
 def shape_for(model: str, image_wh: tuple[int, int], mode: str | None = None, base_size: int | None = None,
               tile_size: int | None = None, crop_mode: bool | None = None, text_tokens: int | None = None,
               decode_steps: int | None = None, overrides: list[str] | None = None) -> Shape:
-    cfg = compose(model, overrides)
-    m = cfg.models[model]
-    mode = mode or m.default_mode
-    if mode not in m.modes:
-        raise FlopdiffError(f"--mode {mode!r}: choose one of {', '.join(m.modes)}")
-    knobs = m.modes[mode]
-    w = cfg.workload
+    knobs = mode_knobs(model, mode, overrides)
+    w = compose(model, overrides).workload
     return Shape(image_wh[0], image_wh[1], base_size or knobs.base_size, tile_size or knobs.tile_size,
                  knobs.crop_mode if crop_mode is None else crop_mode,
                  w.text_tokens if text_tokens is None else text_tokens,

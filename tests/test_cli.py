@@ -49,6 +49,7 @@ def test_report_json_schema_and_determinism(tmp_path, capsys, tiny_v2_config):
     (["--decode-steps", "-1"], "--decode-steps -1"),
     (["--text-tokens", "-3"], "--text-tokens -3"),
     (["--config", "missing.json"], "--config missing.json"),
+    (["--resolution", "tiny"], "--resolution 'tiny': deepseek-ocr-2 has the modes default"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(argv, names, tmp_path, capsys):
     out_dir = tmp_path / "out"
@@ -101,3 +102,17 @@ def test_command_line_process_exit_status_and_output(tmp_path, tiny_v2_config):
     bad = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--decode-steps", "-1"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("flopdiff: error: --decode-steps -1")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("argv, knobs", [
+    ([], (None, None, True)),  # the vendor's own defaults
+    (["--resolution", "tiny"], (512, 512, False)),
+    (["--resolution", "large"], (1280, 1280, False)),
+    (["--resolution", "gundam"], (1024, 640, True)),
+    (["--resolution", "tiny", "--crop-mode", "--base-size", "1024"], (1024, 512, True)),  # explicit flags win
+])
+def test_resolution_modes_set_the_vendor_knobs(argv, knobs):
+    from tracer.diff import build_parser, workload_from_args
+
+    w = workload_from_args(build_parser().parse_args(["--model", "deepseek-ocr", *argv]))
+    assert (w.base_size, w.tile_size, w.crop_mode) == knobs

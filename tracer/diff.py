@@ -47,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="WIDTHxHEIGHT of a synthetic white page")
     p.add_argument("--base-size", type=int, help="global view size (default: the vendor processor's)")
     p.add_argument("--tile-size", type=int, help="tile size (default: the vendor processor's)")
-    p.add_argument("--crop-mode", action=argparse.BooleanOptionalAction, default=DEFAULT.crop_mode,
-                   help="cut large pages into tiles, as the vendor does")
+    p.add_argument("--crop-mode", action=argparse.BooleanOptionalAction,
+                   help="cut large pages into tiles, as the vendor does (default: on, or the --resolution's)")
+    p.add_argument("--resolution", metavar="MODE",
+                   help="a vendor resolution mode, setting --base-size, --tile-size and --crop-mode unless given "
+                        "(deepseek-ocr: tiny, small, base, large, gundam; analytic/presets/defaults.yaml)")
     p.add_argument("--text-tokens", type=int,
                    help="number of prompt text tokens after the image (BOS excluded) when no tokenizer is given "
                         "(deepseek-ocr-2: 4 by default; deepseek-ocr: required)")
@@ -102,8 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
     image_wh = DEFAULT.image_wh if args.image else parse_image_shape(args.image_shape)
-    return Workload(model=args.model, image_wh=image_wh, image_path=args.image, base_size=args.base_size,
-                    tile_size=args.tile_size, crop_mode=args.crop_mode, text_tokens=args.text_tokens,
+    knobs: dict = {"crop_mode": DEFAULT.crop_mode}
+    if args.resolution:
+        from analytic.api import mode_knobs
+
+        knobs = dict(mode_knobs(args.model, args.resolution, flag="--resolution"))
+    crop_mode = knobs["crop_mode"] if args.crop_mode is None else args.crop_mode
+    return Workload(model=args.model, image_wh=image_wh, image_path=args.image,
+                    base_size=args.base_size or knobs.get("base_size"), tile_size=args.tile_size or knobs.get("tile_size"),
+                    crop_mode=crop_mode, text_tokens=args.text_tokens,
                     prompt=args.prompt, tokenizer=args.tokenizer, decode_steps=args.decode_steps)
 
 
