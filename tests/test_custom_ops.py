@@ -85,3 +85,22 @@ def test_may_carry_flops_classification():
     assert may_carry_flops("mylib::fused_thing") and may_carry_flops("higher_order::flex_attention")
     assert not may_carry_flops("aten::add") and not may_carry_flops("prims::convert_element_type")
     assert not may_carry_flops("aten::softmax")
+
+
+def test_flex_attention_text_model_on_cpu_fake_mode(tmp_path, tiny_v2_config, capsys):
+    """flex_attention's own torch.compile(fullgraph=True) cannot run under the recorder ("found no compiled
+    frames" before the fix): it is called uncompiled, recorded as its higher-order op and counted by formula; the
+    decode worker stays off (its compiled block-mask kernels crash in a forked child)."""
+    import json
+
+    from tracer.diff import main
+
+    out = tmp_path / "flex"
+    assert main(["--config", tiny_v2_config, "--image-shape", "640x640", "--text-tokens", "2", "--decode-steps", "3",
+                 "--attn", "text_config=flex_attention,vision_config=sdpa", "--quiet", "--out", str(out)]) == 0
+    assert "note" not in capsys.readouterr().err
+    doc = json.loads((out / "report.json").read_text())
+    flex = [n for n in doc["nodes"] if n["op"] == "higher_order::flex_attention"]
+    assert {n["stage"] for n in flex} == {"prefill", "decode"} and all(n["status"] == "formula" for n in flex)
+    assert all(n["flops_full"] > n["flops_torch"] == 0 for n in flex)
+    assert all(s["gap"] == 0 for s in doc["stages"]) and doc["unknown_ops"] == []

@@ -323,7 +323,7 @@ def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, ven
     # under `--ncu` (FLOPDIFF_NVTX set) Nsight Compute owns CUPTI: keep the ranges, leave the profiler out
     tracing = profile and not os.environ.get("FLOPDIFF_NVTX")
     prof = _profiler() if tracing else nullcontext()
-    with prof, _module_hooks(recorder.modules), recorder:
+    with prof, _module_hooks(recorder.modules), _flex_uncompiled(), recorder:
         result = fn()
         if profile and torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -335,6 +335,25 @@ def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, ven
 
         sg.kernels = kernel_records(prof.events())
     return sg, result
+
+
+@contextmanager
+def _flex_uncompiled():
+    """torch.compile cannot trace under a dispatch mode such as the recorder, so flex_attention's own
+    `torch.compile(..., fullgraph=True)` of its higher-order op raises there ("found no compiled frames"). Its
+    debug switch makes it call the higher-order op directly: the op the recorder records (and counts by
+    formula) either way, run unfused, as any compile under the recorder would."""
+    try:
+        from torch.nn.attention import flex_attention as flex
+    except ImportError:  # torch without flex attention
+        yield
+        return
+    saved = getattr(flex, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", None)
+    flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
+    try:
+        yield
+    finally:
+        flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = saved
 
 
 def _profiler():

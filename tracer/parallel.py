@@ -43,10 +43,21 @@ from tracer.capture import StageGraph, capture
 SEQ_DIM = -2  # transformers' cache layout: (batch, heads, positions, head_dim)
 
 
+# Attention implementations whose forward runs compiled kernels on real tensors (flex attention's block masks,
+# built by torch.compile'd code): a freshly compiled kernel crashed in a forked child (SIGSEGV, torch 2.13).
+FORK_UNSAFE_ATTN = {"flex_attention"}
+
+
 def available() -> bool:
     """A second CPU to run on and fork() to start the worker with (no re-import, no model rebuild)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return hasattr(os, "fork") and cpus >= 2
+
+
+def worker_allowed(attn: str | dict[str, str] | None) -> bool:
+    """Whether the decode worker can run the model with this `--attn` choice (see FORK_UNSAFE_ATTN)."""
+    chosen = set(attn.values()) if isinstance(attn, dict) else {attn}
+    return available() and not chosen & FORK_UNSAFE_ATTN
 
 
 def forked(job: Callable[[], None]) -> Callable[[], None]:
@@ -279,6 +290,9 @@ class DecodeWorker:
         if pid == 0:  # the worker: never returns into the caller's code
             code = 1
             try:
+                # the parent's OpenMP threads did not survive the fork: ATen stays single-threaded here (fake
+                # tensors compute nothing; a real side computation must not enter a parallel region)
+                torch.set_num_threads(1)
                 worker._work(vendor, model, roots, prompt_len)
                 code = 0
             except BaseException as exc:  # noqa: BLE001 - reported to the parent, which falls back
@@ -319,7 +333,7 @@ class DecodeWorker:
             time.sleep(0.005)
         if expected is None:
             error = self._read("error")
-            return self.cancel(error.decode() if error else "it did not start its steps")
+            return self.cancel(error.decode() if error else _died(self.status))
         step1, start = pickle.loads(expected)
         if signature(cache_of(after_step0)) != step1:
             return self.cancel("its synthesized KV cache differs from the real one after step 0")
@@ -364,7 +378,7 @@ class DecodeWorker:
             time.sleep(0.002)
         if self.status != 0 or len(graphs) < self.steps - first:
             error = self._read("error")
-            self.failure = error.decode() if error else f"it exited with status {self.status}"
+            self.failure = error.decode() if error else _died(self.status)
             return None
         return [graphs[k] for k in range(first, self.steps)]
 
@@ -372,6 +386,10 @@ class DecodeWorker:
         if self.pid:
             self.cancel("closed")
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _died(status: int | None) -> str:
+    return f"it was killed by signal {-status}" if status is not None and status < 0 else f"it exited with status {status}"
 
 
 def note_fallback(worker: DecodeWorker) -> None:

@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tracer.capture import StageGraph, capture, subgraph
 from tracer.errors import FlopdiffError
-from tracer.parallel import DecodeWorker, available, capture_decode, note_fallback
+from tracer.parallel import DecodeWorker, capture_decode, note_fallback, worker_allowed
 from tracer.vendors import BuildOptions, Prepared, get_vendor
 from tracer.workload import Workload, validate
 
@@ -112,7 +112,7 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
     worker = None
     try:
         with _capturing(fake, device, vendor):
-            if parallel and mode == "fake" and not cuda and steps >= 3 and available():
+            if parallel and mode == "fake" and not cuda and steps >= 3 and worker_allowed(options.attn):
                 worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps)
             progress("prefill")
             prefill, out = capture(vendor.prefill(model, prepared), model, "prefill", vendor_roots=roots, profile=cuda)
