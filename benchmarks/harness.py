@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 
-def measure(argv: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (GiB) of a fresh process running `argv`, and its last stderr line."""
+def measure(argv: list[str], again: bool = False) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (GiB) of a fresh process running `argv`, and its last stderr line. The kernel keeps
+    one maximum over all children: `again` (the same command once more) expects no new peak."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True)
@@ -21,7 +23,7 @@ def measure(argv: list[str]) -> tuple[float, float, str]:
     if proc.returncode:
         sys.exit(f"benchmark child failed:\n{proc.stderr}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:
+    if peak <= before and not again:
         print("warning: peak RSS of this child is not above an earlier child's; run the sides separately",
               file=sys.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -74,17 +76,22 @@ def peak_pss(argv: list[str], every: float = 0.25) -> float:
 
 
 def flopdiff(args: list[str], report: str = "report.json",
-             totals=lambda doc: {s["name"]: [s["flops_torch"], s["flops_full"]] for s in doc["stages"]}
-             ) -> tuple[float, float, str]:
-    """The command line a user runs (`python -m tracer.diff ARGS`), timed from process start to exit; the
-    per-stage totals are read from its report afterwards, outside the measured time. Memory: the larger of
-    the largest process's peak RSS and the sampled peak PSS of all its processes (a second run, on Linux)."""
+             totals=lambda doc: {s["name"]: [s["flops_torch"], s["flops_full"]] for s in doc["stages"]},
+             repeat: int = 1) -> tuple[float, float, str]:
+    """The command line a user runs (`python -m tracer.diff ARGS`), timed from process start to exit (the median
+    of `repeat` runs; each run's time goes to stderr); the per-stage totals are read from its report afterwards,
+    outside the measured time. Memory: the larger of the largest process's peak RSS and the sampled peak PSS of
+    all its processes (a run of its own, on Linux)."""
     out = tempfile.mkdtemp(prefix="flopdiff-bench-")
     argv = [sys.executable, "-m", "tracer.diff", *args, "--out", out, "--quiet"]
-    wall, peak, _ = measure(argv)
+    runs = [measure(argv, again=i > 0)[:2] for i in range(repeat)]
+    walls = sorted(w for w, _ in runs)
+    peak = max(p for _, p in runs)
+    if repeat > 1:
+        print(f"flopdiff runs: {', '.join(f'{w:.1f}' for w, _ in runs)} s (median in the table)", file=sys.stderr)
     if os.path.exists("/proc/self/smaps_rollup"):
         peak = max(peak, peak_pss(argv))
-    return wall, peak, json.dumps(totals(head(f"{out}/{report}")))
+    return statistics.median(walls), peak, json.dumps(totals(head(f"{out}/{report}")))
 
 
 def compare(doc: str, title: str, flopdiff_args: list[str], baseline_code: str, baseline: str) -> None:
@@ -93,8 +100,9 @@ def compare(doc: str, title: str, flopdiff_args: list[str], baseline_code: str, 
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--skip-real", action="store_true", help="skip FlopCounterMode on real random weights")
+    parser.add_argument("--repeat", type=int, default=3, help="flopdiff runs (the table shows the median)")
     args = parser.parse_args()
-    rows = [("flopdiff (fake weights, all stages + report)", *flopdiff(flopdiff_args))]
+    rows = [("flopdiff (fake weights, all stages + report)", *flopdiff(flopdiff_args, repeat=args.repeat))]
     if not args.skip_real:
         rows.append((baseline, *measure(snippet(baseline_code))))
     table(title, rows)
