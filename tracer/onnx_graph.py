@@ -19,6 +19,7 @@ import copy
 import math
 import re
 import types
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -210,8 +211,6 @@ def onnx_report(fx: dict[str, Any], nodes: list[dict[str, Any]], an: Any, vision
     diffed against the same analytic model (for decode: `an_step`, the same workload with one decode step) through
     the same mapping table, with `consistency`: per stage and per analytic layer, ONNX full vs fx full (decode: fx
     step 0)."""
-    from collections import Counter
-
     from mapping.engine import plain_path
     from tracer.gaps import add_diff, map_report
     from tracer.report import SCHEMA
@@ -251,8 +250,6 @@ def onnx_report(fx: dict[str, Any], nodes: list[dict[str, Any]], an: Any, vision
 
 
 def _unknown(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from collections import Counter
-
     unknown = Counter(n["onnx_op"] for n in nodes if n["status"] == "unknown" and n["stage"] != "vision")
     return [{"op": op, "count": c} for op, c in sorted(unknown.items())]
 

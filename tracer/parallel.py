@@ -60,6 +60,22 @@ def worker_allowed(attn: str | dict[str, str] | None) -> bool:
     return available() and not chosen & FORK_UNSAFE_ATTN
 
 
+def _fork(body: Callable[[], None]) -> int:
+    """Run `body` in a forked child, which exits (status 0, or 1 if `body` raised) without ever returning into
+    the caller's code or flushing the caller's buffers again; returns the child's pid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            body()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
 def forked(job: Callable[[], None]) -> Callable[[], None]:
     """Run `job` (say, render and write one report file) in a forked child while the caller goes on; the
     returned function waits for it, and runs `job` here when the child failed (raising what it raises) or
@@ -67,16 +83,7 @@ def forked(job: Callable[[], None]) -> Callable[[], None]:
     if not available():
         job()
         return lambda: None
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            job()
-            code = 0
-        finally:
-            os._exit(code)
+    pid = _fork(job)
 
     def wait() -> None:
         _, status = os.waitpid(pid, 0)
@@ -284,22 +291,18 @@ class DecodeWorker:
     def fork(cls, vendor: Any, model: torch.nn.Module, roots: list[str], prompt_len: int,
              steps: int) -> "DecodeWorker":
         worker = cls(steps)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the worker: never returns into the caller's code
-            code = 1
+
+        def body() -> None:
+            # the parent's OpenMP threads did not survive the fork: ATen stays single-threaded here (fake
+            # tensors compute nothing; a real side computation must not enter a parallel region)
+            torch.set_num_threads(1)
             try:
-                # the parent's OpenMP threads did not survive the fork: ATen stays single-threaded here (fake
-                # tensors compute nothing; a real side computation must not enter a parallel region)
-                torch.set_num_threads(1)
                 worker._work(vendor, model, roots, prompt_len)
-                code = 0
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent, which falls back
+            except BaseException as exc:  # reported to the parent, which falls back
                 worker._write("error", f"{exc.__class__.__name__}: {exc}".encode())
-            finally:
-                os._exit(code)
-        worker.pid = pid
+                raise
+
+        worker.pid = _fork(body)
         return worker
 
     def _write(self, name: str, data: bytes) -> None:
