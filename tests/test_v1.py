@@ -102,6 +102,23 @@ def test_v1_seed_naive_gap_attributed_and_max_gap_exits_1(v1_dir, tmp_path, caps
     assert {r["reason"] for r in clip if int(r["id"].split(".")[4]) >= 4} == {"missing"}
 
 
+def test_v1_fake_mode_on_a_gpu_machine_gives_the_cpu_report(v1_dir, pages, tmp_path, monkeypatch):
+    """On a machine with a GPU, torch.cuda.is_available() is true and the vendor's `.cuda()` calls would really move
+    the image mask to cuda:0 beside a CPU model (fake mode stopped with "Unhandled FakeTensor Device Propagation").
+    Simulated here: CUDA reported available, and any real `Tensor.cuda()` raises. A CPU capture must never call it
+    and must give the CPU machine's report."""
+    import torch
+
+    def real_cuda(self, *args, **kwargs):
+        raise AssertionError("the vendor's .cuda() reached torch during a CPU capture")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # infer()'s autocast("cuda") asks
+    monkeypatch.setattr(torch.Tensor, "cuda", real_cuda)
+    doc = _v1(v1_dir, tmp_path, "640x640")
+    assert doc == pages["640x640"]
+
+
 # ---- fake (shims) against real (unmodified vendor code, random weights) on a reduced vendor model ---------
 
 @pytest.fixture

@@ -14,12 +14,14 @@ import argparse
 import gc
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from tracer.errors import FlopdiffError
 from tracer.formulas import Conventions
+from tracer.lifecycle import Interrupted, OutputSet, signals_as_exceptions, sweep_scratch
 from tracer.vendors import VENDORS, BuildOptions, get_vendor
 from tracer.workload import Workload, parse_image_shape
 
@@ -162,23 +164,9 @@ class Phases:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from analytic.api import variant
     from mapping.table import load_table
-    from tracer.count import count_graph
-    from tracer.explain import explain
-    from tracer.gaps import add_diff, analytic_for, map_report
-    from tracer.html import render_html
-    from tracer.kernels import attribute_kernels, kernel_table
-    from tracer.ncu import join as ncu_join
-    from tracer.ncu import ncu_table, run_ncu
-    from tracer.onnx_graph import check_onnx, consistency_table, run_onnx
-    from tracer.onnx_graph import save as save_onnx
-    from tracer.overlay import graph_collection, overlay
-    from tracer.parallel import forked
-    from tracer.report import build_report, dumps, gap_table, stage_table, unmapped_table, unseen_table, write_atomic
-    from tracer.trace import trace
+    from tracer.onnx_graph import check_onnx
 
     started = time.perf_counter()
     if args.ncu and args.device != "cuda":
@@ -198,6 +186,39 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "real" and options.device == "cpu":
         config = args.config or (str(Path(args.vendor_dir) / "config.json") if args.vendor_dir else None)
         print(f"flopdiff: warning: {real_run_estimate(workload, config)}", file=sys.stderr)
+    sweep_scratch()
+    outputs = OutputSet(args.out)  # a bad --out fails here, before the trace; nothing of it is left on failure
+    try:
+        report = _run_into(args, outputs, workload, options, conventions, started)
+        outputs.commit()
+    except BaseException:
+        outputs.discard()
+        raise
+    over = [s for s in report["stages"] if args.max_gap is not None and abs(s["gap_pct"]) > args.max_gap]
+    for s in over:
+        print(f"flopdiff: stage {s['name']}: gap {s['gap_pct']:.2f}% exceeds --max-gap {args.max_gap}", file=sys.stderr)
+    return 1 if over else 0
+
+
+def _run_into(args: argparse.Namespace, outputs: OutputSet, workload: Workload, options: BuildOptions,
+              conventions: Conventions, started: float) -> dict:
+    """Trace, count, map, diff, print and write every file into `outputs` (staged; the caller commits)."""
+    from rich.console import Console
+
+    from tracer.count import count_graph
+    from tracer.explain import explain
+    from tracer.gaps import add_diff, analytic_for, map_report
+    from tracer.html import render_html
+    from tracer.kernels import attribute_kernels, kernel_table
+    from tracer.ncu import join as ncu_join
+    from tracer.ncu import ncu_table, run_ncu
+    from tracer.onnx_graph import consistency_table, run_onnx
+    from tracer.onnx_graph import save as save_onnx
+    from tracer.overlay import graph_collection, overlay
+    from tracer.parallel import forked
+    from tracer.report import build_report, dumps, gap_table, stage_table, unmapped_table, unseen_table
+    from tracer.trace import trace
+
     err = Console(stderr=True, quiet=args.quiet)
     with err.status("tracing") as spinner:
         status = Phases(spinner, started)
@@ -225,10 +246,9 @@ def run(args: argparse.Namespace) -> int:
             onnx_rep, protos = run_onnx(tr, report, analytic, args.mapping)
         detail = explain(report, analytic, mapping, args.explain, args.causal_halving) if args.explain else None
         status.update("writing the reports")
-    folder = Path(args.out)
     # the largest file, independent of the others: built and encoded in a forked child meanwhile
-    graph_written = forked(lambda: write_atomic(folder / "model-explorer-graph.json",
-                                                json.dumps(graph_collection(tr, report), separators=(",", ":"))))
+    graph_written = forked(lambda: outputs.write("model-explorer-graph.json",
+                                                 json.dumps(graph_collection(tr, report), separators=(",", ":"))))
     out = Console(width=None if sys.stdout.isatty() else 140)  # piped output: full numbers, no ellipsis
     out.print(stage_table(report))
     out.print(gap_table(report))
@@ -246,24 +266,21 @@ def run(args: argparse.Namespace) -> int:
                   ", ".join(f"{u['op']} x{u['count']}" for u in report["unknown_ops"]))
     if detail is not None:
         out.print(detail)
-    write_atomic(folder / "report.json", dumps(report, only_flops=args.json_nodes == "flops"))
-    write_atomic(folder / "report.html", render_html(report))
-    write_atomic(folder / "model-explorer.json", json.dumps(overlay(report), separators=(",", ":")))
+    outputs.write("report.json", dumps(report, only_flops=args.json_nodes == "flops"))
+    outputs.write("report.html", render_html(report))
+    outputs.write("model-explorer.json", json.dumps(overlay(report), separators=(",", ":")))
     if args.ncu:
-        write_atomic(folder / "ncu.csv", ncu_csv)
+        outputs.write("ncu.csv", ncu_csv)
     if onnx_rep is not None:
-        save_onnx(protos, folder)
-        write_atomic(folder / "report-onnx.json", dumps(onnx_rep))
+        save_onnx(protos, outputs)
+        outputs.write("report-onnx.json", dumps(onnx_rep))
     graph_written()
     onnx_files = "".join(f", {name}" for name in ["report-onnx.json", *(protos or {})]) if onnx_rep is not None else ""
-    out.print(f"wrote {folder}/report.json, report.html, model-explorer.json, model-explorer-graph.json{onnx_files}")
+    out.print(f"wrote {outputs.out}/report.json, report.html, model-explorer.json, model-explorer-graph.json{onnx_files}")
     status.update("done")
     if args.timings:
         print("flopdiff: seconds per phase: " + "; ".join(f"{label} {s:.2f}" for label, s in status.rows), file=sys.stderr)
-    over = [s for s in report["stages"] if args.max_gap is not None and abs(s["gap_pct"]) > args.max_gap]
-    for s in over:
-        print(f"flopdiff: stage {s['name']}: gap {s['gap_pct']:.2f}% exceeds --max-gap {args.max_gap}", file=sys.stderr)
-    return 1 if over else 0
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,10 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     # frees everything else; peak memory is in the benchmarks' tables.
     gc.disable()
     try:
-        return run(args)
+        with signals_as_exceptions():
+            return run(args)
     except FlopdiffError as exc:
         print(f"flopdiff: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2
+    except (KeyboardInterrupt, Interrupted) as exc:  # the run cleaned up on the way out: say so in one line
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"flopdiff: interrupted ({signal.Signals(signum).name}); the output folder was left as it was",
+              file=sys.stderr)
+        return 128 + signum
     finally:
         gc.enable()
 

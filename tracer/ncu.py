@@ -20,12 +20,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from typing import Any
 
 from mapping.engine import plain_path
 from tracer.capture import NVTX_RANGE
 from tracer.errors import FlopdiffError
+from tracer.lifecycle import scratch
 
 TENSOR = ("sm__ops_path_tensor_src_bf16_dst_fp32.sum", "sm__ops_path_tensor_src_fp16_dst_fp32.sum",
           "sm__ops_path_tensor_src_tf32_dst_fp32.sum")
@@ -124,8 +124,8 @@ def run_ncu(argv: list[str], module: str) -> tuple[list[dict[str, Any]], str]:
     if not os.path.exists(ncu):
         raise FlopdiffError("--ncu: Nsight Compute (ncu) is not on PATH")
     child = _strip(_strip(argv, "--ncu"), "--graph")  # the child only needs to launch the same kernels
-    with tempfile.TemporaryDirectory(prefix="flopdiff-ncu-") as tmp:
-        child = _strip(child, "--out") + ["--out", tmp, "--quiet"]
+    with scratch("ncu") as tmp:
+        child = _strip(child, "--out") + ["--out", os.path.join(tmp, "out"), "--quiet"]
         cmd = [ncu, "--csv", "--page", "raw", "--metrics", ",".join(METRICS), "--nvtx", "--nvtx-include",
                f"{NVTX_RANGE}/", "--target-processes", "all", "--clock-control", "none",
                sys.executable, "-m", "tracer.diff", *child]

@@ -315,9 +315,7 @@ def run_onnx(tr: Any, fx: dict[str, Any], an: Any, table: str | None) -> tuple[d
     return rep, protos
 
 
-def save(protos: dict[str, Any], folder: Any) -> None:
-    """prefill.onnx and decode.onnx (the graphs; weights and KV cache are inputs), written atomically."""
-    from tracer.report import write_atomic_bytes
-
+def save(protos: dict[str, Any], outputs: Any) -> None:
+    """prefill.onnx and decode.onnx (the graphs; weights and KV cache are inputs) into the run's output set."""
     for name, proto in protos.items():
-        write_atomic_bytes(folder / name, proto.SerializeToString())
+        outputs.write(name, proto.SerializeToString())

@@ -24,9 +24,9 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import struct
 import sys
-import tempfile
 import time
 import types
 import warnings
@@ -39,6 +39,7 @@ import torch.fx
 from torch._ops import HigherOrderOperator
 
 from tracer.capture import StageGraph, capture
+from tracer.lifecycle import die_with_parent, temp_folder
 
 SEQ_DIM = -2  # transformers' cache layout: (batch, heads, positions, head_dim)
 
@@ -69,6 +70,7 @@ def _fork(body: Callable[[], None]) -> int:
     if pid == 0:
         code = 1
         try:
+            die_with_parent()  # a killed run leaves no child behind (tracer.lifecycle)
             body()
             code = 0
         finally:
@@ -282,7 +284,7 @@ class DecodeWorker:
     def __init__(self, steps: int):
         self.steps = steps
         self.claims = _Claims(steps)
-        self.folder = tempfile.mkdtemp(prefix="flopdiff-decode-")
+        self.folder = temp_folder("decode")
         self.pid = 0
         self.status: int | None = None
         self.failure = ""
@@ -293,6 +295,14 @@ class DecodeWorker:
         worker = cls(steps)
 
         def body() -> None:
+            # SIGTERM (the parent died: die_with_parent, or someone killed this worker): take the scratch
+            # folder along, since no one else will
+            def terminated(signum, frame):
+                shutil.rmtree(worker.folder, ignore_errors=True)
+                os._exit(1)
+
+            signal.signal(signal.SIGTERM, terminated)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole group: the parent decides
             # the parent's OpenMP threads did not survive the fork: ATen stays single-threaded here (fake
             # tensors compute nothing; a real side computation must not enter a parallel region)
             torch.set_num_threads(1)

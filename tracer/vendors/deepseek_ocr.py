@@ -10,8 +10,12 @@ layout, the padded global view, the `dynamic_preprocess` tiles, the image mask, 
 
 Shims, each with its reason (`SHIMS`; applied only while capturing or preprocessing):
   * `cuda_identity`: infer() and `DeepseekOCRModel.forward` call `.cuda()` (the image mask before
-    `masked_scatter_`); on a machine without CUDA the tensor stays where it is. Moves no data that FLOPs
-    depend on. Applied in both modes when CUDA is unavailable.
+    `masked_scatter_`); unless the capture runs on the GPU (`--device cuda`), the tensor stays where it is.
+    Moves no data that FLOPs depend on. Applied in both modes whenever the capture device is not CUDA,
+    whether or not the machine has a GPU: on a GPU machine the real `.cuda()` would put the mask on cuda:0
+    beside a model on the CPU (fake mode then stopped with "Unhandled FakeTensor Device Propagation"), so a
+    CPU capture gives the same report on machines with and without a GPU. Preprocessing (infer()) always
+    runs with it: the prepared inputs stay on the CPU, and the trace moves them to the capture device.
   * `image_gate` (fake mode): the forward decides whether to run the vision encoders with
     `torch.sum(image).item() != 0`, which fake tensors cannot answer; `torch.sum` of one of the prepared
     image tensors is computed on the real tensor, so the decision is the real one.
@@ -29,7 +33,6 @@ import importlib
 import hashlib
 import os
 import sys
-import tempfile
 import types
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -41,6 +44,7 @@ import torch
 
 from tracer.configfile import dig, read_json
 from tracer.errors import FlopdiffError
+from tracer.lifecycle import scratch
 from tracer.vendors import BuildOptions, Prepared
 from tracer.workload import Derived, Workload
 
@@ -55,7 +59,7 @@ EVEN_SPLIT_NOTE = ("experts: fake mode routes tokens x top-k evenly over the exp
                    "FLOPs equal the real routing's, the experts listed as nodes may differ")
 
 SHIMS = {
-    "cuda_identity": "Tensor.cuda() is the identity without CUDA (the vendor moves the image mask to the GPU)",
+    "cuda_identity": "Tensor.cuda() is the identity unless capturing on CUDA (the vendor moves the image mask to the GPU)",
     "image_gate": "torch.sum of the prepared images is taken on the real tensors (the vision gate's .item())",
     "crop_grid_list": "images_spatial_crop goes in as a host list of ints (the forward sizes views with it)",
     "even_split_moe": "moe_infer issues its per-expert ops for an even split of tokens x top-k (no host copy)",
@@ -187,7 +191,7 @@ class DeepseekOcrVendor:
     @contextmanager
     def shims(self) -> Iterator[None]:
         with ExitStack() as stack:
-            if not torch.cuda.is_available():
+            if self.options.device != "cuda":
                 stack.enter_context(_cuda_identity())
             if self.options.mode == "fake":
                 v2 = self._module("modeling_deepseekv2")
@@ -318,7 +322,7 @@ def _run_infer(modeling: types.ModuleType, tokenizer: Any, prompt: str, workload
         raise _Captured(args, kwargs)
 
     stand_in = types.SimpleNamespace(disable_torch_init=lambda: None, generate=generate)
-    with tempfile.TemporaryDirectory(prefix="flopdiff-v1-") as tmp, _cuda_identity():
+    with scratch("v1") as tmp, _cuda_identity():
         image_file = workload.image_path
         if image_file is None:
             from tracer.workload import load_image
@@ -336,9 +340,6 @@ def _run_infer(modeling: types.ModuleType, tokenizer: Any, prompt: str, workload
 
 @contextmanager
 def _cuda_identity() -> Iterator[None]:
-    if torch.cuda.is_available():
-        yield
-        return
     with mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self):
         yield
 
