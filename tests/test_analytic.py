@@ -2,7 +2,6 @@
 
 import ast
 import json
-import os
 import random
 from pathlib import Path
 
@@ -130,9 +129,11 @@ def test_v2_tiling_matches_transformers_processor_on_10000_shapes():
 
 
 def _vendor_v1_functions():
-    folder = os.environ.get("FLOPDIFF_DSOCR_V1_DIR")
+    from conftest import v1_folder
+
+    folder = v1_folder()
     if not folder:
-        pytest.skip("FLOPDIFF_DSOCR_V1_DIR is not set: point it at a DeepSeek-OCR remote-code folder to compare with it")
+        pytest.skip("no DeepSeek-OCR remote code: set FLOPDIFF_DSOCR_V1_DIR (or keep ../shared/vendor/deepseek-ocr)")
     # Execute only the two pure functions of the vendor file (the module itself needs transformers 4.46).
     src = (Path(folder) / "modeling_deepseekocr.py").read_text()
     tree = ast.parse(src)

@@ -6,27 +6,12 @@ Needs a copy of the vendor's remote code in FLOPDIFF_DSOCR_V1_DIR (never committ
 """
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tracer.diff import main
-
-V1_DIR = os.environ.get("FLOPDIFF_DSOCR_V1_DIR")
-
-
-@pytest.fixture(scope="module")
-def v1_dir() -> str:
-    if not V1_DIR:
-        pytest.skip("FLOPDIFF_DSOCR_V1_DIR is not set: point it at a DeepSeek-OCR remote-code folder to run v1 tests")
-    import transformers
-
-    if not transformers.__version__.startswith("4.46."):
-        pytest.skip(f"the v1 vendor code needs transformers 4.46.x (installed: {transformers.__version__}); "
-                    "run these tests in the v1 environment (README)")
-    return V1_DIR
 
 
 def _run(argv, capsys):
