@@ -9,9 +9,9 @@ import io
 import json
 import sys
 
-from analytic.api import evaluate, presets
+from analytic.api import evaluate, presets, variant
 from tracer.errors import FlopdiffError
-from tracer.workload import Workload, load_image, parse_image_shape
+from tracer.workload import Workload, load_image, parse_image_shape, validate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("override", nargs="*", help="key=value overrides of presets/defaults.yaml")
     args = p.parse_args(argv)
     try:
+        variant(args.preset, "--preset")  # the flags as this command names them, before the API's checks
+        validate(Workload(model=args.model, base_size=args.base_size, tile_size=args.tile_size,
+                          text_tokens=args.text_tokens, decode_steps=args.decode_steps or 0))
         knobs = dict(base_size=args.base_size, tile_size=args.tile_size, crop_mode=args.crop_mode,
                      text_tokens=args.text_tokens, decode_steps=args.decode_steps, overrides=args.override)
         if args.sweep:

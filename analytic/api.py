@@ -41,17 +41,26 @@ def compose(model: str, overrides: list[str] | None = None) -> Any:
 
 
 @lru_cache(maxsize=64)
-def variant(preset: str) -> Variant:
+def variant(preset: str, flag: str = "preset") -> Variant:
+    """A preset by name (analytic/presets) or YAML file; `flag` names the input in errors (the CLI's flag)."""
     path = Path(preset)
     if not path.suffix:
         path = PRESETS / f"{preset}.yaml"
     if not path.is_file() or path.stem == "defaults":
-        raise FlopdiffError(f"--preset {preset!r}: unknown preset; choose one of {', '.join(presets())} or a YAML file")
-    raw = OmegaConf.to_container(OmegaConf.load(path))
+        raise FlopdiffError(f"{flag} {preset!r}: unknown preset; choose one of {', '.join(presets())} or a YAML file")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:  # yaml and OmegaConf raise many types for a malformed file; say where and what
+        raise FlopdiffError(f"{flag} {preset}: not a valid YAML preset ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(raw, dict):
+        raise FlopdiffError(f"{flag} {preset}: expected a mapping of preset keys "
+                            f"({', '.join(Variant.__dataclass_fields__)})")
     try:
         return Variant(**raw)
     except TypeError as exc:
-        raise FlopdiffError(f"--preset {preset}: {exc}") from None
+        raise FlopdiffError(f"{flag} {preset}: {exc}; the keys are {', '.join(Variant.__dataclass_fields__)}") from None
+    except FlopdiffError as exc:
+        raise FlopdiffError(f"{flag} {preset}: {exc}") from None
 
 
 def policy(name: str, device: str = "cpu", causal_halving: bool = False) -> Policy:
@@ -61,11 +70,6 @@ def policy(name: str, device: str = "cpu", causal_halving: bool = False) -> Poli
 
 
 def build(model: str, shape: Shape, preset: str = "aligned", config: str | None = None) -> ModelTree:
-    if shape.width <= 0 or shape.height <= 0:
-        raise FlopdiffError(f"--image-shape {shape.width}x{shape.height}: width and height must be positive")
-    if shape.base_size % 16 or shape.tile_size % 16:
-        raise FlopdiffError(f"--base-size {shape.base_size} / --tile-size {shape.tile_size}: must be multiples of the "
-                            f"patch size 16")
     path = Path(config) if config else DATA / model / "config.json"
     return BUILDERS[model](_config(str(path)), shape, where=f"--config {path}", variant=variant(preset))
 
@@ -89,9 +93,12 @@ def mode_knobs(model: str, mode: str | None = None, overrides: list[str] | None 
 def shape_for(model: str, image_wh: tuple[int, int], mode: str | None = None, base_size: int | None = None,
               tile_size: int | None = None, crop_mode: bool | None = None, text_tokens: int | None = None,
               decode_steps: int | None = None, overrides: list[str] | None = None) -> Shape:
+    if not (isinstance(image_wh, (tuple, list)) and len(image_wh) == 2):
+        raise FlopdiffError(f"image_wh {image_wh!r}: must be (width, height)")
     knobs = mode_knobs(model, mode, overrides)
     w = compose(model, overrides).workload
-    return Shape(image_wh[0], image_wh[1], base_size or knobs.base_size, tile_size or knobs.tile_size,
+    return Shape(image_wh[0], image_wh[1], knobs.base_size if base_size is None else base_size,
+                 knobs.tile_size if tile_size is None else tile_size,
                  knobs.crop_mode if crop_mode is None else crop_mode,
                  w.text_tokens if text_tokens is None else text_tokens,
                  w.decode_steps if decode_steps is None else decode_steps)

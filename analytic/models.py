@@ -37,6 +37,16 @@ class Shape:
     text_tokens: int
     decode_steps: int
 
+    def __post_init__(self) -> None:
+        """API input is checked here, by field name (the command lines check their flags before)."""
+        _require(self, {"width": _positive, "height": _positive, "base_size": _view, "tile_size": _view,
+                        "crop_mode": _bool, "text_tokens": _count, "decode_steps": _count})
+        from tracer.workload import MAX_PIXELS, MAX_SIDE
+
+        if max(self.width, self.height) > MAX_SIDE or self.width * self.height > MAX_PIXELS:
+            raise FlopdiffError(f"image_wh ({self.width}, {self.height}): over {MAX_SIDE} px on a side or "
+                                f"{MAX_PIXELS // 1_000_000} Mpx; give the real page size")
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -46,6 +56,30 @@ class Variant:
     clip_layers: int | None = None
     projector_tokens: int | None = None
     decode_kv_growth: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self, {"single_view": _bool, "clip_layers": _optional(_count), "projector_tokens": _optional(_positive),
+                        "decode_kv_growth": _bool}, where="preset")
+
+
+# ---- field rules: (test, what the value must be) -------------------------------------------------------------
+
+_positive = (lambda v: type(v) is int and v > 0, "a positive integer")
+_count = (lambda v: type(v) is int and v >= 0, "an integer >= 0")
+_bool = (lambda v: type(v) is bool, "true or false")
+_view = (lambda v: type(v) is int and v >= 64 and v % 16 == 0, "a multiple of the patch size 16, at least 64")
+
+
+def _optional(rule: tuple) -> tuple:
+    test, what = rule
+    return (lambda v: v is None or test(v), f"null or {what}")
+
+
+def _require(obj: Any, rules: dict[str, tuple], where: str = "") -> None:
+    for name, (test, what) in rules.items():
+        value = getattr(obj, name)
+        if not test(value):
+            raise FlopdiffError(f"{where + ' ' if where else ''}{name} = {value!r}: must be {what}")
 
 
 @dataclass

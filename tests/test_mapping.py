@@ -127,7 +127,7 @@ def test_unmapped_nodes_are_listed_never_dropped(tmp_path, capsys, tiny_v2_confi
 
 
 @pytest.mark.parametrize("argv, names", [
-    (["--analytic", "optimistic"], "--preset 'optimistic': unknown preset"),
+    (["--analytic", "optimistic"], "--analytic 'optimistic': unknown preset"),
     (["--mapping", "no-such-table.yaml"], "mapping table no-such-table.yaml: no such file"),
     (["--explain", "decoder.layers.99.attn"], "--explain 'decoder.layers.99.attn'"),
     (["--max-gap", "-1"], "--max-gap -1"),

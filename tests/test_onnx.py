@@ -107,3 +107,88 @@ def test_onnx_refused_up_front_for_a_model_without_an_export(tmp_path, capsys, m
     code, _, err = _run(["--model", "toy", "--graph", "onnx", "--quiet", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "--graph onnx: not available for --model toy (its adapter has no onnx_prefill)" in err
     assert not (tmp_path / "o").exists()
+
+
+# ---- the per-node counter against FlopCounterMode on tiny modules exported as flopdiff exports ---------------
+
+class _Op(__import__("torch").nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)
+
+
+# case -> (function, input shapes, the same product as FlopCounterMode can count it): each an op form the counter
+# once got wrong. FlopCounterMode counts 0 for a 1-D operand (aten.mv has no formula in its registry; flopdiff's
+# fx count lists it unknown), so there its reference is the same product with the unit dimension made explicit.
+TINY = {
+    "matmul 3-D @ 1-D": (lambda a, b: a @ b, [(4, 5, 6), (6,)], lambda a, b: a @ b.unsqueeze(-1)),
+    "matmul 1-D @ 3-D": (lambda a, b: a @ b, [(6,), (4, 6, 7)], lambda a, b: a.unsqueeze(0) @ b),
+    "matmul batched": (lambda a, b: a @ b, [(2, 3, 5, 7), (2, 3, 7, 11)], None),
+    "einsum with ...": (lambda a, b: __import__("torch").einsum("...ij,...jk->...ik", a, b),
+                        [(2, 3, 4, 5), (2, 3, 5, 6)], None),
+    "einsum broadcast 1": (lambda a, b: __import__("torch").einsum("bij,bjk->bik", a, b), [(8, 4, 5), (1, 5, 6)], None),
+}
+
+
+@pytest.mark.parametrize("case", list(TINY))
+def test_onnx_counter_equals_flopcountermode_on_tiny_exports(case):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tracer.onnx_graph import _export, onnx_nodes
+
+    fn, shapes, reference = TINY[case]
+    args = tuple(torch.randn(s) for s in shapes)
+    with FlopCounterMode(display=False) as fc:
+        (reference or fn)(*args)
+    vendor = type("V", (), {"shims": staticmethod(lambda: __import__("contextlib").nullcontext())})()
+    nodes = onnx_nodes(_export(vendor, _Op(fn), args, case))
+    assert [n["status"] for n in nodes if n["status"] == "unknown"] == []
+    assert sum(n["flops_full"] for n in nodes) == fc.get_total_flops() > 0
+
+
+def _graph(nodes, inputs, outputs, functions=()):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs])
+    opsets = [helper.make_opsetid("", 18)] + [helper.make_opsetid(f.domain, 1) for f in functions]
+    return helper.make_model(graph, opset_imports=opsets, functions=list(functions))
+
+
+def test_onnx_einsum_formula_by_hand_with_ellipsis_and_broadcast():
+    assert einsum_flop([[2, 3, 4, 5], [2, 3, 5, 6]], [2, 3, 4, 6], {"equation": "...ij,...jk->...ik"}) == 1440
+    assert einsum_flop([[8, 4, 5], [1, 5, 6]], [8, 4, 6], {"equation": "bij,bjk->bik"}) == 1920
+    assert einsum_flop([[3, 4, 5], [5, 6]], [3, 4, 6], {"equation": "...ij,jk->...ik"}) == 2 * 3 * 4 * 5 * 6
+
+
+def test_onnx_control_flow_and_unknown_rank_are_unknown_never_zero():
+    from onnx import helper
+
+    from tracer.onnx_graph import onnx_nodes
+
+    body = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "then", [],
+                             [helper.make_tensor_value_info("y", 1, None)])
+    branch = helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=body)
+    model = _graph([branch], [("c", []), ("a", [4, 4]), ("b", [4, 4])], ["y"])
+    model.graph.input[0].type.tensor_type.elem_type = 9  # bool condition
+    assert [(n["onnx_op"], n["status"]) for n in onnx_nodes(model)] == [("If", "unknown")]
+    unranked = _graph([helper.make_node("MatMul", ["a", "b"], ["y"])], [("a", None), ("b", [4, 4])], ["y"])
+    assert [(n["status"], n["flops_full"]) for n in onnx_nodes(unranked)] == [("unknown", 0)]
+
+
+def test_onnx_local_function_is_inlined_and_counted():
+    from onnx import helper
+
+    from tracer.onnx_graph import onnx_nodes
+
+    fn = helper.make_function("local", "Mm", ["a", "b"], ["y"], [helper.make_node("MatMul", ["a", "b"], ["y"])],
+                              [helper.make_opsetid("", 18)])
+    model = _graph([helper.make_node("Mm", ["x", "w"], ["y"], domain="local")], [("x", [3, 4]), ("w", [4, 5])], ["y"],
+                   functions=[fn])
+    nodes = onnx_nodes(model)
+    assert sum(n["flops_full"] for n in nodes) == 2 * 3 * 4 * 5 and all(n["status"] != "unknown" for n in nodes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ from tracer.errors import FlopdiffError
 from tracer.formulas import Conventions
 from tracer.lifecycle import Interrupted, OutputSet, signals_as_exceptions, sweep_scratch
 from tracer.vendors import VENDORS, BuildOptions, get_vendor
-from tracer.workload import Workload, parse_image_shape
+from tracer.workload import Workload, parse_image_shape, validate
 
 STARTED = time.perf_counter()  # this module's import: the process's imports before it are not counted
 DEFAULT = Workload()
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(deepseek-ocr-2: 4 by default; deepseek-ocr: required)")
     p.add_argument("--prompt", help="prompt with one <image>, tokenized with --tokenizer")
     p.add_argument("--tokenizer", help="a local tokenizer folder or tokenizer.json")
-    p.add_argument("--decode-steps", type=int, default=DEFAULT.decode_steps)
+    p.add_argument("--decode-steps", type=int, default=DEFAULT.decode_steps,
+                   help="one-token decode steps captured after the prefill, on the growing KV cache")
     p.add_argument("--config", help="vendor config.json (default: deepseek-ocr-2: the published one, shipped "
                                     "with flopdiff; deepseek-ocr: the one in --vendor-dir)")
     p.add_argument("--vendor-dir", help="deepseek-ocr: a local copy of the Hugging Face repo deepseek-ai/DeepSeek-OCR "
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights, computing for real (slow on CPU)")
     p.add_argument("--attn", help="attn_implementation, or SUBCONFIG=NAME,... (default: deepseek-ocr-2 sdpa, "
                                   "deepseek-ocr eager)")
-    p.add_argument("--experts", default="grouped_mm", help="experts_implementation (grouped_mm, batched_mm, eager)")
+    p.add_argument("--experts", help="deepseek-ocr-2: experts_implementation, grouped_mm (default), batched_mm, or "
+                                     "eager (--mode real only: its loop reads the routing)")
     p.add_argument("--causal-halving", action="store_true",
                    help="policy full counts only the (query, key) pairs a causal mask keeps "
                         "(default: dense, FlopCounterMode's convention)")
@@ -100,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capture every decode step in this process (default with --mode fake on CPU, 3+ steps and 2+ "
                         "CPUs: a forked worker captures the later steps from a synthesized KV cache, checked against "
                         "the real one)")
+    p.add_argument("--allow-long", action="store_true",
+                   help="run workloads estimated to take more than about five minutes to capture (refused otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--timings", action="store_true", help="print the seconds each phase took (stderr)")
     return p
@@ -114,7 +119,8 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         knobs = dict(mode_knobs(args.model, args.resolution, flag="--resolution"))
     crop_mode = knobs["crop_mode"] if args.crop_mode is None else args.crop_mode
     return Workload(model=args.model, image_wh=image_wh, image_path=args.image,
-                    base_size=args.base_size or knobs.get("base_size"), tile_size=args.tile_size or knobs.get("tile_size"),
+                    base_size=knobs.get("base_size") if args.base_size is None else args.base_size,
+                    tile_size=knobs.get("tile_size") if args.tile_size is None else args.tile_size,
                     crop_mode=crop_mode, text_tokens=args.text_tokens,
                     prompt=args.prompt, tokenizer=args.tokenizer, decode_steps=args.decode_steps)
 
@@ -171,16 +177,17 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.ncu and args.device != "cuda":
         raise FlopdiffError(f"--ncu {args.ncu}: needs --device cuda --mode real")
-    if args.max_gap is not None and args.max_gap < 0:
-        raise FlopdiffError(f"--max-gap {args.max_gap}: must be 0 or more (percent of the full count)")
+    if args.max_gap is not None and not (math.isfinite(args.max_gap) and args.max_gap >= 0):
+        raise FlopdiffError(f"--max-gap {args.max_gap}: must be a number, 0 or more (percent of the full count)")
     vendor = get_vendor(args.model)             # bad model, preset, table or graph: fail before minutes of tracing
     if args.graph == "onnx":
         check_onnx(vendor)
-    variant(args.analytic)
+    variant(args.analytic, "--analytic")
     load_table(args.mapping or args.model)
-    workload = workload_from_args(args)
+    workload = validate(workload_from_args(args))
     options = BuildOptions(attn=parse_impl(args.attn, "--attn") if args.attn else None,
-                           experts=parse_impl(args.experts, "--experts"), vendor_dir=args.vendor_dir,
+                           experts=parse_impl(args.experts, "--experts") if args.experts else None,
+                           vendor_dir=args.vendor_dir,
                            trust_remote_code=args.trust_remote_code, device=args.device)
     conventions = Conventions(causal_halving=args.causal_halving)
     if args.mode == "real" and options.device == "cpu":
@@ -223,7 +230,7 @@ def _run_into(args: argparse.Namespace, outputs: OutputSet, workload: Workload, 
     with err.status("tracing") as spinner:
         status = Phases(spinner, started)
         tr = trace(workload, options, args.config, progress=lambda msg: status.update(f"tracing: {msg}"),
-                   mode=args.mode, parallel=not args.sequential)
+                   mode=args.mode, parallel=not args.sequential, allow_long=args.allow_long)
         status.update("counting FLOPs per node")
         for sg in tr.graphs():
             if sg.selection is None:  # a selection's nodes (vision) are counted with the graph they belong to

@@ -42,12 +42,9 @@ def register(op_type: str):
 
 @register("MatMul")
 def matmul_flop(shapes: list[list[int]], out: list[int], attrs: dict[str, Any]) -> int:
-    a, b = shapes[0], shapes[1]
-    k = a[-1]
-    m = a[-2] if len(a) > 1 else 1
-    n = b[-1] if len(b) > 1 else 1
-    batch = math.prod(out[:-2]) if len(out) > 2 else 1
-    return 2 * batch * m * n * k
+    """numpy matmul: every output element is one K-long dot product, whatever the ranks (a 1-D operand gains and
+    then loses a unit dimension; batch dimensions broadcast), so 2 * numel(out) * K."""
+    return 2 * math.prod(out) * shapes[0][-1]
 
 
 @register("Gemm")
@@ -65,11 +62,21 @@ def conv_flop(shapes: list[list[int]], out: list[int], attrs: dict[str, Any]) ->
 
 @register("Einsum")
 def einsum_flop(shapes: list[list[int]], out: list[int], attrs: dict[str, Any]) -> int:
+    """2 * the product of every index's size (one multiply-add per point of the joint index space). `...` stands
+    for the leading dimensions an operand has beyond its letters, aligned from the right across operands; a size-1
+    dimension broadcasts, so an index (or ellipsis position) takes its largest size over the operands."""
     lhs = attrs["equation"].replace(" ", "").split("->")[0].split(",")
     size: dict[str, int] = {}
     for term, shape in zip(lhs, shapes):
-        for letter, dim in zip(term, shape):
-            size[letter] = dim
+        letters = term.replace("...", "")
+        if "..." in term:
+            head, tail = term.split("...")
+            covered = len(shape) - len(letters)
+            names = list(head) + [f"...{covered - i}" for i in range(covered)] + list(tail)
+        else:
+            names = list(term)
+        for name, dim in zip(names, shape):
+            size[name] = max(size.get(name, 1), dim)
     return 2 * math.prod(size.values())
 
 
@@ -146,12 +153,16 @@ def onnx_nodes(proto: Any, wrapper: str = "m", stage: str = "prefill", step: int
     prefix = "onnx" if step is None else f"onnx-{stage}/{step}"
     import onnx
 
+    proto = _inlined(proto)
     proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     g = proto.graph
     dims: dict[str, list[int] | None] = {i.name: list(i.dims) for i in g.initializer}
     for v in list(g.value_info) + list(g.input) + list(g.output):
-        d = v.type.tensor_type.shape.dim
-        dims[v.name] = [x.dim_value if x.HasField("dim_value") else None for x in d]
+        t = v.type.tensor_type
+        if not t.HasField("shape"):  # rank unknown
+            dims.setdefault(v.name, None)
+            continue
+        dims[v.name] = [x.dim_value if x.HasField("dim_value") else None for x in t.shape.dim]
     calls: dict[str, int] = {}
     previous: set[str] = set()
     records = []
@@ -166,24 +177,57 @@ def onnx_nodes(proto: Any, wrapper: str = "m", stage: str = "prefill", step: int
                         del calls[child]
             previous = set(scopes)
         module = _qualified(scopes, calls)
-        shapes = [dims.get(i) or [] for i in node.input if i]
-        out = dims.get(node.output[0]) or [] if node.output else []
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        # None: rank or a dimension unknown to shape inference (then a formula cannot be applied: unknown)
+        shapes = [dims.get(i) for i in node.input if i]
+        out = dims.get(node.output[0]) if node.output else []
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
+                 if a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)}
         attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
         formula = ONNX_FORMULAS.get(node.op_type)
         flops, status = 0, "free"
         if formula is not None:
-            if any(d is None for s in shapes[:2] for d in s) or any(d is None for d in out):
+            known = [s for s in [*shapes[:2], out] if s is not None and None not in s]
+            if len(known) < len(shapes[:2]) + 1:
                 status = "unknown"
             else:
-                flops, status = int(formula(shapes, out, attrs)), "formula"
-        elif node.op_type in MAY_CARRY:
-            status = "unknown"
+                try:
+                    flops, status = int(formula(shapes, out, attrs)), "formula"
+                except (IndexError, KeyError, ValueError):  # shapes the op cannot have: say so, never guess
+                    status = "unknown"
+        elif node.op_type in MAY_CARRY or _carries_in_subgraph(node):
+            status = "unknown"  # control flow: how often its body runs is data; never a silent 0
+        elif node.domain not in ("", "ai.onnx", "ai.onnx.ml") and node.op_type not in ONNX_FORMULAS:
+            status = "unknown"  # a custom-domain op (or a local function inlining could not resolve)
         records.append({"id": f"{prefix}/{node.name}", "stage": stage, "step": step, "op": _origin(meta),
                         "onnx_op": node.op_type, "module": module, "input_shapes": shapes, "output_shapes": [out],
                         "flops_torch": 0, "flops_full": flops, "status": status,
                         "source": meta.get("pkg.torch.onnx.stack_trace", "").strip().splitlines()[0:1]})
     return records
+
+
+def _inlined(proto: Any) -> Any:
+    """Local ONNX functions inlined into the graph, so that their nodes are counted like any other (onnx >= 1.16
+    has the inliner; without it a call of a local function stays one custom-domain node, reported unknown)."""
+    if not proto.functions:
+        return proto
+    try:
+        from onnx import inliner
+    except ImportError:
+        return proto
+    return inliner.inline_local_functions(proto)
+
+
+def _carries_in_subgraph(node: Any) -> bool:
+    """Whether a control-flow node (If, Loop, Scan) holds, in any nested graph, an op that may carry FLOPs."""
+    import onnx
+
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for inner in g.node:
+                if inner.op_type in ONNX_FORMULAS or inner.op_type in MAY_CARRY or _carries_in_subgraph(inner):
+                    return True
+    return False
 
 
 def _qualified(scopes: list[str], calls: dict[str, int]) -> str:

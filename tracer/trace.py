@@ -79,17 +79,46 @@ def _to_device(x: Any, device: str) -> Any:
     return x
 
 
+# Capturing one decoder layer for one token costs about 12.5 ms on a 2-core machine (v2, 0.15 s per 12-layer
+# decode step); the prefill costs about as much as PREFILL_STEPS decode steps. Past MAX_LAYER_STEPS (about five
+# minutes) a run needs `allow_long` (--allow-long): a typo such as --decode-steps 100000 must not run for hours.
+SECONDS_PER_LAYER_STEP = 0.0125
+PREFILL_STEPS = 10
+MAX_LAYER_STEPS = 24_000
+
+
+def check_size(workload: Workload, max_positions: int, layers: int, allow_long: bool,
+               prompt_len: int | None = None) -> None:
+    """The model's position limit (a hard one) and the capture's cost (a soft one), before any capture."""
+    steps = workload.decode_steps
+    known = prompt_len if prompt_len is not None else (workload.text_tokens or 0) + 1
+    if known + steps > max_positions:
+        what = f"a prompt of {prompt_len} tokens" if prompt_len is not None else f"at least {known} prompt tokens"
+        raise FlopdiffError(f"--text-tokens/--decode-steps: {what} plus {steps} decode steps exceed the model's "
+                            f"{max_positions} positions (max_position_embeddings)")
+    work = layers * (steps + PREFILL_STEPS)
+    if work > MAX_LAYER_STEPS and not allow_long:
+        minutes = work * SECONDS_PER_LAYER_STEP / 60
+        raise FlopdiffError(f"--decode-steps {steps}: capturing {steps} steps of a {layers}-layer decoder takes about "
+                            f"{minutes:.0f} min on 2 cores; pass --allow-long to run it anyway")
+
+
 def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_path: str | None = None,
-          progress: Callable[[str], None] = lambda msg: None, mode: str = "fake", parallel: bool = True) -> Trace:
+          progress: Callable[[str], None] = lambda msg: None, mode: str = "fake", parallel: bool = True,
+          allow_long: bool = False) -> Trace:
     """`mode="fake"`: no weights, no compute (FakeTensorMode). `mode="real"`: random weights, real compute
     (slow at full size; the tests use it on reduced configs to check fake against real). `parallel` (fake
-    mode, CPU, 3+ decode steps, 2+ CPUs): a forked worker captures the later decode steps (tracer.parallel)."""
+    mode, CPU, 3+ decode steps, 2+ CPUs): a forked worker captures the later decode steps (tracer.parallel).
+    `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`)."""
     workload = validate(workload)
     vendor = get_vendor(workload.model)
-    options = dataclasses.replace(options, mode=mode)
+    options = dataclasses.replace(options, mode=mode, experts=options.experts or vendor.default_experts)
     config = vendor.load_config(config_path, options)
+    max_positions, layers = vendor.limits(config)
+    check_size(workload, max_positions, layers, allow_long)
     progress("preprocessing")
     prepared = vendor.prepare(workload, config)
+    check_size(workload, max_positions, layers, allow_long, prepared.derived.prompt_len)
     roots = vendor.source_roots()
     fake = FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else contextlib.nullcontext()
     cuda = options.device == "cuda"

@@ -10,7 +10,11 @@ from pathlib import Path
 
 from tracer.errors import FlopdiffError
 
-MAX_SIDE = 20_000  # px; larger pages are almost certainly a typo (a 20k x 20k RGB page is 1.2 GB)
+MAX_SIDE = 20_000  # px; larger pages are almost certainly a typo
+MAX_PIXELS = 150_000_000  # an A0 sheet at 300 dpi is 139.5 Mpx; the decoded RGB page alone is 450 MB here
+MAX_ASPECT = 100  # a page 100 times longer than wide is a typo (the vendors' resize would leave 0 px rows)
+PATCH = 16  # both vendors' SAM patch size; the two stride-2 convs of the neck leave size / 64 features a side
+MIN_VIEW = 64
 
 
 @dataclass(frozen=True)
@@ -38,27 +42,41 @@ def parse_image_shape(text: str) -> tuple[int, int]:
 
 
 def check_image_wh(wh: tuple[int, int], what: str) -> tuple[int, int]:
+    """The one rule for page sizes, given as a shape or read from a file's header."""
     w, h = wh
     if w <= 0 or h <= 0:
         raise FlopdiffError(f"{what}: width and height must be positive (got {w}x{h})")
-    if w > MAX_SIDE or h > MAX_SIDE:
-        raise FlopdiffError(f"{what}: {w}x{h} exceeds {MAX_SIDE} px on a side; give the real page size")
+    if w > MAX_SIDE or h > MAX_SIDE or w * h > MAX_PIXELS:
+        raise FlopdiffError(f"{what}: {w}x{h} exceeds {MAX_SIDE} px on a side or {MAX_PIXELS // 1_000_000} Mpx "
+                            f"(an A0 sheet at 300 dpi is 140 Mpx); give the real page size")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise FlopdiffError(f"{what}: {w}x{h} is more than {MAX_ASPECT} times longer than wide; give the real page "
+                            f"size")
     return w, h
 
 
 def load_image(workload: Workload):
-    """The PIL image the vendor preprocessing receives: the user's file, or a white RGB page."""
+    """The PIL image the vendor preprocessing receives: the user's file, or a white RGB page. A file's size is
+    checked from its header, before decoding; PIL's own decompression-bomb limit (which raises at 179 Mpx and
+    warns from 89 Mpx) gives way to that check."""
+    import warnings
+
     from PIL import Image
 
     if workload.image_path is None:
         return Image.new("RGB", workload.image_wh, (255, 255, 255))
     path = Path(workload.image_path)
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            check_image_wh(im.size, f"--image {path}")
             image = im.convert("RGB")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise FlopdiffError(f"--image {path}: cannot read it as an image ({exc.__class__.__name__}: {exc})") from None
-    check_image_wh(image.size, f"--image {path}")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     return image
 
 
@@ -69,9 +87,20 @@ def validate(workload: Workload) -> Workload:
     if workload.text_tokens is not None and workload.text_tokens < 0:
         raise FlopdiffError(f"--text-tokens {workload.text_tokens}: must be 0 or more")
     for flag, value in (("--base-size", workload.base_size), ("--tile-size", workload.tile_size)):
-        if value is not None and not 0 < value <= MAX_SIDE:
-            raise FlopdiffError(f"{flag} {value}: must be between 1 and {MAX_SIDE} px")
-    check_image_wh(workload.image_wh, "--image-shape")
+        if value is not None and not (MIN_VIEW <= value <= MAX_SIDE and value % PATCH == 0):
+            raise FlopdiffError(f"{flag} {value}: must be a multiple of the patch size {PATCH} between {MIN_VIEW} and "
+                                f"{MAX_SIDE} px (the vendors' modes use 512, 640, 768, 1024, 1280)")
+    if workload.tokenizer is not None:
+        if not Path(workload.tokenizer).exists():  # never a hub id: a typo must not send a request
+            raise FlopdiffError(f"--tokenizer {workload.tokenizer}: no such file or folder (a local tokenizer folder "
+                                f"or tokenizer.json)")
+        if workload.text_tokens is not None:
+            raise FlopdiffError(f"--text-tokens {workload.text_tokens}: give either --text-tokens or --tokenizer "
+                                f"(which counts the --prompt's tokens), not both")
+    elif workload.prompt is not None:
+        raise FlopdiffError("--prompt: needs --tokenizer to count its tokens (or give the count with --text-tokens)")
+    if workload.image_path is None:
+        check_image_wh(workload.image_wh, "--image-shape")
     return workload
 
 

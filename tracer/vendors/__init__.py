@@ -24,7 +24,7 @@ class BuildOptions:
     (None: the vendor's default). `mode`: "fake" (no weights, no compute) or "real" (random weights)."""
 
     attn: str | dict[str, str] | None = None
-    experts: str | dict[str, str] = "grouped_mm"
+    experts: str | dict[str, str] | None = None
     dtype: torch.dtype = torch.bfloat16
     device: str = "cpu"
     mode: str = "fake"
@@ -45,8 +45,12 @@ class Vendor(Protocol):
     name: str
     #: module paths whose nodes form the `vision` stage (vision tower + projector)
     vision_modules: tuple[str, ...]
+    #: the experts implementation when --experts is not given (None: the model has no such choice)
+    default_experts: str | None
 
     def load_config(self, path: str | None, options: BuildOptions) -> Any: ...
+    # (positions the decoder takes, decoder layers): the workload's hard limit and its capture cost
+    def limits(self, config: Any) -> tuple[int, int]: ...
     def prepare(self, workload: Workload, config: Any) -> Prepared: ...
     def build(self, config: Any, options: BuildOptions) -> torch.nn.Module: ...
     def shims(self) -> AbstractContextManager[None]: ...

@@ -42,7 +42,7 @@ from unittest import mock
 
 import torch
 
-from tracer.configfile import dig, read_json
+from tracer.configfile import check_config, dig, read_json
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import scratch
 from tracer.vendors import BuildOptions, Prepared
@@ -53,6 +53,23 @@ VENDOR_FILES = ("modeling_deepseekocr.py", "modeling_deepseekv2.py", "deepencode
 REQUIRED_KEYS = ("language_config.hidden_size", "language_config.num_hidden_layers", "language_config.vocab_size",
                  "language_config.n_routed_experts", "language_config.num_experts_per_tok",
                  "vision_config.width.sam_vit_b", "vision_config.width.clip-l-14-224", "projector_config.n_embed")
+# The kinds of value those keys (and the others the decoder reads) must hold, and the relations the vendor code
+# assumes (tracer.configfile): a config breaking one is refused before the vendor code runs, by key and value.
+CONFIG_KINDS = {
+    **{f"language_config.{k}": "positive" for k in (
+        "hidden_size", "num_hidden_layers", "vocab_size", "n_routed_experts", "num_experts_per_tok",
+        "num_attention_heads", "intermediate_size", "moe_intermediate_size", "max_position_embeddings")},
+    "language_config.first_k_dense_replace": "count",
+    "language_config.n_shared_experts": "count",
+    **{f"vision_config.width.{tower}.{k}": "positive" for tower in ("sam_vit_b", "clip-l-14-224")
+       for k in ("width", "heads", "layers")},
+    "projector_config.n_embed": "positive",
+}
+CONFIG_RELATIONS = (
+    ("language_config.num_experts_per_tok", "<=", "language_config.n_routed_experts"),
+    ("language_config.num_attention_heads", "divides", "language_config.hidden_size"),
+    ("language_config.first_k_dense_replace", "<=", "language_config.num_hidden_layers"),
+)
 DEFAULT_PROMPT = "<image>\n<|grounding|>Convert the document to markdown. "  # the model card's document prompt
 TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value
 EVEN_SPLIT_NOTE = ("experts: fake mode routes tokens x top-k evenly over the experts (moe_infer shim); per-layer "
@@ -91,6 +108,7 @@ class _Captured(Exception):
 class DeepseekOcrVendor:
     name = "deepseek-ocr"
     vision_modules = ("model.sam_model", "model.vision_model", "model.projector")
+    default_experts = None
 
     def __init__(self) -> None:
         self.folder: Path | None = None
@@ -101,10 +119,13 @@ class DeepseekOcrVendor:
     # ---- loading --------------------------------------------------------------------------------------
 
     def load_config(self, path: str | None, options: BuildOptions) -> Any:
+        if not options.vendor_dir:
+            raise FlopdiffError("--model deepseek-ocr needs --vendor-dir DIR: a local copy of the Hugging Face repo "
+                                "deepseek-ai/DeepSeek-OCR (its *.py and *.json files; no weights needed)")
+        if not options.trust_remote_code:  # before anything else: no import, no download without the opt-in
+            raise FlopdiffError(f"--vendor-dir {options.vendor_dir}: loading DeepSeek-OCR imports and runs the Python "
+                                f"files in that folder (Hugging Face remote code); pass --trust-remote-code to allow it")
         folder = _resolve_folder(options.vendor_dir)
-        if not options.trust_remote_code:
-            raise FlopdiffError(f"--vendor-dir {folder}: loading DeepSeek-OCR imports and runs the Python files in "
-                                f"that folder (Hugging Face remote code); pass --trust-remote-code to allow it")
         file = Path(path) if path else folder / "config.json"
         if not file.is_file():
             raise FlopdiffError(f"--vendor-dir {folder}: no config.json there (expected a copy of the Hugging Face "
@@ -113,6 +134,7 @@ class DeepseekOcrVendor:
         if "DeepseekOCRForCausalLM" not in raw.get("architectures", []) or any(_missing(raw, k) for k in REQUIRED_KEYS):
             raise FlopdiffError(f"{file}: not a DeepSeek-OCR config (architectures {raw.get('architectures')}; "
                                 f"it needs DeepseekOCRForCausalLM and the keys {', '.join(REQUIRED_KEYS)})")
+        check_config(raw, CONFIG_KINDS, CONFIG_RELATIONS, f"--config {file}")
         absent = [f for f in VENDOR_FILES if not (folder / f).is_file()]
         if absent:
             raise FlopdiffError(f"--vendor-dir {folder}: missing vendor files {', '.join(absent)}")
@@ -121,6 +143,10 @@ class DeepseekOcrVendor:
         modeling = self._module("modeling_deepseekocr")
         config = modeling.DeepseekOCRConfig.from_dict(raw)
         return config
+
+    def limits(self, config: Any) -> tuple[int, int]:
+        language = config.language_config
+        return language["max_position_embeddings"], language["num_hidden_layers"]
 
     def _module(self, name: str) -> types.ModuleType:
         return sys.modules[f"{self.package}.{name}"]
@@ -175,6 +201,9 @@ class DeepseekOcrVendor:
 
     def build(self, config: Any, options: BuildOptions) -> torch.nn.Module:
         modeling = self._module("modeling_deepseekocr")
+        if options.experts is not None:
+            raise FlopdiffError(f"--experts {options.experts}: DeepSeek-OCR (v1) runs its experts with its own "
+                                f"moe_infer loop; the flag chooses transformers' implementation for deepseek-ocr-2")
         attn = options.attn or "eager"
         if not isinstance(attn, str) or attn not in ("eager", "flash_attention_2"):
             raise FlopdiffError(f"--attn {attn}: DeepSeek-OCR's decoder has eager and flash_attention_2 "
@@ -270,22 +299,27 @@ def _missing(raw: dict, key: str) -> bool:
     return False
 
 
-def _resolve_folder(vendor_dir: str | None) -> Path:
-    if not vendor_dir:
-        raise FlopdiffError("--model deepseek-ocr needs --vendor-dir DIR: a local copy of the Hugging Face repo "
-                            "deepseek-ai/DeepSeek-OCR (its *.py and *.json files; no weights needed)")
-    folder = Path(vendor_dir)
-    if folder.is_dir():
-        return folder.resolve()
-    if vendor_dir.count("/") == 1 and not folder.exists():  # a hub id: fetch code and config only, never weights
+HUB = "hub:"  # --vendor-dir hub:ORG/NAME: the only way flopdiff reaches the network (code and config, no weights)
+
+
+def _resolve_folder(vendor_dir: str) -> Path:
+    """A local folder, or with the explicit `hub:` prefix a snapshot of the repo's *.py and *.json from the hub
+    (called only after the --trust-remote-code check). A plain `ORG/NAME` that is no folder is an error: a typo
+    must not send a request."""
+    if vendor_dir.startswith(HUB):
+        repo = vendor_dir[len(HUB):]
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(vendor_dir, allow_patterns=["*.py", "*.json"]))
+            return Path(snapshot_download(repo, allow_patterns=["*.py", "*.json"]))
         except Exception as exc:  # offline, unknown repo, no huggingface_hub: say which and what to do
-            raise FlopdiffError(f"--vendor-dir {vendor_dir}: not a folder, and fetching it from the hub failed "
+            raise FlopdiffError(f"--vendor-dir {vendor_dir}: fetching {repo} from the hub failed "
                                 f"({exc.__class__.__name__}); download its *.py and *.json files and pass the folder") from None
-    raise FlopdiffError(f"--vendor-dir {vendor_dir}: no such folder")
+    folder = Path(vendor_dir)
+    if folder.is_dir():
+        return folder.resolve()
+    hint = f" (to fetch it from the Hugging Face hub, pass --vendor-dir {HUB}{vendor_dir})" if vendor_dir.count("/") == 1 else ""
+    raise FlopdiffError(f"--vendor-dir {vendor_dir}: no such folder{hint}")
 
 
 def _import_package(folder: Path) -> str:

@@ -22,28 +22,42 @@ from typing import Any
 
 import torch
 
-from tracer.configfile import dig, read_json
+from tracer.configfile import check_config, read_json
 from tracer.errors import FlopdiffError
 from tracer.vendors import BuildOptions, Prepared
 from tracer.workload import Derived, Workload, load_image
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"
 
-# Keys the model and the analytic overlay read; a config lacking one is refused up front, by name.
-REQUIRED_KEYS = (
-    "image_token_id",
-    "text_config.hidden_size", "text_config.num_hidden_layers", "text_config.num_attention_heads",
-    "text_config.num_key_value_heads", "text_config.intermediate_size", "text_config.moe_intermediate_size",
-    "text_config.vocab_size", "text_config.n_routed_experts", "text_config.num_experts_per_tok",
-    "text_config.n_shared_experts", "text_config.mlp_layer_types",
-    "vision_config.sam_config.hidden_size", "vision_config.sam_config.num_hidden_layers",
-    "vision_config.sam_config.global_attn_indexes", "vision_config.sam_config.downsample_channels",
-    "vision_config.encoder_config.hidden_size", "vision_config.encoder_config.num_hidden_layers",
-    "vision_config.encoder_config.intermediate_size",
+# Keys the model and the analytic overlay read, with the kind of value each must hold (tracer.configfile), and
+# the relations between them the model assumes: a config breaking one is refused up front, by key and value.
+CONFIG_KINDS = {
+    "image_token_id": "count",
+    **{f"text_config.{k}": "positive" for k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+        "moe_intermediate_size", "vocab_size", "n_routed_experts", "num_experts_per_tok", "max_position_embeddings")},
+    "text_config.n_shared_experts": "count",
+    "text_config.mlp_layer_types": "list",
+    "vision_config.sam_config.hidden_size": "positive",
+    "vision_config.sam_config.num_hidden_layers": "positive",
+    "vision_config.sam_config.global_attn_indexes": "list",
+    "vision_config.sam_config.downsample_channels": "list",
+    "vision_config.encoder_config.hidden_size": "positive",
+    "vision_config.encoder_config.num_hidden_layers": "positive",
+    "vision_config.encoder_config.intermediate_size": "positive",
+}
+CONFIG_RELATIONS = (
+    ("text_config.num_experts_per_tok", "<=", "text_config.n_routed_experts"),
+    ("len(text_config.mlp_layer_types)", "==", "text_config.num_hidden_layers"),
+    ("text_config.num_attention_heads", "divides", "text_config.hidden_size"),
+    ("text_config.num_key_value_heads", "divides", "text_config.num_attention_heads"),
+    ("image_token_id", "<", "text_config.vocab_size"),
 )
 
 SHIMS = {"TRANSFORMERS_DISABLE_TORCH_CHECK": "1"}
 
+DEFAULT_EXPERTS = "grouped_mm"
+EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' experts implementations (eager: --mode real only)
 DEFAULT_TEXT_TOKENS = 4  # prompt text tokens after the image when neither --text-tokens nor --tokenizer is given
 TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value
 
@@ -66,17 +80,17 @@ def _transformers_classes():
 class DeepseekOcr2Vendor:
     name = "deepseek-ocr-2"
     vision_modules = ("model.vision_tower", "model.multi_modal_projector")
+    default_experts = DEFAULT_EXPERTS
 
     def load_config(self, path: str | None, options: BuildOptions) -> Any:
         config_cls = _transformers_classes()[0]
         file = Path(path) if path else DEFAULT_CONFIG
         raw = read_json(file)
-        for key in REQUIRED_KEYS:
-            try:
-                dig(raw, key)
-            except KeyError:
-                raise FlopdiffError(f"--config {file}: missing key {key!r} (a DeepSeek-OCR-2 config.json has it)") from None
+        check_config(raw, CONFIG_KINDS, CONFIG_RELATIONS, f"--config {file}")
         return config_cls(**raw)
+
+    def limits(self, config: Any) -> tuple[int, int]:
+        return config.text_config.max_position_embeddings, config.text_config.num_hidden_layers
 
     def prepare(self, workload: Workload, config: Any) -> Prepared:
         _, _, pil, processor_cls = _transformers_classes()
@@ -124,8 +138,9 @@ class DeepseekOcr2Vendor:
 
     def build(self, config: Any, options: BuildOptions) -> torch.nn.Module:
         _, model_cls, _, _ = _transformers_classes()
+        _check_implementations(config, options)
         config._attn_implementation = options.attn or "sdpa"
-        config._experts_implementation = options.experts
+        config._experts_implementation = options.experts or DEFAULT_EXPERTS
         previous = torch.get_default_dtype()
         torch.set_default_dtype(options.dtype)
         try:
@@ -205,6 +220,24 @@ def _check_image_tokens(expected: int, produced: int) -> None:
         raise FlopdiffError(
             f"image tokens: the processor's layout gives {expected} but the vision tower produced {produced} "
             f"features; this --base-size/--tile-size/--crop-mode combination is not one the vendor supports")
+
+
+def _check_implementations(config: Any, options: BuildOptions) -> None:
+    """Sub-config names in --attn/--experts must be the config's own (transformers ignores an unknown one silently,
+    and the report would record it as used); `eager` experts only in real mode (their per-expert loop reads the
+    routing through `nonzero`, whose output size fake tensors cannot know)."""
+    names = ["", *getattr(config, "sub_configs", {})]
+    for flag, value in (("--attn", options.attn), ("--experts", options.experts)):
+        if isinstance(value, dict) and (unknown := sorted(set(value) - set(names))):
+            raise FlopdiffError(f"{flag} {','.join(f'{k}={v}' for k, v in value.items())}: no sub-config "
+                                f"{', '.join(unknown)} in DeepSeek-OCR-2; its sub-configs are {', '.join(names[1:])}")
+    experts = options.experts or DEFAULT_EXPERTS
+    chosen = set(experts.values()) if isinstance(experts, dict) else {experts}
+    if unknown := sorted(chosen - set(EXPERTS)):
+        raise FlopdiffError(f"--experts {', '.join(unknown)}: choose one of {', '.join(EXPERTS)}")
+    if "eager" in chosen and options.mode == "fake":
+        raise FlopdiffError("--experts eager: its per-expert loop reads the routing (nonzero), which fake mode cannot "
+                            "see; use grouped_mm or batched_mm (the same FLOPs per layer), or --mode real")
 
 
 def _tokenize_prompt(workload: Workload) -> tuple[list[int], list[int]]:

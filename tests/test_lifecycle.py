@@ -1,0 +1,163 @@
+"""Whatever ends a run, it leaves its complete output set or the previous one, no process and no scratch folder
+(tracer.lifecycle): kills of the real command line while its decode worker runs, and a kill injected at every
+step of writing and committing an output set."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tracer.lifecycle import OUTPUT_NAMES, OutputSet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its new parent) is gone for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _scratch_of(pid: int) -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob(f"flopdiff-*-{pid}-*"))
+
+
+def _until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def _old_set(out: Path) -> dict[str, bytes]:
+    out.mkdir()
+    for name in ("report.json", "report.html"):
+        (out / name).write_text(f"old {name}")
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_leaves_no_worker_no_scratch_and_the_old_set(sig, tmp_path):
+    from tracer.parallel import available
+
+    if not available():
+        pytest.skip("the decode worker needs fork() and a second CPU; this machine has one")
+    out = tmp_path / "out"
+    old = _old_set(out)
+    proc = subprocess.Popen([sys.executable, "-m", "tracer.diff", "--quiet", "--decode-steps", "200", "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # the worker is forked once the model is built; its scratch folder is named after this process
+        assert _until(lambda: _scratch_of(proc.pid) and _children(proc.pid), 60), "no decode worker started"
+        workers = _children(proc.pid)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert err.strip().splitlines() == ["flopdiff: interrupted (SIGTERM); the output folder was left as it was"]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert _until(lambda: not any(_alive(w) for w in workers), 10), "the decode worker outlived its parent"
+    assert _until(lambda: not _scratch_of(proc.pid), 10), _scratch_of(proc.pid)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    staged = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert (len(staged) == 1) == (sig == signal.SIGKILL)  # a SIGKILL cannot clean its staging folder...
+    OutputSet(out).discard()  # ...which the next run writing beside it sweeps
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# Every step of a run's writing, in order, each a place the process may die (os._exit: no cleanup at all).
+WRITE_SCRIPT = """
+import os, sys
+from pathlib import Path
+from tracer import lifecycle
+from tracer.lifecycle import OutputSet
+
+out, kill_at = sys.argv[1], int(sys.argv[2])
+steps = [0]
+def point():
+    steps[0] += 1
+    if steps[0] == kill_at:
+        os._exit(9)
+for name in ("rename", "replace", "rmdir"):  # the commit's file system steps
+    real = getattr(os, name)
+    def wrapped(*a, _real=real, **k):
+        point()
+        r = _real(*a, **k)
+        point()
+        return r
+    setattr(os, name, wrapped)
+real_exchange = lifecycle._exchange
+def exchange(a, b):
+    point()
+    r = real_exchange(a, b)
+    point()
+    return r
+lifecycle._exchange = exchange
+outputs = OutputSet(out)
+point()
+for name in ("report.json", "report.html", "model-explorer.json"):
+    outputs.write(name, "new " + name)
+    point()
+outputs.commit()
+point()
+print("steps", steps[0])
+"""
+
+
+def test_output_set_is_old_or_new_at_every_kill_point(tmp_path):
+    new = {name: f"new {name}".encode() for name in ("report.json", "report.html", "model-explorer.json")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    full = subprocess.run([sys.executable, "-c", WRITE_SCRIPT, str(tmp_path / "probe"), "0"], env=env,
+                          capture_output=True, text=True, check=True)
+    points = int(full.stdout.split()[-1])
+    assert points >= 6
+    for kill_at in range(1, points + 1):
+        folder = tmp_path / f"k{kill_at}"
+        folder.mkdir()
+        out = folder / "out"
+        old = _old_set(out)
+        proc = subprocess.run([sys.executable, "-c", WRITE_SCRIPT, str(out), str(kill_at)], env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode in (0, 9), proc.stderr
+        seen = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert seen in (old, new), (kill_at, sorted(seen))
+        OutputSet(out).discard()  # the next run sweeps what the killed one left
+        assert [p.name for p in folder.iterdir()] == ["out"], (kill_at, list(folder.iterdir()))
+
+
+def test_output_set_names_are_the_files_a_run_writes(tmp_path):
+    """A default run writes exactly a subset of OUTPUT_NAMES (a new file must be added there, or the next run into
+    the same folder would refuse it as a user's file)."""
+    from tracer.diff import main
+
+    assert main(["--quiet", "--decode-steps", "0", "--out", str(tmp_path / "o")]) == 0
+    written = {p.name for p in (tmp_path / "o").iterdir()}
+    assert written <= OUTPUT_NAMES and "report.json" in written
+    assert main(["--quiet", "--decode-steps", "0", "--out", str(tmp_path / "o")]) == 0  # a second run replaces it
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["workload"]["decode_steps"] == 0
