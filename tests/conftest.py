@@ -78,6 +78,34 @@ def v1_dir() -> str:
     return folder
 
 
+@pytest.fixture
+def worker_claims_first(monkeypatch):
+    """The decode worker surely takes steps: this process's first claim waits until the worker has claimed one
+    (a hook on the claims both processes share, not a race against a sleep). The worker forks after the patch but
+    only ever claims from the top (`high`), so it never waits."""
+    import struct
+    import time
+
+    import tracer.parallel as parallel
+
+    original_init, original_low = parallel._Claims.__init__, parallel._Claims.low
+
+    def init(self, steps):
+        original_init(self, steps)
+        self.first_high = steps - 1
+
+    def low(self):
+        if getattr(self, "first_high", None) is not None:
+            deadline = time.monotonic() + 120
+            while struct.unpack("ii", self._mem[:])[1] == self.first_high and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self.first_high = None
+        return original_low(self)
+
+    monkeypatch.setattr(parallel._Claims, "__init__", init)
+    monkeypatch.setattr(parallel._Claims, "low", low)
+
+
 @pytest.fixture(scope="session")
 def tiny_v2_config() -> str:
     """DeepSeek-OCR-2 at reduced size (2+2 vision layers, 2 decoder layers: dense + MoE, small widths)."""

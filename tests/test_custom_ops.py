@@ -10,33 +10,46 @@ from tracer.formulas import Conventions
 pytestmark = pytest.mark.v2
 
 
-@torch.library.custom_op("flash_attn::_flash_attn_forward", mutates_args=())
-def _flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, softmax_scale: float,
-                        causal: bool, window_size_left: int, window_size_right: int, softcap: float,
-                        alibi_slopes: torch.Tensor | None, return_softmax: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stand-in with the schema of Dao-AILab flash-attn 2.x (q, k, v in (batch, seq, heads, dim))."""
+# flash-attn 2.x registers this op (torch.library.custom_op) with this schema; q, k, v are (batch, seq, heads, dim)
+FLASH_SCHEMA = ("_flash_attn_forward(Tensor q, Tensor k, Tensor v, float dropout_p, float softmax_scale, bool causal, "
+                "SymInt window_size_left, SymInt window_size_right, float softcap, Tensor? alibi_slopes, "
+                "bool return_softmax) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _flash_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap,
+                   alibi_slopes, return_softmax):
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
     b, s, h, _ = q.shape
     return out.contiguous(), q.new_zeros(b, h, s), q.new_zeros(2, dtype=torch.int64), q.new_zeros(0)
 
 
-@_flash_attn_forward.register_fake
-def _(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap, alibi_slopes,
-      return_softmax):
+def _flash_fake(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap,
+                alibi_slopes, return_softmax):
     b, s, h, _ = q.shape
     return torch.empty_like(q), q.new_empty(b, h, s), q.new_empty(2, dtype=torch.int64), q.new_empty(0)
 
 
-@torch.library.custom_op("flopdifftest::mystery_gemm", mutates_args=())
-def mystery_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a @ b
-
-
-@mystery_gemm.register_fake
-def _(a, b):
-    return a.new_empty(a.shape[0], b.shape[1])
+@pytest.fixture(scope="module", autouse=True)
+def stand_in_ops():
+    """The ops, registered for this module's tests only (library fragments destroyed after): the real flash-attn,
+    where it is installed, keeps its own op and these tests use it."""
+    libs = []
+    if not hasattr(torch.ops.flash_attn, "_flash_attn_forward"):
+        flash = torch.library.Library("flash_attn", "FRAGMENT")
+        flash.define(FLASH_SCHEMA)
+        flash.impl("_flash_attn_forward", _flash_forward, "CompositeExplicitAutograd")
+        torch.library.register_fake("flash_attn::_flash_attn_forward", _flash_fake, lib=flash)
+        libs.append(flash)
+    mystery = torch.library.Library("flopdifftest", "FRAGMENT")
+    mystery.define("mystery_gemm(Tensor a, Tensor b) -> Tensor")
+    mystery.impl("mystery_gemm", lambda a, b: a @ b, "CompositeExplicitAutograd")
+    torch.library.register_fake("flopdifftest::mystery_gemm", lambda a, b: a.new_empty(a.shape[0], b.shape[1]),
+                                lib=mystery)
+    libs.append(mystery)
+    yield
+    for lib in libs:
+        lib._destroy()
 
 
 class Attn(torch.nn.Module):

@@ -1,8 +1,6 @@
 """The forked decode worker (tracer.parallel): same report as capturing every step here, checked and fallen
 back from when its synthesized cache or the worker itself is wrong; the graph codec round trip."""
 
-import time
-
 import pytest
 
 import tracer.parallel as parallel
@@ -25,23 +23,6 @@ def report_text(tr) -> str:
     return dumps(build_report(tr))
 
 
-@pytest.fixture
-def slow_prefill(monkeypatch):
-    """The prefill (this process only: the worker never runs it) takes a second longer, so that the worker
-    surely claims steps on a model this small."""
-    vendor = get_vendor("deepseek-ocr-2")
-    original = vendor.prefill
-
-    def prefill(model, prepared):
-        run = original(model, prepared)
-
-        def slower():
-            time.sleep(1.0)
-            return run()
-        return slower
-    monkeypatch.setattr(vendor, "prefill", prefill)
-
-
 @pytest.fixture(scope="module")
 def sequential(tiny_v2_config):
     tr = trace(WORKLOAD, config_path=tiny_v2_config, parallel=False)
@@ -50,7 +31,7 @@ def sequential(tiny_v2_config):
 
 
 @needs_two_cpus
-def test_worker_steps_give_the_same_report(tiny_v2_config, sequential, slow_prefill, capsys):
+def test_worker_steps_give_the_same_report(tiny_v2_config, sequential, worker_claims_first, capsys):
     tr = trace(WORKLOAD, config_path=tiny_v2_config)
     assert tr.worker_steps and tr.worker_steps == list(range(6 - len(tr.worker_steps), 6))
     assert 0 not in tr.worker_steps  # step 0 reads the prefill's own cache: always captured here
@@ -59,7 +40,7 @@ def test_worker_steps_give_the_same_report(tiny_v2_config, sequential, slow_pref
 
 
 @needs_two_cpus
-def test_wrong_synthesized_cache_is_caught(tiny_v2_config, sequential, slow_prefill, monkeypatch, capsys):
+def test_wrong_synthesized_cache_is_caught(tiny_v2_config, sequential, worker_claims_first, monkeypatch, capsys):
     original = parallel.synthesized_state
     monkeypatch.setattr(parallel, "synthesized_state", lambda template, kv_len: original(template, kv_len + 1))
     tr = trace(WORKLOAD, config_path=tiny_v2_config)
@@ -70,7 +51,7 @@ def test_wrong_synthesized_cache_is_caught(tiny_v2_config, sequential, slow_pref
 
 
 @needs_two_cpus
-def test_failing_worker_falls_back(tiny_v2_config, sequential, slow_prefill, monkeypatch, capsys):
+def test_failing_worker_falls_back(tiny_v2_config, sequential, worker_claims_first, monkeypatch, capsys):
     original = parallel.encode
 
     def encode(sg):

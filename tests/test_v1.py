@@ -200,7 +200,7 @@ def test_v1_onnx_prefill_equals_fx_per_stage_and_module(reduced, v1_dir, tmp_pat
     assert decoder_attn == {"aten::matmul"}  # eager attention's two matmuls, as ONNX names their origin
 
 
-def test_v1_decode_worker_gives_the_sequential_report(v1_dir):
+def test_v1_decode_worker_gives_the_sequential_report(v1_dir, worker_claims_first):
     """The forked decode worker (tracer.parallel) on the real vendor model: its legacy tuple cache is synthesized,
     checked after step 0, and every report byte equals capturing all steps in one process."""
     import tracer.parallel as parallel

@@ -98,11 +98,15 @@ def device_info() -> dict[str, Any]:
         mhz = int(out.stdout.split()[0])
     except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
         mhz = 0
-    per = BF16_FLOPS_PER_SM_CLOCK.get(cc, 0)
-    peak = props.multi_processor_count * mhz * 1e6 * per
     return {"name": props.name, "compute_capability": f"{cc[0]}.{cc[1]}", "sms": props.multi_processor_count,
-            "max_sm_clock_mhz": mhz, "peak_bf16_tflops": round(peak / 1e12, 1) if peak else None,
+            "max_sm_clock_mhz": mhz, "peak_bf16_tflops": peak_bf16_tflops(props.multi_processor_count, mhz, cc),
             "peak_how": "SMs x max SM clock (nvidia-smi) x dense bf16 FLOPs per SM per clock"}
+
+
+def peak_bf16_tflops(sms: int, mhz: int, cc: tuple[int, int]) -> float | None:
+    """Dense bf16 tensor-core peak in TFLOP/s (one decimal), or None for an unknown architecture or clock."""
+    peak = sms * mhz * 1e6 * BF16_FLOPS_PER_SM_CLOCK.get(cc, 0)
+    return round(peak / 1e12, 1) if peak else None
 
 
 def stage_kernels(sg: StageGraph, node_ids: dict[int, str]) -> list[dict[str, Any]]:

@@ -146,7 +146,8 @@ class DeepseekOcr2Vendor:
         try:
             model = model_cls(config)
         except (ValueError, ImportError, KeyError) as exc:
-            raise FlopdiffError(f"--attn {options.attn} / --experts {options.experts}: the model refused it: "
+            raise FlopdiffError(f"--attn {_spec(options.attn or 'sdpa')} / --experts {_spec(options.experts)}: the "
+                                f"model refused it: "
                                 f"{str(exc).splitlines()[0]}") from None
         finally:
             torch.set_default_dtype(previous)
@@ -222,6 +223,11 @@ def _check_image_tokens(expected: int, produced: int) -> None:
             f"features; this --base-size/--tile-size/--crop-mode combination is not one the vendor supports")
 
 
+def _spec(value: str | dict[str, str] | None) -> str:
+    """An --attn/--experts value as the user writes it."""
+    return ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+
+
 def _check_implementations(config: Any, options: BuildOptions) -> None:
     """Sub-config names in --attn/--experts must be the config's own (transformers ignores an unknown one silently,
     and the report would record it as used); `eager` experts only in real mode (their per-expert loop reads the
@@ -229,7 +235,7 @@ def _check_implementations(config: Any, options: BuildOptions) -> None:
     names = ["", *getattr(config, "sub_configs", {})]
     for flag, value in (("--attn", options.attn), ("--experts", options.experts)):
         if isinstance(value, dict) and (unknown := sorted(set(value) - set(names))):
-            raise FlopdiffError(f"{flag} {','.join(f'{k}={v}' for k, v in value.items())}: no sub-config "
+            raise FlopdiffError(f"{flag} {_spec(value)}: no sub-config "
                                 f"{', '.join(unknown)} in DeepSeek-OCR-2; its sub-configs are {', '.join(names[1:])}")
     experts = options.experts or DEFAULT_EXPERTS
     chosen = set(experts.values()) if isinstance(experts, dict) else {experts}

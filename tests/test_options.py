@@ -1,0 +1,138 @@
+"""Every value the help offers, end to end through the command line (DeepSeek-OCR-2 at reduced size): each exits 0
+with every stage's gap 0 against the aligned analytic model and no unknown op, or gives its documented one-line
+error. (DeepSeek-OCR v1's options: tests/test_v1.py, in its environment.)"""
+
+import json
+
+import pytest
+
+from tracer.diff import build_parser, main
+
+pytestmark = pytest.mark.v2
+
+BASE = ["--image-shape", "1000x800", "--text-tokens", "3", "--decode-steps", "3", "--quiet"]
+
+# (case, extra argv, what else to check on the report)
+RUNS = [
+    ("attn sdpa", ["--attn", "sdpa"], None),
+    ("attn eager", ["--attn", "eager"], "no_sdpa"),
+    ("attn flex in the text model", ["--attn", "text_config=flex_attention,vision_config=sdpa"], "flex"),
+    ("experts grouped_mm", ["--experts", "grouped_mm"], "grouped"),
+    ("experts batched_mm", ["--experts", "batched_mm"], "batched"),
+    ("resolution default", ["--resolution", "default"], None),
+    ("graph fx", ["--graph", "fx"], None),
+    ("graph onnx", ["--graph", "onnx"], "onnx"),
+    ("json nodes all", ["--json-nodes", "all"], "all_nodes"),
+    ("json nodes flops", ["--json-nodes", "flops"], "flop_nodes"),
+    ("causal halving", ["--causal-halving"], "halved"),
+    ("sequential", ["--sequential"], "sequential"),
+    ("timings", ["--timings"], "timings"),
+    ("no crop mode", ["--no-crop-mode"], "one_view"),
+    ("mode real", ["--mode", "real"], None),
+]
+
+ERRORS = [  # documented refusals: one line, exit 2
+    ("attn flash_attention_2 (whole model)", ["--attn", "flash_attention_2"], "does not support Flash Attention 2"),
+    ("attn flash_attention_2 without flash-attn", ["--attn", "text_config=flash_attention_2,vision_config=sdpa"],
+     "the package for FlashAttention2"),
+    ("experts eager (fake mode)", ["--experts", "eager"], "--experts eager: its per-expert loop reads the routing"),
+    ("a v1 resolution", ["--resolution", "tiny"], "--resolution 'tiny': deepseek-ocr-2 has the modes default"),
+    ("device cuda here", ["--device", "cuda", "--mode", "real"], "--device cuda"),
+    ("ncu without cuda", ["--ncu", "model.language_model.layers.1"], "--ncu model.language_model.layers.1: needs"),
+]
+
+
+def test_every_choice_the_help_lists_is_covered():
+    """The parser's own choices: a new value must get a row here."""
+    parser = build_parser()
+    choices = {a.dest: set(a.choices) for a in parser._actions if a.choices}
+    covered = {dest: {argv[i + 1] for _, argv, *_ in RUNS + ERRORS for i, a in enumerate(argv)
+                      if a == "--" + dest.replace("_", "-") and i + 1 < len(argv)} for dest in choices}
+    for dest, values in choices.items():
+        if dest == "device":
+            values = values - {"cpu"}  # every other run is on the CPU
+        if dest == "mode":
+            values = values - {"fake"}  # the default of every other run
+        assert values <= covered[dest], (dest, values - covered[dest])
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_v2_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "o"
+    assert main([*BASE, "--config", tiny_v2_config, "--out", str(out)]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("case, extra, check", RUNS, ids=[r[0] for r in RUNS])
+def test_option_runs_with_gap_zero(case, extra, check, tiny_v2_config, baseline, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main([*BASE, "--config", tiny_v2_config, "--out", str(out), *extra])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["unknown_ops"] == [] and doc["coverage"]["unmapped"] == 0
+    assert all(s["gap"] == 0 for s in doc["stages"]), [(s["name"], s["gap"]) for s in doc["stages"]]
+    assert all(r["gap"] == 0 for r in doc["layers"])
+    ops = {n["op"] for n in doc["nodes"]}
+    full = {s["name"]: s["flops_full"] for s in doc["stages"]}
+    same_flops = full == {s["name"]: s["flops_full"] for s in baseline["stages"]}
+    if check == "no_sdpa":  # eager attention: matmuls and softmax, no SDPA op in the text model
+        assert not any("scaled_dot_product" in n["op"] for n in doc["nodes"] if "language_model" in n["module"])
+        assert same_flops
+    elif check == "flex":
+        assert "higher_order::flex_attention" in ops and same_flops
+    elif check == "grouped":
+        assert "aten::_grouped_mm" in ops and same_flops
+    elif check == "batched":  # the same expert FLOPs through bmm, which FlopCounterMode counts
+        assert "aten::_grouped_mm" not in ops and "aten::bmm" in ops and same_flops
+        assert doc["options"]["experts"] == "batched_mm"
+    elif check == "onnx":
+        rep = json.loads((out / "report-onnx.json").read_text())
+        assert [s["difference"] for s in rep["consistency"]["stages"]] == [0, 0, 0]
+    elif check == "all_nodes":
+        assert len(doc["nodes"]) == len(baseline["nodes"])
+    elif check == "flop_nodes":
+        assert 0 < len(doc["nodes"]) < len(baseline["nodes"])
+        assert all(n["flops_full"] or n["status"] == "unknown" for n in doc["nodes"])
+    elif check == "halved":  # causal attention in the text model counts fewer (query, key) pairs
+        assert all(full[s] < baseline_full for s, baseline_full in
+                   ((s["name"], s["flops_full"]) for s in baseline["stages"]) if s != "vision")
+        assert doc["options"]["causal_halving"] is True
+    elif check == "sequential":
+        assert (out / "report.json").read_bytes() == json.dumps(baseline, separators=(",", ":")).encode() or \
+            {k: v for k, v in doc.items() if k != "notes"} == {k: v for k, v in baseline.items() if k != "notes"}
+    elif check == "timings":
+        assert any(line.startswith("flopdiff: seconds per phase: ") for line in err.splitlines())
+    elif check == "one_view":
+        assert doc["workload"]["views"] == 1 and doc["workload"]["crop_grid_wh"] == [1, 1]
+    elif check is None:
+        assert same_flops
+
+
+@pytest.mark.parametrize("case, extra, says", ERRORS, ids=[e[0] for e in ERRORS])
+def test_option_refusals_are_one_line(case, extra, says, tiny_v2_config, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main([*BASE, "--config", tiny_v2_config, "--out", str(out), *extra])
+    _, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("flopdiff: error: ") and says in lines[0], err
+    assert not out.exists()
+
+
+def test_prompt_and_tokenizer(tiny_v2_config, baseline, tmp_path):
+    """A tokenizer built here (tokenizers' WordLevel over whitespace): the prompt's text after <image> is 3 tokens,
+    so the prompt is BOS + the image tokens + 3, as with --text-tokens 3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "Free": 5, "OCR": 6, ".": 7}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    out = tmp_path / "o"
+    argv = [a for a in BASE if a not in ("--text-tokens", "3")]
+    assert main([*argv, "--config", tiny_v2_config, "--tokenizer", str(tmp_path / "tokenizer.json"),
+                 "--prompt", "<image>\nFree OCR.", "--out", str(out)]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    w = doc["workload"]
+    assert w["prompt_len"] == 1 + w["image_tokens"] + 3 == baseline["workload"]["prompt_len"]
+    assert all(s["gap"] == 0 for s in doc["stages"]) and doc["unknown_ops"] == []
+    assert [s["flops_full"] for s in doc["stages"]] == [s["flops_full"] for s in baseline["stages"]]
