@@ -72,12 +72,13 @@ class Matcher:
         self.table = table
         self.catalogue = catalogue
         self.orders = {c.placeholder: [n for n in c.order if n in present] for c in table.call_names}
-        self._cache: dict[tuple[str, str, str], Resolution] = {}
+        self._cache: dict[tuple[str, ...], Resolution] = {}
 
-    def resolve(self, stage: str, module_call: str, op: str) -> Resolution:
-        key = (stage, module_call, op)
+    def resolve(self, stage: str, module_call: str, op: str, function: str = "") -> Resolution:
+        """`function`: the vendor function that issued the op (node `vendor_function`), for rules naming one."""
+        key = (stage, module_call, op, function)
         if key not in self._cache:
-            self._cache[key] = self._resolve(stage, module_call, op)
+            self._cache[key] = self._resolve(stage, module_call, op, function)
         return self._cache[key]
 
     def resolve_scope(self, stage: str, module_call: str) -> str | None:
@@ -117,10 +118,10 @@ class Matcher:
                 return order[calls[k]] if calls[k] < len(order) else None
         return None
 
-    def _resolve(self, stage: str, module_call: str, op: str) -> Resolution:
+    def _resolve(self, stage: str, module_call: str, op: str, function: str) -> Resolution:
         names, calls = split_path(module_call)
         path = ".".join(names)
-        hits = [(r, g) for r in self.table.rules if (g := r.match(path, op)) is not None]
+        hits = [(r, g) for r in self.table.rules if (g := r.match(path, op, function)) is not None]
         if not hits:
             return Resolution(None, reason=f"no rule matches module {path or '(top level)'} with op {op}")
         if len(hits) > 1:
@@ -149,7 +150,7 @@ def map_nodes(table: Table, nodes: Iterable[dict[str, Any]], present: set[str],
         nid, stage = node["id"], node["stage"]
         module = ("module", stage, node["module"])
         g.add_edge(("node", nid), module)
-        res = matcher.resolve(stage, node["module"], node["op"])
+        res = matcher.resolve(stage, node["module"], node["op"], node.get("vendor_function", ""))
         if res.layer is None:
             result.unmapped[nid] = res.reason
             continue

@@ -9,6 +9,7 @@ A table has `rules` and `call_names`:
     rules:
       - module: model.vision_tower.sam_encoder.layers.{i}.attn     # path, call indices stripped
         ops: ["aten::bmm"]                                          # optional op globs
+        function: [get_decomposed_rel_pos, ""]                      # optional: vendor function globs ("": none recorded)
         layer: vision.{view}.sam.blocks.{i}.rel_pos                 # analytic layer id template
 
 Module patterns are dotted globs: a component is a literal, `*` (any one component), `**` (one or
@@ -39,14 +40,21 @@ class Rule:
     module: str
     layer: str
     ops: tuple[str, ...] = ()
+    # globs over the vendor function that issued the op (node `vendor_function`); "" stands for a node that does
+    # not record one (ONNX nodes, reports from before the field); no globs: any function
+    functions: tuple[str, ...] = ()
     regex: re.Pattern = field(compare=False, default=None)
 
     def name(self) -> str:
         ops = f" ops={list(self.ops)}" if self.ops else ""
-        return f"rule {self.index} ({self.module}{ops} -> {self.layer})"
+        function = f" function={list(self.functions)}" if self.functions else ""
+        return f"rule {self.index} ({self.module}{ops}{function} -> {self.layer})"
 
-    def match(self, path: str, op: str) -> dict[str, str] | None:
+    def match(self, path: str, op: str, function: str = "") -> dict[str, str] | None:
         if self.ops and not any(fnmatch.fnmatchcase(op, g) for g in self.ops):
+            return None
+        if self.functions and not any(fnmatch.fnmatchcase(function, g) if g else not function
+                                      for g in self.functions):
             return None
         m = self.regex.fullmatch(path)
         return m.groupdict() if m else None
@@ -124,10 +132,14 @@ def load_table(model_or_path: str) -> Table:
 
 
 def _rule(i: int, r: Any, where: str, call_fields: set[str], ops: bool = True) -> Rule:
-    keys = {"module", "layer", "ops"} if ops else {"module", "layer"}
+    keys = {"module", "layer", "ops", "function"} if ops else {"module", "layer"}
     if not isinstance(r, dict) or not {"module", "layer"} <= r.keys() or r.keys() - keys:
-        raise FlopdiffError(f"{where}: rule {i}: expected keys {', '.join(sorted(keys))} (ops optional); got {r!r}")
-    rule = Rule(i, r["module"], r["layer"], tuple(r.get("ops") or ()), compile_pattern(r["module"], f"{where}: rule {i}"))
+        raise FlopdiffError(f"{where}: rule {i}: expected keys {', '.join(sorted(keys))} (ops, function optional); "
+                            f"got {r!r}")
+    function = r.get("function") or ()
+    rule = Rule(i, r["module"], r["layer"], tuple(r.get("ops") or ()),
+                tuple(str(f) for f in ([function] if isinstance(function, str) else function)),
+                compile_pattern(r["module"], f"{where}: rule {i}"))
     missing = set(_FIELD.findall(rule.layer)) - set(rule.regex.groupindex) - call_fields
     if missing:
         raise FlopdiffError(f"{where}: {rule.name()}: layer template uses {sorted(missing)}, which the module "

@@ -266,3 +266,64 @@ def test_v1_missing_text_tokens_without_tokenizer(v1_dir, tmp_path, capsys):
     assert code == 2 and "--text-tokens: required for --model deepseek-ocr" in err
     assert not (tmp_path / "o").exists()
 
+
+
+# ---- every v1 option the help offers, end to end (the full-size vendor model, fake mode) -------------------
+
+@pytest.mark.parametrize("mode, base, views", [("tiny", 512, 1), ("small", 640, 1), ("base", 1024, 1),
+                                               ("large", 1280, 1), ("gundam", 1024, 7)])
+def test_v1_every_resolution_mode_gap_zero(v1_dir, tmp_path, mode, base, views):
+    """The model card's modes (analytic/presets/defaults.yaml): image tokens from the vendor's own infer(); the
+    aligned analytic model agrees on every stage and layer, every FLOP node mapped."""
+    out = tmp_path / mode
+    assert main(["--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code", "--image-shape",
+                 "1000x1400", "--text-tokens", "9", "--decode-steps", "2", "--resolution", mode, "--quiet",
+                 "--out", str(out)]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    w = doc["workload"]
+    side = base // 16 // 4  # SAM patches of 16, two stride-2 convs: features per side of the global view
+    assert (w["views"], w["base_size"]) == (views, base)
+    global_tokens = side * (side + 1) + 1  # rows of (side + newline), then the view separator
+    # gundam: a 2x3 grid (w x h) of 640 px tiles, 10x10 features each: (3 x 10) rows of (2 x 10 + 1)
+    assert w["image_tokens"] == global_tokens + (3 * 10) * (2 * 10 + 1) * (views > 1)
+    assert doc["unknown_ops"] == [] and doc["coverage"]["unmapped"] == 0
+    assert all(s["gap"] == 0 for s in doc["stages"]) and all(r["gap"] == 0 for r in doc["layers"])
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--attn", "sdpa"], "--attn sdpa: DeepSeek-OCR's decoder has eager and flash_attention_2"),
+    (["--experts", "batched_mm"], "--experts batched_mm: DeepSeek-OCR (v1) runs its experts with its own moe_infer"),
+    (["--resolution", "default"], "--resolution 'default': deepseek-ocr has the modes tiny, small, base, large, gundam"),
+])
+def test_v1_option_refusals_are_one_line(v1_dir, tmp_path, capsys, extra, says):
+    out = tmp_path / "o"
+    code, _, err = _run(["--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code", "--text-tokens",
+                         "9", "--quiet", "--out", str(out), *extra], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and says in lines[0], err
+    assert not out.exists()
+
+
+def test_v1_prompt_with_a_tokenizer(v1_dir, tmp_path, pages):
+    """--tokenizer/--prompt through the vendor's own infer(): a WordLevel tokenizer built here makes the text after
+    <image> 3 tokens; the vendor adds BOS and the image tokens itself."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<｜begin▁of▁sentence｜>": 0, "<｜end▁of▁sentence｜>": 1, "[UNK]": 2,
+                                      "Free": 5, "OCR": 6, ".": 7, "<image>": 128815}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "bos_token": "<｜begin▁of▁sentence｜>",
+                                                              "eos_token": "<｜end▁of▁sentence｜>"}))
+    out = tmp_path / "o"
+    assert main(["--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code", "--image-shape", "640x640",
+                 "--tokenizer", str(folder), "--prompt", "<image>\nFree OCR.", "--decode-steps", "10", "--quiet",
+                 "--out", str(out)]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    ref = pages["640x640"]["workload"]  # 9 text tokens there
+    assert doc["workload"]["image_tokens"] == ref["image_tokens"]
+    assert doc["workload"]["prompt_len"] == ref["prompt_len"] - 9 + 3
+    assert all(s["gap"] == 0 for s in doc["stages"]) and doc["unknown_ops"] == []

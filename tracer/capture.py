@@ -13,6 +13,8 @@ Each call_function node's meta holds:
   module_class   innermost module class name
   source         first frame outside torch and flopdiff, `file:line` relative to its package root
   vendor_source  first frame in the vendor's own files (e.g. modeling_deepseek_ocr2.py), `file:line`
+  vendor_function  that frame's function (e.g. `get_decomposed_rel_pos`): mapping rules can tell apart two
+                 matmuls of one module by the vendor function issuing them
 """
 
 from __future__ import annotations
@@ -167,8 +169,9 @@ class _SourceLocator:
             self._rel[filename] = rel
         return rel
 
-    def locate(self) -> tuple[str, str]:
-        source = vendor = ""
+    def locate(self) -> tuple[str, str, str]:
+        """(source, vendor_source, vendor_function) of the op being recorded."""
+        source = vendor = function = ""
         frame = sys._getframe(2)
         while frame is not None and not vendor:
             fn = frame.f_code.co_filename
@@ -176,8 +179,9 @@ class _SourceLocator:
                 source = f"{self._relative(fn)}:{frame.f_lineno}"
             if fn.startswith(self.vendor_roots):
                 vendor = f"{self._relative(fn)}:{frame.f_lineno}"
+                function = frame.f_code.co_name
             frame = frame.f_back
-        return source, vendor
+        return source, vendor, function
 
 
 OP_RANGE = "flopdiff.op."          # + the recorded op's sequence number (node.meta["seq"])
@@ -271,9 +275,10 @@ class GraphRecorder(TorchDispatchMode):
         if self._first_op is None:
             self._first_op = node
         stack, path, qualified, cls = self.modules.snapshot()
-        source, vendor = self.locator.locate()
+        source, vendor, function = self.locator.locate()
         node.meta.update(val=out, nn_module_stack=stack, module=path, module_call=qualified,
-                         module_class=cls, source=source, vendor_source=vendor, op=name, seq=self._seq)
+                         module_class=cls, source=source, vendor_source=vendor, vendor_function=function, op=name,
+                         seq=self._seq)
         self._seq += 1
         if isinstance(out, torch.Tensor):
             self._nodes[id(out)] = (node, out)

@@ -122,7 +122,7 @@ def add_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> None:
         stage_nodes = [n for n in report["nodes"] if n["stage"] == s["name"]]
         s.update(_row({}, stage_analytic.get(s["name"], 0), s["flops_torch"], s["flops_full"]))
         s["coverage"] = coverage(stage_nodes, mapping)
-    report["analytic"] = {"preset": an.preset, "policy": "full"}
+    report["analytic"] = {"preset": an.preset, "policy": "full", "causal_halving": an.causal_halving}
     report["layers"] = layers
     report["coverage"] = coverage(report["nodes"], mapping)
 

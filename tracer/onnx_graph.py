@@ -345,7 +345,9 @@ def run_onnx(tr: Any, fx: dict[str, Any], an: Any, table: str | None) -> tuple[d
     from tracer.vendors import get_vendor
 
     vendor = get_vendor(tr.workload.model)
-    options = dataclasses.replace(tr.options, experts="batched_mm", mode="real", device="cpu")
+    # the experts as batched_mm where the model has the choice (no ONNX translation of aten._grouped_mm)
+    experts = "batched_mm" if tr.options.experts is not None else None
+    options = dataclasses.replace(tr.options, experts=experts, mode="real", device="cpu")
     with torch.device("meta"):
         model = vendor.build(tr.config, options)
     protos = {"prefill.onnx": export_prefill(vendor, model, tr.prepared)}

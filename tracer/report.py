@@ -50,7 +50,7 @@ def node_record(sg: StageGraph, node) -> dict[str, Any]:
     return {
         "id": node_id(sg, node.name), "stage": sg.stage, "step": sg.step, "op": m["op"],
         "module": m["module_call"], "module_class": m["module_class"],
-        "source": m["source"], "vendor_source": m["vendor_source"],
+        "source": m["source"], "vendor_source": m["vendor_source"], "vendor_function": m["vendor_function"],
         "input_shapes": in_shapes, "input_dtypes": in_dtypes,
         "output_shapes": out_shapes, "output_dtypes": out_dtypes,
         "flops_torch": m["flops_torch"], "flops_full": m["flops_full"], "status": m["flop_status"],
