@@ -292,6 +292,7 @@ def test_v1_every_resolution_mode_gap_zero(v1_dir, tmp_path, mode, base, views):
 
 @pytest.mark.parametrize("extra, says", [
     (["--attn", "sdpa"], "--attn sdpa: DeepSeek-OCR's decoder has eager and flash_attention_2"),
+    (["--attn", "flash_attention_2"], "--attn flash_attention_2: the model refused it: FlashAttention2 has been toggled"),
     (["--experts", "batched_mm"], "--experts batched_mm: DeepSeek-OCR (v1) runs its experts with its own moe_infer"),
     (["--resolution", "default"], "--resolution 'default': deepseek-ocr has the modes tiny, small, base, large, gundam"),
 ])

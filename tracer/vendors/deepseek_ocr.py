@@ -34,6 +34,7 @@ import hashlib
 import os
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -125,6 +126,7 @@ class DeepseekOcrVendor:
         if not options.trust_remote_code:  # before anything else: no import, no download without the opt-in
             raise FlopdiffError(f"--vendor-dir {options.vendor_dir}: loading DeepSeek-OCR imports and runs the Python "
                                 f"files in that folder (Hugging Face remote code); pass --trust-remote-code to allow it")
+        _check_options(options)  # before the vendor code is imported or the page preprocessed
         folder = _resolve_folder(options.vendor_dir)
         file = Path(path) if path else folder / "config.json"
         if not file.is_file():
@@ -201,18 +203,16 @@ class DeepseekOcrVendor:
 
     def build(self, config: Any, options: BuildOptions) -> torch.nn.Module:
         modeling = self._module("modeling_deepseekocr")
-        if options.experts is not None:
-            raise FlopdiffError(f"--experts {options.experts}: DeepSeek-OCR (v1) runs its experts with its own "
-                                f"moe_infer loop; the flag chooses transformers' implementation for deepseek-ocr-2")
+        _check_options(options)
         attn = options.attn or "eager"
-        if not isinstance(attn, str) or attn not in ("eager", "flash_attention_2"):
-            raise FlopdiffError(f"--attn {attn}: DeepSeek-OCR's decoder has eager and flash_attention_2 "
-                                f"(its SAM and CLIP always call scaled_dot_product_attention)")
         config._attn_implementation = attn
         previous = torch.get_default_dtype()
         torch.set_default_dtype(options.dtype)
         try:
-            model = modeling.DeepseekOCRForCausalLM(config)
+            with _quiet_transformers():
+                model = modeling.DeepseekOCRForCausalLM(config)
+        except ImportError as exc:  # flash_attention_2 without the flash_attn package: transformers says so
+            raise FlopdiffError(f"--attn {attn}: the model refused it: {str(exc).splitlines()[0]}") from None
         finally:
             torch.set_default_dtype(previous)
         return model.eval()
@@ -220,6 +220,7 @@ class DeepseekOcrVendor:
     @contextmanager
     def shims(self) -> Iterator[None]:
         with ExitStack() as stack:
+            stack.enter_context(_quiet_transformers())
             if self.options.device != "cuda":
                 stack.enter_context(_cuda_identity())
             if self.options.mode == "fake":
@@ -299,6 +300,16 @@ def _missing(raw: dict, key: str) -> bool:
     return False
 
 
+def _check_options(options: BuildOptions) -> None:
+    if options.experts is not None:
+        raise FlopdiffError(f"--experts {options.experts}: DeepSeek-OCR (v1) runs its experts with its own moe_infer "
+                            f"loop; the flag chooses transformers' implementation for deepseek-ocr-2")
+    attn = options.attn or "eager"
+    if not isinstance(attn, str) or attn not in ("eager", "flash_attention_2"):
+        raise FlopdiffError(f"--attn {attn}: DeepSeek-OCR's decoder has eager and flash_attention_2 "
+                            f"(its SAM and CLIP always call scaled_dot_product_attention)")
+
+
 HUB = "hub:"  # --vendor-dir hub:ORG/NAME: the only way flopdiff reaches the network (code and config, no weights)
 
 
@@ -330,7 +341,10 @@ def _import_package(folder: Path) -> str:
         pkg.__path__ = [str(folder)]
         sys.modules[name] = pkg
         try:
-            importlib.import_module(f"{name}.modeling_deepseekocr")
+            with warnings.catch_warnings():  # deprecations the old transformers raises at import under a new torch
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                importlib.import_module(f"{name}.modeling_deepseekocr")
         except ImportError as exc:
             del sys.modules[name]
             import transformers
@@ -356,7 +370,10 @@ def _run_infer(modeling: types.ModuleType, tokenizer: Any, prompt: str, workload
         raise _Captured(args, kwargs)
 
     stand_in = types.SimpleNamespace(disable_torch_init=lambda: None, generate=generate)
-    with scratch("v1") as tmp, _cuda_identity():
+    with scratch("v1") as tmp, _cuda_identity(), warnings.catch_warnings():
+        # infer() wraps generate() in torch.autocast("cuda"), which warns on a machine without CUDA; generate()
+        # never runs here, so the warning says nothing about this run
+        warnings.filterwarnings("ignore", message="CUDA is not available", category=UserWarning)
         image_file = workload.image_path
         if image_file is None:
             from tracer.workload import load_image
@@ -370,6 +387,20 @@ def _run_infer(modeling: types.ModuleType, tokenizer: Any, prompt: str, workload
         except _Captured as done:
             return done
     raise FlopdiffError("the vendor's infer() returned without calling generate(); its preprocessing changed")
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers 4.46 warns about the remote code itself (GenerationMixin, RoPE API migration) on every build and
+    forward: advice to the model's authors, nothing about this run's FLOPs. Errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 @contextmanager
