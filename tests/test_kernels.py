@@ -239,3 +239,42 @@ def test_ncu_child_command_line_drops_ncu_graph_and_out():
 
     argv = ["--device", "cuda", "--ncu", "model.layers.1", "--graph=onnx", "--out", "x", "--quiet"]
     assert _strip(_strip(_strip(argv, "--ncu"), "--graph"), "--out") == ["--device", "cuda", "--quiet"]
+
+
+@pytest.mark.v2
+def test_a_real_cpu_profile_drives_the_attribution_end_to_end(tiny_v2_config):
+    """torch.profiler on this CPU, live (no recording): flopdiff's op and module ranges come back in the profiler's
+    own event tree, each aten op's self time stands for a kernel, and the attribution puts all of it on nodes and
+    named layers, with every node's FLOPs on exactly one record (what runs on a GPU, minus the GPU)."""
+    from tracer.count import count_graph
+    from tracer.gaps import add_diff, map_report
+    from tracer.kernels import attribute_kernels
+    from tracer.report import build_report
+    from tracer.trace import trace
+    from tracer.workload import Workload
+
+    tr = trace(Workload(image_wh=(1000, 800), text_tokens=3, decode_steps=2), config_path=tiny_v2_config,
+               mode="real", profile=True)
+    for sg in tr.graphs():
+        if sg.selection is None:
+            count_graph(sg)
+    report = build_report(tr)
+    an = analytic_for(report, "aligned", False, tiny_v2_config)
+    mapping = map_report(report, an, None)
+    add_diff(report, an, mapping)
+    attribute_kernels(tr, report, mapping.matcher)
+    records = report["kernel_records"]
+    ids = {n["id"] for n in report["nodes"]}
+    assert records and all(r["node"] in ids for r in records if r["node"] is not None)
+    flop_nodes = {n["id"] for n in report["nodes"] if n["flops_full"] and n["stage"] != "vision"}
+    assert flop_nodes <= {r["node"] for r in records}  # every FLOP node's op ran inside its own range
+    total = sum(r["us"] for r in records)
+    assert report["kernel_time"]["total_us"] == pytest.approx(total)
+    assert sum(r["time_us"] for r in report["kernel_layers"]) == pytest.approx(total)
+    assert [r for r in report["kernel_layers"] if r["layer"].startswith("(module")] == []
+    stages = {s["name"]: s for s in report["stages"]}
+    assert sum(k["flops_full"] for k in report["kernels"]) == stages["prefill"]["flops_full"] + stages["decode"]["flops_full"]
+    layers = {r["layer"] for r in report["kernel_layers"]}
+    assert {"decoder.layers.1.mlp.experts", "decoder.layers.0.attn", "vision.global.sam.blocks.1.attn", "lm_head"} <= layers
+    grouped = [k for k in report["kernels"] if k["kernel"] == "aten::_grouped_mm"]
+    assert grouped and grouped[0]["counted_by_flopcountermode"] == "no"

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.fx
 from torch._ops import HigherOrderOperator
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -147,6 +148,23 @@ def _module_hooks(stack: _ModuleStack):
         post.remove()
 
 
+SMALL_DATA = 4096  # elements: an integer tensor this small may be data a formula reads (varlen sequence lengths)
+
+
+def _kept(x):
+    """What a node keeps of a value: fake and meta tensors as they are (they hold no data); a real tensor as a meta
+    tensor of the same shape, stride and dtype, which is all counting and the reports read, except a small integer
+    tensor, kept as it is (a formula may read its values). A real run must not keep every activation alive."""
+    if type(x) in (tuple, list):
+        return type(x)(_kept(v) for v in x)
+    if isinstance(x, tuple):  # torch.return_types (structseq): its items
+        return tuple(_kept(v) for v in x)
+    if (not isinstance(x, torch.Tensor) or isinstance(x, FakeTensor) or x.device.type == "meta"
+            or (not x.is_floating_point() and x.numel() <= SMALL_DATA)):
+        return x
+    return torch.empty_strided(tuple(x.shape), tuple(x.stride()), dtype=x.dtype, device="meta")
+
+
 class _SourceLocator:
     """Maps the Python stack at dispatch time to `file:line` strings (cached per code file)."""
 
@@ -234,12 +252,15 @@ class GraphRecorder(TorchDispatchMode):
         self.ranges = ranges  # profiler ranges around each recorded op, for kernel attribution
         self._seq = 0
         self.locator = _SourceLocator(vendor_roots)
-        self._nodes: dict[int, tuple[torch.fx.Node, torch.Tensor]] = {}
+        # tensor id -> (its node, a weak reference to it): a live tensor's id is unique, and a weak reference lets
+        # a real run free its activations as the vendor code drops them (strong ones kept every one alive: a v2
+        # page in real mode on CPU went past 24 GiB)
+        self._nodes: dict[int, tuple[torch.fx.Node, weakref.ref]] = {}
         self._first_op: torch.fx.Node | None = None
 
     def _node_for(self, t: torch.Tensor) -> torch.fx.Node:
         hit = self._nodes.get(id(t))
-        if hit is not None and hit[1] is t:
+        if hit is not None and hit[1]() is t:
             return hit[0]
         name = self.tensor_names.get(id(t), "input")
         if self._first_op is None:
@@ -247,9 +268,9 @@ class GraphRecorder(TorchDispatchMode):
         else:
             with self.graph.inserting_before(self._first_op):
                 node = self.graph.placeholder(name.replace(".", "_"))
-        node.meta["val"] = t
+        node.meta["val"] = _kept(t)
         node.meta["tensor_name"] = name
-        self._nodes[id(t)] = (node, t)
+        self._nodes[id(t)] = (node, weakref.ref(t))
         return node
 
     def _map(self, x):
@@ -276,18 +297,18 @@ class GraphRecorder(TorchDispatchMode):
             self._first_op = node
         stack, path, qualified, cls = self.modules.snapshot()
         source, vendor, function = self.locator.locate()
-        node.meta.update(val=out, nn_module_stack=stack, module=path, module_call=qualified,
+        node.meta.update(val=_kept(out), nn_module_stack=stack, module=path, module_call=qualified,
                          module_class=cls, source=source, vendor_source=vendor, vendor_function=function, op=name,
                          seq=self._seq)
         self._seq += 1
         if isinstance(out, torch.Tensor):
-            self._nodes[id(out)] = (node, out)
+            self._nodes[id(out)] = (node, weakref.ref(out))
         elif isinstance(out, (tuple, list)):
             for i, o in enumerate(out):
                 if isinstance(o, torch.Tensor):
                     item = self.graph.call_function(operator.getitem, (node, i))
-                    item.meta.update(node.meta, val=o)
-                    self._nodes[id(o)] = (item, o)
+                    item.meta.update(node.meta, val=_kept(o))
+                    self._nodes[id(o)] = (item, weakref.ref(o))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -320,9 +341,9 @@ class GraphRecorder(TorchDispatchMode):
 def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, vendor_roots: Iterable[str] = (),
             step: int | None = None, kv_len: int | None = None,
             profile: bool = False) -> tuple[StageGraph, object]:
-    """Run `fn()` (one vendor forward) and return its graph and its result. `profile` (CUDA): run it under
+    """Run `fn()` (one vendor forward) and return its graph and its result. `profile`: run it under
     torch.profiler too, with a range per op and per module call, and keep each kernel with its ranges
-    (`StageGraph.kernels`, see `tracer.kernels`)."""
+    (`StageGraph.kernels`, see `tracer.kernels`; without a GPU, each leaf aten op stands for a kernel)."""
     tensor_names, module_names = _names(model)
     recorder = GraphRecorder(tensor_names, module_names, vendor_roots, ranges=profile)
     # under `--ncu` (FLOPDIFF_NVTX set) Nsight Compute owns CUPTI: keep the ranges, leave the profiler out
@@ -336,9 +357,9 @@ def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, ven
     recorder.graph.output(tuple(outputs))
     sg = StageGraph(stage, recorder.graph, step=step, kv_len=kv_len)
     if tracing:
-        from tracer.kernels import kernel_records
+        from tracer.kernels import cpu_records, kernel_records
 
-        sg.kernels = kernel_records(prof.events())
+        sg.kernels = (kernel_records if torch.cuda.is_available() else cpu_records)(prof.events())
     return sg, result
 
 
@@ -364,7 +385,8 @@ def _flex_uncompiled():
 def _profiler():
     from torch.profiler import ProfilerActivity, profile
 
-    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    cuda = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    return profile(activities=[ProfilerActivity.CPU, *cuda])
 
 
 _NAMES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[dict[int, str], dict[int, str]]]" = weakref.WeakKeyDictionary()

@@ -5,8 +5,8 @@ Capture opens a profiler range around each recorded op (`flopdiff.op.<seq>`) and
 launched. Kernels of an op belong to its node; kernels launched outside any op (Triton or CuTe kernels started
 from Python, compiled regions) belong to the innermost module. A node's layer is its mapped layer; a node
 without one (norms, activations, residual adds) and a bare module go to the closest enclosing scope the mapping
-table names (`Matcher.resolve_scope`); a kernel outside every module is "outside the model". So 100% of kernel
-time lands somewhere named.
+table names (`Matcher.resolve_scope`); work at the root module is "the model's top-level forward", and a kernel
+outside every module is "outside the model". So 100% of kernel time lands somewhere named.
 
 FLOPs: a node's FLOPs go to its compute kernel: its longest kernel that is not one of torch's generic helpers
 (`at::native::` elementwise/copy/reduce kernels, memsets), else its longest; the helpers get 0.
@@ -20,9 +20,10 @@ from collections import Counter
 from typing import Any
 
 from mapping.engine import Matcher
-from tracer.capture import MODULE_RANGE, OP_RANGE, StageGraph
+from tracer.capture import MODULE_RANGE, OP_RANGE, ROOT, StageGraph
 
 OUTSIDE = "(outside the model)"
+TOP = "(the model's top-level forward)"  # work at the root module, outside every named submodule
 
 # dense bf16 tensor-core FLOPs per SM per clock, by compute capability (NVIDIA architecture whitepapers)
 BF16_FLOPS_PER_SM_CLOCK = {(8, 0): 2048, (8, 6): 1024, (8, 9): 1024, (9, 0): 4096, (10, 0): 8192}
@@ -39,25 +40,44 @@ def kernel_records(events) -> list[dict[str, Any]]:
         kernels = getattr(e, "kernels", None)
         if not kernels:
             continue
-        op = module = None
         enclosing: Counter = Counter()
         p = e.cpu_parent
         while p is not None:
             enclosing.update((k.name, k.duration) for k in getattr(p, "kernels", None) or ())
             p = p.cpu_parent
-        p = e
-        while p is not None and (op is None or module is None):
-            if op is None and p.name.startswith(OP_RANGE):
-                op = int(p.name[len(OP_RANGE):])
-            elif module is None and p.name.startswith(MODULE_RANGE):
-                module = p.name[len(MODULE_RANGE):]
-            p = p.cpu_parent
+        op, module = _ranges(e)
         for k in kernels:
             if enclosing[(k.name, k.duration)]:
                 enclosing[(k.name, k.duration)] -= 1
                 continue
             records.append({"kernel": k.name, "us": float(k.duration), "op": op, "module": module})
     return records
+
+
+def cpu_records(events) -> list[dict[str, Any]]:
+    """The same records for a run without a GPU, where the work items are the aten ops themselves: every aten event
+    with its self CPU time (the time not spent in the ops it calls, so nothing counts twice) belongs to the op and
+    module ranges around it as a kernel does. It is how the attribution runs, end to end, on a CPU machine."""
+    records = []
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        op, module = _ranges(e)
+        records.append({"kernel": e.name, "us": float(e.self_cpu_time_total), "op": op, "module": module})
+    return records
+
+
+def _ranges(e) -> tuple[int | None, str | None]:
+    """The innermost op range (its sequence number) and module range (its qualified path) open around an event."""
+    op = module = None
+    p = e
+    while p is not None and (op is None or module is None):
+        if op is None and p.name.startswith(OP_RANGE):
+            op = int(p.name[len(OP_RANGE):])
+        elif module is None and p.name.startswith(MODULE_RANGE):
+            module = p.name[len(MODULE_RANGE):]
+        p = p.cpu_parent
+    return op, module
 
 
 def compute_kernels(report: dict[str, Any], records: list[dict[str, Any]]) -> dict[int, int]:
@@ -180,6 +200,8 @@ def _layer(node: dict[str, Any] | None, record: dict[str, Any], matcher: Matcher
         scope = record["module"]
     if not scope:
         return OUTSIDE
+    if scope == ROOT:
+        return TOP
     return matcher.resolve_scope(stage, scope) or f"(module {scope}: no analytic scope)"
 
 
@@ -212,5 +234,7 @@ def attribute_kernels(tr, report: dict[str, Any], matcher: Matcher) -> None:
     for sg in tr.stages.get("prefill", []) + tr.stages.get("decode", []):
         ids = {n.meta["seq"]: node_id(sg, n.name) for n in sg.op_nodes() if "seq" in n.meta}
         records += stage_kernels(sg, ids)
-    attribute(report, records, matcher, device_info())
+    import torch
+
+    attribute(report, records, matcher, device_info() if torch.cuda.is_available() else None)
     report["kernel_records"] = records

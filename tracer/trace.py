@@ -105,11 +105,12 @@ def check_size(workload: Workload, max_positions: int, layers: int, allow_long: 
 
 def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_path: str | None = None,
           progress: Callable[[str], None] = lambda msg: None, mode: str = "fake", parallel: bool = True,
-          allow_long: bool = False) -> Trace:
+          allow_long: bool = False, profile: bool | None = None) -> Trace:
     """`mode="fake"`: no weights, no compute (FakeTensorMode). `mode="real"`: random weights, real compute
     (slow at full size; the tests use it on reduced configs to check fake against real). `parallel` (fake
     mode, CPU, 3+ decode steps, 2+ CPUs): a forked worker captures the later decode steps (tracer.parallel).
-    `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`)."""
+    `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`).
+    `profile` (real mode; default: on CUDA): record every kernel, or on the CPU every aten op, with its node."""
     workload = validate(workload)
     vendor = get_vendor(workload.model)
     options = dataclasses.replace(options, mode=mode, experts=options.experts or vendor.default_experts)
@@ -129,6 +130,9 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
             raise FlopdiffError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
         prepared.inputs = _to_device(prepared.inputs, "cuda")
     device = torch.device("cuda") if cuda else contextlib.nullcontext()
+    profile = cuda if profile is None else profile
+    if profile and mode != "real":
+        raise FlopdiffError("profiling needs --mode real (fake tensors run no kernels)")
     progress(f"building the model ({mode} weights)")
     if mode == "real":
         # seeded random weights: the same MoE routing on every run, so that --ncu's second run under Nsight
@@ -144,9 +148,10 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
             if parallel and mode == "fake" and not cuda and steps >= 3 and worker_allowed(options.attn):
                 worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps)
             progress("prefill")
-            prefill, out = capture(vendor.prefill(model, prepared), model, "prefill", vendor_roots=roots, profile=cuda)
+            prefill, out = capture(vendor.prefill(model, prepared), model, "prefill", vendor_roots=roots,
+                                   profile=profile)
             started = time.perf_counter()
-            decode, out, k = capture_decode(vendor, model, out, steps, prompt_len, roots, worker, progress, cuda)
+            decode, out, k = capture_decode(vendor, model, out, steps, prompt_len, roots, worker, progress, profile)
             per_step = (time.perf_counter() - started) / max(k, 1)
         if k < steps:  # the worker's share: from its files, or captured here when it could not deliver
             progress(f"decode steps {k + 1}-{steps}/{steps} (worker process)")
