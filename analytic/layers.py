@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-from tracer.formulas import attention_pairs
+from tracer.conventions import attention_pairs
 
 #: aten ops FlopCounterMode cannot count, per device (torch 2.4 - 2.14)
 TORCH_BLIND = {

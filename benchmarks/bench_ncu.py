@@ -24,7 +24,7 @@ import json, sys, torch
 import torch.nn.functional as F
 from tracer.capture import capture
 from tracer.count import count_graph
-from tracer.formulas import Conventions
+from tracer.conventions import Conventions
 torch.manual_seed(0)
 dev, bf = "cuda", torch.bfloat16
 a = torch.randn(4096, 4096, device=dev, dtype=bf); b = torch.randn(4096, 4096, device=dev, dtype=bf)

@@ -5,7 +5,7 @@ import torch
 
 from tracer.capture import capture
 from tracer.count import count_graph, may_carry_flops, totals
-from tracer.formulas import Conventions
+from tracer.conventions import Conventions
 
 pytestmark = pytest.mark.v2
 

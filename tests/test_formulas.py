@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tracer.formulas import FORMULAS, Conventions, attention_pairs
+from tracer.conventions import Conventions, attention_pairs
+from tracer.formulas import FORMULAS
 
 DENSE = Conventions()
 HALVED = Conventions(causal_halving=True)

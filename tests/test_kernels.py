@@ -11,9 +11,9 @@ import pytest
 
 from mapping.engine import map_nodes
 from mapping.table import load_table
-from tracer.capture import MODULE_RANGE, OP_RANGE
+from tracer.capture import MODULE_RANGE, OP_RANGE, kernel_records
 from tracer.gaps import analytic_for, catalogue, present_views
-from tracer.kernels import OUTSIDE, attribute, counted, kernel_records
+from tracer.kernels import OUTSIDE, attribute, counted
 
 DATA = Path(__file__).resolve().parent / "data" / "cuda" / "v2-640x640-h200.json.gz"
 

@@ -58,7 +58,7 @@ def _old_set(out: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_killed_run_leaves_no_worker_no_scratch_and_the_old_set(sig, tmp_path):
     from tracer.parallel import available
 
@@ -77,9 +77,9 @@ def test_killed_run_leaves_no_worker_no_scratch_and_the_old_set(sig, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 128 + signal.SIGTERM
-        assert err.strip().splitlines() == ["flopdiff: interrupted (SIGTERM); the output folder was left as it was"]
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 128 + sig
+        assert err.strip().splitlines() == [f"flopdiff: interrupted ({sig.name}); the output folder was left as it was"]
     else:
         assert proc.returncode == -signal.SIGKILL
     assert _until(lambda: not any(_alive(w) for w in workers), 10), "the decode worker outlived its parent"
@@ -149,6 +149,22 @@ def test_output_set_is_old_or_new_at_every_kill_point(tmp_path):
         assert seen in (old, new), (kill_at, sorted(seen))
         OutputSet(out).discard()  # the next run sweeps what the killed one left
         assert [p.name for p in folder.iterdir()] == ["out"], (kill_at, list(folder.iterdir()))
+
+
+def test_an_unwritable_output_place_is_one_line(tmp_path, monkeypatch, capsys):
+    """A folder without write permission (root, who runs the tests here and in CI, writes anywhere: the refusal
+    the system gives a user is planted where the staging folder is made)."""
+    import tracer.lifecycle as lifecycle
+    from tracer.diff import main
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(lifecycle.tempfile, "mkdtemp", refuse)
+    code = main(["--quiet", "--out", str(tmp_path / "ro" / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines == [f"flopdiff: error: --out {tmp_path / 'ro' / 'out'}: cannot create an output folder "
+                                   f"there (Permission denied); choose a writable folder"]
+    assert list(tmp_path.iterdir()) == []  # the parent it had made for the output is gone again
 
 
 def test_output_set_names_are_the_files_a_run_writes(tmp_path):

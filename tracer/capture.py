@@ -24,10 +24,12 @@ import operator
 import os
 import sys
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx
@@ -214,6 +216,57 @@ def _range(name: str):
     return rf
 
 
+def kernel_records(events) -> list[dict[str, Any]]:
+    """torch.profiler FunctionEvents -> [{kernel, us, op (seq) or None, module (qualified) or None}].
+
+    A kernel belongs to the event that launched it; the profiler can also hang it on an event nested inside
+    that one (seen on an H200, torch 2.11: a cuBLASLt GEMM on both `aten::mm` and its child `Activity Buffer
+    Request`). Such a copy, the same kernel and duration as on an enclosing event, is one launch: dropped."""
+    records = []
+    for e in events:
+        kernels = getattr(e, "kernels", None)
+        if not kernels:
+            continue
+        enclosing: Counter = Counter()
+        p = e.cpu_parent
+        while p is not None:
+            enclosing.update((k.name, k.duration) for k in getattr(p, "kernels", None) or ())
+            p = p.cpu_parent
+        op, module = _ranges(e)
+        for k in kernels:
+            if enclosing[(k.name, k.duration)]:
+                enclosing[(k.name, k.duration)] -= 1
+                continue
+            records.append({"kernel": k.name, "us": float(k.duration), "op": op, "module": module})
+    return records
+
+
+def cpu_records(events) -> list[dict[str, Any]]:
+    """The same records for a run without a GPU, where the work items are the aten ops themselves: every aten event
+    with its self CPU time (the time not spent in the ops it calls, so nothing counts twice) belongs to the op and
+    module ranges around it as a kernel does. It is how the attribution runs, end to end, on a CPU machine."""
+    records = []
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        op, module = _ranges(e)
+        records.append({"kernel": e.name, "us": float(e.self_cpu_time_total), "op": op, "module": module})
+    return records
+
+
+def _ranges(e) -> tuple[int | None, str | None]:
+    """The innermost op range (its sequence number) and module range (its qualified path) open around an event."""
+    op = module = None
+    p = e
+    while p is not None and (op is None or module is None):
+        if op is None and p.name.startswith(OP_RANGE):
+            op = int(p.name[len(OP_RANGE):])
+        elif module is None and p.name.startswith(MODULE_RANGE):
+            module = p.name[len(MODULE_RANGE):]
+        p = p.cpu_parent
+    return op, module
+
+
 @functools.cache
 def op_name(target) -> str:
     """`aten::mm`, `flash_attn::_flash_attn_forward`, `higher_order::flex_attention` (asked once per op)."""
@@ -357,8 +410,6 @@ def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, ven
     recorder.graph.output(tuple(outputs))
     sg = StageGraph(stage, recorder.graph, step=step, kv_len=kv_len)
     if tracing:
-        from tracer.kernels import cpu_records, kernel_records
-
         sg.kernels = (kernel_records if torch.cuda.is_available() else cpu_records)(prof.events())
     return sg, result
 
@@ -406,6 +457,12 @@ def result_tensors(result) -> list[torch.Tensor]:
     """The tensors a forward returned that the graph should output (logits first when present)."""
     logits = getattr(result, "logits", None)
     return [logits] if isinstance(logits, torch.Tensor) else []
+
+
+def node_id(sg: StageGraph, name: str) -> str:
+    """A node's id in reports: `stage/name`, or `stage/step/name` for a decode step (one home: reports, kernels,
+    overlays and tests name nodes this way)."""
+    return f"{sg.stage}/{sg.step}/{name}" if sg.step is not None else f"{sg.stage}/{name}"
 
 
 def subgraph(source: StageGraph, stage: str, keep: Callable[[torch.fx.Node], bool]) -> StageGraph:

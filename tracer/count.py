@@ -22,8 +22,9 @@ from torch._ops import HigherOrderOperator
 from torch.utils.flop_counter import flop_registry
 
 from tracer.capture import StageGraph, op_name
+from tracer.conventions import Conventions
 from tracer.errors import FlopdiffError
-from tracer.formulas import FORMULAS, Conventions
+from tracer.formulas import FORMULAS
 
 # Name tokens (split on "_") that mark an aten op as a possible matmul/convolution/attention.
 _FLOP_TOKENS = {

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from tracer.errors import FlopdiffError
-from tracer.formulas import Conventions
+from tracer.conventions import Conventions
 from tracer.lifecycle import Interrupted, OutputSet, signals_as_exceptions, sweep_scratch
 from tracer.vendors import VENDORS, BuildOptions, get_vendor
 from tracer.workload import Workload, parse_image_shape, validate

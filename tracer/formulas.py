@@ -15,19 +15,12 @@ packages that are not installed (flash_attn) can still be named.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from tracer.conventions import Conventions, attention_pairs
 from tracer.errors import FlopdiffError
-
-
-@dataclass(frozen=True)
-class Conventions:
-    """Switches of the counting convention; the defaults are FlopCounterMode's."""
-
-    causal_halving: bool = False
 
 
 Formula = Callable[..., int]
@@ -45,27 +38,6 @@ def register(*names: str) -> Callable[[Formula], Formula]:
         return fn
 
     return deco
-
-
-def attention_pairs(s_q: int, s_k: int, causal: bool, align: str = "top_left",
-                    window: tuple[int, int] = (-1, -1)) -> int:
-    """Number of (query, key) pairs an attention mask keeps.
-
-    `align="top_left"` is torch SDPA's `is_causal` (query i sees keys 0..i); `"bottom_right"` is
-    flash-attn's (query i sees keys up to i + s_k - s_q). `window=(left, right)`, -1 = unbounded,
-    is flash-attn's sliding window around the aligned diagonal.
-    """
-    offset = 0 if align == "top_left" else s_k - s_q
-    left, right = window
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    total = 0
-    for i in range(s_q):
-        diag = i + offset
-        hi = s_k - 1 if right < 0 else min(s_k - 1, diag + right)
-        lo = 0 if left < 0 else max(0, diag - left)
-        total += max(0, hi - lo + 1)
-    return total
 
 
 def attention_flops(b: int, h: int, s_q: int, s_k: int, d: int, d_v: int, pairs: int | None = None) -> int:

@@ -16,68 +16,16 @@ FLOPs: a node's FLOPs go to its compute kernel: its longest kernel that is not o
 from __future__ import annotations
 
 import subprocess
-from collections import Counter
 from typing import Any
 
 from mapping.engine import Matcher
-from tracer.capture import MODULE_RANGE, OP_RANGE, ROOT, StageGraph
+from tracer.capture import ROOT, StageGraph, node_id
 
 OUTSIDE = "(outside the model)"
 TOP = "(the model's top-level forward)"  # work at the root module, outside every named submodule
 
 # dense bf16 tensor-core FLOPs per SM per clock, by compute capability (NVIDIA architecture whitepapers)
 BF16_FLOPS_PER_SM_CLOCK = {(8, 0): 2048, (8, 6): 1024, (8, 9): 1024, (9, 0): 4096, (10, 0): 8192}
-
-
-def kernel_records(events) -> list[dict[str, Any]]:
-    """torch.profiler FunctionEvents -> [{kernel, us, op (seq) or None, module (qualified) or None}].
-
-    A kernel belongs to the event that launched it; the profiler can also hang it on an event nested inside
-    that one (seen on an H200, torch 2.11: a cuBLASLt GEMM on both `aten::mm` and its child `Activity Buffer
-    Request`). Such a copy, the same kernel and duration as on an enclosing event, is one launch: dropped."""
-    records = []
-    for e in events:
-        kernels = getattr(e, "kernels", None)
-        if not kernels:
-            continue
-        enclosing: Counter = Counter()
-        p = e.cpu_parent
-        while p is not None:
-            enclosing.update((k.name, k.duration) for k in getattr(p, "kernels", None) or ())
-            p = p.cpu_parent
-        op, module = _ranges(e)
-        for k in kernels:
-            if enclosing[(k.name, k.duration)]:
-                enclosing[(k.name, k.duration)] -= 1
-                continue
-            records.append({"kernel": k.name, "us": float(k.duration), "op": op, "module": module})
-    return records
-
-
-def cpu_records(events) -> list[dict[str, Any]]:
-    """The same records for a run without a GPU, where the work items are the aten ops themselves: every aten event
-    with its self CPU time (the time not spent in the ops it calls, so nothing counts twice) belongs to the op and
-    module ranges around it as a kernel does. It is how the attribution runs, end to end, on a CPU machine."""
-    records = []
-    for e in events:
-        if not e.name.startswith("aten::"):
-            continue
-        op, module = _ranges(e)
-        records.append({"kernel": e.name, "us": float(e.self_cpu_time_total), "op": op, "module": module})
-    return records
-
-
-def _ranges(e) -> tuple[int | None, str | None]:
-    """The innermost op range (its sequence number) and module range (its qualified path) open around an event."""
-    op = module = None
-    p = e
-    while p is not None and (op is None or module is None):
-        if op is None and p.name.startswith(OP_RANGE):
-            op = int(p.name[len(OP_RANGE):])
-        elif module is None and p.name.startswith(MODULE_RANGE):
-            module = p.name[len(MODULE_RANGE):]
-        p = p.cpu_parent
-    return op, module
 
 
 def compute_kernels(report: dict[str, Any], records: list[dict[str, Any]]) -> dict[int, int]:
@@ -228,8 +176,6 @@ def kernel_table(report: dict[str, Any], top: int = 15):
 def attribute_kernels(tr, report: dict[str, Any], matcher: Matcher) -> None:
     """The pipeline step: every stage graph's kernel records (prefill and decode; vision's are prefill's),
     with node ids, attributed into the report."""
-    from tracer.report import node_id
-
     records: list[dict[str, Any]] = []
     for sg in tr.stages.get("prefill", []) + tr.stages.get("decode", []):
         ids = {n.meta["seq"]: node_id(sg, n.name) for n in sg.op_nodes() if "seq" in n.meta}

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tracer.capture import StageGraph
+from tracer.capture import StageGraph, node_id
 from tracer.count import Totals, totals
 from tracer.trace import STAGES, Trace
 
@@ -36,10 +36,6 @@ _DTYPE_NAMES = {d: str(d).removeprefix("torch.") for d in vars(torch).values() i
 def _shapes(values) -> tuple[list[list[int]], list[str]]:
     flat = _tensors(values)
     return [list(v.shape) for v in flat], [_DTYPE_NAMES[v.dtype] for v in flat]
-
-
-def node_id(sg: StageGraph, name: str) -> str:
-    return f"{sg.stage}/{sg.step}/{name}" if sg.step is not None else f"{sg.stage}/{name}"
 
 
 def node_record(sg: StageGraph, node) -> dict[str, Any]:

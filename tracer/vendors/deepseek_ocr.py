@@ -46,7 +46,7 @@ import torch
 from tracer.configfile import check_config, dig, read_json
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import scratch
-from tracer.vendors import BuildOptions, Prepared
+from tracer.vendors.base import BuildOptions, Prepared
 from tracer.workload import Derived, Workload
 
 VENDOR_FILES = ("modeling_deepseekocr.py", "modeling_deepseekv2.py", "deepencoder.py",

@@ -24,7 +24,7 @@ import torch
 
 from tracer.configfile import check_config, read_json
 from tracer.errors import FlopdiffError
-from tracer.vendors import BuildOptions, Prepared
+from tracer.vendors.base import BuildOptions, Prepared
 from tracer.workload import Derived, Workload, load_image
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"
