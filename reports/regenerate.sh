@@ -9,9 +9,11 @@ cd "$(dirname "$0")/.."
 run() {  # python model name preset [extra flags]
   local py=$1 model=$2 name=$3 preset=$4; shift 4
   local out=reports/$name-$preset
-  mkdir -p "$out"
+  # flopdiff replaces its output folder as a whole and refuses one holding other files: the summary goes in after
+  rm -f "$out/summary.txt"
   "$py" -m tracer.diff --model "$model" --image-shape 1000x1400 --text-tokens 9 --decode-steps 2 \
-      --analytic "$preset" --json-nodes flops --quiet --out "$out" "$@" > "$out/summary.txt" || [ $? = 1 ]
+      --analytic "$preset" --json-nodes flops --quiet --out "$out" "$@" > "$out.summary.txt" || [ $? = 1 ]
+  mv "$out.summary.txt" "$out/summary.txt"
 }
 for preset in aligned seed-naive; do
   run .venv/bin/python deepseek-ocr-2 v2 "$preset"

@@ -86,9 +86,9 @@ def worker_claims_first(monkeypatch):
     import struct
     import time
 
-    import tracer.parallel as parallel
+    import tracer.decode_worker as worker
 
-    original_init, original_low = parallel._Claims.__init__, parallel._Claims.low
+    original_init, original_low = worker._Claims.__init__, worker._Claims.low
 
     def init(self, steps):
         original_init(self, steps)
@@ -102,8 +102,8 @@ def worker_claims_first(monkeypatch):
             self.first_high = None
         return original_low(self)
 
-    monkeypatch.setattr(parallel._Claims, "__init__", init)
-    monkeypatch.setattr(parallel._Claims, "low", low)
+    monkeypatch.setattr(worker._Claims, "__init__", init)
+    monkeypatch.setattr(worker._Claims, "low", low)
 
 
 @pytest.fixture(scope="session")

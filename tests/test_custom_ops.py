@@ -117,3 +117,32 @@ def test_flex_attention_text_model_on_cpu_fake_mode(tmp_path, tiny_v2_config, ca
     assert {n["stage"] for n in flex} == {"prefill", "decode"} and all(n["status"] == "formula" for n in flex)
     assert all(n["flops_full"] > n["flops_torch"] == 0 for n in flex)
     assert all(s["gap"] == 0 for s in doc["stages"]) and doc["unknown_ops"] == []
+
+
+def test_formula_that_cannot_count_is_unknown_and_a_broken_one_names_its_node(monkeypatch):
+    from tracer.errors import CannotCount
+    from tracer.formulas import FORMULAS
+
+    def cannot(*args, **kwargs):
+        raise CannotCount("values needed")
+    monkeypatch.setitem(FORMULAS, "flopdifftest::mystery_gemm", cannot)
+    sg = _trace()
+    (node,) = [n for n in sg.op_nodes() if n.meta["op"] == "flopdifftest::mystery_gemm"]
+    assert (node.meta["flop_status"], node.meta["flops_full"], node.meta["flop_note"]) == ("unknown", 0, "values needed")
+
+    def broken(a, b, **kwargs):
+        return a.shape[5]
+    monkeypatch.setitem(FORMULAS, "flopdifftest::mystery_gemm", broken)
+    with pytest.raises(RuntimeError, match=r"FLOP formula for flopdifftest::mystery_gemm failed on node "
+                                           r"mystery_gemm\w* \(module <root>, \S+test_custom_ops.py:\d+\): "
+                                           r"IndexError"):
+        _trace()
+
+
+def test_a_formula_table_refuses_a_second_formula_for_a_name():
+    from tracer.registry import FormulaTable
+
+    table = FormulaTable("test")
+    table.register("a::b")(lambda: 1)
+    with pytest.raises(RuntimeError, match="duplicate test FLOP formula for a::b"):
+        table.register("a::b")(lambda: 2)

@@ -60,7 +60,7 @@ def _old_set(out: Path) -> dict[str, bytes]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_killed_run_leaves_no_worker_no_scratch_and_the_old_set(sig, tmp_path):
-    from tracer.parallel import available
+    from tracer.forking import available
 
     if not available():
         pytest.skip("the decode worker needs fork() and a second CPU; this machine has one")

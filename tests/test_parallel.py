@@ -1,18 +1,18 @@
-"""The forked decode worker (tracer.parallel): same report as capturing every step here, checked and fallen
+"""The forked decode worker (tracer.decode_worker): same report as capturing every step here, checked and fallen
 back from when its synthesized cache or the worker itself is wrong; the graph codec round trip."""
 
 import pytest
 
-import tracer.parallel as parallel
+import tracer.decode_worker as worker_module
+from tracer import forking, graph_codec
 from tracer.count import count_graph
 from tracer.report import build_report, dumps, node_record
 from tracer.trace import trace
-from tracer.vendors import get_vendor
 from tracer.workload import Workload
 
 WORKLOAD = Workload(image_wh=(640, 640), text_tokens=2, decode_steps=6)
 
-needs_two_cpus = pytest.mark.skipif(not parallel.available(),
+needs_two_cpus = pytest.mark.skipif(not forking.available(),
                                     reason="the decode worker needs fork() and a second CPU; this machine has one")
 
 
@@ -41,8 +41,8 @@ def test_worker_steps_give_the_same_report(tiny_v2_config, sequential, worker_cl
 
 @needs_two_cpus
 def test_wrong_synthesized_cache_is_caught(tiny_v2_config, sequential, worker_claims_first, monkeypatch, capsys):
-    original = parallel.synthesized_state
-    monkeypatch.setattr(parallel, "synthesized_state", lambda template, kv_len: original(template, kv_len + 1))
+    original = worker_module.synthesized_state
+    monkeypatch.setattr(worker_module, "synthesized_state", lambda template, kv_len: original(template, kv_len + 1))
     tr = trace(WORKLOAD, config_path=tiny_v2_config)
     assert tr.worker_steps == []
     assert report_text(tr) == sequential
@@ -52,13 +52,13 @@ def test_wrong_synthesized_cache_is_caught(tiny_v2_config, sequential, worker_cl
 
 @needs_two_cpus
 def test_failing_worker_falls_back(tiny_v2_config, sequential, worker_claims_first, monkeypatch, capsys):
-    original = parallel.encode
+    original = worker_module.encode
 
     def encode(sg):
         if sg.step == 4:
             raise RuntimeError("planted failure in step 4")
         return original(sg)
-    monkeypatch.setattr(parallel, "encode", encode)
+    monkeypatch.setattr(worker_module, "encode", encode)
     tr = trace(WORKLOAD, config_path=tiny_v2_config)
     assert tr.worker_steps == []
     assert report_text(tr) == sequential
@@ -68,7 +68,7 @@ def test_failing_worker_falls_back(tiny_v2_config, sequential, worker_claims_fir
 def test_codec_round_trip(tiny_v2_config):
     tr = trace(Workload(image_wh=(640, 640), text_tokens=2, decode_steps=1), config_path=tiny_v2_config)
     for sg in tr.stages["prefill"] + tr.stages["decode"]:
-        back = parallel.decode(parallel.encode(sg))
+        back = graph_codec.decode(graph_codec.encode(sg))
         count_graph(sg)
         count_graph(back)
         assert (back.stage, back.step, back.kv_len) == (sg.stage, sg.step, sg.kv_len)
@@ -90,8 +90,8 @@ def test_forked_job_runs_once_in_a_child_and_again_here_only_if_it_failed(tmp_pa
         if fail_in_child and os.getpid() != here:
             raise RuntimeError("planted")
 
-    parallel.forked(lambda: job(False))()
+    forking.forked(lambda: job(False))()
     assert log.read_text() == "child\n"
     log.unlink()
-    parallel.forked(lambda: job(True))()
+    forking.forked(lambda: job(True))()
     assert log.read_text() == "child\nhere\n"

@@ -201,16 +201,16 @@ def test_v1_onnx_prefill_equals_fx_per_stage_and_module(reduced, v1_dir, tmp_pat
 
 
 def test_v1_decode_worker_gives_the_sequential_report(v1_dir, worker_claims_first):
-    """The forked decode worker (tracer.parallel) on the real vendor model: its legacy tuple cache is synthesized,
+    """The forked decode worker (tracer.decode_worker) on the real vendor model: its legacy tuple cache is synthesized,
     checked after step 0, and every report byte equals capturing all steps in one process."""
-    import tracer.parallel as parallel
+    from tracer.forking import available
     from tracer.count import count_graph
     from tracer.report import build_report, dumps
     from tracer.trace import trace
     from tracer.vendors import BuildOptions
     from tracer.workload import Workload
 
-    if not parallel.available():
+    if not available():
         pytest.skip("the decode worker needs fork() and a second CPU; this machine has one")
     workload = Workload(model="deepseek-ocr", image_wh=(640, 640), text_tokens=9, decode_steps=8)
     options = BuildOptions(vendor_dir=v1_dir, trust_remote_code=True)

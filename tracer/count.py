@@ -23,7 +23,7 @@ from torch.utils.flop_counter import flop_registry
 
 from tracer.capture import StageGraph, op_name
 from tracer.conventions import Conventions
-from tracer.errors import FlopdiffError
+from tracer.errors import CannotCount
 from tracer.formulas import FORMULAS
 
 # Name tokens (split on "_") that mark an aten op as a possible matmul/convolution/attention.
@@ -83,8 +83,12 @@ def count_node(node: torch.fx.Node, conv: Conventions) -> None:
         try:
             full = int(ours(*args, out=meta.get("val"), conv=conv, **kwargs))
             status = "formula" if ft == 0 else "torch"
-        except FlopdiffError as exc:
+        except CannotCount as exc:
             full, status, meta["flop_note"] = ft, "unknown", str(exc)
+        except Exception as exc:  # a formula's own bug: name the node it failed on
+            raise RuntimeError(f"FLOP formula for {name} failed on node {node.name} (module "
+                               f"{meta.get('module_call')}, {meta.get('vendor_source') or meta.get('source')}): "
+                               f"{exc.__class__.__name__}: {exc}") from exc
     elif in_torch:
         full, status = ft, "torch"
     elif may_carry_flops(name):

@@ -245,7 +245,7 @@ def _run_into(args: argparse.Namespace, outputs: OutputSet, workload: Workload, 
     from tracer.onnx_graph import consistency_table, run_onnx
     from tracer.onnx_graph import save as save_onnx
     from tracer.overlay import graph_collection, overlay
-    from tracer.parallel import forked
+    from tracer.forking import forked
     from tracer.report import build_report, dumps, gap_table, stage_table, unmapped_table, unseen_table
     from tracer.trace import trace
 

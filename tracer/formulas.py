@@ -14,30 +14,18 @@ packages that are not installed (flash_attn) can still be named.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from tracer.conventions import Conventions, attention_pairs
-from tracer.errors import FlopdiffError
+from tracer.errors import CannotCount
+from tracer.registry import FormulaTable
 
 
-Formula = Callable[..., int]
-FORMULAS: dict[str, Formula] = {}
-
-
-def register(*names: str) -> Callable[[Formula], Formula]:
-    """Register `fn(*args, out=..., conv=..., **kwargs) -> int` for each qualified op name."""
-
-    def deco(fn: Formula) -> Formula:
-        for name in names:
-            if name in FORMULAS:
-                raise RuntimeError(f"duplicate FLOP formula for {name}")
-            FORMULAS[name] = fn
-        return fn
-
-    return deco
+# qualified op name -> `fn(*args, out=..., conv=..., **kwargs) -> int`; raises CannotCount when it cannot
+FORMULAS = FormulaTable("fx")
+register = FORMULAS.register
 
 
 def attention_flops(b: int, h: int, s_q: int, s_k: int, d: int, d_v: int, pairs: int | None = None) -> int:
@@ -124,7 +112,7 @@ def flash_attn_varlen_forward_flop(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     from torch._subclasses.fake_tensor import FakeTensor
 
     if isinstance(cu_seqlens_q, FakeTensor) or isinstance(cu_seqlens_k, FakeTensor):
-        raise FlopdiffError("flash_attn varlen: sequence lengths are data; capture in real mode to count it")
+        raise CannotCount("flash_attn varlen: sequence lengths are data; capture in real mode to count it")
     h, d = q.shape[1], q.shape[2]
     d_v = v.shape[-1]
     lq = cu_seqlens_q.diff().tolist()

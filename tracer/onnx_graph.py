@@ -20,24 +20,18 @@ import math
 import re
 import types
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from tracer.errors import FlopdiffError
+from tracer.registry import FormulaTable
 
-ONNX_FORMULAS: dict[str, Callable[..., int]] = {}
+ONNX_FORMULAS = FormulaTable("ONNX")  # ONNX op type -> fn(input shapes, output shape, attributes) -> int
+register = ONNX_FORMULAS.register
 MAY_CARRY = {"ConvTranspose", "Attention", "MultiHeadAttention", "GroupQueryAttention", "MatMulInteger",
              "QLinearMatMul", "ConvInteger", "QLinearConv", "MatMulNBits", "FusedMatMul"}
 _TARGET = re.compile(r"target=torch\.ops\.(\w+)\.(\w+)")
-
-
-def register(op_type: str):
-    def deco(fn):
-        ONNX_FORMULAS[op_type] = fn
-        return fn
-    return deco
 
 
 @register("MatMul")
@@ -89,8 +83,8 @@ def export_prefill(vendor: Any, model: Any, prepared: Any) -> Any:
 
 def export_decode(vendor: Any, model: Any, prepared: Any) -> Any:
     """Decode step 0 (KV length = the prompt's) as an ONNX ModelProto, the KV cache tensors as graph inputs. The
-    cache is built as the decode worker builds it (tracer.parallel): a one-token forward's, widened."""
-    from tracer.parallel import EMPTY, cache_of, cache_tensors, synthesized_state
+    cache is built as the decode worker builds it (tracer.decode_worker): a one-token forward's, widened."""
+    from tracer.vendors.base import EMPTY, cache_of, cache_tensors, synthesized_state
 
     with torch.no_grad(), _shims(vendor)():
         template = vendor.decode(model, EMPTY, 0)()

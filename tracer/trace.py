@@ -3,7 +3,7 @@
 Stages: `prefill` (the first forward, vision included, logits for the last position as `generate`
 does), `vision` (the prefill nodes under the vendor's vision modules: vision tower + projector) and
 `decode` (one graph per one-token step on the KV cache, KV length growing; in fake mode with 2+ CPUs the
-later steps come from a forked worker, `tracer.parallel`).
+later steps come from a forked worker, `tracer.decode_worker`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tracer.capture import StageGraph, capture, subgraph
+from tracer.decode_worker import DecodeWorker, note_fallback, worker_allowed
 from tracer.errors import FlopdiffError
-from tracer.parallel import DecodeWorker, capture_decode, note_fallback, worker_allowed
 from tracer.vendors import BuildOptions, Prepared, get_vendor
 from tracer.workload import Workload, validate
 
@@ -108,7 +108,7 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
           allow_long: bool = False, profile: bool | None = None) -> Trace:
     """`mode="fake"`: no weights, no compute (FakeTensorMode). `mode="real"`: random weights, real compute
     (slow at full size; the tests use it on reduced configs to check fake against real). `parallel` (fake
-    mode, CPU, 3+ decode steps, 2+ CPUs): a forked worker captures the later decode steps (tracer.parallel).
+    mode, CPU, 3+ decode steps, 2+ CPUs): a forked worker captures the later decode steps (tracer.decode_worker).
     `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`).
     `profile` (real mode; default: on CUDA): record every kernel, or on the CPU every aten op, with its node."""
     workload = validate(workload)
@@ -170,3 +170,27 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
     result.stages = {"vision": [subgraph(prefill, "vision", _under(vendor.vision_modules))],
                      "prefill": [prefill], "decode": decode}
     return result
+
+
+def capture_decode(vendor: Any, model: torch.nn.Module, previous: Any, steps: int, prompt_len: int,
+                   roots: list[str], worker: DecodeWorker | None, progress: Callable[[str], None],
+                   profile: bool = False, first: int = 0) -> tuple[list[StageGraph], Any, int]:
+    """This process's share of the decode steps, from the real cache: every step from `first` without a
+    worker, else steps from 0 until the worker's claims meet them. Returns the graphs, the last output and
+    the next step (where the worker's steps begin)."""
+    graphs = []
+    k = first
+    while k < steps:
+        if worker is not None and not worker.failure:
+            claimed = worker.claims.low()
+            if claimed is None:
+                break
+            assert claimed == k
+        progress(f"decode step {k + 1}/{steps}")
+        sg, previous = capture(vendor.decode(model, previous, k), model, "decode", vendor_roots=roots, step=k,
+                               kv_len=prompt_len + k, profile=profile)
+        graphs.append(sg)
+        if k == 0 and worker is not None and not worker.failure:
+            worker.check(previous, model)
+        k += 1
+    return graphs, previous, k

@@ -3,7 +3,9 @@ and the adapter protocol, in a module of their own so that the adapters import i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import types
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -11,6 +13,8 @@ from typing import Any, Protocol
 import torch
 
 from tracer.workload import Derived, Workload
+
+SEQ_DIM = -2  # transformers' cache layout: (batch, heads, positions, head_dim)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,48 @@ class Vendor(Protocol):
     def shims(self) -> AbstractContextManager[None]: ...
     def prefill(self, model: torch.nn.Module, prepared: Prepared) -> Callable[[], Any]: ...
     # `previous`: the forward output before, read through its `cache` or `past_key_values`; with both None it
-    # is a one-token forward without cache (the decode worker's template, tracer.parallel)
+    # is a one-token forward without cache (the decode worker's template, tracer.decode_worker)
     def decode(self, model: torch.nn.Module, previous: Any, step: int) -> Callable[[], Any]: ...
     def source_roots(self) -> list[str]: ...
+
+
+# ---- the decode protocol's state: what a decode step reads of the forward before it -------------------------
+
+EMPTY = types.SimpleNamespace(cache=None, past_key_values=None)  # no cache: a decode step's one-token forward
+
+
+def cache_of(output: Any) -> Any:
+    """The cache a decode step reads from the forward before it (transformers 5 calls it `cache`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def _tensors(x: Any, depth: int = 0) -> Iterable[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v, depth)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v, depth)
+    elif hasattr(x, "__dict__") and depth < 4 and not isinstance(x, (type, torch.nn.Module)):
+        yield from _tensors(vars(x), depth + 1)
+
+
+def cache_tensors(cache: Any) -> list[torch.Tensor]:
+    """The tensors of a cache object (legacy tuples, transformers' Cache classes), in a fixed order."""
+    return list(_tensors(cache))
+
+
+def synthesized_state(template: Any, kv_len: int) -> Any:
+    """What a decode step at `kv_len` reads, built from `template` (a one-token forward's output): its cache
+    with every tensor widened to `kv_len` positions, contiguous as a decode step's `cat` leaves it."""
+    cache = cache_of(template)
+    memo: dict[int, Any] = {}
+    for t in cache_tensors(cache):
+        shape = list(t.shape)
+        shape[SEQ_DIM] = kv_len
+        memo[id(t)] = torch.empty(shape, dtype=t.dtype, device=t.device)
+    widened = copy.deepcopy(cache, memo)
+    return types.SimpleNamespace(cache=widened, past_key_values=widened)

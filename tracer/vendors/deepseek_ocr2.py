@@ -24,7 +24,7 @@ import torch
 
 from tracer.configfile import check_config, read_json
 from tracer.errors import FlopdiffError
-from tracer.vendors.base import BuildOptions, Prepared
+from tracer.vendors.base import BuildOptions, Prepared, cache_of
 from tracer.workload import Derived, Workload, load_image
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"
@@ -189,7 +189,7 @@ class DeepseekOcr2Vendor:
 
     def decode(self, model: torch.nn.Module, previous: Any, step: int) -> Callable[[], Any]:
         cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        cache = getattr(previous, "cache", None) or getattr(previous, "past_key_values", None)
+        cache = cache_of(previous)
         ids = torch.tensor([[TEXT_PLACEHOLDER_ID]])
         return lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
 

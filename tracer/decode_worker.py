@@ -12,13 +12,12 @@ modules' plain attributes) must still be what the worker forked from. On any dif
 fails, this process kills it and captures those steps itself (one line on stderr says why). Step 0 always
 stays here: it reads the prefill's cache, whose strides come from the prefill's own layout.
 
-Graphs come back through `encode`/`decode`: every fx node with its name, target, args and metadata, values as
-meta tensors of the same shape, stride and dtype (all that counting and the reports read from them).
+Graphs come back through tracer.graph_codec; the synthesized cache is the vendor decode protocol's
+(tracer.vendors.base.synthesized_state), which the ONNX path's decode export uses too.
 """
 
 from __future__ import annotations
 
-import copy
 import mmap
 import multiprocessing
 import os
@@ -28,196 +27,26 @@ import signal
 import struct
 import sys
 import time
-import types
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx
-from torch._ops import HigherOrderOperator
 
 from tracer.capture import StageGraph, capture
-from tracer.lifecycle import die_with_parent, temp_folder
-
-SEQ_DIM = -2  # transformers' cache layout: (batch, heads, positions, head_dim)
-
+from tracer.forking import available, fork_child
+from tracer.graph_codec import decode, encode
+from tracer.lifecycle import temp_folder
+from tracer.vendors.base import EMPTY, cache_of, synthesized_state
 
 # Attention implementations whose forward runs compiled kernels on real tensors (flex attention's block masks,
 # built by torch.compile'd code): a freshly compiled kernel crashed in a forked child (SIGSEGV, torch 2.13).
 FORK_UNSAFE_ATTN = {"flex_attention"}
 
 
-def available() -> bool:
-    """A second CPU to run on and fork() to start the worker with (no re-import, no model rebuild)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return hasattr(os, "fork") and cpus >= 2
-
-
 def worker_allowed(attn: str | dict[str, str] | None) -> bool:
     """Whether the decode worker can run the model with this `--attn` choice (see FORK_UNSAFE_ATTN)."""
     chosen = set(attn.values()) if isinstance(attn, dict) else {attn}
     return available() and not chosen & FORK_UNSAFE_ATTN
-
-
-def _fork(body: Callable[[], None]) -> int:
-    """Run `body` in a forked child, which exits (status 0, or 1 if `body` raised) without ever returning into
-    the caller's code or flushing the caller's buffers again; returns the child's pid."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            die_with_parent()  # a killed run leaves no child behind (tracer.lifecycle)
-            body()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
-def forked(job: Callable[[], None]) -> Callable[[], None]:
-    """Run `job` (say, render and write one report file) in a forked child while the caller goes on; the
-    returned function waits for it, and runs `job` here when the child failed (raising what it raises) or
-    when there is no fork or no second CPU."""
-    if not available():
-        job()
-        return lambda: None
-    pid = _fork(job)
-
-    def wait() -> None:
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            job()
-    return wait
-
-
-# ---- the graph codec ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Ref:
-    index: int  # a node argument: the index of the node it refers to
-
-
-@dataclass(frozen=True)
-class _Val:
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-
-
-def _target(target: Any) -> Any:
-    if isinstance(target, HigherOrderOperator):
-        return ("hop", target.name())
-    if isinstance(target, torch._ops.OpOverload):
-        namespace, name = target._schema.name.split("::")
-        return ("op", namespace, name, target._overloadname)
-    return target  # operator.getitem: pickles as itself
-
-
-def _resolve(target: Any) -> Any:
-    if isinstance(target, tuple) and target[0] == "hop":
-        return torch._ops._higher_order_ops[target[1]]
-    if isinstance(target, tuple) and target[0] == "op":
-        _, namespace, name, overload = target
-        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
-    return target
-
-
-def _enc(x: Any, index: dict[torch.fx.Node, int]) -> Any:
-    if isinstance(x, torch.fx.Node):
-        return _Ref(index[x])
-    if isinstance(x, torch.Tensor):
-        return _Val(tuple(x.shape), tuple(x.stride()), x.dtype)
-    if isinstance(x, (list, tuple)):  # fx keeps args as immutable_list / tuple: plain ones pickle
-        return (list if isinstance(x, list) else tuple)(_enc(v, index) for v in x)
-    if isinstance(x, dict):
-        return {k: _enc(v, index) for k, v in x.items()}
-    return x
-
-
-def _dec(x: Any, nodes: list[torch.fx.Node]) -> Any:
-    if isinstance(x, _Ref):
-        return nodes[x.index]
-    if isinstance(x, _Val):
-        return torch.empty_strided(x.shape, x.stride, dtype=x.dtype, device="meta")
-    if type(x) in (list, tuple):
-        return type(x)(_dec(v, nodes) for v in x)
-    if isinstance(x, dict):
-        return {k: _dec(v, nodes) for k, v in x.items()}
-    return x
-
-
-def encode(sg: StageGraph) -> bytes:
-    """A captured stage as bytes (the worker's side)."""
-    index = {n: i for i, n in enumerate(sg.graph.nodes)}
-    entries = [(n.op, n.name, _target(n.target), _enc(n.args, index), _enc(n.kwargs, index),
-                {k: (_enc(v, index) if k == "val" else v) for k, v in n.meta.items()})
-               for n in sg.graph.nodes]
-    return pickle.dumps((sg.stage, sg.step, sg.kv_len, sg.notes, entries), protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def decode(data: bytes) -> StageGraph:
-    """The stage again, as an fx graph with the same node names, args and metadata (values on the meta device).
-    Call it outside any fake mode: the values are plain meta tensors."""
-    stage, step, kv_len, notes, entries = pickle.loads(data)
-    graph = torch.fx.Graph()
-    nodes: list[torch.fx.Node] = []
-    for op, name, target, args, kwargs, meta in entries:
-        if op == "output":
-            node = graph.output(_dec(args[0], nodes))
-        else:
-            node = graph.create_node(op, _resolve(target), name=name)
-            if args:
-                node.args = _dec(args, nodes)
-            if kwargs:
-                node.kwargs = _dec(kwargs, nodes)
-        if node.name != name and op != "output":
-            raise RuntimeError(f"graph codec: node {name!r} came back as {node.name!r}")
-        node.meta = {k: (_dec(v, nodes) if k == "val" else v) for k, v in meta.items()}
-        nodes.append(node)
-    return StageGraph(stage, graph, step=step, kv_len=kv_len, notes=notes)
-
-
-# ---- the synthesized cache and the checks ------------------------------------------------------------------
-
-def cache_of(output: Any) -> Any:
-    """The cache a decode step reads from the forward before it (transformers 5 calls it `cache`)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
-def _tensors(x: Any, depth: int = 0) -> Iterable[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _tensors(v, depth)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _tensors(v, depth)
-    elif hasattr(x, "__dict__") and depth < 4 and not isinstance(x, (type, torch.nn.Module)):
-        yield from _tensors(vars(x), depth + 1)
-
-
-def cache_tensors(cache: Any) -> list[torch.Tensor]:
-    """The tensors of a cache object (legacy tuples, transformers' Cache classes), in a fixed order."""
-    return list(_tensors(cache))
-
-
-def synthesized_state(template: Any, kv_len: int) -> Any:
-    """What a decode step at `kv_len` reads, built from `template` (a one-token forward's output): its cache
-    with every tensor widened to `kv_len` positions, contiguous as a decode step's `cat` leaves it."""
-    cache = cache_of(template)
-    memo: dict[int, Any] = {}
-    for t in cache_tensors(cache):
-        shape = list(t.shape)
-        shape[SEQ_DIM] = kv_len
-        memo[id(t)] = torch.empty(shape, dtype=t.dtype, device=t.device)
-    widened = copy.deepcopy(cache, memo)
-    return types.SimpleNamespace(cache=widened, past_key_values=widened)
 
 
 def signature(x: Any, depth: int = 0) -> Any:
@@ -245,10 +74,7 @@ def model_signature(model: torch.nn.Module) -> Any:
     return buffers, plain
 
 
-# ---- the worker ------------------------------------------------------------------------------------------------
-
-EMPTY = types.SimpleNamespace(cache=None, past_key_values=None)  # no cache: a decode step's one-token forward
-
+# ---- the worker ----------------------------------------------------------------------------------------------
 
 class _Claims:
     """Which steps are taken: this process counts up from 0, the worker down from the last step, under one
@@ -312,7 +138,7 @@ class DecodeWorker:
                 worker._write("error", f"{exc.__class__.__name__}: {exc}".encode())
                 raise
 
-        worker.pid = _fork(body)
+        worker.pid = fork_child(body)
         return worker
 
     def _write(self, name: str, data: bytes) -> None:
@@ -408,27 +234,3 @@ def _died(status: int | None) -> str:
 def note_fallback(worker: DecodeWorker) -> None:
     print(f"flopdiff: note: the decode worker process was not used ({' '.join(worker.failure.split())}); "
           f"its steps were captured in this process", file=sys.stderr)
-
-
-def capture_decode(vendor: Any, model: torch.nn.Module, previous: Any, steps: int, prompt_len: int,
-                   roots: list[str], worker: DecodeWorker | None, progress: Callable[[str], None],
-                   profile: bool = False, first: int = 0) -> tuple[list[StageGraph], Any, int]:
-    """This process's share of the decode steps, from the real cache: every step from `first` without a
-    worker, else steps from 0 until the worker's claims meet them. Returns the graphs, the last output and
-    the next step (where the worker's steps begin)."""
-    graphs = []
-    k = first
-    while k < steps:
-        if worker is not None and not worker.failure:
-            claimed = worker.claims.low()
-            if claimed is None:
-                break
-            assert claimed == k
-        progress(f"decode step {k + 1}/{steps}")
-        sg, previous = capture(vendor.decode(model, previous, k), model, "decode", vendor_roots=roots, step=k,
-                               kv_len=prompt_len + k, profile=profile)
-        graphs.append(sg)
-        if k == 0 and worker is not None and not worker.failure:
-            worker.check(previous, model)
-        k += 1
-    return graphs, previous, k
