@@ -306,7 +306,7 @@ def _run_into(args: argparse.Namespace, outputs: OutputSet, workload: Workload, 
         outputs.write("report-onnx.json", dumps(onnx_rep))
     graph_written()
     onnx_files = "".join(f", {name}" for name in ["report-onnx.json", *(protos or {})]) if onnx_rep is not None else ""
-    out.print(f"wrote {outputs.out}/report.json, report.html, model-explorer.json, model-explorer-graph.json{onnx_files}")
+    out.print(f"wrote {Path(args.out)}/report.json, report.html, model-explorer.json, model-explorer-graph.json{onnx_files}")
     status.update("done")
     if args.timings:
         print("flopdiff: seconds per phase: " + "; ".join(f"{label} {s:.2f}" for label, s in status.rows), file=sys.stderr)
