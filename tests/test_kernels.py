@@ -11,7 +11,7 @@ import pytest
 
 from mapping.engine import map_nodes
 from mapping.table import load_table
-from tracer.capture import MODULE_RANGE, OP_RANGE, kernel_records
+from tracer.instruments import MODULE_RANGE, OP_RANGE, ProfilerRanges, kernel_records
 from tracer.gaps import analytic_for, catalogue, present_views
 from tracer.kernels import OUTSIDE, attribute, counted
 
@@ -254,7 +254,7 @@ def test_a_real_cpu_profile_drives_the_attribution_end_to_end(tiny_v2_config):
     from tracer.workload import Workload
 
     tr = trace(Workload(image_wh=(1000, 800), text_tokens=3, decode_steps=2), config_path=tiny_v2_config,
-               mode="real", profile=True)
+               mode="real", instrument=ProfilerRanges())
     for sg in tr.graphs():
         if sg.selection is None:
             count_graph(sg)

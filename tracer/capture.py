@@ -24,12 +24,10 @@ import operator
 import os
 import sys
 import weakref
-from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.fx
@@ -37,6 +35,8 @@ from torch._ops import HigherOrderOperator
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+
+from tracer.instruments import Instrument
 
 ROOT = "<root>"
 
@@ -83,14 +83,9 @@ class StageGraph:
 class _ModuleStack:
     """Tracks which module is running via global forward hooks, with per-parent call indices."""
 
-    def __init__(self, names: dict[int, str], ranges: bool = False):
+    def __init__(self, names: dict[int, str], instrument: Instrument | None = None):
         self.names = names
-        self.ranges = ranges  # profiler ranges `flopdiff.module.<qualified>` around each module call
-        self._open: list[object] = []
-        # `--ncu MODULE` runs flopdiff again under Nsight Compute with FLOPDIFF_NVTX=MODULE: one NVTX range
-        # named NVTX_RANGE around each call of that module, which ncu's --nvtx-include selects
-        self.nvtx_module = os.environ.get("FLOPDIFF_NVTX") if ranges else None
-        self._nvtx: list[bool] = []
+        self.instrument = instrument  # told of every named module call (tracer.instruments)
         self.frames: list[tuple[str, str, str, dict[str, int]]] = []  # (path, qualified, class, child calls)
         self.root_calls: dict[str, int] = {}
         self._snapshot: tuple[dict[str, tuple[str, str]], str, str, str] | None = None
@@ -109,20 +104,15 @@ class _ModuleStack:
         local = path[len(parent_p) + 1:] if parent_p and path.startswith(parent_p + ".") else path
         qualified = (parent_q + "." if parent_q else "") + local + (f"#{k}" if k else "")
         self.frames.append((path, qualified, type(module).__qualname__, {}))
-        if self.ranges:
-            self._open.append(_range(f"{MODULE_RANGE}{qualified}"))
-            self._nvtx.append(path == self.nvtx_module)
-            if self._nvtx[-1]:
-                torch.cuda.nvtx.range_push(NVTX_RANGE)
+        if self.instrument is not None:
+            self.instrument.enter_module(path, qualified)
 
     def pop(self, *_):
         self._snapshot = None
         if self.frames:
             path = self.frames.pop()[0]
-            if self.ranges and path:
-                self._open.pop().__exit__(None, None, None)
-                if self._nvtx.pop():
-                    torch.cuda.nvtx.range_pop()
+            if self.instrument is not None and path:
+                self.instrument.exit_module()
 
     def snapshot(self) -> tuple[dict[str, tuple[str, str]], str, str, str]:
         """(nn_module_stack, path, qualified path, class) of the innermost module; cached between hooks, as
@@ -204,69 +194,6 @@ class _SourceLocator:
         return source, vendor, function
 
 
-OP_RANGE = "flopdiff.op."          # + the recorded op's sequence number (node.meta["seq"])
-MODULE_RANGE = "flopdiff.module."  # + the module call's qualified path
-NVTX_RANGE = "flopdiff-ncu"
-
-
-def _range(name: str):
-    """An open profiler range that does not pass through the dispatcher (so the recorder never sees it)."""
-    rf = torch._C._profiler._RecordFunctionFast(name)
-    rf.__enter__()
-    return rf
-
-
-def kernel_records(events) -> list[dict[str, Any]]:
-    """torch.profiler FunctionEvents -> [{kernel, us, op (seq) or None, module (qualified) or None}].
-
-    A kernel belongs to the event that launched it; the profiler can also hang it on an event nested inside
-    that one (seen on an H200, torch 2.11: a cuBLASLt GEMM on both `aten::mm` and its child `Activity Buffer
-    Request`). Such a copy, the same kernel and duration as on an enclosing event, is one launch: dropped."""
-    records = []
-    for e in events:
-        kernels = getattr(e, "kernels", None)
-        if not kernels:
-            continue
-        enclosing: Counter = Counter()
-        p = e.cpu_parent
-        while p is not None:
-            enclosing.update((k.name, k.duration) for k in getattr(p, "kernels", None) or ())
-            p = p.cpu_parent
-        op, module = _ranges(e)
-        for k in kernels:
-            if enclosing[(k.name, k.duration)]:
-                enclosing[(k.name, k.duration)] -= 1
-                continue
-            records.append({"kernel": k.name, "us": float(k.duration), "op": op, "module": module})
-    return records
-
-
-def cpu_records(events) -> list[dict[str, Any]]:
-    """The same records for a run without a GPU, where the work items are the aten ops themselves: every aten event
-    with its self CPU time (the time not spent in the ops it calls, so nothing counts twice) belongs to the op and
-    module ranges around it as a kernel does. It is how the attribution runs, end to end, on a CPU machine."""
-    records = []
-    for e in events:
-        if not e.name.startswith("aten::"):
-            continue
-        op, module = _ranges(e)
-        records.append({"kernel": e.name, "us": float(e.self_cpu_time_total), "op": op, "module": module})
-    return records
-
-
-def _ranges(e) -> tuple[int | None, str | None]:
-    """The innermost op range (its sequence number) and module range (its qualified path) open around an event."""
-    op = module = None
-    p = e
-    while p is not None and (op is None or module is None):
-        if op is None and p.name.startswith(OP_RANGE):
-            op = int(p.name[len(OP_RANGE):])
-        elif module is None and p.name.startswith(MODULE_RANGE):
-            module = p.name[len(MODULE_RANGE):]
-        p = p.cpu_parent
-    return op, module
-
-
 @functools.cache
 def op_name(target) -> str:
     """`aten::mm`, `flash_attn::_flash_attn_forward`, `higher_order::flex_attention` (asked once per op)."""
@@ -297,12 +224,12 @@ class GraphRecorder(TorchDispatchMode):
     supports_higher_order_operators = True
 
     def __init__(self, tensor_names: dict[int, str], module_names: dict[int, str], vendor_roots: Iterable[str],
-                 ranges: bool = False):
+                 instrument: Instrument | None = None):
         super().__init__()
         self.graph = torch.fx.Graph()
         self.tensor_names = tensor_names
-        self.modules = _ModuleStack(module_names, ranges)
-        self.ranges = ranges  # profiler ranges around each recorded op, for kernel attribution
+        self.modules = _ModuleStack(module_names, instrument)
+        self.instrument = instrument  # around each recorded op's run (kernel attribution)
         self._seq = 0
         self.locator = _SourceLocator(vendor_roots)
         # tensor id -> (its node, a weak reference to it): a live tensor's id is unique, and a weak reference lets
@@ -382,35 +309,27 @@ class GraphRecorder(TorchDispatchMode):
         return out
 
     def _run(self, func, args, kwargs):
-        if not self.ranges:
+        if self.instrument is None:
             return func(*args, **kwargs)
-        rf = _range(f"{OP_RANGE}{self._seq}")
-        try:
+        with self.instrument.op(self._seq):
             return func(*args, **kwargs)
-        finally:
-            rf.__exit__(None, None, None)
 
 
 def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, vendor_roots: Iterable[str] = (),
             step: int | None = None, kv_len: int | None = None,
-            profile: bool = False) -> tuple[StageGraph, object]:
-    """Run `fn()` (one vendor forward) and return its graph and its result. `profile`: run it under
-    torch.profiler too, with a range per op and per module call, and keep each kernel with its ranges
-    (`StageGraph.kernels`, see `tracer.kernels`; without a GPU, each leaf aten op stands for a kernel)."""
+            instrument: Instrument | None = None) -> tuple[StageGraph, object]:
+    """Run `fn()` (one vendor forward) and return its graph and its result. `instrument` (tracer.instruments): told
+    of every module call and recorded op, around the forward; what it records becomes `StageGraph.kernels`."""
     tensor_names, module_names = _names(model)
-    recorder = GraphRecorder(tensor_names, module_names, vendor_roots, ranges=profile)
-    # under `--ncu` (FLOPDIFF_NVTX set) Nsight Compute owns CUPTI: keep the ranges, leave the profiler out
-    tracing = profile and not os.environ.get("FLOPDIFF_NVTX")
-    prof = _profiler() if tracing else nullcontext()
-    with prof, _module_hooks(recorder.modules), _flex_uncompiled(), recorder:
+    recorder = GraphRecorder(tensor_names, module_names, vendor_roots, instrument)
+    session = instrument.session() if instrument is not None else nullcontext()
+    with session, _module_hooks(recorder.modules), _flex_uncompiled(), recorder:
         result = fn()
-        if profile and torch.cuda.is_available():
-            torch.cuda.synchronize()
     outputs = [recorder._node_for(t) for t in result_tensors(result)]
     recorder.graph.output(tuple(outputs))
     sg = StageGraph(stage, recorder.graph, step=step, kv_len=kv_len)
-    if tracing:
-        sg.kernels = (kernel_records if torch.cuda.is_available() else cpu_records)(prof.events())
+    if instrument is not None:
+        sg.kernels = instrument.records()
     return sg, result
 
 
@@ -431,13 +350,6 @@ def _flex_uncompiled():
         yield
     finally:
         flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = saved
-
-
-def _profiler():
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
-    return profile(activities=[ProfilerActivity.CPU, *cuda])
 
 
 _NAMES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[dict[int, str], dict[int, str]]]" = weakref.WeakKeyDictionary()

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-long", action="store_true",
                    help="run workloads estimated to take more than about five minutes to capture (refused otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    # --ncu's own child run under Nsight Compute: NVTX ranges around MODULE's calls instead of the profiler
+    p.add_argument("--nvtx-module", metavar="MODULE", help=argparse.SUPPRESS)
     p.add_argument("--timings", action="store_true", help="print the seconds each phase took (stderr)")
     return p
 
@@ -247,13 +249,15 @@ def _run_into(args: argparse.Namespace, outputs: OutputSet, workload: Workload, 
     from tracer.overlay import graph_collection, overlay
     from tracer.forking import forked
     from tracer.report import build_report, dumps, gap_table, stage_table, unmapped_table, unseen_table
+    from tracer.instruments import NvtxRanges
     from tracer.trace import trace
 
     err = Console(stderr=True, quiet=args.quiet)
     with err.status("tracing") as spinner:
         status = Phases(spinner, started)
         tr = trace(workload, options, args.config, progress=lambda msg: status.update(f"tracing: {msg}"),
-                   mode=args.mode, parallel=not args.sequential, allow_long=args.allow_long)
+                   mode=args.mode, parallel=not args.sequential, allow_long=args.allow_long,
+                   instrument=NvtxRanges(args.nvtx_module) if args.nvtx_module else None)
         status.update("counting FLOPs per node")
         for sg in tr.graphs():
             if sg.selection is None:  # a selection's nodes (vision) are counted with the graph they belong to

@@ -1,7 +1,8 @@
 """`--ncu MODULE` (CUDA): hardware FLOPs from Nsight Compute for the kernels launched inside one module (e.g. one
 decoder layer, `model.language_model.layers.1`), beside the formula FLOPs of the same launches.
 
-flopdiff runs itself again under `ncu` with FLOPDIFF_NVTX=MODULE: an NVTX range around each call of MODULE, which
+flopdiff runs itself again under `ncu` with `--nvtx-module MODULE` (tracer.instruments.NvtxRanges: an NVTX range
+around each call of MODULE, and no profiler, since ncu owns CUPTI), which
 `--nvtx-include` selects, so only that module's kernels are replayed. The program is the same, so the
 kernels ncu profiled pair with the kernels flopdiff recorded under MODULE in launch order, by kernel name
 (`align`: ncu sees no memsets or copies).
@@ -23,7 +24,7 @@ import sys
 from typing import Any
 
 from mapping.engine import plain_path
-from tracer.capture import NVTX_RANGE
+from tracer.instruments import NVTX_RANGE
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import scratch
 
@@ -125,11 +126,11 @@ def run_ncu(argv: list[str], module: str) -> tuple[list[dict[str, Any]], str]:
         raise FlopdiffError("--ncu: Nsight Compute (ncu) is not on PATH")
     child = _strip(_strip(argv, "--ncu"), "--graph")  # the child only needs to launch the same kernels
     with scratch("ncu") as tmp:
-        child = _strip(child, "--out") + ["--out", os.path.join(tmp, "out"), "--quiet"]
+        child = _strip(child, "--out") + ["--out", os.path.join(tmp, "out"), "--quiet", "--nvtx-module", module]
         cmd = [ncu, "--csv", "--page", "raw", "--metrics", ",".join(METRICS), "--nvtx", "--nvtx-include",
                f"{NVTX_RANGE}/", "--target-processes", "all", "--clock-control", "none",
                sys.executable, "-m", "tracer.diff", *child]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FLOPDIFF_NVTX": module})
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode not in (0, 1):
         tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         raise FlopdiffError(f"--ncu {module}: ncu failed (exit {proc.returncode}): {tail}")

@@ -22,6 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from tracer.capture import StageGraph, capture, subgraph
 from tracer.decode_worker import DecodeWorker, note_fallback, worker_allowed
 from tracer.errors import FlopdiffError
+from tracer.instruments import Instrument, ProfilerRanges
 from tracer.vendors import BuildOptions, Prepared, get_vendor
 from tracer.workload import Workload, validate
 
@@ -105,12 +106,13 @@ def check_size(workload: Workload, max_positions: int, layers: int, allow_long: 
 
 def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_path: str | None = None,
           progress: Callable[[str], None] = lambda msg: None, mode: str = "fake", parallel: bool = True,
-          allow_long: bool = False, profile: bool | None = None) -> Trace:
+          allow_long: bool = False, instrument: Instrument | None = None) -> Trace:
     """`mode="fake"`: no weights, no compute (FakeTensorMode). `mode="real"`: random weights, real compute
     (slow at full size; the tests use it on reduced configs to check fake against real). `parallel` (fake
     mode, CPU, 3+ decode steps, 2+ CPUs): a forked worker captures the later decode steps (tracer.decode_worker).
     `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`).
-    `profile` (real mode; default: on CUDA): record every kernel, or on the CPU every aten op, with its node."""
+    `instrument` (real mode; tracer.instruments): told of every module call and op; on CUDA the default is
+    ProfilerRanges (every kernel recorded with its node)."""
     workload = validate(workload)
     vendor = get_vendor(workload.model)
     options = dataclasses.replace(options, mode=mode, experts=options.experts or vendor.default_experts)
@@ -130,8 +132,9 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
             raise FlopdiffError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
         prepared.inputs = _to_device(prepared.inputs, "cuda")
     device = torch.device("cuda") if cuda else contextlib.nullcontext()
-    profile = cuda if profile is None else profile
-    if profile and mode != "real":
+    if instrument is None and cuda:
+        instrument = ProfilerRanges()
+    if instrument is not None and mode != "real":
         raise FlopdiffError("profiling needs --mode real (fake tensors run no kernels)")
     progress(f"building the model ({mode} weights)")
     if mode == "real":
@@ -149,9 +152,10 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
                 worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps)
             progress("prefill")
             prefill, out = capture(vendor.prefill(model, prepared), model, "prefill", vendor_roots=roots,
-                                   profile=profile)
+                                   instrument=instrument)
             started = time.perf_counter()
-            decode, out, k = capture_decode(vendor, model, out, steps, prompt_len, roots, worker, progress, profile)
+            decode, out, k = capture_decode(vendor, model, out, steps, prompt_len, roots, worker, progress,
+                                            instrument)
             per_step = (time.perf_counter() - started) / max(k, 1)
         if k < steps:  # the worker's share: from its files, or captured here when it could not deliver
             progress(f"decode steps {k + 1}-{steps}/{steps} (worker process)")
@@ -174,7 +178,7 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
 
 def capture_decode(vendor: Any, model: torch.nn.Module, previous: Any, steps: int, prompt_len: int,
                    roots: list[str], worker: DecodeWorker | None, progress: Callable[[str], None],
-                   profile: bool = False, first: int = 0) -> tuple[list[StageGraph], Any, int]:
+                   instrument: Instrument | None = None, first: int = 0) -> tuple[list[StageGraph], Any, int]:
     """This process's share of the decode steps, from the real cache: every step from `first` without a
     worker, else steps from 0 until the worker's claims meet them. Returns the graphs, the last output and
     the next step (where the worker's steps begin)."""
@@ -188,7 +192,7 @@ def capture_decode(vendor: Any, model: torch.nn.Module, previous: Any, steps: in
             assert claimed == k
         progress(f"decode step {k + 1}/{steps}")
         sg, previous = capture(vendor.decode(model, previous, k), model, "decode", vendor_roots=roots, step=k,
-                               kv_len=prompt_len + k, profile=profile)
+                               kv_len=prompt_len + k, instrument=instrument)
         graphs.append(sg)
         if k == 0 and worker is not None and not worker.failure:
             worker.check(previous, model)
