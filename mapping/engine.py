@@ -9,7 +9,6 @@ distinct pairs.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,27 +17,10 @@ import networkx as nx
 
 from mapping.table import CallName, Rule, Table
 from tracer.errors import FlopdiffError
-
-_CALL = re.compile(r"#(\d+)$")
-
+from tracer.paths import split_path
 
 def flop_bearing(node: dict[str, Any]) -> bool:
     return node["flops_full"] > 0 or node["status"] == "unknown"
-
-
-def split_path(module_call: str) -> tuple[list[str], list[int]]:
-    """'model.vision_tower#1.sam_encoder' -> (['model', 'vision_tower', 'sam_encoder'], [0, 1, 0])."""
-    names, calls = [], []
-    for comp in module_call.split(".") if module_call else []:
-        m = _CALL.search(comp)
-        names.append(comp[: m.start()] if m else comp)
-        calls.append(int(m.group(1)) if m else 0)
-    return names, calls
-
-
-def plain_path(module_call: str) -> str:
-    """'model.vision_tower#1.sam_encoder' -> 'model.vision_tower.sam_encoder'."""
-    return ".".join(split_path(module_call)[0])
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mapping.engine import split_path
+from tracer.paths import split_path
 from mapping.table import compile_pattern, load_table
 from tracer.diff import main
 from tracer.gaps import add_diff, analytic_for, gap_groups, map_report

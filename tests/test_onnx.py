@@ -151,7 +151,6 @@ def test_onnx_counter_equals_flopcountermode_on_tiny_exports(case):
 
 
 def _graph(nodes, inputs, outputs, functions=()):
-    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],

@@ -52,13 +52,13 @@ def test_wrong_synthesized_cache_is_caught(tiny_v2_config, sequential, worker_cl
 
 @needs_two_cpus
 def test_failing_worker_falls_back(tiny_v2_config, sequential, worker_claims_first, monkeypatch, capsys):
-    original = worker_module.encode
+    original = worker_module.to_bytes
 
-    def encode(sg):
+    def to_bytes(sg):
         if sg.step == 4:
             raise RuntimeError("planted failure in step 4")
         return original(sg)
-    monkeypatch.setattr(worker_module, "encode", encode)
+    monkeypatch.setattr(worker_module, "to_bytes", to_bytes)
     tr = trace(WORKLOAD, config_path=tiny_v2_config)
     assert tr.worker_steps == []
     assert report_text(tr) == sequential
@@ -68,7 +68,7 @@ def test_failing_worker_falls_back(tiny_v2_config, sequential, worker_claims_fir
 def test_codec_round_trip(tiny_v2_config):
     tr = trace(Workload(image_wh=(640, 640), text_tokens=2, decode_steps=1), config_path=tiny_v2_config)
     for sg in tr.stages["prefill"] + tr.stages["decode"]:
-        back = graph_codec.decode(graph_codec.encode(sg))
+        back = graph_codec.from_bytes(graph_codec.to_bytes(sg))
         count_graph(sg)
         count_graph(back)
         assert (back.stage, back.step, back.kv_len) == (sg.stage, sg.step, sg.kv_len)

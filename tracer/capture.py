@@ -37,8 +37,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from tracer.instruments import Instrument
+from tracer.paths import ROOT, call_path
 
-ROOT = "<root>"
 
 # The ops FlopCounterMode passes through untouched (size and layout queries), and `prim::device`, which
 # only fake tensors send through the dispatcher: metadata queries, never graph nodes.
@@ -101,8 +101,7 @@ class _ModuleStack:
         calls[path] = k + 1
         parent_q = next((f[1] for f in reversed(self.frames) if f[0]), "")
         parent_p = next((f[0] for f in reversed(self.frames) if f[0]), "")
-        local = path[len(parent_p) + 1:] if parent_p and path.startswith(parent_p + ".") else path
-        qualified = (parent_q + "." if parent_q else "") + local + (f"#{k}" if k else "")
+        qualified = call_path(parent_q, parent_p, path, k)
         self.frames.append((path, qualified, type(module).__qualname__, {}))
         if self.instrument is not None:
             self.instrument.enter_module(path, qualified)
@@ -369,12 +368,6 @@ def result_tensors(result) -> list[torch.Tensor]:
     """The tensors a forward returned that the graph should output (logits first when present)."""
     logits = getattr(result, "logits", None)
     return [logits] if isinstance(logits, torch.Tensor) else []
-
-
-def node_id(sg: StageGraph, name: str) -> str:
-    """A node's id in reports: `stage/name`, or `stage/step/name` for a decode step (one home: reports, kernels,
-    overlays and tests name nodes this way)."""
-    return f"{sg.stage}/{sg.step}/{name}" if sg.step is not None else f"{sg.stage}/{name}"
 
 
 def subgraph(source: StageGraph, stage: str, keep: Callable[[torch.fx.Node], bool]) -> StageGraph:

@@ -12,7 +12,7 @@ modules' plain attributes) must still be what the worker forked from. On any dif
 fails, this process kills it and captures those steps itself (one line on stderr says why). Step 0 always
 stays here: it reads the prefill's cache, whose strides come from the prefill's own layout.
 
-Graphs come back through tracer.graph_codec; the synthesized cache is the vendor decode protocol's
+Graphs come back through tracer.graph_codec (to_bytes / from_bytes); the synthesized cache is the vendor decode protocol's
 (tracer.vendors.base.synthesized_state), which the ONNX path's decode export uses too.
 """
 
@@ -34,7 +34,7 @@ import torch
 
 from tracer.capture import StageGraph, capture
 from tracer.forking import available, fork_child
-from tracer.graph_codec import decode, encode
+from tracer.graph_codec import from_bytes, to_bytes
 from tracer.lifecycle import temp_folder
 from tracer.vendors.base import EMPTY, cache_of, synthesized_state
 
@@ -163,7 +163,7 @@ class DecodeWorker:
         while (k := self.claims.high()) is not None:
             sg, _ = capture(vendor.decode(model, synthesized_state(template, prompt_len + k), k), model,
                             "decode", vendor_roots=roots, step=k, kv_len=prompt_len + k)
-            self._write(f"step-{k}", encode(sg))
+            self._write(f"step-{k}", to_bytes(sg))
 
     def check(self, after_step0: Any, model: torch.nn.Module) -> bool:
         """After this process's step 0: is the worker's synthesized cache the real one, and the model unchanged?"""
@@ -208,7 +208,7 @@ class DecodeWorker:
             alive = self._alive()  # before reading: files written before the worker exits are all there
             for k in range(first, self.steps):
                 if k not in graphs and (blob := self._read(f"step-{k}")) is not None:
-                    graphs[k] = decode(blob)
+                    graphs[k] = from_bytes(blob)
             if not alive:
                 break
             if time.monotonic() > deadline:

@@ -71,7 +71,7 @@ def _dec(x: Any, nodes: list[torch.fx.Node]) -> Any:
     return x
 
 
-def encode(sg: StageGraph) -> bytes:
+def to_bytes(sg: StageGraph) -> bytes:
     """A captured stage as bytes (the worker's side)."""
     index = {n: i for i, n in enumerate(sg.graph.nodes)}
     entries = [(n.op, n.name, _target(n.target), _enc(n.args, index), _enc(n.kwargs, index),
@@ -80,7 +80,7 @@ def encode(sg: StageGraph) -> bytes:
     return pickle.dumps((sg.stage, sg.step, sg.kv_len, sg.notes, entries), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def decode(data: bytes) -> StageGraph:
+def from_bytes(data: bytes) -> StageGraph:
     """The stage again, as an fx graph with the same node names, args and metadata (values on the meta device).
     Call it outside any fake mode: the values are plain meta tensors."""
     stage, step, kv_len, notes, entries = pickle.loads(data)

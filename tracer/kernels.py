@@ -19,7 +19,8 @@ import subprocess
 from typing import Any
 
 from mapping.engine import Matcher
-from tracer.capture import ROOT, StageGraph, node_id
+from tracer.capture import StageGraph
+from tracer.paths import ROOT, node_id
 
 OUTSIDE = "(outside the model)"
 TOP = "(the model's top-level forward)"  # work at the root module, outside every named submodule

@@ -23,8 +23,8 @@ import subprocess
 import sys
 from typing import Any
 
-from mapping.engine import plain_path
 from tracer.instruments import NVTX_RANGE
+from tracer.paths import plain_path, under
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import scratch
 
@@ -59,8 +59,7 @@ def module_launches(report: dict[str, Any], module: str) -> list[dict[str, Any]]
     out = []
     for r in report["kernel_records"]:
         scope = nodes[r["node"]]["module"] if r["node"] in nodes else (r["module"] or "")
-        plain = plain_path(scope)
-        if plain == module or plain.startswith(module + "."):
+        if under(plain_path(scope), module):
             out.append(r)
     return out
 

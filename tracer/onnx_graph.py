@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from tracer.errors import FlopdiffError
+from tracer.paths import call_path_of, plain_path, under
 from tracer.registry import FormulaTable
 
 ONNX_FORMULAS = FormulaTable("ONNX")  # ONNX op type -> fn(input shapes, output shape, attributes) -> int
@@ -170,7 +171,7 @@ def onnx_nodes(proto: Any, wrapper: str = "m", stage: str = "prefill", step: int
                     for child in [k for k in calls if k.startswith(s + ".")]:
                         del calls[child]
             previous = set(scopes)
-        module = _qualified(scopes, calls)
+        module = call_path_of(scopes, calls)
         # None: rank or a dimension unknown to shape inference (then a formula cannot be applied: unknown)
         shapes = [dims.get(i) for i in node.input if i]
         out = dims.get(node.output[0]) if node.output else []
@@ -224,18 +225,6 @@ def _carries_in_subgraph(node: Any) -> bool:
     return False
 
 
-def _qualified(scopes: list[str], calls: dict[str, int]) -> str:
-    """The innermost module path with `#k` after each module called for the k-th time (k > 0), as in capture."""
-    if not scopes:
-        return ""
-    parts = scopes[-1].split(".")
-    for s in scopes:
-        if calls.get(s):
-            i = len(s.split(".")) - 1
-            parts[i] = f"{parts[i]}#{calls[s]}"
-    return ".".join(parts)
-
-
 def _scopes(text: str, wrapper: str) -> list[str]:
     """"['', 'm', 'm.model', 'm.model.vision_tower', ..., 'addmm']" -> the module paths below the wrapper."""
     parts = [p.strip().strip("'\"") for p in text.strip("[]").split(",")] if text else []
@@ -249,15 +238,11 @@ def onnx_report(fx: dict[str, Any], nodes: list[dict[str, Any]], an: Any, vision
     diffed against the same analytic model (for decode: `an_step`, the same workload with one decode step) through
     the same mapping table, with `consistency`: per stage and per analytic layer, ONNX full vs fx full (decode: fx
     step 0)."""
-    from mapping.engine import plain_path
     from tracer.gaps import add_diff, map_report
     from tracer.report import SCHEMA
 
-    def under(n: dict[str, Any]) -> bool:
-        p = plain_path(n["module"])
-        return any(p == m or p.startswith(m + ".") for m in vision_modules)
-
-    vision = [dict(n, id="onnx-vision/" + n["id"].split("/", 1)[1], stage="vision") for n in nodes if under(n)]
+    vision = [dict(n, id="onnx-vision/" + n["id"].split("/", 1)[1], stage="vision") for n in nodes
+              if under(plain_path(n["module"]), vision_modules)]
     names = ("vision", "prefill", "decode") if decode else ("vision", "prefill")
     rep = _onnx_doc(fx, vision + nodes, names, SCHEMA)
     add_diff(rep, an, map_report(rep, an, table))

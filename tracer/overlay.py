@@ -39,7 +39,7 @@ def graph_id(stage: str, step: int | None) -> str:
 
 def graph_collection(tr, report: dict[str, Any]) -> dict[str, Any]:
     """Every stage graph as a Model Explorer graph; node attrs carry the counts and the mapped layer."""
-    from tracer.capture import node_id
+    from tracer.paths import node_id
 
     records = {n["id"]: n for n in report["nodes"]}
     graphs = []

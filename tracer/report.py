@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
-from tracer.capture import StageGraph, node_id
+from tracer.capture import StageGraph
+from tracer.paths import node_id
 from tracer.count import Totals, totals
-from tracer.trace import STAGES, Trace
+from tracer.paths import STAGES
+from tracer.trace import Trace
 
 SCHEMA = "flopdiff.report/1"
 

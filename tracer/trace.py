@@ -23,10 +23,10 @@ from tracer.capture import StageGraph, capture, subgraph
 from tracer.decode_worker import DecodeWorker, note_fallback, worker_allowed
 from tracer.errors import FlopdiffError
 from tracer.instruments import Instrument, ProfilerRanges
+from tracer.paths import STAGES, under
 from tracer.vendors import BuildOptions, Prepared, get_vendor
 from tracer.workload import Workload, validate
 
-STAGES = ("vision", "prefill", "decode")
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Trace:
 
 def _under(prefixes: tuple[str, ...]) -> Callable:
     def keep(node) -> bool:
-        return any(p == m or p.startswith(m + ".") for p in node.meta.get("nn_module_stack", {}) for m in prefixes)
+        return any(under(p, prefixes) for p in node.meta.get("nn_module_stack", {}))
     return keep
 
 
