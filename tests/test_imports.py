@@ -44,3 +44,8 @@ def test_no_import_cycle_among_the_project_modules():
 
     graph = nx.DiGraph([(a, b) for a, targets in _project_imports().items() for b in targets])
     assert list(nx.simple_cycles(graph)) == []
+
+
+def test_the_command_line_is_a_thin_shell():
+    """Parse, run the pipeline, print, write, exit code: the pipeline's knowledge lives in tracer.pipeline."""
+    assert len((ROOT / "tracer" / "cli.py").read_text().splitlines()) < 150

@@ -140,6 +140,7 @@ class OutputSet:
     def __init__(self, out: str | os.PathLike, flag: str = "--out"):
         self.out = Path(os.path.abspath(out))
         self.flag = f"{flag} {out}"  # errors name the input as given
+        sweep_scratch()  # a run starts here: what killed runs left in the temporary folder goes
         self._check()
         self._made: list[Path] = []  # parent folders this run created (removed again if it writes nothing)
         missing = []
@@ -179,6 +180,16 @@ class OutputSet:
                 shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
                 raise FlopdiffError(f"{flag}: holds files flopdiff does not write ({shown}); the output folder "
                                     f"is replaced as a whole, so pass a new or empty folder, or one flopdiff wrote")
+
+    def __enter__(self) -> "OutputSet":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Commit when the block ends normally; discard on anything raised (a signal's exception included)."""
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
 
     def path(self, name: str) -> Path:
         assert name in OUTPUT_NAMES, name

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tracer.errors import FlopdiffError
-from tracer.vendors.base import BuildOptions, Prepared, Vendor
+from tracer.vendors.base import BuildOptions, Prepared, Vendor, parse_impl
 
-__all__ = ["VENDORS", "BuildOptions", "Prepared", "Vendor", "get_vendor"]
+__all__ = ["VENDORS", "BuildOptions", "Prepared", "Vendor", "get_vendor", "parse_impl"]
 
 
 def _deepseek_ocr2() -> Vendor:

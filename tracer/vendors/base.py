@@ -12,7 +12,18 @@ from typing import Any, Protocol
 
 import torch
 
+from tracer.errors import FlopdiffError
 from tracer.workload import Derived, Workload
+
+def parse_impl(text: str, flag: str) -> str | dict[str, str]:
+    """An --attn/--experts value: 'sdpa', or 'text_config=flex_attention,vision_config=sdpa' (one per sub-config)."""
+    if "=" not in text:
+        return text
+    try:
+        return dict(part.split("=", 1) for part in text.split(","))
+    except ValueError:
+        raise FlopdiffError(f"{flag} {text!r}: expected NAME or SUBCONFIG=NAME[,SUBCONFIG=NAME...]") from None
+
 
 SEQ_DIM = -2  # transformers' cache layout: (batch, heads, positions, head_dim)
 
