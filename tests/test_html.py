@@ -8,7 +8,6 @@ import shutil
 import pytest
 
 from tracer.html import render_html
-from tracer.report import write_atomic
 
 PLANTED = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 
@@ -49,7 +48,7 @@ def page_file(v2_page, tmp_path_factory):
             row["nodes"].remove(gate["id"])
     doc["notes"].append("note " + PLANTED)
     path = tmp_path_factory.mktemp("html") / "report.html"
-    write_atomic(path, render_html(doc))
+    path.write_text(render_html(doc))
     return path, doc
 
 
@@ -114,7 +113,7 @@ def test_kernels_section_of_a_cuda_report(browser, tmp_path):
     import json
     from pathlib import Path
 
-    from tracer.gaps import add_diff, analytic_for, map_report
+    from tracer.gaps import add_diff, analytic_of, map_report
     from tracer.kernels import attribute
 
     doc = json.loads(gzip.open(Path(__file__).parent / "data" / "cuda" / "v2-640x640-h200.json.gz").read())
@@ -122,12 +121,12 @@ def test_kernels_section_of_a_cuda_report(browser, tmp_path):
               "nodes": [{**n, "module_class": "", "source": "", "vendor_source": "", "input_shapes": [],
                          "input_dtypes": [], "output_shapes": [], "output_dtypes": []} for n in doc["nodes"]],
               "stages": [{**s, "unknown_ops": 0} for s in doc["stages"]]}
-    an = analytic_for(report, "aligned", False, None)
+    an = analytic_of(report, "aligned")
     mapping = map_report(report, an)
     add_diff(report, an, mapping)
     attribute(report, doc["kernel_records"], mapping.matcher, doc["device"])
     path = tmp_path / "report.html"
-    write_atomic(path, render_html(report))
+    path.write_text(render_html(report))
     pg = browser.new_page()
     errors = []
     pg.on("pageerror", lambda e: errors.append(str(e)))

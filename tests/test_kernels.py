@@ -12,7 +12,7 @@ import pytest
 from mapping.engine import map_nodes
 from mapping.table import load_table
 from tracer.instruments import MODULE_RANGE, OP_RANGE, ProfilerRanges, kernel_records
-from tracer.gaps import analytic_for, catalogue, present_views
+from tracer.gaps import analytic_of, catalogue, present_views
 from tracer.kernels import OUTSIDE, attribute, counted
 
 DATA = Path(__file__).resolve().parent / "data" / "cuda" / "v2-640x640-h200.json.gz"
@@ -25,7 +25,7 @@ def h200():
     device_layers = {n["id"]: n["layer"] for n in doc["nodes"]}
     for n in report["nodes"]:
         n["layer"] = None
-    an = analytic_for(report, "aligned", False, None)
+    an = analytic_of(report, "aligned")
     mapping = map_nodes(load_table("deepseek-ocr-2"), report["nodes"], present_views(report), catalogue(an.aligned))
     for n in report["nodes"]:
         n["layer"] = mapping.layer_of.get(n["id"])
@@ -259,7 +259,7 @@ def test_a_real_cpu_profile_drives_the_attribution_end_to_end(tiny_v2_config):
         if sg.selection is None:
             count_graph(sg)
     report = build_report(tr)
-    an = analytic_for(report, "aligned", False, tiny_v2_config)
+    an = analytic_of(report, "aligned", config=tiny_v2_config)
     mapping = map_report(report, an, None)
     add_diff(report, an, mapping)
     attribute_kernels(tr, report, mapping.matcher)

@@ -5,9 +5,8 @@ import pytest
 
 import tracer.decode_worker as worker_module
 from tracer import forking, graph_codec
-from tracer.count import count_graph
-from tracer.report import build_report, dumps, node_record
-from tracer.trace import trace
+from tracer.pipeline import Options, run
+from tracer.report import node_record
 from tracer.workload import Workload
 
 WORKLOAD = Workload(image_wh=(640, 640), text_tokens=2, decode_steps=6)
@@ -16,26 +15,25 @@ needs_two_cpus = pytest.mark.skipif(not forking.available(),
                                     reason="the decode worker needs fork() and a second CPU; this machine has one")
 
 
-def report_text(tr) -> str:
-    for sg in tr.graphs():
-        if sg.selection is None:
-            count_graph(sg)
-    return dumps(build_report(tr))
+def captured(config: str, sequential: bool = False):
+    """The pipeline's result (its trace's worker_steps say which steps the worker captured)."""
+    return run(WORKLOAD, Options(config=config, sequential=sequential))
 
 
 @pytest.fixture(scope="module")
 def sequential(tiny_v2_config):
-    tr = trace(WORKLOAD, config_path=tiny_v2_config, parallel=False)
-    assert tr.worker_steps == []
-    return report_text(tr)
+    result = captured(tiny_v2_config, sequential=True)
+    assert result.trace.worker_steps == []
+    return result.to_json()
 
 
 @needs_two_cpus
 def test_worker_steps_give_the_same_report(tiny_v2_config, sequential, worker_claims_first, capsys):
-    tr = trace(WORKLOAD, config_path=tiny_v2_config)
-    assert tr.worker_steps and tr.worker_steps == list(range(6 - len(tr.worker_steps), 6))
-    assert 0 not in tr.worker_steps  # step 0 reads the prefill's own cache: always captured here
-    assert report_text(tr) == sequential
+    result = captured(tiny_v2_config)
+    steps = result.trace.worker_steps
+    assert steps and steps == list(range(6 - len(steps), 6))
+    assert 0 not in steps  # step 0 reads the prefill's own cache: always captured here
+    assert result.to_json() == sequential
     assert "decode worker" not in capsys.readouterr().err
 
 
@@ -43,9 +41,9 @@ def test_worker_steps_give_the_same_report(tiny_v2_config, sequential, worker_cl
 def test_wrong_synthesized_cache_is_caught(tiny_v2_config, sequential, worker_claims_first, monkeypatch, capsys):
     original = worker_module.synthesized_state
     monkeypatch.setattr(worker_module, "synthesized_state", lambda template, kv_len: original(template, kv_len + 1))
-    tr = trace(WORKLOAD, config_path=tiny_v2_config)
-    assert tr.worker_steps == []
-    assert report_text(tr) == sequential
+    result = captured(tiny_v2_config)
+    assert result.trace.worker_steps == []
+    assert result.to_json() == sequential
     err = capsys.readouterr().err
     assert "synthesized KV cache differs from the real one" in err and len(err.strip().splitlines()) == 1
 
@@ -59,13 +57,16 @@ def test_failing_worker_falls_back(tiny_v2_config, sequential, worker_claims_fir
             raise RuntimeError("planted failure in step 4")
         return original(sg)
     monkeypatch.setattr(worker_module, "to_bytes", to_bytes)
-    tr = trace(WORKLOAD, config_path=tiny_v2_config)
-    assert tr.worker_steps == []
-    assert report_text(tr) == sequential
+    result = captured(tiny_v2_config)
+    assert result.trace.worker_steps == []
+    assert result.to_json() == sequential
     assert "RuntimeError: planted failure in step 4" in capsys.readouterr().err
 
 
 def test_codec_round_trip(tiny_v2_config):
+    from tracer.count import count_graph
+    from tracer.trace import trace
+
     tr = trace(Workload(image_wh=(640, 640), text_tokens=2, decode_steps=1), config_path=tiny_v2_config)
     for sg in tr.stages["prefill"] + tr.stages["decode"]:
         back = graph_codec.from_bytes(graph_codec.to_bytes(sg))

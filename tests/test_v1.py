@@ -204,24 +204,19 @@ def test_v1_decode_worker_gives_the_sequential_report(v1_dir, worker_claims_firs
     """The forked decode worker (tracer.decode_worker) on the real vendor model: its legacy tuple cache is synthesized,
     checked after step 0, and every report byte equals capturing all steps in one process."""
     from tracer.forking import available
-    from tracer.count import count_graph
-    from tracer.report import build_report, dumps
-    from tracer.trace import trace
+    from tracer.pipeline import Options, run
     from tracer.vendors import BuildOptions
     from tracer.workload import Workload
 
     if not available():
         pytest.skip("the decode worker needs fork() and a second CPU; this machine has one")
     workload = Workload(model="deepseek-ocr", image_wh=(640, 640), text_tokens=9, decode_steps=8)
-    options = BuildOptions(vendor_dir=v1_dir, trust_remote_code=True)
+    build = BuildOptions(vendor_dir=v1_dir, trust_remote_code=True)
     texts = []
     for worker in (True, False):
-        tr = trace(workload, options, parallel=worker)
-        assert bool(tr.worker_steps) == worker
-        for sg in tr.graphs():
-            if sg.selection is None:
-                count_graph(sg)
-        texts.append(dumps(build_report(tr)))
+        result = run(workload, Options(build=build, sequential=not worker))
+        assert bool(result.trace.worker_steps) == worker
+        texts.append(result.to_json())
     assert texts[0] == texts[1]
 
 

@@ -40,23 +40,44 @@ class Analytic:
     causal_halving: bool = False
 
 
-def shape_of(report: dict[str, Any]) -> Shape:
-    w = report["workload"]
-    text = w["prompt_len"] - 1 - w["image_tokens"]  # BOS + image tokens + text, as the vendor lays them out
-    return Shape(w["image_wh"][0], w["image_wh"][1], w["base_size"], w["tile_size"], w["crop_mode"], text,
-                 w["decode_steps"])
+def shape_of(workload: dict[str, Any]) -> Shape:
+    """The analytic model's view of a report's `workload` (what the vendor preprocessing derived)."""
+    return _shape(workload["image_wh"], workload["base_size"], workload["tile_size"], workload["crop_mode"],
+                  workload["prompt_len"], workload["image_tokens"], workload["decode_steps"])
 
 
-def analytic_for(report: dict[str, Any], preset: str, causal_halving: bool, config: str | None) -> Analytic:
-    model, shape = report["model"], shape_of(report)
+def shape_of_trace(tr: Any) -> Shape:
+    """The same from a trace: its workload and what the vendor preprocessing derived."""
+    d = tr.prepared.derived
+    return _shape(d.image_wh, d.base_size, d.tile_size, tr.workload.crop_mode, d.prompt_len, d.image_tokens,
+                  tr.workload.decode_steps)
+
+
+def _shape(image_wh, base_size: int, tile_size: int, crop_mode: bool, prompt_len: int, image_tokens: int,
+           decode_steps: int) -> Shape:
+    text = prompt_len - 1 - image_tokens  # BOS + image tokens + text, as the vendor lays them out
+    return Shape(image_wh[0], image_wh[1], base_size, tile_size, crop_mode, text, decode_steps)
+
+
+def analytic_for(model: str, shape: Shape, preset: str, causal_halving: bool = False, config: str | None = None,
+                 image_tokens: int | None = None) -> Analytic:
+    """The preset's analytic model for a workload; `image_tokens`: what the vendor preprocessing made, which the
+    analytic tiling must reproduce (checked)."""
     aligned = build(model, shape, "aligned", config)
     tree = aligned if preset == "aligned" else build(model, shape, preset, config)
-    if aligned.views.image_tokens != report["workload"]["image_tokens"]:
+    if image_tokens is not None and aligned.views.image_tokens != image_tokens:
         raise FlopdiffError(f"analytic model of {model}: {aligned.views.image_tokens} image tokens for "
-                            f"{shape.width}x{shape.height}, the vendor preprocessing made "
-                            f"{report['workload']['image_tokens']}; the analytic tiling needs fixing (please report)")
+                            f"{shape.width}x{shape.height}, the vendor preprocessing made {image_tokens}; the "
+                            f"analytic tiling needs fixing (please report)")
     doc = evaluate_tree(tree, shape, policy("full", causal_halving=causal_halving))
     return Analytic(preset, shape, tree, aligned, doc, config, causal_halving)
+
+
+def analytic_of(report: dict[str, Any], preset: str, causal_halving: bool = False,
+                config: str | None = None) -> Analytic:
+    """analytic_for a report document's model and workload (recorded reports, the tests)."""
+    return analytic_for(report["model"], shape_of(report["workload"]), preset, causal_halving, config,
+                        report["workload"]["image_tokens"])
 
 
 def catalogue(tree: ModelTree) -> dict[str, set[str]]:

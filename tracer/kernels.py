@@ -154,26 +154,6 @@ def _layer(node: dict[str, Any] | None, record: dict[str, Any], matcher: Matcher
     return matcher.resolve_scope(stage, scope) or f"(module {scope}: no analytic scope)"
 
 
-def kernel_table(report: dict[str, Any], top: int = 15):
-    from rich.table import Table
-    from rich.text import Text
-
-    dev = report.get("device") or {}
-    t = Table(title=f"kernels on {dev.get('name', 'CUDA')} (sorted by FLOPs FlopCounterMode misses)", title_justify="left")
-    t.caption = (f"{len(report['kernels'])} kernel names, {report['kernel_time']['total_us'] / 1e3:.1f} ms of kernel time, "
-                 f"{report['kernel_time']['outside_model_us'] / 1e3:.2f} ms outside the model")
-    numeric = ("calls", "time ms", "FLOPs prefill", "FLOPs decode")
-    for col in ("kernel", *numeric, "counted by FlopCounterMode", "ops", "layers"):
-        t.add_column(col, overflow="fold", justify="right" if col in numeric else "left")
-    for k in report["kernels"][:top]:
-        layers, stage = k["layers"], k["flops_full_by_stage"]
-        t.add_row(Text(k["kernel"][:80]), str(k["calls"]), f"{k['time_us'] / 1e3:.3f}", f"{stage.get('prefill', 0):,}",
-                  f"{stage.get('decode', 0):,}",
-                  k["counted_by_flopcountermode"], Text(", ".join(k["ops"])[:60]),
-                  Text(f"{layers[0]} (+{len(layers) - 1})" if len(layers) > 1 else layers[0]))
-    return t
-
-
 def attribute_kernels(tr, report: dict[str, Any], matcher: Matcher) -> None:
     """The pipeline step: every stage graph's kernel records (prefill and decode; vision's are prefill's),
     with node ids, attributed into the report."""

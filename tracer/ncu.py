@@ -154,18 +154,3 @@ def _strip(argv: list[str], flag: str) -> list[str]:
         out.append(a)
     return out
 
-
-def ncu_table(report: dict[str, Any]):
-    from rich.table import Table
-    from rich.text import Text
-
-    n = report["ncu"]
-    t = Table(title=f"Nsight Compute inside {n['module']}: hardware FLOPs beside the formula", title_justify="left")
-    t.caption = (f"ratio = tensor-core FLOPs counted by the hardware / formula FLOPs (tile padding, whole diagonal "
-                 f"tiles); {n['paired']} launches paired of {n['profiled']} profiled / {n['recorded']} recorded")
-    for col in ("kernel", "launches", "formula (full)", "hardware tensor", "hardware CUDA-core", "ratio"):
-        t.add_column(col, overflow="fold", justify="left" if col == "kernel" else "right")
-    for k in n["kernels"]:
-        t.add_row(Text(k["kernel"][:90]), str(k["launches"]), f"{k['flops_full']:,}", f"{k['tensor_flops']:,}",
-                  f"{k['cuda_core_flops']:,}", "-" if k["ratio"] is None else f"{k['ratio']:.4f}")
-    return t

@@ -290,20 +290,6 @@ def _onnx_doc(fx: dict[str, Any], nodes: list[dict[str, Any]], stages: tuple[str
     }
 
 
-def consistency_table(rep: dict[str, Any]):
-    from rich.table import Table
-
-    t = Table(title="ONNX graph vs fx graph (full FLOPs)", title_justify="left")
-    t.caption = (f"{len(rep['consistency']['layers_differing'])} analytic layers differ; ONNX nodes with FLOPs mapped: "
-                 f"{rep['coverage']['mapped']}/{rep['coverage']['nodes_with_flops']}, unknown ops: "
-                 f"{sum(u['count'] for u in rep['unknown_ops'])}")
-    for col in ("stage", "ONNX", "fx", "difference"):
-        t.add_column(col, justify="left" if col == "stage" else "right")
-    for s in rep["consistency"]["stages"]:
-        t.add_row(s["name"], f"{s['flops_onnx']:,}", f"{s['flops_fx']:,}", f"{s['difference']:,}")
-    return t
-
-
 def check_onnx(vendor: Any) -> None:
     """Refuse --graph onnx up front when the model or the environment cannot do it."""
     import importlib.util
@@ -334,7 +320,7 @@ def run_onnx(tr: Any, fx: dict[str, Any], an: Any, table: str | None) -> tuple[d
     if tr.workload.decode_steps:
         protos["decode.onnx"] = export_decode(vendor, model, tr.prepared)
         decode = onnx_nodes(protos["decode.onnx"], stage="decode", step=0)
-        an_step = analytic_for({**fx, "workload": {**fx["workload"], "decode_steps": 1}}, an.preset,
+        an_step = analytic_for(fx["model"], dataclasses.replace(an.shape, decode_steps=1), an.preset,
                                an.causal_halving, an.config)
     rep = onnx_report(fx, onnx_nodes(protos["prefill.onnx"]), an, vendor.vision_modules, table, decode, an_step)
     return rep, protos

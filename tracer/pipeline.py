@@ -171,10 +171,8 @@ class Result:
 
     def tables(self) -> list[Any]:
         """The terminal tables (rich renderables), in the order the command line prints them."""
-        from tracer.kernels import kernel_table
-        from tracer.ncu import ncu_table
-        from tracer.onnx_graph import consistency_table
-        from tracer.report import gap_table, stage_table, unmapped_table, unseen_table
+        from tracer.tables import (consistency_table, gap_table, kernel_table, ncu_table, stage_table, unmapped_table,
+                                   unseen_table)
 
         report = self.report
         out: list[Any] = [stage_table(report), gap_table(report), unseen_table(report)]
@@ -222,7 +220,7 @@ def run(workload: Workload, options: Options = Options(), progress: Callable[[st
     """Trace, count, diff and (as asked) attribute kernels, run Nsight Compute, export ONNX, explain."""
     from tracer.count import count_graph
     from tracer.explain import explain
-    from tracer.gaps import add_diff, analytic_for, map_report
+    from tracer.gaps import add_diff, analytic_for, map_report, shape_of_trace
     from tracer.instruments import NvtxRanges
     from tracer.kernels import attribute_kernels
     from tracer.ncu import join as ncu_join
@@ -242,7 +240,8 @@ def run(workload: Workload, options: Options = Options(), progress: Callable[[st
             count_graph(sg, conventions)
     report = build_report(tr)
     progress(f"analytic model ({options.analytic}) and mapping")
-    analytic = analytic_for(report, options.analytic, options.causal_halving, options.config)
+    analytic = analytic_for(workload.model, shape_of_trace(tr), options.analytic, options.causal_halving,
+                            options.config, tr.prepared.derived.image_tokens)
     mapping = map_report(report, analytic, options.mapping)
     add_diff(report, analytic, mapping)
     result = Result(report, tr, analytic, mapping)

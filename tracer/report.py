@@ -1,24 +1,20 @@
-"""Report: the stable JSON document (schema `flopdiff.report/1`), its atomic writer and the terminal tables.
+"""Report: the stable JSON document (schema `flopdiff.report/1`) built from a trace, and its encoding.
 
-Formatting lives here; counting lives in `tracer.count`. The JSON is deterministic: the same input gives
+Counting lives in `tracer.count`, the terminal tables in `tracer.tables`, the files in `tracer.pipeline`. The JSON is deterministic: the same input gives
 byte-identical output (no timestamps, node order = execution order).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from tracer.capture import StageGraph
-from tracer.paths import node_id
 from tracer.count import Totals, totals
-from tracer.paths import STAGES
+from tracer.paths import STAGES, node_id
 from tracer.trace import Trace
 
 SCHEMA = "flopdiff.report/1"
@@ -97,30 +93,6 @@ def build_report(tr: Trace) -> dict[str, Any]:
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    write_atomic_bytes(path, text.encode("utf-8"))
-
-
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def dumps(report: dict[str, Any], only_flops: bool = False) -> str:
     """Compact JSON, one node per line: small, diffable, and fast (the C encoder needs indent=None).
     `only_flops` keeps the nodes with FLOPs or without a formula (the ones layers and coverage refer to)."""
@@ -136,71 +108,3 @@ def dumps(report: dict[str, Any], only_flops: bool = False) -> str:
 
 
 
-
-def _fmt(n: int) -> str:
-    return f"{n:,}"
-
-
-def stage_table(report: dict[str, Any]):
-    from rich.table import Table
-
-    preset = report["analytic"]["preset"]
-    table = Table(title=f"{report['model']}: FLOPs per stage (analytic: {preset})", title_justify="left")
-    table.caption = ("torch = what FlopCounterMode counts; full = torch + what it cannot see; "
-                     "gap = full - analytic (% of full)")
-    for col in ("stage", "analytic", "torch", "full", "gap", "gap %", "mapped nodes", "unknown ops"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
-    for s in report["stages"]:
-        c = s["coverage"]
-        table.add_row(s["name"], _fmt(s["flops_analytic"]), _fmt(s["flops_torch"]), _fmt(s["flops_full"]),
-                      _fmt(s["gap"]), f"{s['gap_pct']:.2f}", f"{c['mapped']}/{c['nodes_with_flops']}",
-                      str(s["unknown_ops"]))
-    return table
-
-
-def gap_table(report: dict[str, Any], top: int = 12):
-    """Where each stage's gap comes from: groups of layers with the reason, largest first."""
-    from rich.table import Table
-
-    from tracer.gaps import REASONS, gap_groups
-
-    table = Table(title="where the gap comes from (full - analytic)", title_justify="left")
-    for col in ("stage", "layers", "why", "count", "gap", "% of stage gap"):
-        table.add_column(col, justify="right" if col in ("count", "gap", "% of stage gap") else "left")
-    for s in report["stages"]:
-        for g in gap_groups(report, s["name"])[:top]:
-            share = f"{100 * g['gap'] / s['gap']:.1f}" if s["gap"] else "-"
-            table.add_row(s["name"], g["group"], REASONS.get(g["reason"], ""), str(g["layers"]), _fmt(g["gap"]), share)
-    return table
-
-
-def unmapped_table(report: dict[str, Any], top: int = 20):
-    from rich.table import Table
-    from rich.text import Text
-
-    rows = [n for n in report["nodes"] if n.get("unmapped")]
-    table = Table(title=f"FLOP-bearing nodes with no analytic layer ({len(rows)})", title_justify="left")
-    for col in ("node", "op", "module", "full", "why"):
-        table.add_column(col, justify="right" if col == "full" else "left", overflow="fold")
-    for n in sorted(rows, key=lambda n: -n["flops_full"])[:top]:
-        table.add_row(Text(n["id"]), Text(n["op"]), Text(n["module"]), _fmt(n["flops_full"]), Text(n["unmapped"]))
-    return table
-
-
-def unseen_table(report: dict[str, Any]):
-    """Per stage and op: the FLOPs only policy `full` counts (what FlopCounterMode misses)."""
-    from rich.table import Table
-
-    by: Counter = Counter()
-    calls: Counter = Counter()
-    for n in report["nodes"]:
-        gap = n["flops_full"] - n["flops_torch"]
-        if gap:
-            by[(n["stage"], n["op"])] += gap
-            calls[(n["stage"], n["op"])] += 1
-    table = Table(title="unseen by FlopCounterMode, by op", title_justify="left")
-    for col in ("stage", "op", "nodes", "FLOPs"):
-        table.add_column(col, justify="right" if col in ("nodes", "FLOPs") else "left")
-    for (stage, op), flops in sorted(by.items(), key=lambda kv: (STAGES.index(kv[0][0]), -kv[1])):
-        table.add_row(stage, op, str(calls[(stage, op)]), _fmt(flops))
-    return table

@@ -1,0 +1,128 @@
+"""The terminal tables (rich), one home for all of them: stages, where the gap comes from, what FlopCounterMode cannot
+see, unmapped nodes, kernels (CUDA), Nsight Compute, ONNX consistency. Each reads the report document only."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from tracer.paths import STAGES
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def stage_table(report: dict[str, Any]):
+    from rich.table import Table
+
+    preset = report["analytic"]["preset"]
+    table = Table(title=f"{report['model']}: FLOPs per stage (analytic: {preset})", title_justify="left")
+    table.caption = ("torch = what FlopCounterMode counts; full = torch + what it cannot see; "
+                     "gap = full - analytic (% of full)")
+    for col in ("stage", "analytic", "torch", "full", "gap", "gap %", "mapped nodes", "unknown ops"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in report["stages"]:
+        c = s["coverage"]
+        table.add_row(s["name"], _fmt(s["flops_analytic"]), _fmt(s["flops_torch"]), _fmt(s["flops_full"]),
+                      _fmt(s["gap"]), f"{s['gap_pct']:.2f}", f"{c['mapped']}/{c['nodes_with_flops']}",
+                      str(s["unknown_ops"]))
+    return table
+
+
+def gap_table(report: dict[str, Any], top: int = 12):
+    """Where each stage's gap comes from: groups of layers with the reason, largest first."""
+    from rich.table import Table
+
+    from tracer.gaps import REASONS, gap_groups
+
+    table = Table(title="where the gap comes from (full - analytic)", title_justify="left")
+    for col in ("stage", "layers", "why", "count", "gap", "% of stage gap"):
+        table.add_column(col, justify="right" if col in ("count", "gap", "% of stage gap") else "left")
+    for s in report["stages"]:
+        for g in gap_groups(report, s["name"])[:top]:
+            share = f"{100 * g['gap'] / s['gap']:.1f}" if s["gap"] else "-"
+            table.add_row(s["name"], g["group"], REASONS.get(g["reason"], ""), str(g["layers"]), _fmt(g["gap"]), share)
+    return table
+
+
+def unmapped_table(report: dict[str, Any], top: int = 20):
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = [n for n in report["nodes"] if n.get("unmapped")]
+    table = Table(title=f"FLOP-bearing nodes with no analytic layer ({len(rows)})", title_justify="left")
+    for col in ("node", "op", "module", "full", "why"):
+        table.add_column(col, justify="right" if col == "full" else "left", overflow="fold")
+    for n in sorted(rows, key=lambda n: -n["flops_full"])[:top]:
+        table.add_row(Text(n["id"]), Text(n["op"]), Text(n["module"]), _fmt(n["flops_full"]), Text(n["unmapped"]))
+    return table
+
+
+def unseen_table(report: dict[str, Any]):
+    """Per stage and op: the FLOPs only policy `full` counts (what FlopCounterMode misses)."""
+    from rich.table import Table
+
+    by: Counter = Counter()
+    calls: Counter = Counter()
+    for n in report["nodes"]:
+        gap = n["flops_full"] - n["flops_torch"]
+        if gap:
+            by[(n["stage"], n["op"])] += gap
+            calls[(n["stage"], n["op"])] += 1
+    table = Table(title="unseen by FlopCounterMode, by op", title_justify="left")
+    for col in ("stage", "op", "nodes", "FLOPs"):
+        table.add_column(col, justify="right" if col in ("nodes", "FLOPs") else "left")
+    for (stage, op), flops in sorted(by.items(), key=lambda kv: (STAGES.index(kv[0][0]), -kv[1])):
+        table.add_row(stage, op, str(calls[(stage, op)]), _fmt(flops))
+    return table
+
+
+def kernel_table(report: dict[str, Any], top: int = 15):
+    from rich.table import Table
+    from rich.text import Text
+
+    dev = report.get("device") or {}
+    t = Table(title=f"kernels on {dev.get('name', 'CUDA')} (sorted by FLOPs FlopCounterMode misses)", title_justify="left")
+    t.caption = (f"{len(report['kernels'])} kernel names, {report['kernel_time']['total_us'] / 1e3:.1f} ms of kernel time, "
+                 f"{report['kernel_time']['outside_model_us'] / 1e3:.2f} ms outside the model")
+    numeric = ("calls", "time ms", "FLOPs prefill", "FLOPs decode")
+    for col in ("kernel", *numeric, "counted by FlopCounterMode", "ops", "layers"):
+        t.add_column(col, overflow="fold", justify="right" if col in numeric else "left")
+    for k in report["kernels"][:top]:
+        layers, stage = k["layers"], k["flops_full_by_stage"]
+        t.add_row(Text(k["kernel"][:80]), str(k["calls"]), f"{k['time_us'] / 1e3:.3f}", f"{stage.get('prefill', 0):,}",
+                  f"{stage.get('decode', 0):,}",
+                  k["counted_by_flopcountermode"], Text(", ".join(k["ops"])[:60]),
+                  Text(f"{layers[0]} (+{len(layers) - 1})" if len(layers) > 1 else layers[0]))
+    return t
+
+
+def ncu_table(report: dict[str, Any]):
+    from rich.table import Table
+    from rich.text import Text
+
+    n = report["ncu"]
+    t = Table(title=f"Nsight Compute inside {n['module']}: hardware FLOPs beside the formula", title_justify="left")
+    t.caption = (f"ratio = tensor-core FLOPs counted by the hardware / formula FLOPs (tile padding, whole diagonal "
+                 f"tiles); {n['paired']} launches paired of {n['profiled']} profiled / {n['recorded']} recorded")
+    for col in ("kernel", "launches", "formula (full)", "hardware tensor", "hardware CUDA-core", "ratio"):
+        t.add_column(col, overflow="fold", justify="left" if col == "kernel" else "right")
+    for k in n["kernels"]:
+        t.add_row(Text(k["kernel"][:90]), str(k["launches"]), f"{k['flops_full']:,}", f"{k['tensor_flops']:,}",
+                  f"{k['cuda_core_flops']:,}", "-" if k["ratio"] is None else f"{k['ratio']:.4f}")
+    return t
+
+
+def consistency_table(rep: dict[str, Any]):
+    from rich.table import Table
+
+    t = Table(title="ONNX graph vs fx graph (full FLOPs)", title_justify="left")
+    t.caption = (f"{len(rep['consistency']['layers_differing'])} analytic layers differ; ONNX nodes with FLOPs mapped: "
+                 f"{rep['coverage']['mapped']}/{rep['coverage']['nodes_with_flops']}, unknown ops: "
+                 f"{sum(u['count'] for u in rep['unknown_ops'])}")
+    for col in ("stage", "ONNX", "fx", "difference"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for s in rep["consistency"]["stages"]:
+        t.add_row(s["name"], f"{s['flops_onnx']:,}", f"{s['flops_fx']:,}", f"{s['difference']:,}")
+    return t
