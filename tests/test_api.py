@@ -24,3 +24,24 @@ def test_readme_python_api_example_runs(capsys):
         [(s["name"], s["flops_full"], s["gap"]) for s in result.report["stages"]]
     assert len(result.layers) == len(result.report["layers"]) and result.layers[0].id == result.report["layers"][0]["id"]
     assert namespace["doc"] == result.to_json() and namespace["html"].startswith("<!DOCTYPE html>")
+
+
+@pytest.mark.v2
+def test_typed_views_agree_with_the_tables(tiny_v2_config):
+    """gap_groups, unseen and coverage are the rows the terminal prints, typed; a seed-naive run has named groups."""
+    from tracer.pipeline import Options, run
+    from tracer.workload import Workload
+
+    result = run(Workload(image_wh=(1000, 800), text_tokens=3, decode_steps=1),
+                 Options(config=tiny_v2_config, analytic="seed-naive"))
+    stages = {s.name: s for s in result.stages}
+    for name, stage in stages.items():
+        assert sum(g.gap for g in result.gap_groups if g.stage == name) == stage.gap
+    assert {g.reason for g in result.gap_groups} >= {"missing"}
+    unseen = {(u.stage, u.op): u.flops for u in result.unseen}
+    assert unseen[("prefill", "aten::_grouped_mm")] == sum(
+        n["flops_full"] for n in result.records("nodes") if n["stage"] == "prefill" and n["op"] == "aten::_grouped_mm")
+    for name, stage in stages.items():
+        assert sum(f for (s, _), f in unseen.items() if s == name) == stage.flops_full - stage.flops_torch
+    assert result.coverage.unmapped == 0 and result.coverage.mapped == result.coverage.nodes_with_flops > 0
+    assert result.kernels == [] and result.ncu is None

@@ -114,13 +114,43 @@ class Layer:
     nodes: list[str]
 
 
+@dataclass(frozen=True)
+class GapGroup:
+    """A stage's gap by where it comes from (layer ids up to their first index) and why."""
+
+    stage: str
+    group: str
+    reason: str | None
+    layers: int
+    gap: int
+
+
+@dataclass(frozen=True)
+class Unseen:
+    """FLOPs that only policy `full` counts (FlopCounterMode misses them), per stage and op."""
+
+    stage: str
+    op: str
+    nodes: int
+    flops: int
+
+
+@dataclass(frozen=True)
+class Coverage:
+    nodes_with_flops: int
+    mapped: int
+    unmapped: int
+    unmapped_flops: int
+
+
 def _typed(cls: type, row: dict[str, Any]) -> Any:
     return cls(**{f.name: row.get(f.name) for f in fields(cls)})
 
 
 @dataclass
 class Result:
-    """One run: `report` is the JSON document (report.json's schema); the rest is what produced it."""
+    """One run: typed views (`stages`, `layers`, `gap_groups`, `unseen`, `coverage`; `kernels` and `ncu` on CUDA,
+    `onnx_report` with --graph onnx) over `report`, the JSON document (report.json's schema)."""
 
     report: dict[str, Any]
     trace: Any
@@ -138,6 +168,31 @@ class Result:
     @property
     def layers(self) -> list[Layer]:
         return [_typed(Layer, r) for r in self.report["layers"]]
+
+    @property
+    def gap_groups(self) -> list[GapGroup]:
+        from tracer.gaps import gap_groups
+
+        return [GapGroup(stage=s.name, **g) for s in self.stages for g in gap_groups(self.report, s.name)]
+
+    @property
+    def unseen(self) -> list[Unseen]:
+        from tracer.report import unseen_ops
+
+        return [_typed(Unseen, r) for r in unseen_ops(self.report)]
+
+    @property
+    def coverage(self) -> Coverage:
+        return _typed(Coverage, self.report["coverage"])
+
+    @property
+    def kernels(self) -> list[dict[str, Any]]:
+        """CUDA runs: per kernel name, calls, time, FLOPs and whether FlopCounterMode counts them ([] elsewhere)."""
+        return self.records("kernels")
+
+    @property
+    def ncu(self) -> dict[str, Any] | None:
+        return self.report.get("ncu")
 
     def records(self, what: str) -> list[dict[str, Any]]:
         """Rows of `stages`, `layers`, `nodes` or `kernels` as plain dicts (report.json's fields)."""

@@ -3,10 +3,9 @@ see, unmapped nodes, kernels (CUDA), Nsight Compute, ONNX consistency. Each read
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
-from tracer.paths import STAGES
+from tracer.report import unseen_ops
 
 
 def _fmt(n: int) -> str:
@@ -63,18 +62,11 @@ def unseen_table(report: dict[str, Any]):
     """Per stage and op: the FLOPs only policy `full` counts (what FlopCounterMode misses)."""
     from rich.table import Table
 
-    by: Counter = Counter()
-    calls: Counter = Counter()
-    for n in report["nodes"]:
-        gap = n["flops_full"] - n["flops_torch"]
-        if gap:
-            by[(n["stage"], n["op"])] += gap
-            calls[(n["stage"], n["op"])] += 1
     table = Table(title="unseen by FlopCounterMode, by op", title_justify="left")
     for col in ("stage", "op", "nodes", "FLOPs"):
         table.add_column(col, justify="right" if col in ("nodes", "FLOPs") else "left")
-    for (stage, op), flops in sorted(by.items(), key=lambda kv: (STAGES.index(kv[0][0]), -kv[1])):
-        table.add_row(stage, op, str(calls[(stage, op)]), _fmt(flops))
+    for row in unseen_ops(report):
+        table.add_row(row["stage"], row["op"], str(row["nodes"]), _fmt(row["flops"]))
     return table
 
 
