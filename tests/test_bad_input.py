@@ -114,9 +114,11 @@ def _fixtures(tmp: Path) -> None:
 
 
 def _scratch() -> set[str]:
+    """This process's scratch folders (named after their owner: other flopdiff runs on the machine do not count)."""
+    import os
     import tempfile
 
-    return {p.name for p in Path(tempfile.gettempdir()).glob("flopdiff-*")}
+    return {p.name for p in Path(tempfile.gettempdir()).glob(f"flopdiff-*-{os.getpid()}-*")}
 
 
 @pytest.mark.parametrize("case, argv, says", CASES, ids=[c[0] for c in CASES])
