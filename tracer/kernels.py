@@ -1,6 +1,7 @@
-"""Kernels (CUDA runs): every kernel torch.profiler (CUPTI) saw, attributed to a graph node and an analytic layer.
+"""Kernels: every kernel torch.profiler (CUPTI) saw on a GPU, or every aten op's self time on a CPU, attributed to
+a graph node and an analytic layer.
 
-Capture opens a profiler range around each recorded op (`flopdiff.op.<seq>`) and each module call
+The ProfilerRanges instrument (tracer.instruments) opens a profiler range around each recorded op (`flopdiff.op.<seq>`) and each module call
 (`flopdiff.module.<qualified path>`); a kernel belongs to the innermost of each that was open when it was
 launched. Kernels of an op belong to its node; kernels launched outside any op (Triton or CuTe kernels started
 from Python, compiled regions) belong to the innermost module. A node's layer is its mapped layer; a node

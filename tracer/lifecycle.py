@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 import shutil
@@ -91,15 +92,22 @@ def scratch(what: str) -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, for the two Linux calls Python has no wrapper for (prctl, renameat2); None elsewhere."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
+
+
 def die_with_parent() -> None:
     """In a forked child: have the kernel send SIGTERM when the parent exits (Linux; elsewhere nothing), and exit
     now if the parent is already gone (it may have died between fork() and this call)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
+    prctl = getattr(_libc(), "prctl", None)
+    if prctl is None:
         return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() == 1:
         os._exit(1)
 
@@ -120,10 +128,8 @@ def signals_as_exceptions() -> Iterator[None]:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one atomic step (Linux renameat2); False where the system cannot."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
+    fn = getattr(_libc(), "renameat2", None)
+    if fn is None:
         return False
     at_fdcwd = -100
     if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
