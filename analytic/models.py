@@ -16,6 +16,7 @@ from analytic.layers import Attention, Block, Conv2d, Elementwise, Experts, KVCa
 from analytic.shapes import Views, v1_views, v2_views
 from tracer.configfile import dig
 from tracer.errors import FlopdiffError
+from tracer.workload import MAX_PIXELS, MAX_SIDE
 
 # Numbers the vendor code fixes outside config.json (v1: deepencoder.py build_sam_vit_b / build_clip_l;
 # v2: transformers DeepseekOcr2SamVisionConfig defaults, checked against transformers in the tests).
@@ -41,7 +42,6 @@ class Shape:
         """API input is checked here, by field name (the command lines check their flags before)."""
         _require(self, {"width": _positive, "height": _positive, "base_size": _view, "tile_size": _view,
                         "crop_mode": _bool, "text_tokens": _count, "decode_steps": _count})
-        from tracer.workload import MAX_PIXELS, MAX_SIDE
 
         if max(self.width, self.height) > MAX_SIDE or self.width * self.height > MAX_PIXELS:
             raise FlopdiffError(f"image_wh ({self.width}, {self.height}): over {MAX_SIDE} px on a side or "

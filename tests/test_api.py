@@ -2,9 +2,12 @@
 result agrees with the document it wraps."""
 
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+
+from tracer.result import Node
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -45,3 +48,9 @@ def test_typed_views_agree_with_the_tables(tiny_v2_config):
         assert sum(f for (s, _), f in unseen.items() if s == name) == stage.flops_full - stage.flops_torch
     assert result.coverage.unmapped == 0 and result.coverage.mapped == result.coverage.nodes_with_flops > 0
     assert result.kernels == [] and result.ncu is None
+    nodes = result.nodes  # typed: every field report.json's nodes carry, nothing dropped
+    assert {f.name for f in fields(Node)} >= set().union(*(n.keys() for n in result.report["nodes"]))
+    assert len(nodes) == len(result.report["nodes"])
+    for name, stage in stages.items():
+        assert sum(n.flops_full for n in nodes if n.stage == name) == stage.flops_full
+    assert all(n.layer for n in nodes if n.flops_full and n.stage != "vision")

@@ -113,7 +113,7 @@ def test_kernels_section_of_a_cuda_report(browser, tmp_path):
     import json
     from pathlib import Path
 
-    from tracer.gaps import add_diff, analytic_of, map_report
+    from tracer.gaps import analytic_of, map_report, with_diff
     from tracer.kernels import attribute
 
     doc = json.loads(gzip.open(Path(__file__).parent / "data" / "cuda" / "v2-640x640-h200.json.gz").read())
@@ -123,8 +123,8 @@ def test_kernels_section_of_a_cuda_report(browser, tmp_path):
               "stages": [{**s, "unknown_ops": 0} for s in doc["stages"]]}
     an = analytic_of(report, "aligned")
     mapping = map_report(report, an)
-    add_diff(report, an, mapping)
-    attribute(report, doc["kernel_records"], mapping.matcher, doc["device"])
+    report = with_diff(report, an, mapping)
+    report.update(attribute(report, doc["kernel_records"], mapping.matcher, doc["device"]))
     path = tmp_path / "report.html"
     path.write_text(render_html(report))
     pg = browser.new_page()

@@ -5,6 +5,7 @@ import gzip
 import json
 import types
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from mapping.table import load_table
 from tracer.instruments import MODULE_RANGE, OP_RANGE, ProfilerRanges, kernel_records
 from tracer.gaps import analytic_of, catalogue, present_views
 from tracer.kernels import OUTSIDE, attribute, counted
+from tracer.result import Kernel, Result
 
 DATA = Path(__file__).resolve().parent / "data" / "cuda" / "v2-640x640-h200.json.gz"
 
@@ -29,8 +31,16 @@ def h200():
     mapping = map_nodes(load_table("deepseek-ocr-2"), report["nodes"], present_views(report), catalogue(an.aligned))
     for n in report["nodes"]:
         n["layer"] = mapping.layer_of.get(n["id"])
-    attribute(report, doc["kernel_records"], mapping.matcher, doc["device"])
+    report.update(attribute(report, doc["kernel_records"], mapping.matcher, doc["device"]))
     return report, doc, device_layers
+
+
+def test_the_typed_kernel_view_carries_every_field_of_the_report(h200):
+    report, _, _ = h200
+    kernels = Result(report, None, None, None).kernels
+    assert {f.name for f in fields(Kernel)} == set(report["kernels"][0])
+    assert [(k.kernel, k.time_us, k.flops_full) for k in kernels] == \
+        [(k["kernel"], k["time_us"], k["flops_full"]) for k in report["kernels"]]
 
 
 def test_every_kernel_microsecond_is_attributed_to_a_named_layer(h200):
@@ -163,8 +173,7 @@ def test_flash_attn_ops_map_to_the_attention_layer_and_carry_their_kernels(model
     report = {"nodes": [{**node, "layer": layer}]}
     records = [{"kernel": "flash_fwd_kernel", "us": 5.0, "node": "prefill/flash_fwd", "module": module,
                 "stage": "prefill", "step": None}]
-    attribute(report, records, mapping.matcher)
-    (k,) = report["kernels"]
+    (k,) = attribute(report, records, mapping.matcher)["kernels"]
     assert (k["flops_full"], k["counted_by_flopcountermode"], k["layers"]) == (1234, "no", [layer])
 
 
@@ -247,7 +256,7 @@ def test_a_real_cpu_profile_drives_the_attribution_end_to_end(tiny_v2_config):
     own event tree, each aten op's self time stands for a kernel, and the attribution puts all of it on nodes and
     named layers, with every node's FLOPs on exactly one record (what runs on a GPU, minus the GPU)."""
     from tracer.count import count_graph
-    from tracer.gaps import add_diff, map_report
+    from tracer.gaps import map_report, with_diff
     from tracer.kernels import attribute_kernels
     from tracer.report import build_report
     from tracer.trace import trace
@@ -261,8 +270,8 @@ def test_a_real_cpu_profile_drives_the_attribution_end_to_end(tiny_v2_config):
     report = build_report(tr)
     an = analytic_of(report, "aligned", config=tiny_v2_config)
     mapping = map_report(report, an, None)
-    add_diff(report, an, mapping)
-    attribute_kernels(tr, report, mapping.matcher)
+    report = with_diff(report, an, mapping)
+    report = {**report, **attribute_kernels(tr, report, mapping.matcher)}
     records = report["kernel_records"]
     ids = {n["id"] for n in report["nodes"]}
     assert records and all(r["node"] in ids for r in records if r["node"] is not None)

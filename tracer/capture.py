@@ -33,12 +33,12 @@ import torch
 import torch.fx
 from torch._ops import HigherOrderOperator
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.nn.modules import module as nn_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from tracer.instruments import Instrument
 from tracer.paths import ROOT, call_path
-
 
 # The ops FlopCounterMode passes through untouched (size and layout queries), and `prim::device`, which
 # only fake tensors send through the dispatcher: metadata queries, never graph nodes.
@@ -125,8 +125,6 @@ class _ModuleStack:
 
 @contextmanager
 def _module_hooks(stack: _ModuleStack):
-    from torch.nn.modules import module as nn_module
-
     pre = nn_module.register_module_forward_pre_hook(stack.push)
     try:
         post = nn_module.register_module_forward_hook(stack.pop, always_call=True)

@@ -14,9 +14,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from analytic.api import mode_knobs
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import Interrupted, OutputSet, signals_as_exceptions
-from tracer.pipeline import Options, check, check_max_gap, real_run_warning, run
+from tracer.pipeline import Options, check, real_run_warning, run
+from tracer.result import check_max_gap
 from tracer.vendors import VENDORS, BuildOptions, parse_impl
 from tracer.workload import Workload, parse_image_shape
 
@@ -67,8 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
-    from analytic.api import mode_knobs
-
     knobs = {"crop_mode": DEFAULT.crop_mode,
              **(mode_knobs(args.model, args.resolution, flag="--resolution") if args.resolution else {})}
     pick = lambda given, key: knobs.get(key) if given is None else given  # noqa: E731
@@ -124,8 +124,7 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # --ncu runs the same command line again
-    # millions of long-lived graph objects: the cyclic collector would rescan them, a fifth of the run
-    gc.disable()
+    gc.disable()  # millions of long-lived graph objects: the cyclic collector would rescan them, a fifth of the run
     try:
         with signals_as_exceptions():
             return run_command(args)

@@ -17,11 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from tracer.conventions import Conventions, attention_pairs
 from tracer.errors import CannotCount
 from tracer.registry import FormulaTable
-
 
 # qualified op name -> `fn(*args, out=..., conv=..., **kwargs) -> int`; raises CannotCount when it cannot
 FORMULAS = FormulaTable("fx")
@@ -109,8 +109,6 @@ def flash_attn_varlen_forward_flop(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     Reads the values of `cu_seqlens_*` (raw access): under fake tensors they are unknown and the op is
     reported as such rather than guessed.
     """
-    from torch._subclasses.fake_tensor import FakeTensor
-
     if isinstance(cu_seqlens_q, FakeTensor) or isinstance(cu_seqlens_k, FakeTensor):
         raise CannotCount("flash_attn varlen: sequence lengths are data; capture in real mode to count it")
     h, d = q.shape[1], q.shape[2]

@@ -117,35 +117,39 @@ def _row(base: dict[str, Any], analytic: int, torch_: int, full: int) -> dict[st
             "gap_pct": round(_pct(gap, full), 4)}
 
 
-def add_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> None:
-    """Adds `flops_analytic`, gap and coverage per stage, `layers` and `coverage`, and `layer` per node."""
+def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[str, Any]:
+    """The report composed with its diff (the input is left as it was): `flops_analytic`, gap and coverage per
+    stage, `layer` (or `unmapped`) per node, then `analytic`, `layers` and `coverage`."""
+    nodes = []
     per_layer: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for n in report["nodes"]:
-        n["layer"] = mapping.layer_of.get(n["id"])
+        n = {**n, "layer": mapping.layer_of.get(n["id"])}
         if n["layer"] is not None:
             per_layer[(n["stage"], n["layer"])].append(n)
         elif n["id"] in mapping.unmapped:
             n["unmapped"] = mapping.unmapped[n["id"]]
+        nodes.append(n)
     present = {s["name"] for s in report["stages"]}
     analytic = {(row["stage"], row["id"]): row["flops"] for row in an.doc["layers"] if row["stage"] in present}
     layers = []
     for key in sorted(set(per_layer) | {k for k, v in analytic.items() if v}, key=_order(an.aligned)):
         stage, lid = key
-        nodes = per_layer.get(key, [])
-        row = _row({"id": lid, "stage": stage}, analytic.get(key, 0), sum(n["flops_torch"] for n in nodes),
-                   sum(n["flops_full"] for n in nodes))
-        row["reason"] = ("missing" if key not in analytic else "no_nodes" if not nodes
+        mapped = per_layer.get(key, [])
+        row = _row({"id": lid, "stage": stage}, analytic.get(key, 0), sum(n["flops_torch"] for n in mapped),
+                   sum(n["flops_full"] for n in mapped))
+        row["reason"] = ("missing" if key not in analytic else "no_nodes" if not mapped
                          else "formula" if row["gap"] else None)
-        row["nodes"] = [n["id"] for n in nodes]
+        row["nodes"] = [n["id"] for n in mapped]
         layers.append(row)
     stage_analytic = {s["name"]: s["flops"] for s in an.doc["stages"]}
-    for s in report["stages"]:
-        stage_nodes = [n for n in report["nodes"] if n["stage"] == s["name"]]
-        s.update(_row({}, stage_analytic.get(s["name"], 0), s["flops_torch"], s["flops_full"]))
-        s["coverage"] = coverage(stage_nodes, mapping)
-    report["analytic"] = {"preset": an.preset, "policy": "full", "causal_halving": an.causal_halving}
-    report["layers"] = layers
-    report["coverage"] = coverage(report["nodes"], mapping)
+    by_stage: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for n in nodes:
+        by_stage[n["stage"]].append(n)
+    stages = [{**s, **_row({}, stage_analytic.get(s["name"], 0), s["flops_torch"], s["flops_full"]),
+               "coverage": coverage(by_stage[s["name"]], mapping)} for s in report["stages"]]
+    return {**report, "stages": stages, "nodes": nodes,
+            "analytic": {"preset": an.preset, "policy": "full", "causal_halving": an.causal_halving},
+            "layers": layers, "coverage": coverage(nodes, mapping)}
 
 
 def _order(tree: ModelTree):

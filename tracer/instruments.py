@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 class Instrument:
@@ -112,8 +113,6 @@ class ProfilerRanges(Instrument):
 
     @contextmanager
     def session(self) -> Iterator[None]:
-        from torch.profiler import ProfilerActivity, profile
-
         cuda = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
         with profile(activities=[ProfilerActivity.CPU, *cuda]) as prof:
             yield

@@ -19,9 +19,12 @@ from __future__ import annotations
 import subprocess
 from typing import Any
 
+import torch
+
 from mapping.engine import Matcher
 from tracer.capture import StageGraph
 from tracer.paths import ROOT, node_id
+from tracer.trace import Trace
 
 OUTSIDE = "(outside the model)"
 TOP = "(the model's top-level forward)"  # work at the root module, outside every named submodule
@@ -58,8 +61,6 @@ def counted(torch_flops: int, full: int) -> str:
 
 def device_info() -> dict[str, Any]:
     """The card, and its dense bf16 peak = SMs x max SM clock x FLOPs per SM per clock."""
-    import torch
-
     props = torch.cuda.get_device_properties(0)
     cc = (props.major, props.minor)
     try:
@@ -86,8 +87,9 @@ def stage_kernels(sg: StageGraph, node_ids: dict[int, str]) -> list[dict[str, An
 
 
 def attribute(report: dict[str, Any], records: list[dict[str, Any]], matcher: Matcher,
-              device: dict[str, Any] | None = None) -> None:
-    """Adds `kernels` (per kernel name) and `kernel_layers` (per stage and layer) to the report."""
+              device: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report's kernel sections: `device`, `kernels` (per kernel name), `kernel_layers` (per stage and layer)
+    and `kernel_time`."""
     nodes = {n["id"]: n for n in report["nodes"]}
     compute = compute_kernels(report, records)
     by_kernel: dict[str, dict[str, Any]] = {}
@@ -132,12 +134,10 @@ def attribute(report: dict[str, Any], records: list[dict[str, Any]], matcher: Ma
         layers.append(row)
     layers.sort(key=lambda r: (r["stage"], -r["time_us"]))
     total = sum(r["us"] for r in records)
-    report["device"] = device
-    report["kernels"] = kernels
-    report["kernel_layers"] = layers
-    report["kernel_time"] = {"total_us": round(total, 3),
-                             "outside_model_us": round(sum(r["time_us"] for r in layers if r["layer"] == OUTSIDE), 3),
-                             "attributed_pct": 100.0 if records else None}
+    return {"device": device, "kernels": kernels, "kernel_layers": layers,
+            "kernel_time": {"total_us": round(total, 3),
+                            "outside_model_us": round(sum(r["time_us"] for r in layers if r["layer"] == OUTSIDE), 3),
+                            "attributed_pct": 100.0 if records else None}}
 
 
 def _layer(node: dict[str, Any] | None, record: dict[str, Any], matcher: Matcher) -> str:
@@ -155,14 +155,12 @@ def _layer(node: dict[str, Any] | None, record: dict[str, Any], matcher: Matcher
     return matcher.resolve_scope(stage, scope) or f"(module {scope}: no analytic scope)"
 
 
-def attribute_kernels(tr, report: dict[str, Any], matcher: Matcher) -> None:
-    """The pipeline step: every stage graph's kernel records (prefill and decode; vision's are prefill's),
-    with node ids, attributed into the report."""
+def attribute_kernels(tr: Trace, report: dict[str, Any], matcher: Matcher) -> dict[str, Any]:
+    """The pipeline step: every stage graph's kernel records (prefill and decode; vision's are prefill's), with
+    node ids, attributed: attribute()'s sections and `kernel_records`."""
     records: list[dict[str, Any]] = []
     for sg in tr.stages.get("prefill", []) + tr.stages.get("decode", []):
         ids = {n.meta["seq"]: node_id(sg, n.name) for n in sg.op_nodes() if "seq" in n.meta}
         records += stage_kernels(sg, ids)
-    import torch
-
-    attribute(report, records, matcher, device_info() if torch.cuda.is_available() else None)
-    report["kernel_records"] = records
+    device = device_info() if torch.cuda.is_available() else None
+    return {**attribute(report, records, matcher, device), "kernel_records": records}

@@ -16,6 +16,7 @@ grouped GEMM, whole diagonal tiles of causal attention), and CUDA-core FLOPs fro
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import os
 import shutil
@@ -23,10 +24,11 @@ import subprocess
 import sys
 from typing import Any
 
-from tracer.instruments import NVTX_RANGE
-from tracer.paths import plain_path, under
 from tracer.errors import FlopdiffError
+from tracer.instruments import NVTX_RANGE
+from tracer.kernels import compute_kernels
 from tracer.lifecycle import scratch
+from tracer.paths import plain_path, under
 
 TENSOR = ("sm__ops_path_tensor_src_bf16_dst_fp32.sum", "sm__ops_path_tensor_src_fp16_dst_fp32.sum",
           "sm__ops_path_tensor_src_tf32_dst_fp32.sum")
@@ -84,8 +86,6 @@ def kernel_key(name: str) -> str:
 def align(launches: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Pairs (recorded launch, ncu row) in launch order, matched by kernel name: ncu profiles kernels only (no
     memsets or copies), and a library may pick another kernel in one run; those stay unpaired."""
-    import difflib
-
     a = [kernel_key(r["kernel"]) for r in launches]
     b = [kernel_key(r["kernel"]) for r in rows]
     pairs = []
@@ -96,8 +96,6 @@ def align(launches: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[tu
 
 def join(report: dict[str, Any], module: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per kernel name inside `module`: launches, hardware FLOPs, formula FLOPs, ratio."""
-    from tracer.kernels import compute_kernels
-
     launches = [r for r in module_launches(report, module) if not r["kernel"].startswith(("Memset", "Memcpy"))]
     pairs = align(launches, rows)
     flops = compute_kernels(report, report["kernel_records"])

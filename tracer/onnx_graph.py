@@ -16,6 +16,8 @@ ops, quantized GEMMs) are reported as unknown.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib.util
 import math
 import re
 import types
@@ -25,8 +27,12 @@ from typing import Any
 import torch
 
 from tracer.errors import FlopdiffError
+from tracer.gaps import analytic_for, map_report, with_diff
 from tracer.paths import call_path_of, plain_path, under
 from tracer.registry import FormulaTable
+from tracer.report import SCHEMA
+from tracer.vendors import get_vendor
+from tracer.vendors.base import EMPTY, cache_of, cache_tensors, synthesized_state
 
 ONNX_FORMULAS = FormulaTable("ONNX")  # ONNX op type -> fn(input shapes, output shape, attributes) -> int
 register = ONNX_FORMULAS.register
@@ -85,8 +91,6 @@ def export_prefill(vendor: Any, model: Any, prepared: Any) -> Any:
 def export_decode(vendor: Any, model: Any, prepared: Any) -> Any:
     """Decode step 0 (KV length = the prompt's) as an ONNX ModelProto, the KV cache tensors as graph inputs. The
     cache is built as the decode worker builds it (tracer.decode_worker): a one-token forward's, widened."""
-    from tracer.vendors.base import EMPTY, cache_of, cache_tensors, synthesized_state
-
     with torch.no_grad(), _shims(vendor)():
         template = vendor.decode(model, EMPTY, 0)()
     cache = cache_of(synthesized_state(template, prepared.derived.prompt_len))
@@ -238,17 +242,14 @@ def onnx_report(fx: dict[str, Any], nodes: list[dict[str, Any]], an: Any, vision
     diffed against the same analytic model (for decode: `an_step`, the same workload with one decode step) through
     the same mapping table, with `consistency`: per stage and per analytic layer, ONNX full vs fx full (decode: fx
     step 0)."""
-    from tracer.gaps import add_diff, map_report
-    from tracer.report import SCHEMA
-
     vision = [dict(n, id="onnx-vision/" + n["id"].split("/", 1)[1], stage="vision") for n in nodes
               if under(plain_path(n["module"]), vision_modules)]
     names = ("vision", "prefill", "decode") if decode else ("vision", "prefill")
     rep = _onnx_doc(fx, vision + nodes, names, SCHEMA)
-    add_diff(rep, an, map_report(rep, an, table))
+    rep = with_diff(rep, an, map_report(rep, an, table))
     if decode:  # its analytic counterpart is one step: diffed on its own, then merged in
         step = _onnx_doc(fx, list(decode), ("decode",), SCHEMA)
-        add_diff(step, an_step, map_report(step, an_step, table))
+        step = with_diff(step, an_step, map_report(step, an_step, table))
         rep["stages"] = [s for s in rep["stages"] if s["name"] != "decode"] + step["stages"]
         rep["layers"] = [r for r in rep["layers"] if r["stage"] != "decode"] + step["layers"]
         rep["coverage"] = {k: v + step["coverage"][k] for k, v in rep["coverage"].items()}
@@ -292,8 +293,6 @@ def _onnx_doc(fx: dict[str, Any], nodes: list[dict[str, Any]], stages: tuple[str
 
 def check_onnx(vendor: Any) -> None:
     """Refuse --graph onnx up front when the model or the environment cannot do it."""
-    import importlib.util
-
     if not hasattr(vendor, "onnx_prefill"):
         raise FlopdiffError(f"--graph onnx: not available for --model {vendor.name} (its adapter has no onnx_prefill)")
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
@@ -304,11 +303,6 @@ def check_onnx(vendor: Any) -> None:
 def run_onnx(tr: Any, fx: dict[str, Any], an: Any, table: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The pipeline step: a weightless (meta) model of the same config; its prefill and, when the workload decodes,
     its decode step 0 exported, counted and diffed. Returns the ONNX report and {file name: ModelProto}."""
-    import dataclasses
-
-    from tracer.gaps import analytic_for
-    from tracer.vendors import get_vendor
-
     vendor = get_vendor(tr.workload.model)
     # the experts as batched_mm where the model has the choice (no ONNX translation of aten._grouped_mm)
     experts = "batched_mm" if tr.options.experts is not None else None

@@ -15,6 +15,7 @@ import operator
 from typing import Any
 
 from tracer.gaps import flop_nodes
+from tracer.paths import node_id
 
 GRADIENT = [{"stop": 0, "bgColor": "#2e7d32"}, {"stop": 0.5, "bgColor": "#ffffff"}, {"stop": 1, "bgColor": "#c62828"}]
 
@@ -39,8 +40,6 @@ def graph_id(stage: str, step: int | None) -> str:
 
 def graph_collection(tr, report: dict[str, Any]) -> dict[str, Any]:
     """Every stage graph as a Model Explorer graph; node attrs carry the counts and the mapped layer."""
-    from tracer.paths import node_id
-
     records = {n["id"]: n for n in report["nodes"]}
     graphs = []
     for sg in tr.graphs():

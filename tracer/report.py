@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mapping.engine import flop_bearing
 from tracer.capture import StageGraph
 from tracer.count import Totals, totals
 from tracer.paths import STAGES, node_id
@@ -109,8 +110,6 @@ def unseen_ops(report: dict[str, Any]) -> list[dict[str, Any]]:
 def dumps(report: dict[str, Any], only_flops: bool = False) -> str:
     """Compact JSON, one node per line: small, diffable, and fast (the C encoder needs indent=None).
     `only_flops` keeps the nodes with FLOPs or without a formula (the ones layers and coverage refer to)."""
-    from mapping.engine import flop_bearing
-
     head = {k: v for k, v in report.items() if k != "nodes"}
     if only_flops:
         head["nodes_written"] = "flops"

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.table import Table
+from rich.text import Text
+
+from tracer.gaps import REASONS, gap_groups
 from tracer.report import unseen_ops
 
 
@@ -13,8 +17,6 @@ def _fmt(n: int) -> str:
 
 
 def stage_table(report: dict[str, Any]):
-    from rich.table import Table
-
     preset = report["analytic"]["preset"]
     table = Table(title=f"{report['model']}: FLOPs per stage (analytic: {preset})", title_justify="left")
     table.caption = ("torch = what FlopCounterMode counts; full = torch + what it cannot see; "
@@ -31,10 +33,6 @@ def stage_table(report: dict[str, Any]):
 
 def gap_table(report: dict[str, Any], top: int = 12):
     """Where each stage's gap comes from: groups of layers with the reason, largest first."""
-    from rich.table import Table
-
-    from tracer.gaps import REASONS, gap_groups
-
     table = Table(title="where the gap comes from (full - analytic)", title_justify="left")
     for col in ("stage", "layers", "why", "count", "gap", "% of stage gap"):
         table.add_column(col, justify="right" if col in ("count", "gap", "% of stage gap") else "left")
@@ -46,9 +44,6 @@ def gap_table(report: dict[str, Any], top: int = 12):
 
 
 def unmapped_table(report: dict[str, Any], top: int = 20):
-    from rich.table import Table
-    from rich.text import Text
-
     rows = [n for n in report["nodes"] if n.get("unmapped")]
     table = Table(title=f"FLOP-bearing nodes with no analytic layer ({len(rows)})", title_justify="left")
     for col in ("node", "op", "module", "full", "why"):
@@ -60,8 +55,6 @@ def unmapped_table(report: dict[str, Any], top: int = 20):
 
 def unseen_table(report: dict[str, Any]):
     """Per stage and op: the FLOPs only policy `full` counts (what FlopCounterMode misses)."""
-    from rich.table import Table
-
     table = Table(title="unseen by FlopCounterMode, by op", title_justify="left")
     for col in ("stage", "op", "nodes", "FLOPs"):
         table.add_column(col, justify="right" if col in ("nodes", "FLOPs") else "left")
@@ -71,9 +64,6 @@ def unseen_table(report: dict[str, Any]):
 
 
 def kernel_table(report: dict[str, Any], top: int = 15):
-    from rich.table import Table
-    from rich.text import Text
-
     dev = report.get("device") or {}
     t = Table(title=f"kernels on {dev.get('name', 'CUDA')} (sorted by FLOPs FlopCounterMode misses)", title_justify="left")
     t.caption = (f"{len(report['kernels'])} kernel names, {report['kernel_time']['total_us'] / 1e3:.1f} ms of kernel time, "
@@ -91,9 +81,6 @@ def kernel_table(report: dict[str, Any], top: int = 15):
 
 
 def ncu_table(report: dict[str, Any]):
-    from rich.table import Table
-    from rich.text import Text
-
     n = report["ncu"]
     t = Table(title=f"Nsight Compute inside {n['module']}: hardware FLOPs beside the formula", title_justify="left")
     t.caption = (f"ratio = tensor-core FLOPs counted by the hardware / formula FLOPs (tile padding, whole diagonal "
@@ -107,8 +94,6 @@ def ncu_table(report: dict[str, Any]):
 
 
 def consistency_table(rep: dict[str, Any]):
-    from rich.table import Table
-
     t = Table(title="ONNX graph vs fx graph (full FLOPs)", title_justify="left")
     t.caption = (f"{len(rep['consistency']['layers_differing'])} analytic layers differ; ONNX nodes with FLOPs mapped: "
                  f"{rep['coverage']['mapped']}/{rep['coverage']['nodes_with_flops']}, unknown ops: "

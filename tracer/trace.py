@@ -11,14 +11,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from unittest import mock
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from analytic.api import build, evaluate_tree, policy, shape_for, weight_bytes
 from tracer.capture import StageGraph, capture, subgraph
 from tracer.decode_worker import DecodeWorker, note_fallback, worker_allowed
 from tracer.errors import FlopdiffError
@@ -26,7 +27,6 @@ from tracer.instruments import Instrument, ProfilerRanges
 from tracer.paths import STAGES, under
 from tracer.vendors import BuildOptions, Prepared, get_vendor
 from tracer.workload import Workload, validate
-
 
 
 @dataclass
@@ -221,8 +221,6 @@ LOAD_SECONDS = 5.0
 def real_run_estimate(workload: Workload, config: str | None) -> str:
     """What `--mode real` on CPU is about to cost, as an upper bound: building the random weights (this machine's
     measured fill rate), computing every stage's analytic FLOPs (its measured bf16 matmul rate), and memory."""
-    from analytic.api import build, evaluate_tree, policy, shape_for, weight_bytes
-
     shape = shape_for(workload.model, workload.image_wh, base_size=workload.base_size, tile_size=workload.tile_size,
                       crop_mode=workload.crop_mode, text_tokens=workload.text_tokens or 0,
                       decode_steps=workload.decode_steps)

@@ -5,6 +5,7 @@ vendor's preprocessing, see `tracer.vendors`; this module only validates and hol
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +60,6 @@ def load_image(workload: Workload):
     """The PIL image the vendor preprocessing receives: the user's file, or a white RGB page. A file's size is
     checked from its header, before decoding; PIL's own decompression-bomb limit (which raises at 179 Mpx and
     warns from 89 Mpx) gives way to that check."""
-    import warnings
-
     from PIL import Image
 
     if workload.image_path is None:

@@ -29,8 +29,8 @@ Shims, each with its reason (`SHIMS`; applied only while capturing or preprocess
 
 from __future__ import annotations
 
-import importlib
 import hashlib
+import importlib
 import os
 import sys
 import types
@@ -47,7 +47,7 @@ from tracer.configfile import check_config, dig, read_json
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import scratch
 from tracer.vendors.base import BuildOptions, Prepared
-from tracer.workload import Derived, Workload
+from tracer.workload import Derived, Workload, load_image
 
 VENDOR_FILES = ("modeling_deepseekocr.py", "modeling_deepseekv2.py", "deepencoder.py",
                 "configuration_deepseek_v2.py", "conversation.py")
@@ -359,8 +359,6 @@ def _import_package(folder: Path) -> str:
 
 
 def _image_size(workload: Workload) -> tuple[int, int]:
-    from tracer.workload import load_image
-
     return load_image(workload).size if workload.image_path else workload.image_wh
 
 
@@ -376,7 +374,6 @@ def _run_infer(modeling: types.ModuleType, tokenizer: Any, prompt: str, workload
         warnings.filterwarnings("ignore", message="CUDA is not available", category=UserWarning)
         image_file = workload.image_path
         if image_file is None:
-            from tracer.workload import load_image
 
             image_file = os.path.join(tmp, "page.png")
             load_image(workload).save(image_file)

@@ -1,0 +1,245 @@
+"""The typed result of one run (tracer.pipeline.run): views over the report document (report.json's schema) as
+dataclasses, its rows for a notebook, its encodings (JSON, HTML, terminal tables) and its files.
+
+The document stays the one source of truth (what report.json holds, byte for byte); the dataclasses are read-only
+views built on demand, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tracer.errors import FlopdiffError
+from tracer.forking import forked
+from tracer.gaps import gap_groups
+from tracer.html import render_html
+from tracer.lifecycle import OutputSet
+from tracer.onnx_graph import save as save_onnx
+from tracer.overlay import graph_collection, overlay
+from tracer.report import dumps, unseen_ops
+from tracer.tables import (consistency_table, gap_table, kernel_table, ncu_table, stage_table, unmapped_table,
+                           unseen_table)
+
+
+def check_max_gap(max_gap: float | None) -> float | None:
+    """A --max-gap percentage (None: no gate)."""
+    if max_gap is not None and not (math.isfinite(max_gap) and max_gap >= 0):
+        raise FlopdiffError(f"--max-gap {max_gap}: must be a number, 0 or more (percent of the full count)")
+    return max_gap
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    flops_analytic: int
+    flops_torch: int
+    flops_full: int
+    gap: int
+    gap_pct: float
+    unknown_ops: int
+    coverage: dict[str, int]
+    steps: list[dict[str, int]] | None = None  # decode: kv_len and FLOPs per step
+
+
+@dataclass(frozen=True)
+class Layer:
+    id: str
+    stage: str
+    flops_analytic: int
+    flops_torch: int
+    flops_full: int
+    gap: int
+    gap_pct: float
+    reason: str | None
+    nodes: list[str]
+
+
+@dataclass(frozen=True)
+class Node:
+    """One aten op (or custom op) of a stage graph, counted under both policies and mapped to a layer."""
+
+    id: str
+    stage: str
+    step: int | None
+    op: str
+    module: str
+    module_class: str
+    source: str
+    vendor_source: str
+    vendor_function: str
+    input_shapes: list[list[int]]
+    input_dtypes: list[str]
+    output_shapes: list[list[int]]
+    output_dtypes: list[str]
+    flops_torch: int
+    flops_full: int
+    status: str                 # formula, zero (no FLOPs by convention), unknown (FLOP-bearing, no formula), ...
+    note: str | None = None
+    layer: str | None = None    # the analytic layer it maps to
+    unmapped: str | None = None  # why no mapping rule took it
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """CUDA runs: one kernel name, its calls, time and FLOPs (its nodes' FLOPs on their compute kernel)."""
+
+    kernel: str
+    calls: int
+    time_us: float
+    flops_full: int
+    flops_torch: int
+    flops_full_by_stage: dict[str, int]
+    ops: list[str]
+    layers: list[str]
+    counted_by_flopcountermode: str  # yes, no, partly or "-" (no FLOPs)
+    unseen_flops: int
+
+
+@dataclass(frozen=True)
+class GapGroup:
+    """A stage's gap by where it comes from (layer ids up to their first index) and why."""
+
+    stage: str
+    group: str
+    reason: str | None
+    layers: int
+    gap: int
+
+
+@dataclass(frozen=True)
+class Unseen:
+    """FLOPs that only policy `full` counts (FlopCounterMode misses them), per stage and op."""
+
+    stage: str
+    op: str
+    nodes: int
+    flops: int
+
+
+@dataclass(frozen=True)
+class Coverage:
+    nodes_with_flops: int
+    mapped: int
+    unmapped: int
+    unmapped_flops: int
+
+
+def _typed(cls: type, row: dict[str, Any]) -> Any:
+    return cls(**{f.name: row.get(f.name) for f in fields(cls)})
+
+
+@dataclass
+class Result:
+    """One run: typed views (`stages`, `layers`, `nodes`, `gap_groups`, `unseen`, `coverage`; `kernels` and `ncu` on CUDA,
+    `onnx_report` with --graph onnx) over `report`, the JSON document (report.json's schema)."""
+
+    report: dict[str, Any]
+    trace: Any
+    analytic: Any
+    mapping: Any
+    onnx_report: dict[str, Any] | None = None
+    onnx_protos: dict[str, Any] | None = None
+    ncu_csv: str | None = None
+    detail: Any = None  # the --explain text (a rich renderable)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [_typed(Stage, s) for s in self.report["stages"]]
+
+    @property
+    def layers(self) -> list[Layer]:
+        return [_typed(Layer, r) for r in self.report["layers"]]
+
+    @property
+    def gap_groups(self) -> list[GapGroup]:
+        return [GapGroup(stage=s.name, **g) for s in self.stages for g in gap_groups(self.report, s.name)]
+
+    @property
+    def unseen(self) -> list[Unseen]:
+        return [_typed(Unseen, r) for r in unseen_ops(self.report)]
+
+    @property
+    def coverage(self) -> Coverage:
+        return _typed(Coverage, self.report["coverage"])
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [_typed(Node, n) for n in self.report["nodes"]]
+
+    @property
+    def kernels(self) -> list[Kernel]:
+        """CUDA runs: per kernel name, calls, time, FLOPs and whether FlopCounterMode counts them ([] elsewhere)."""
+        return [_typed(Kernel, k) for k in self.report.get("kernels", [])]
+
+    @property
+    def ncu(self) -> dict[str, Any] | None:
+        return self.report.get("ncu")
+
+    def records(self, what: str) -> list[dict[str, Any]]:
+        """Rows of `stages`, `layers`, `nodes` or `kernels` as plain dicts (report.json's fields)."""
+        if what not in ("stages", "layers", "nodes", "kernels", "unknown_ops"):
+            raise FlopdiffError(f"records({what!r}): choose stages, layers, nodes, kernels or unknown_ops")
+        return [dict(r) for r in self.report.get(what, [])]
+
+    def dataframe(self, what: str) -> Any:
+        """The same rows as a pandas DataFrame (pandas is not a dependency of flopdiff: install it to use this)."""
+        try:
+            import pandas
+        except ImportError:
+            raise FlopdiffError("dataframe(): needs pandas (pip install pandas); records() gives the same rows") from None
+        return pandas.DataFrame.from_records(self.records(what))
+
+    def over(self, max_gap: float | None) -> list[Stage]:
+        """The stages whose |gap| exceeds `max_gap` percent of their full count (None: no gate, none)."""
+        if check_max_gap(max_gap) is None:
+            return []
+        return [s for s in self.stages if abs(s.gap_pct) > max_gap]
+
+    def to_json(self, only_flops: bool = False) -> str:
+        return dumps(self.report, only_flops=only_flops)
+
+    def to_html(self) -> str:
+        return render_html(self.report)
+
+    def tables(self) -> list[Any]:
+        """The terminal tables (rich renderables), in the order the command line prints them."""
+        report = self.report
+        out: list[Any] = [stage_table(report), gap_table(report), unseen_table(report)]
+        if report.get("kernels"):
+            out.append(kernel_table(report))
+        if report.get("ncu"):
+            out.append(ncu_table(report))
+        if self.onnx_report is not None:
+            out.append(consistency_table(self.onnx_report))
+        if report["coverage"]["unmapped"]:
+            out.append(unmapped_table(report))
+        if report["unknown_ops"]:
+            out.append("[bold red]ops that may carry FLOPs and have no formula:[/] " +
+                       ", ".join(f"{u['op']} x{u['count']}" for u in report["unknown_ops"]))
+        if self.detail is not None:
+            out.append(self.detail)
+        return out
+
+    def write(self, outputs: OutputSet, only_flops: bool = False) -> list[str]:
+        """Every output file into `outputs` (staged: the caller commits or discards); the names written."""
+        # the largest file, independent of the others: built and encoded in a forked child meanwhile
+        graph_written = forked(lambda: outputs.write("model-explorer-graph.json", json.dumps(
+            graph_collection(self.trace, self.report), separators=(",", ":"))))
+        outputs.write("report.json", self.to_json(only_flops))
+        outputs.write("report.html", self.to_html())
+        outputs.write("model-explorer.json", json.dumps(overlay(self.report), separators=(",", ":")))
+        names = ["report.json", "report.html", "model-explorer.json", "model-explorer-graph.json"]
+        if self.ncu_csv is not None:
+            outputs.write("ncu.csv", self.ncu_csv)
+            names.append("ncu.csv")
+        if self.onnx_report is not None:
+            save_onnx(self.onnx_protos, outputs)
+            outputs.write("report-onnx.json", dumps(self.onnx_report))
+            names += ["report-onnx.json", *self.onnx_protos]
+        graph_written()
+        return names
+
+
