@@ -69,9 +69,13 @@ def policy(name: str, device: str = "cpu", causal_halving: bool = False) -> Poli
     return Policy(ignore_torch_unsupported_flops=name == "torch", device=device, causal_halving=causal_halving)
 
 
-def build(model: str, shape: Shape, preset: str = "aligned", config: str | None = None) -> ModelTree:
+def build(model: str, shape: Shape, preset: str = "aligned", config: str | None = None,
+          attention: dict[str, str] | None = None) -> ModelTree:
+    """`attention`: the implementation per part ({"decoder": ..., "vision": ...}; None: the vendor defaults), which
+    says which op carries each attention's matmuls (what policy torch counts)."""
     path = Path(config) if config else DATA / model / "config.json"
-    return BUILDERS[model](_config(str(path)), shape, where=f"--config {path}", variant=variant(preset))
+    return BUILDERS[model](_config(str(path)), shape, where=f"--config {path}", variant=variant(preset),
+                           attention=attention)
 
 
 @lru_cache(maxsize=16)

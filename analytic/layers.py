@@ -22,10 +22,11 @@ from typing import ClassVar
 
 from tracer.conventions import attention_pairs
 
-#: aten ops FlopCounterMode cannot count, per device (torch 2.4 - 2.14)
+#: ops FlopCounterMode cannot count, per device (torch 2.4 - 2.14): flex is a higher-order op it does not count,
+#: "python" a kernel launched from Python (an attention plugin), which issues no op at all
 TORCH_BLIND = {
-    "cpu": {"sdpa", "grouped_mm", "flash_attn"},
-    "cuda": {"grouped_mm", "flash_attn"},
+    "cpu": {"sdpa", "grouped_mm", "flash_attn", "flex", "python"},
+    "cuda": {"grouped_mm", "flash_attn", "flex", "python"},
 }
 
 

@@ -116,9 +116,18 @@ def _shared(builder):
 
 # ---- vision encoders -------------------------------------------------------------------------------
 
+# The op that carries an attention implementation's matmuls (Layer.op: what policy `torch` asks FlopCounterMode
+# about). Any other name is a function registered by a plugin: a kernel launched from Python, which it never sees.
+ATTENTION_OPS = {"eager": "bmm", "sdpa": "sdpa", "flash_attention_2": "flash_attn", "flex_attention": "flex"}
+
+
+def attention_op(implementation: str) -> str:
+    return ATTENTION_OPS.get(implementation, "python")
+
+
 @_shared
 def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, global_idx: list[int],
-        mlp: int, neck: int, down: list[int], c: dict) -> Block:
+        mlp: int, neck: int, down: list[int], c: dict, attn_op: str = "sdpa") -> Block:
     """SAM ViT-B over `views` images of `px` pixels: windowed blocks pad the grid to a multiple of the
     window (padded tokens cost FLOPs), global blocks attend over the whole grid."""
     g = px // c["patch"]
@@ -137,7 +146,7 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
             Elementwise(f"{p}.norm1", elements=views * g * g * width, per_element=4),
             Linear(f"{p}.qkv", op="addmm", tokens=tokens, d_in=width, d_out=3 * width),
             RelPos(f"{p}.rel_pos", batch_heads=batch * heads, h=side, w=side, d=d),
-            Attention(f"{p}.attn", batch=batch, heads=heads, s_q=side * side, s_k=side * side, d=d, d_v=d),
+            Attention(f"{p}.attn", op=attn_op, batch=batch, heads=heads, s_q=side * side, s_k=side * side, d=d, d_v=d),
             Linear(f"{p}.proj", op="addmm", tokens=tokens, d_in=width, d_out=width),
             Elementwise(f"{p}.norm2", elements=views * g * g * width, per_element=4),
             Linear(f"{p}.mlp.lin1", op="addmm", tokens=views * g * g, d_in=width, d_out=mlp),
@@ -166,7 +175,8 @@ def clip(prefix: str, views: int, tokens: int, width: int, layers: int, heads: i
 
 
 @_shared
-def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, layers: int | None = None) -> Block:
+def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, layers: int | None = None,
+                  attn_op: str = "sdpa") -> Block:
     """v2's Qwen2-style encoder over n SAM tokens + n learned queries (image tokens both ways, queries
     causal: counted dense, the mask is data to SDPA)."""
     s, h = 2 * n, enc["hidden_size"]
@@ -179,7 +189,8 @@ def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, lay
             Linear(f"{p}.q_proj", op="addmm", tokens=t, d_in=h, d_out=heads * head_dim),
             Linear(f"{p}.k_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim),
             Linear(f"{p}.v_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim),
-            Attention(f"{p}.attn", batch=views, heads=heads, s_q=s, s_k=s, d=head_dim, d_v=head_dim, causal=False),
+            Attention(f"{p}.attn", op=attn_op, batch=views, heads=heads, s_q=s, s_k=s, d=head_dim, d_v=head_dim,
+                      causal=False),
             Linear(f"{p}.o_proj", tokens=t, d_in=heads * head_dim, d_out=h),
             Linear(f"{p}.mlp.gate_proj", tokens=t, d_in=h, d_out=inter),
             Linear(f"{p}.mlp.up_proj", tokens=t, d_in=h, d_out=inter),
@@ -253,7 +264,9 @@ def _stages(model: str, views: Views, vision: Block, spec: DecoderSpec, prompt_l
 
 # ---- DeepSeek-OCR (v1) ---------------------------------------------------------------------------------
 
-def build_v1(cfg: dict, shape: Shape, where: str = "config", variant: Variant = Variant()) -> ModelTree:
+def build_v1(cfg: dict, shape: Shape, where: str = "config", variant: Variant = Variant(),
+             attention: dict[str, str] | None = None) -> ModelTree:
+    """`attention`: the decoder's implementation (eager or flash_attention_2; SAM and CLIP always call SDPA)."""
     c = VENDOR_CONSTANTS["deepseek-ocr"]
     sam_cfg = _dig(cfg, "vision_config.width.sam_vit_b", where)
     clip_cfg = _dig(cfg, "vision_config.width.clip-l-14-224", where)
@@ -274,7 +287,8 @@ def build_v1(cfg: dict, shape: Shape, where: str = "config", variant: Variant = 
     kids = view("global", 1, views.global_px)
     if views.tiles and not variant.single_view:
         kids = view("tiles", views.tiles, views.tile_px) + kids  # the vendor runs the tiles first
-    spec = _decoder_spec(lang, where, rope_per_layer=True, attn_op="bmm", experts_op="mm")
+    spec = _decoder_spec(lang, where, rope_per_layer=True, attn_op=attention_op((attention or {}).get("decoder", "eager")),
+                         experts_op="mm")
     return _stages("deepseek-ocr", views, Block("vision", children=kids), spec,
                    1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=True, variant=variant)
 
@@ -297,28 +311,31 @@ def _decoder_spec(lang: dict, where: str, **kw) -> DecoderSpec:
 # ---- DeepSeek-OCR-2 ------------------------------------------------------------------------------------
 
 def build_v2(cfg: dict, shape: Shape, where: str = "config", variant: Variant = Variant(),
-             experts_op: str = "grouped_mm") -> ModelTree:
+             attention: dict[str, str] | None = None, experts_op: str = "grouped_mm") -> ModelTree:
+    """`attention`: the implementations of the decoder and the vision tower (SAM and encoder; default sdpa)."""
     c = VENDOR_CONSTANTS["deepseek-ocr-2"]
     s = _dig(cfg, "vision_config.sam_config", where)
     enc = _dig(cfg, "vision_config.encoder_config", where)
     views = v2_views(shape.width, shape.height, shape.base_size, shape.tile_size, shape.crop_mode, c["patch"], c["downsample"])
     text = _dig(cfg, "text_config", where)
+    vision_op = attention_op((attention or {}).get("vision", "sdpa"))
 
     def view(name: str, count: int, px: int) -> list[Layer]:
         n = (px // c["patch"] // 4) ** 2
         return [sam(f"vision.{name}.sam", count, px, _dig(s, "hidden_size", where), _dig(s, "num_hidden_layers", where),
                     s.get("num_attention_heads", 12), _dig(s, "global_attn_indexes", where),
                     s.get("mlp_dim") or int(_dig(s, "hidden_size", where) * s.get("mlp_ratio", c["sam_mlp_ratio"])),
-                    s.get("output_channels", c["neck"]), _dig(s, "downsample_channels", where), c),
+                    s.get("output_channels", c["neck"]), _dig(s, "downsample_channels", where), c, vision_op),
                 qwen2_encoder(f"vision.{name}.encoder", count, n, enc, enc.get("head_dim") or enc["hidden_size"] // enc["num_attention_heads"],
-                              variant.clip_layers),
+                              variant.clip_layers, vision_op),
                 Linear(f"vision.{name}.projector", op="addmm", tokens=count * (variant.projector_tokens or n), d_in=enc["hidden_size"],
                        d_out=_dig(text, "hidden_size", where))]
 
     kids = view("global", 1, views.global_px)
     if views.tiles and not variant.single_view:
         kids += view("tiles", views.tiles, views.tile_px)
-    spec = _decoder_spec(text, where, rope_per_layer=False, attn_op="sdpa", experts_op=experts_op)
+    spec = _decoder_spec(text, where, rope_per_layer=False, attn_op=attention_op((attention or {}).get("decoder", "sdpa")),
+                         experts_op=experts_op)
     return _stages("deepseek-ocr-2", views, Block("vision", children=kids), spec,
                    1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=False, variant=variant)
 

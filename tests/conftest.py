@@ -9,6 +9,7 @@ Under CI (`CI` set, as .ci/run runs) any other skip is a failure: a test listed 
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ TINY_V2 = HERE / "data" / "deepseek-ocr-2-tiny.json"
 SHARED = HERE.parent.parent / "shared"
 REFERENCE = HERE / "data" / "reference"
 OTHER_ENV = "[runs in the other environment] "
+# the attention plugins the README shows (benchmarks/attention_plugins.py) import by module name, as a user's would
+sys.path.insert(0, str(HERE.parent / "benchmarks"))
 
 
 def v1_folder() -> str | None:

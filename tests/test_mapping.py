@@ -33,7 +33,8 @@ def test_call_indices_are_split_from_the_path():
 
 def test_v2_every_flop_node_mapped_and_aligned_gap_is_zero(v2_page):
     doc = v2_page
-    assert doc["analytic"] == {"preset": "aligned", "policy": "full", "causal_halving": False}
+    assert doc["analytic"] == {"preset": "aligned", "policy": "full", "causal_halving": False,
+                               "attention": {"decoder": "sdpa", "vision": "sdpa"}}
     assert doc["unknown_ops"] == []
     cov = doc["coverage"]
     assert cov["unmapped"] == 0 and cov["unmapped_flops"] == 0

@@ -17,6 +17,11 @@ RUNS = [
     ("attn sdpa", ["--attn", "sdpa"], None),
     ("attn eager", ["--attn", "eager"], "no_sdpa"),
     ("attn flex in the text model", ["--attn", "text_config=flex_attention,vision_config=sdpa"], "flex"),
+    ("attn flash_attention_2 in the text model (flash-attn or its stand-in)",
+     ["--attn", "text_config=flash_attention_2,vision_config=sdpa"], "fa2"),
+    ("attn plugin (fake mode: its boundary)", ["--attn-plugin", "attention_plugins:numpy_attention",
+                                               "--attn", "text_config=numpy_attention,vision_config=sdpa"], "plugin"),
+    ("policy torch", ["--policy", "torch"], "torch_policy"),
     ("experts grouped_mm", ["--experts", "grouped_mm"], "grouped"),
     ("experts batched_mm", ["--experts", "batched_mm"], "batched"),
     ("resolution default", ["--resolution", "default"], None),
@@ -33,8 +38,16 @@ RUNS = [
 
 ERRORS = [  # documented refusals: one line, exit 2
     ("attn flash_attention_2 (whole model)", ["--attn", "flash_attention_2"], "does not support Flash Attention 2"),
-    ("attn flash_attention_2 without flash-attn", ["--attn", "text_config=flash_attention_2,vision_config=sdpa"],
-     "the package for FlashAttention2"),
+    ("attn flash_attention_2 real without flash-attn", ["--attn", "text_config=flash_attention_2,vision_config=sdpa",
+                                                        "--mode", "real"], "the flash-attn package is not installed"),
+    ("attn name nobody registered", ["--attn", "text_config=no_such_attention,vision_config=sdpa"],
+     'the model refused it: Specified `attn_implementation="no_such_attention"` is not supported'),
+    ("attn-plugin not importable", ["--attn-plugin", "no_such_module_xyz:fn"], "cannot import no_such_module_xyz"),
+    ("attn-plugin not callable", ["--attn-plugin", "os:sep"], "os.sep is not callable"),
+    ("attn-plugin not a function of transformers' call", ["--attn-plugin", "os:getcwd"], "cannot take that"),
+    ("attn-plugin without module:function", ["--attn-plugin", "numpy_attention"], "expected [NAME=]module:function"),
+    ("attn-plugin named as a built-in", ["--attn-plugin", "sdpa=attention_plugins:numpy_attention"],
+     "sdpa is one of transformers' own attention implementations"),
     ("experts eager (fake mode)", ["--experts", "eager"], "--experts eager: its per-expert loop reads the routing"),
     ("a v1 resolution", ["--resolution", "tiny"], "--resolution 'tiny': deepseek-ocr-2 has the modes default"),
     ("device cuda here", ["--device", "cuda", "--mode", "real"], "--device cuda"),
@@ -51,8 +64,8 @@ def test_every_choice_the_help_lists_is_covered():
     for dest, values in choices.items():
         if dest == "device":
             values = values - {"cpu"}  # every other run is on the CPU
-        if dest == "mode":
-            values = values - {"fake"}  # the default of every other run
+        if dest in ("mode", "policy"):
+            values = values - {"fake", "full"}  # the defaults of every other run
         assert values <= covered[dest], (dest, values - covered[dest])
 
 
@@ -79,6 +92,16 @@ def test_option_runs_with_gap_zero(case, extra, check, tiny_v2_config, baseline,
     if check == "no_sdpa":  # eager attention: matmuls and softmax, no SDPA op in the text model
         assert not any("scaled_dot_product" in n["op"] for n in doc["nodes"] if "language_model" in n["module"])
         assert same_flops
+    elif check == "fa2":  # flash-attn's forward op where the SDPA op was; FlopCounterMode counts it 0
+        fa2 = [n for n in doc["nodes"] if n["op"] == "flash_attn::_flash_attn_forward"]
+        assert fa2 and all(n["flops_torch"] == 0 < n["flops_full"] and n["layer"].endswith(".attn") for n in fa2)
+        assert same_flops
+    elif check == "plugin":  # fake mode: the plugin's calls are boundary nodes carrying the formula
+        calls = [n for n in doc["nodes"] if n["op"] == "attention::numpy_attention"]
+        assert calls and all(n["status"] == "formula" and n["flops_full"] > 0 for n in calls) and same_flops
+    elif check == "torch_policy":  # the gap compares the analytic torch view with what FlopCounterMode counts
+        assert doc["analytic"]["policy"] == "torch" and same_flops
+        assert [s["flops_analytic"] for s in doc["stages"]] == [s["flops_torch"] for s in doc["stages"]]
     elif check == "flex":
         assert "higher_order::flex_attention" in ops and same_flops
     elif check == "grouped":

@@ -15,6 +15,11 @@ Each call_function node's meta holds:
   vendor_source  first frame in the vendor's own files (e.g. modeling_deepseek_ocr2.py), `file:line`
   vendor_function  that frame's function (e.g. `get_decomposed_rel_pos`): mapping rules can tell apart two
                  matmuls of one module by the vendor function issuing them
+
+A call of a Python-level function the tracer wraps (an attention implementation, tracer.attention) is recorded as
+a boundary node of its own (`call_boundary`): placed after the ops it issued, with their names in `meta["inner"]`,
+its parameters in `meta["params"]`, and its output tensor attributed to it. The instrument sees it as an op, so
+kernels launched from Python inside it (no aten op around them) land on it.
 """
 
 from __future__ import annotations
@@ -215,6 +220,18 @@ def _decomposable(func) -> bool:
     return key in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
 
 
+def boundary_call(*tensors):
+    """The target of boundary nodes (a Python function the tracer wrapped: meta["op"] names which)."""
+    raise RuntimeError("boundary nodes are records; they are not run")
+
+
+_ACTIVE: list["GraphRecorder"] = []  # the recorder of the capture in progress (boundaries record into it)
+
+
+def active_recorder() -> "GraphRecorder | None":
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 class GraphRecorder(TorchDispatchMode):
     """Records every dispatched op as an fx node, mirroring FlopCounterMode's view of the program."""
 
@@ -234,6 +251,7 @@ class GraphRecorder(TorchDispatchMode):
         # page in real mode on CPU went past 24 GiB)
         self._nodes: dict[int, tuple[torch.fx.Node, weakref.ref]] = {}
         self._first_op: torch.fx.Node | None = None
+        self._open: list[list[str]] = []  # per open boundary call, the names of the nodes recorded inside it
 
     def _node_for(self, t: torch.Tensor) -> torch.fx.Node:
         hit = self._nodes.get(id(t))
@@ -278,6 +296,7 @@ class GraphRecorder(TorchDispatchMode):
                          module_class=cls, source=source, vendor_source=vendor, vendor_function=function, op=name,
                          seq=self._seq)
         self._seq += 1
+        self._inside(node)
         if isinstance(out, torch.Tensor):
             self._nodes[id(out)] = (node, weakref.ref(out))
         elif isinstance(out, (tuple, list)):
@@ -286,6 +305,40 @@ class GraphRecorder(TorchDispatchMode):
                     item = self.graph.call_function(operator.getitem, (node, i))
                     item.meta.update(node.meta, val=_kept(o))
                     self._nodes[id(o)] = (item, weakref.ref(o))
+
+    def _inside(self, node: torch.fx.Node) -> None:
+        for names in self._open:
+            names.append(node.name)
+
+    def call_boundary(self, op: str, tensors: tuple[torch.Tensor, ...], params: dict, fn: Callable, args: tuple,
+                      kwargs: dict) -> object:
+        """Run `fn(*args, **kwargs)` (a wrapped Python function, e.g. an attention implementation) and record it as
+        node `op` over `tensors` (its q, k, v), after the nodes its run recorded."""
+        seq = self._seq
+        self._seq += 1
+        self._open.append([])
+        try:
+            if self.instrument is None:
+                out = fn(*args, **kwargs)
+            else:
+                with self.instrument.op(seq):
+                    out = fn(*args, **kwargs)
+        finally:
+            inner = self._open.pop()
+        node = self.graph.create_node("call_function", boundary_call, name=_node_name(op))
+        node.args = self._map(tuple(tensors))
+        if self._first_op is None:
+            self._first_op = node
+        primary = next(iter(result_tensors_of(out)), None)
+        stack, path, qualified, cls = self.modules.snapshot()
+        source, vendor, function = self.locator.locate()
+        node.meta.update(val=_kept(primary), nn_module_stack=stack, module=path, module_call=qualified,
+                         module_class=cls, source=source, vendor_source=vendor, vendor_function=function, op=op,
+                         seq=seq, inner=inner, params=params)
+        self._inside(node)
+        if primary is not None:  # what follows reads the boundary's output, not its last inner op's
+            self._nodes[id(primary)] = (node, weakref.ref(primary))
+        return out
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -321,7 +374,11 @@ def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, ven
     recorder = GraphRecorder(tensor_names, module_names, vendor_roots, instrument)
     session = instrument.session() if instrument is not None else nullcontext()
     with session, _module_hooks(recorder.modules), _flex_uncompiled(), recorder:
-        result = fn()
+        _ACTIVE.append(recorder)
+        try:
+            result = fn()
+        finally:
+            _ACTIVE.pop()
     outputs = [recorder._node_for(t) for t in result_tensors(result)]
     recorder.graph.output(tuple(outputs))
     sg = StageGraph(stage, recorder.graph, step=step, kv_len=kv_len)
@@ -366,6 +423,13 @@ def result_tensors(result) -> list[torch.Tensor]:
     """The tensors a forward returned that the graph should output (logits first when present)."""
     logits = getattr(result, "logits", None)
     return [logits] if isinstance(logits, torch.Tensor) else []
+
+
+def result_tensors_of(out) -> list[torch.Tensor]:
+    """The tensors a Python function returned, in order (a tensor, or a tuple/list holding some)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for t in out if isinstance(t, torch.Tensor)] if isinstance(out, (tuple, list)) else []
 
 
 def subgraph(source: StageGraph, stage: str, keep: Callable[[torch.fx.Node], bool]) -> StageGraph:

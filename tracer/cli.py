@@ -18,12 +18,14 @@ from analytic.api import mode_knobs
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import Interrupted, OutputSet, signals_as_exceptions
 from tracer.pipeline import Options, check, real_run_warning, run
-from tracer.result import check_max_gap
 from tracer.vendors import VENDORS, BuildOptions, parse_impl
 from tracer.workload import Workload, parse_image_shape
 
 STARTED = time.perf_counter()  # this module's import: the process's imports before it are not counted
 DEFAULT = Workload()
+SAME_NAME_BUILD = ("vendor_dir", "trust_remote_code", "device")
+SAME_NAME = ("config", "mode", "analytic", "mapping", "causal_halving", "policy", "graph", "ncu", "nvtx_module",
+             "explain", "sequential", "allow_long", "max_gap")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ncu", metavar="MODULE", help="with --device cuda: Nsight Compute FLOPs for the kernels inside MODULE")
     a("--mode", choices=("fake", "real"), default="fake", help="fake: no weights, no compute; real: random weights")
     a("--attn", help="attn_implementation, or SUBCONFIG=NAME,... (default: sdpa / deepseek-ocr eager)")
+    a("--attn-plugin", action="append", default=[], metavar="[NAME=]MODULE:FN",
+      help="register a Python attention function as NAME (default FN) for --attn (README: custom kernels)")
     a("--experts", help="deepseek-ocr-2: grouped_mm (default), batched_mm, or eager (--mode real only)")
     a("--causal-halving", action="store_true", help="count only the (query, key) pairs a causal mask keeps")
     a("--analytic", default="aligned", metavar="PRESET", help="aligned, seed-naive, or a preset YAML file")
+    a("--policy", choices=("full", "torch"), default="full", help="the gap: analytic vs full counts, or vs torch's")
     a("--mapping", metavar="TABLE", help="mapping table YAML (default: the built-in one of --model)")
     a("--explain", metavar="ID", help="print one analytic layer (decoder.layers.3.attn) or node (prefill/mm_12)")
     a("--max-gap", type=float, metavar="PCT", help="exit 1 when a stage's |gap| exceeds PCT%% of its full count")
@@ -79,24 +84,20 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
+    """Options from the flags of the same name (--attn and --experts parsed, the lists as tuples)."""
     build = BuildOptions(attn=parse_impl(args.attn, "--attn") if args.attn else None,
                          experts=parse_impl(args.experts, "--experts") if args.experts else None,
-                         vendor_dir=args.vendor_dir, trust_remote_code=args.trust_remote_code, device=args.device)
-    return Options(build=build, config=args.config, mode=args.mode, analytic=args.analytic, mapping=args.mapping,
-                   causal_halving=args.causal_halving, graph=args.graph, ncu=args.ncu, ncu_argv=tuple(args.argv),
-                   nvtx_module=args.nvtx_module, explain=args.explain, sequential=args.sequential,
-                   allow_long=args.allow_long)
+                         attn_plugins=tuple(args.attn_plugin), **{k: getattr(args, k) for k in SAME_NAME_BUILD})
+    return Options(build=build, ncu_argv=tuple(args.argv), **{k: getattr(args, k) for k in SAME_NAME})
 
 
 def run_command(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
+    label, t = "loading the vendor code and the tables", time.perf_counter()
+    phases = [("startup", t - STARTED)]
     workload, options = workload_from_args(args), options_from_args(args)
-    check_max_gap(args.max_gap)
     workload = check(workload, options)  # bad input fails here, before minutes of tracing
     if warning := real_run_warning(workload, options):
         print(f"flopdiff: warning: {warning}", file=sys.stderr)
-    phases = [("startup", started - STARTED)]
-    label, t = "loading the vendor code and the tables", started
     with OutputSet(args.out) as outputs:  # a bad --out fails here; committed whole, or discarded on any failure
         with Console(stderr=True, quiet=args.quiet).status("tracing") as spinner:
             def progress(next_label: str) -> None:
@@ -115,7 +116,7 @@ def run_command(args: argparse.Namespace) -> int:
         progress("done")
     if args.timings:
         print("flopdiff: seconds per phase: " + "; ".join(f"{n} {s:.2f}" for n, s in phases), file=sys.stderr)
-    over = result.over(args.max_gap)
+    over = result.over(options.max_gap)
     for s in over:
         print(f"flopdiff: stage {s.name}: gap {s.gap_pct:.2f}% exceeds --max-gap {args.max_gap}", file=sys.stderr)
     return 1 if over else 0
@@ -143,6 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 def cli() -> None:
     """main(), then exit with no interpreter teardown (freeing millions of graph objects takes seconds)."""
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
     os._exit(code)

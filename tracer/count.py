@@ -8,6 +8,10 @@
 Every op gets a status: `torch` (torch's formula), `formula` (ours), `free` (cannot carry tensor-core
 FLOPs: elementwise, reductions, data movement) or `unknown` (may carry FLOPs and nobody has a formula:
 a matmul-like aten op, a custom op, a higher-order op). Unknown ops are listed, never silently zero.
+
+A boundary node (an attention function's call, tracer.attention) carries its formula minus what the nodes inside
+it were counted under policy full, never below 0: status `formula` when that leaves work the dispatcher never saw,
+`group` when the ops inside carry it all. FlopCounterMode sees none of a boundary's own work (torch 0).
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import torch.fx
 from torch._ops import HigherOrderOperator
 from torch.utils.flop_counter import flop_registry
 
-from tracer.capture import StageGraph, op_name
+from tracer.capture import StageGraph, boundary_call, op_name
 from tracer.conventions import Conventions
 from tracer.errors import CannotCount
-from tracer.formulas import FORMULAS
+from tracer.formulas import FORMULAS, boundary_attention_flop
 
 # Name tokens (split on "_") that mark an aten op as a possible matmul/convolution/attention.
 _FLOP_TOKENS = {
@@ -101,13 +105,36 @@ def count_node(node: torch.fx.Node, conv: Conventions) -> None:
     meta.update(flops_torch=ft, flops_full=full, flop_status=status)
 
 
+def count_boundary(node: torch.fx.Node, conv: Conventions, counted: dict[str, int]) -> None:
+    """A boundary node: its formula minus the policy-full FLOPs of the nodes recorded inside it (`counted`)."""
+    meta = node.meta
+    inside = sum(counted.get(name, 0) for name in meta["inner"])
+    q, k, v = (_val(a) for a in node.args)
+    try:
+        formula = boundary_attention_flop(q, k, v, meta["params"], conv)
+    except CannotCount as exc:
+        meta.update(flops_torch=0, flops_full=0, flop_status="unknown", flop_note=str(exc))
+        return
+    own = max(0, formula - inside)
+    note = (f"attention call: {formula:,} by formula; {inside:,} counted on the {len(meta['inner'])} ops inside"
+            + (f"; the remaining {own:,} ran where the dispatcher does not see (a kernel launched from Python)"
+               if own else ""))
+    meta.update(flops_torch=0, flops_full=own, flop_status="formula" if own else "group", flop_note=note)
+
+
 def count_graph(sg: StageGraph, conv: Conventions = Conventions()) -> StageGraph:
-    """Annotate every op node of `sg` (getitem nodes copy nothing and count 0)."""
+    """Annotate every op node of `sg` (getitem nodes copy nothing and count 0), in recording order: a boundary
+    node comes after the nodes inside it."""
+    counted: dict[str, int] = {}
     for node in sg.call_nodes():
         if node.target is operator.getitem:
             node.meta.update(flops_torch=0, flops_full=0, flop_status="free", flop_note="")
             continue
-        count_node(node, conv)
+        if node.target is boundary_call:
+            count_boundary(node, conv, counted)
+        else:
+            count_node(node, conv)
+        counted[node.name] = node.meta["flops_full"]
     return sg
 
 

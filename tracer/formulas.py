@@ -120,6 +120,32 @@ def flash_attn_varlen_forward_flop(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                for a, b in zip(lq, lk))
 
 
+def boundary_attention_flop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict[str, Any],
+                            conv: Conventions) -> int:
+    """An attention function's call (a boundary node, tracer.attention) from its q, k, v and parameters: the same
+    2*b*h*pairs*(d + d_v) as the ops above, in the call's layout. Causal pairs (with the causal-halving switch)
+    use flash-attn's bottom-right alignment for its layouts and SDPA's top-left for transformers' interface
+    (whose callers turn causal off for one query). Packed (`thd`) calls need their host sequence lengths."""
+    causal, window = params["causal"], tuple(params["window"] or (-1, -1))
+    d, d_v = q.shape[-1], v.shape[-1]
+    if params["layout"] == "thd":
+        lengths = params.get("cu_seqlens") or [None, None]
+        if lengths[0] is None or lengths[1] is None:
+            raise CannotCount("attention boundary (packed): sequence lengths are data; capture in real mode")
+        h = q.shape[1]
+        lq = [b - a for a, b in zip(lengths[0], lengths[0][1:])]
+        lk = [b - a for a, b in zip(lengths[1], lengths[1][1:])]
+        return sum(attention_flops(1, h, a, b, d, d_v, _causal_pairs(a, b, causal, conv, "bottom_right", window))
+                   for a, b in zip(lq, lk))
+    if params["layout"] == "bshd":
+        b, s_q, h, _ = q.shape
+        s_k, align = k.shape[1], "bottom_right"
+    else:
+        b, h, s_q, _ = q.shape
+        s_k, align = k.shape[-2], "top_left"
+    return attention_flops(b, h, s_q, s_k, d, d_v, _causal_pairs(s_q, s_k, causal, conv, align, window))
+
+
 @register("higher_order::flex_attention")
 def flex_attention_flop(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, out: Any,
                         conv: Conventions, **kwargs: Any) -> int:

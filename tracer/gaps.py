@@ -29,7 +29,8 @@ REASONS = {
 
 @dataclass
 class Analytic:
-    """The preset's tree and the vendor-exact (aligned) tree whose layer ids the mapping must name."""
+    """The preset's tree and the vendor-exact (aligned) tree whose layer ids the mapping must name; `doc` evaluated
+    under `policy`: full (compared with the traced full count) or torch (with what FlopCounterMode counts)."""
 
     preset: str
     shape: Shape
@@ -38,6 +39,13 @@ class Analytic:
     doc: dict[str, Any]
     config: str | None = None
     causal_halving: bool = False
+    policy: str = "full"
+    attention: dict[str, str] | None = None
+
+    @property
+    def measured(self) -> str:
+        """The node count the analytic one is compared with."""
+        return "flops_torch" if self.policy == "torch" else "flops_full"
 
 
 def shape_of(workload: dict[str, Any]) -> Shape:
@@ -60,24 +68,27 @@ def _shape(image_wh, base_size: int, tile_size: int, crop_mode: bool, prompt_len
 
 
 def analytic_for(model: str, shape: Shape, preset: str, causal_halving: bool = False, config: str | None = None,
-                 image_tokens: int | None = None) -> Analytic:
+                 image_tokens: int | None = None, policy_name: str = "full", device: str = "cpu",
+                 attention: dict[str, str] | None = None) -> Analytic:
     """The preset's analytic model for a workload; `image_tokens`: what the vendor preprocessing made, which the
-    analytic tiling must reproduce (checked)."""
-    aligned = build(model, shape, "aligned", config)
-    tree = aligned if preset == "aligned" else build(model, shape, preset, config)
+    analytic tiling must reproduce (checked); `policy_name` and `device`: what it counts (policy torch: what
+    FlopCounterMode counts on that device); `attention`: the implementations the run used (Vendor.attention)."""
+    aligned = build(model, shape, "aligned", config, attention)
+    tree = aligned if preset == "aligned" else build(model, shape, preset, config, attention)
     if image_tokens is not None and aligned.views.image_tokens != image_tokens:
         raise FlopdiffError(f"analytic model of {model}: {aligned.views.image_tokens} image tokens for "
                             f"{shape.width}x{shape.height}, the vendor preprocessing made {image_tokens}; the "
                             f"analytic tiling needs fixing (please report)")
-    doc = evaluate_tree(tree, shape, policy("full", causal_halving=causal_halving))
-    return Analytic(preset, shape, tree, aligned, doc, config, causal_halving)
+    doc = evaluate_tree(tree, shape, policy(policy_name, device=device, causal_halving=causal_halving))
+    return Analytic(preset, shape, tree, aligned, doc, config, causal_halving, policy_name, attention)
 
 
 def analytic_of(report: dict[str, Any], preset: str, causal_halving: bool = False,
-                config: str | None = None) -> Analytic:
-    """analytic_for a report document's model and workload (recorded reports, the tests)."""
+                config: str | None = None, policy_name: str = "full") -> Analytic:
+    """analytic_for a report document's model, workload, device and attention (recorded reports, the tests)."""
     return analytic_for(report["model"], shape_of(report["workload"]), preset, causal_halving, config,
-                        report["workload"]["image_tokens"])
+                        report["workload"]["image_tokens"], policy_name, report.get("options", {}).get("device", "cpu"),
+                        report.get("analytic", {}).get("attention"))
 
 
 def catalogue(tree: ModelTree) -> dict[str, set[str]]:
@@ -100,7 +111,8 @@ def map_report(report: dict[str, Any], an: Analytic, table: str | None = None) -
         raise FlopdiffError(f"mapping table {tab.source} is for {tab.model}, not {report['model']}")
     cat = catalogue(an.aligned)
     # tile layers must validate even on a page without tiles: check against a tiled workload too
-    tiled = build(report["model"], Shape(1000, 1400, an.shape.base_size, an.shape.tile_size, True, 1, 1), config=an.config)
+    tiled = build(report["model"], Shape(1000, 1400, an.shape.base_size, an.shape.tile_size, True, 1, 1), config=an.config,
+                  attention=an.attention)
     check_layers(tab, set().union(*cat.values(), *catalogue(tiled).values()))
     return map_nodes(tab, report["nodes"], present_views(report), cat)
 
@@ -111,15 +123,17 @@ def _pct(gap: int, full: int) -> float:
     return 0.0 if gap == 0 else -100.0
 
 
-def _row(base: dict[str, Any], analytic: int, torch_: int, full: int) -> dict[str, Any]:
-    gap = full - analytic
-    return {**base, "flops_analytic": analytic, "flops_torch": torch_, "flops_full": full, "gap": gap,
-            "gap_pct": round(_pct(gap, full), 4)}
+def _row(base: dict[str, Any], analytic: int, torch_: int, full: int, measured: str = "flops_full") -> dict[str, Any]:
+    counts = {"flops_torch": torch_, "flops_full": full}
+    gap = counts[measured] - analytic
+    return {**base, "flops_analytic": analytic, **counts, "gap": gap, "gap_pct": round(_pct(gap, counts[measured]), 4)}
 
 
 def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[str, Any]:
     """The report composed with its diff (the input is left as it was): `flops_analytic`, gap and coverage per
-    stage, `layer` (or `unmapped`) per node, then `analytic`, `layers` and `coverage`."""
+    stage, `layer` (or `unmapped`) per node, then `analytic`, `layers` and `coverage`. The gap compares the
+    analytic count with the measured one of its policy (full, or torch: FlopCounterMode's)."""
+    measured = an.measured
     nodes = []
     per_layer: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for n in report["nodes"]:
@@ -136,7 +150,7 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
         stage, lid = key
         mapped = per_layer.get(key, [])
         row = _row({"id": lid, "stage": stage}, analytic.get(key, 0), sum(n["flops_torch"] for n in mapped),
-                   sum(n["flops_full"] for n in mapped))
+                   sum(n["flops_full"] for n in mapped), measured)
         row["reason"] = ("missing" if key not in analytic else "no_nodes" if not mapped
                          else "formula" if row["gap"] else None)
         row["nodes"] = [n["id"] for n in mapped]
@@ -145,10 +159,11 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
     by_stage: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for n in nodes:
         by_stage[n["stage"]].append(n)
-    stages = [{**s, **_row({}, stage_analytic.get(s["name"], 0), s["flops_torch"], s["flops_full"]),
+    stages = [{**s, **_row({}, stage_analytic.get(s["name"], 0), s["flops_torch"], s["flops_full"], measured),
                "coverage": coverage(by_stage[s["name"]], mapping)} for s in report["stages"]]
     return {**report, "stages": stages, "nodes": nodes,
-            "analytic": {"preset": an.preset, "policy": "full", "causal_halving": an.causal_halving},
+            "analytic": {"preset": an.preset, "policy": an.policy, "causal_halving": an.causal_halving,
+                         **({"attention": an.attention} if an.attention else {})},
             "layers": layers, "coverage": coverage(nodes, mapping)}
 
 

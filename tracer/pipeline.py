@@ -21,11 +21,12 @@ same workload (analytic) -> map every FLOP-bearing node to an analytic layer (ma
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from analytic.api import variant
+from analytic.api import policy, variant
 from mapping.table import load_table
+from tracer.attention import check as attention_check
 from tracer.conventions import Conventions
 from tracer.count import count_graph
 from tracer.errors import FlopdiffError
@@ -37,7 +38,7 @@ from tracer.ncu import join as ncu_join
 from tracer.ncu import run_ncu
 from tracer.onnx_graph import check_onnx, run_onnx
 from tracer.report import build_report
-from tracer.result import Result
+from tracer.result import Result, check_max_gap
 from tracer.trace import real_run_estimate, trace
 from tracer.vendors import BuildOptions, get_vendor
 from tracer.workload import Workload, validate
@@ -53,6 +54,7 @@ class Options:
     analytic: str = "aligned"           # analytic preset name or YAML file
     mapping: str | None = None          # mapping table YAML (None: the model's built-in one)
     causal_halving: bool = False
+    policy: str = "full"                # what the gap compares: full counts, or torch (FlopCounterMode's)
     graph: str = "fx"                   # "onnx": also export and count the ONNX graph
     ncu: str | None = None              # a module path: Nsight Compute on its kernels (CUDA)
     ncu_argv: tuple[str, ...] = ()      # the command line --ncu runs again under Nsight Compute
@@ -60,6 +62,7 @@ class Options:
     explain: str | None = None          # an analytic layer id or a node id
     sequential: bool = False            # no decode worker process
     allow_long: bool = False            # run captures estimated at more than about five minutes
+    max_gap: float | None = None        # the gate Result.over applies (a percentage; checked up front)
 
 
 def check(workload: Workload, options: Options) -> Workload:
@@ -69,7 +72,10 @@ def check(workload: Workload, options: Options) -> Workload:
     vendor = get_vendor(workload.model)
     if options.graph == "onnx":
         check_onnx(vendor)
+    check_max_gap(options.max_gap)
     variant(options.analytic, "--analytic")
+    policy(options.policy)
+    attention_check(replace(options.build, mode=options.mode))  # plugins import, real FA2 has its package
     load_table(options.mapping or workload.model)
     return validate(workload)
 
@@ -97,7 +103,8 @@ def run(workload: Workload, options: Options = Options(), progress: Callable[[st
     report = build_report(tr)
     progress(f"analytic model ({options.analytic}) and mapping")
     analytic = analytic_for(workload.model, shape_of_trace(tr), options.analytic, options.causal_halving,
-                            options.config, tr.prepared.derived.image_tokens)
+                            options.config, tr.prepared.derived.image_tokens, options.policy, options.build.device,
+                            get_vendor(workload.model).attention(tr.options))
     mapping = map_report(report, analytic, options.mapping)
     report = with_diff(report, analytic, mapping)
     ncu_csv = None

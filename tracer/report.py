@@ -50,6 +50,7 @@ def node_record(sg: StageGraph, node) -> dict[str, Any]:
         "output_shapes": out_shapes, "output_dtypes": out_dtypes,
         "flops_torch": m["flops_torch"], "flops_full": m["flops_full"], "status": m["flop_status"],
         **({"note": m["flop_note"]} if m.get("flop_note") else {}),
+        **({"attention": m["params"], "inner": len(m["inner"])} if "params" in m else {}),
     }
 
 

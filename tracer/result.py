@@ -80,6 +80,8 @@ class Node:
     note: str | None = None
     layer: str | None = None    # the analytic layer it maps to
     unmapped: str | None = None  # why no mapping rule took it
+    attention: dict[str, Any] | None = None  # an attention call's boundary node: layout, causal, window, scale
+    inner: int | None = None    # ... and how many nodes were recorded inside it
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,17 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
+def _measured(report: dict[str, Any]) -> str:
+    """The count the analytic one is diffed against (--policy): full, or torch."""
+    return report["analytic"].get("policy", "full")
+
+
 def stage_table(report: dict[str, Any]):
-    preset = report["analytic"]["preset"]
-    table = Table(title=f"{report['model']}: FLOPs per stage (analytic: {preset})", title_justify="left")
+    preset, measured = report["analytic"]["preset"], _measured(report)
+    table = Table(title=f"{report['model']}: FLOPs per stage (analytic: {preset}, policy {measured})",
+                  title_justify="left")
     table.caption = ("torch = what FlopCounterMode counts; full = torch + what it cannot see; "
-                     "gap = full - analytic (% of full)")
+                     f"gap = {measured} - analytic (% of {measured})")
     for col in ("stage", "analytic", "torch", "full", "gap", "gap %", "mapped nodes", "unknown ops"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for s in report["stages"]:
@@ -33,7 +39,7 @@ def stage_table(report: dict[str, Any]):
 
 def gap_table(report: dict[str, Any], top: int = 12):
     """Where each stage's gap comes from: groups of layers with the reason, largest first."""
-    table = Table(title="where the gap comes from (full - analytic)", title_justify="left")
+    table = Table(title=f"where the gap comes from ({_measured(report)} - analytic)", title_justify="left")
     for col in ("stage", "layers", "why", "count", "gap", "% of stage gap"):
         table.add_column(col, justify="right" if col in ("count", "gap", "% of stage gap") else "left")
     for s in report["stages"]:

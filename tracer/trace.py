@@ -20,6 +20,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from analytic.api import build, evaluate_tree, policy, shape_for, weight_bytes
+from tracer.attention import runtime as attention_runtime
 from tracer.capture import StageGraph, capture, subgraph
 from tracer.decode_worker import DecodeWorker, note_fallback, worker_allowed
 from tracer.errors import FlopdiffError
@@ -141,17 +142,26 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
         # seeded random weights: the same MoE routing on every run, so that --ncu's second run under Nsight
         # Compute launches the kernels the recorded run launched, and real-mode reports are reproducible
         torch.manual_seed(0)
-    with fake, device, (_no_init() if mode == "fake" else contextlib.nullcontext()):
-        model = vendor.build(config, options)
-    result = Trace(workload, prepared, options, config=config)
-    steps, prompt_len = workload.decode_steps, prepared.derived.prompt_len
+    with attention_runtime(options):  # flash-attn or its stand-in, plugins, attention boundary nodes
+        with fake, device, (_no_init() if mode == "fake" else contextlib.nullcontext()):
+            model = vendor.build(config, options)
+        result = Trace(workload, prepared, options, config=config)
+        _capture_stages(result, vendor, model, roots, fake, device, parallel, instrument, progress)
+    return result
+
+
+def _capture_stages(result: Trace, vendor: Any, model: torch.nn.Module, roots: list[str], fake: Any, device: Any,
+                    parallel: bool, instrument: Instrument | None, progress: Callable[[str], None]) -> None:
+    """The prefill, then the decode steps (the later ones in a forked worker when it may), into `result.stages`."""
+    mode, cuda = result.options.mode, result.options.device == "cuda"
+    steps, prompt_len = result.workload.decode_steps, result.prepared.derived.prompt_len
     worker = None
     try:
         with _capturing(fake, device, vendor):
-            if parallel and mode == "fake" and not cuda and steps >= 3 and worker_allowed(options.attn):
+            if parallel and mode == "fake" and not cuda and steps >= 3 and worker_allowed(result.options.attn):
                 worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps)
             progress("prefill")
-            prefill, out = capture(vendor.prefill(model, prepared), model, "prefill", vendor_roots=roots,
+            prefill, out = capture(vendor.prefill(model, result.prepared), model, "prefill", vendor_roots=roots,
                                    instrument=instrument)
             started = time.perf_counter()
             decode, out, k = capture_decode(vendor, model, out, steps, prompt_len, roots, worker, progress,
@@ -173,7 +183,6 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
             worker.close()
     result.stages = {"vision": [subgraph(prefill, "vision", _under(vendor.vision_modules))],
                      "prefill": [prefill], "decode": decode}
-    return result
 
 
 def capture_decode(vendor: Any, model: torch.nn.Module, previous: Any, steps: int, prompt_len: int,

@@ -31,7 +31,8 @@ SEQ_DIM = -2  # transformers' cache layout: (batch, heads, positions, head_dim)
 @dataclass(frozen=True)
 class BuildOptions:
     """How to load and instantiate the vendor model. `attn` / `experts` take one value or {sub_config: value}
-    (None: the vendor's default). `mode`: "fake" (no weights, no compute) or "real" (random weights)."""
+    (None: the vendor's default). `mode`: "fake" (no weights, no compute) or "real" (random weights).
+    `attn_plugins`: user attention functions (tracer.attention), each usable by its name in `attn`."""
 
     attn: str | dict[str, str] | None = None
     experts: str | dict[str, str] | None = None
@@ -40,6 +41,7 @@ class BuildOptions:
     mode: str = "fake"
     vendor_dir: str | None = None
     trust_remote_code: bool = False
+    attn_plugins: tuple[str, ...] = ()  # [NAME=]module:function, registered as attention implementations
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Vendor(Protocol):
     # is a one-token forward without cache (the decode worker's template, tracer.decode_worker)
     def decode(self, model: torch.nn.Module, previous: Any, step: int) -> Callable[[], Any]: ...
     def source_roots(self) -> list[str]: ...
+    # the attention implementation of each analytic part the options choose ({"decoder": ..., "vision": ...})
+    def attention(self, options: BuildOptions) -> dict[str, str]: ...
 
 
 # ---- the decode protocol's state: what a decode step reads of the forward before it -------------------------

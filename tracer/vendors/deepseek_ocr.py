@@ -277,6 +277,10 @@ class DeepseekOcrVendor:
     def source_roots(self) -> list[str]:
         return [str(self.folder)] if self.folder else []
 
+    def attention(self, options: BuildOptions) -> dict[str, str]:
+        """The decoder's choice (SAM and CLIP call scaled_dot_product_attention themselves)."""
+        return {"decoder": options.attn or "eager", "vision": "sdpa"}
+
 
 class _Prefill(torch.nn.Module):
     def __init__(self, m: torch.nn.Module, modeling: types.ModuleType, gate: "_RealSums", grid: list[list[int]]):

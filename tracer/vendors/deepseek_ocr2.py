@@ -141,6 +141,8 @@ class DeepseekOcr2Vendor:
         _check_implementations(config, options)
         config._attn_implementation = options.attn or "sdpa"
         config._experts_implementation = options.experts or DEFAULT_EXPERTS
+        for c in (config, *(getattr(config, name) for name in getattr(config, "sub_configs", {}))):
+            c.dtype = options.dtype  # what the weights are built in (transformers' FA2 check warns when unset)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(options.dtype)
         try:
@@ -204,6 +206,14 @@ class DeepseekOcr2Vendor:
 
     def source_roots(self) -> list[str]:
         return [os.path.dirname(inspect.getfile(_transformers_classes()[1]))]
+
+    def attention(self, options: BuildOptions) -> dict[str, str]:
+        """text_config's choice runs the decoder, vision_config's SAM and the encoder (one name: both)."""
+        attn = options.attn or "sdpa"
+        if isinstance(attn, str):
+            return {"decoder": attn, "vision": attn}
+        return {"decoder": attn.get("text_config", attn.get("", "sdpa")),
+                "vision": attn.get("vision_config", attn.get("", "sdpa"))}
 
 
 class _Prefill(torch.nn.Module):
