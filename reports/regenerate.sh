@@ -15,9 +15,16 @@ run() {  # python model name preset [extra flags]
       --analytic "$preset" --json-nodes flops --quiet --out "$out" "$@" > "$out.summary.txt" || [ $? = 1 ]
   mv "$out.summary.txt" "$out/summary.txt"
 }
+v1=0
+if [ -n "${V1_PYTHON:-}" ] && [ -n "${FLOPDIFF_DSOCR_V1_DIR:-}" ]; then v1=1; fi
 for preset in aligned seed-naive; do
   run .venv/bin/python deepseek-ocr-2 v2 "$preset"
-  if [ -n "${V1_PYTHON:-}" ] && [ -n "${FLOPDIFF_DSOCR_V1_DIR:-}" ]; then
+  if [ $v1 = 1 ]; then
     run "$V1_PYTHON" deepseek-ocr v1 "$preset" --vendor-dir "$FLOPDIFF_DSOCR_V1_DIR" --trust-remote-code
   fi
 done
+# the seed's own configuration: v1's decoder on flash_attention_2 (flash-attn absent: flopdiff's stand-in)
+if [ $v1 = 1 ]; then
+  run "$V1_PYTHON" deepseek-ocr v1-fa2 aligned --vendor-dir "$FLOPDIFF_DSOCR_V1_DIR" --trust-remote-code \
+      --attn flash_attention_2
+fi

@@ -34,6 +34,55 @@ def pages(v1_dir, tmp_path_factory):
     return {shape: _v1(v1_dir, tmp, shape) for shape in ("1000x1400", "640x640")}
 
 
+@pytest.fixture(scope="module")
+def fa2_pages(v1_dir, tmp_path_factory):
+    """The seed's configuration: the decoder with flash_attention_2 (flash-attn absent: its stand-in), both policies
+    gated at --max-gap 0 by the command line itself."""
+    tmp = tmp_path_factory.mktemp("v1fa2")
+    return {policy: _v1(v1_dir, tmp / policy, "1000x1400", "--attn", "flash_attention_2", "--policy", policy,
+                        "--max-gap", "0") for policy in ("full", "torch")}
+
+
+def test_v1_flash_attention_2_reproduces_the_eager_reference(fa2_pages, pages, shared_reference):
+    """Full per stage == the public reference (an eager run's); torch == full minus the FA2 nodes (FlopCounterMode
+    counts flash-attn's op 0); every FA2 node on its decoder layer's attention, equal to eager's two bmm there."""
+    ref = json.loads((shared_reference / "deepseek-ocr" / "flops-reference.json").read_text())
+    ref = ref["workloads"]["gundam_1000x1400"]["stages"]
+    doc, eager = fa2_pages["full"], pages["1000x1400"]
+    stages = {s["name"]: s for s in doc["stages"]}
+    for name, ref_name in (("vision", "vision"), ("prefill", "prefill"), ("decode", "decode10")):
+        assert stages[name]["flops_full"] == ref[ref_name]["flops"], name
+        fa2 = sum(n["flops_full"] for n in doc["nodes"] if n["stage"] == name and n["op"].startswith("flash_attn::"))
+        unseen_else = sum(n["flops_full"] - n["flops_torch"] for n in doc["nodes"]
+                          if n["stage"] == name and not n["op"].startswith("flash_attn::"))
+        assert stages[name]["flops_torch"] == stages[name]["flops_full"] - fa2 - unseen_else, name
+    fa2_nodes = [n for n in doc["nodes"] if n["op"] == "flash_attn::_flash_attn_forward"]
+    assert len(fa2_nodes) == 12 * 11 and all(n["flops_torch"] == 0 for n in fa2_nodes)
+    assert {n["layer"] for n in fa2_nodes} == {f"decoder.layers.{i}.attn" for i in range(12)}
+
+    def per_call(d, op):
+        return {(n["stage"], n["step"], n["module"]): n["flops_full"] for n in d["nodes"]
+                if n["op"] == op and n["module"].endswith("self_attn") and n["stage"] != "vision"}
+
+    bmm = Counter()
+    for n in eager["nodes"]:
+        if n["op"] == "aten::bmm" and n["module"].endswith("self_attn") and n["stage"] != "vision":
+            bmm[(n["stage"], n["step"], n["module"])] += n["flops_full"]
+    assert per_call(doc, "flash_attn::_flash_attn_forward") == dict(bmm)
+    calls = [n for n in doc["nodes"] if n["op"] == "attention::flash_attention_2"]
+    assert len(calls) == 12 * 11 and {(n["flops_full"], n["status"]) for n in calls} == {(0, "group")}
+
+
+def test_v1_flash_attention_2_aligned_gap_zero_both_policies(fa2_pages):
+    for policy, doc in fa2_pages.items():
+        assert doc["analytic"]["policy"] == policy and doc["analytic"]["attention"]["decoder"] == "flash_attention_2"
+        assert doc["unknown_ops"] == [] and doc["coverage"]["unmapped"] == 0
+        assert all(s["gap"] == 0 for s in doc["stages"]) and all(r["gap"] == 0 for r in doc["layers"]), policy
+    torch_doc = fa2_pages["torch"]
+    attn = [r for r in torch_doc["layers"] if r["id"].startswith("decoder") and r["id"].endswith(".attn")]
+    assert attn and all(r["flops_analytic"] == r["flops_torch"] == 0 < r["flops_full"] for r in attn)
+
+
 @pytest.mark.parametrize("shape, key", [("1000x1400", "gundam_1000x1400"), ("640x640", "gundam_640x640")])
 def test_v1_reproduces_the_reference_exactly(pages, shared_reference, shape, key):
     ref = json.loads((shared_reference / "deepseek-ocr" / "flops-reference.json").read_text())["workloads"][key]
@@ -287,7 +336,8 @@ def test_v1_every_resolution_mode_gap_zero(v1_dir, tmp_path, mode, base, views):
 
 @pytest.mark.parametrize("extra, says", [
     (["--attn", "sdpa"], "--attn sdpa: DeepSeek-OCR's decoder has eager and flash_attention_2"),
-    (["--attn", "flash_attention_2"], "--attn flash_attention_2: the model refused it: FlashAttention2 has been toggled"),
+    (["--attn", "flash_attention_2", "--mode", "real"], "--attn flash_attention_2 --mode real: runs flash-attn's"),
+    (["--attn-plugin", "attention_plugins:numpy_attention"], "needs transformers' AttentionInterface"),
     (["--experts", "batched_mm"], "--experts batched_mm: DeepSeek-OCR (v1) runs its experts with its own moe_infer"),
     (["--resolution", "default"], "--resolution 'default': deepseek-ocr has the modes tiny, small, base, large, gundam"),
 ])
