@@ -3,7 +3,10 @@
 References are independent of the code under test: flash-attn 2.8.3's own op schemas (copied from its source), the
 attention formula by hand, FlopCounterMode itself, and the eager and SDPA runs of the same workload."""
 
+import gzip
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,3 +310,50 @@ def test_numpy_plugin_is_real_attention():
     out, _ = numpy_attention(module, q, k, v, None, scaling=0.3)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3).transpose(1, 2)
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+# ---- the H200 run, replayed ----------------------------------------------------------------------------------------
+
+H200_TRITON = Path(__file__).resolve().parent / "data" / "cuda" / "v2-640x640-triton-fa2-h200.json.gz"
+
+
+@pytest.fixture(scope="module")
+def h200_triton():
+    """flopdiff's own H200 recording (benchmarks/check_attention_plugin.sh): DeepSeek-OCR-2 640x640 real mode on
+    CUDA, the text attention flash-attention-triton's Triton FlashAttention-2 through --attn-plugin; attributed again
+    here from its kernel records and nodes."""
+    from tracer.gaps import analytic_of, map_report, with_diff
+    from tracer.kernels import attribute
+
+    rec = json.loads(gzip.open(H200_TRITON).read())
+    report = {"model": rec["model"], "workload": rec["workload"], "options": rec["options"],
+              "analytic": rec["analytic"], "stages": rec["stages"],
+              "nodes": [{**n, "layer": None} for n in rec["nodes"]]}
+    an = analytic_of(report, "aligned")
+    report = with_diff(report, an, map_report(report, an))
+    return rec, report, attribute(report, rec["kernel_records"], map_report(report, an).matcher, rec["device"])
+
+
+def test_h200_triton_kernels_carry_the_boundary_formula_unseen_by_flopcountermode(h200_triton):
+    rec, report, kernels = h200_triton
+    (fwd,) = [k for k in kernels["kernels"] if k["kernel"] == "_forward_kernel"]
+    calls = [n for n in report["nodes"] if n["op"] == "attention::triton_fa2"]
+    assert len(calls) == 12 * 3 and fwd["calls"] == 36  # 12 text layers x (prefill + 2 decode steps)
+    by_hand = 0
+    for n in calls:  # the attention formula from the call's own q/k/v shapes: (batch, heads, seq, dim)
+        (b, h, s_q, d), (_, _, s_k, _), _ = n["input_shapes"]
+        by_hand += 4 * b * h * s_q * s_k * d
+        assert n["status"] == "formula" and n["flops_torch"] == 0 and n["layer"].startswith("decoder.layers.")
+    assert fwd["flops_full"] == by_hand == sum(n["flops_full"] for n in calls) > 0
+    assert (fwd["flops_torch"], fwd["counted_by_flopcountermode"], fwd["ops"]) == (0, "no", ["attention::triton_fa2"])
+    assert fwd["layers"] == sorted(f"decoder.layers.{i}.attn" for i in range(12))
+    assert kernels["kernel_time"]["attributed_pct"] == 100.0
+    assert sum(r["time_us"] for r in kernels["kernel_layers"]) == pytest.approx(kernels["kernel_time"]["total_us"])
+    assert not [r for r in kernels["kernel_layers"] if r["layer"].startswith("(module")]
+
+
+def test_h200_triton_run_counts_what_the_sdpa_run_counts(h200_triton):
+    rec, report, _ = h200_triton
+    assert [(s["name"], s["flops_full"]) for s in rec["stages"]] == \
+        [(s["name"], s["flops_full"]) for s in rec["sdpa_stages"]]
+    assert [s["gap"] for s in report["stages"]] == [0, 0, 0]

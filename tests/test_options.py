@@ -42,6 +42,8 @@ ERRORS = [  # documented refusals: one line, exit 2
                                                         "--mode", "real"], "the flash-attn package is not installed"),
     ("attn name nobody registered", ["--attn", "text_config=no_such_attention,vision_config=sdpa"],
      'the model refused it: Specified `attn_implementation="no_such_attention"` is not supported'),
+    ("graph onnx with flash_attention_2", ["--graph", "onnx", "--attn", "text_config=flash_attention_2,vision_config=sdpa"],
+     "--graph onnx: the export runs the model outside flopdiff's capture"),
     ("attn-plugin not importable", ["--attn-plugin", "no_such_module_xyz:fn"], "cannot import no_such_module_xyz"),
     ("attn-plugin not callable", ["--attn-plugin", "os:sep"], "os.sep is not callable"),
     ("attn-plugin not a function of transformers' call", ["--attn-plugin", "os:getcwd"], "cannot take that"),

@@ -26,24 +26,20 @@ from __future__ import annotations
 
 import functools
 import operator
-import os
-import sys
 import weakref
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.fx
 from torch._ops import HigherOrderOperator
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.nn.modules import module as nn_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from tracer.instruments import Instrument
-from tracer.paths import ROOT, call_path
+from tracer.provenance import ModuleStack, SourceLocator, module_hooks
 
 # The ops FlopCounterMode passes through untouched (size and layout queries), and `prim::device`, which
 # only fake tensors send through the dispatcher: metadata queries, never graph nodes.
@@ -59,9 +55,6 @@ _SKIPPED |= {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.d
 if hasattr(torch.ops.aten, "sym_is_contiguous"):
     _SKIPPED.add(torch.ops.aten.sym_is_contiguous.default)
 
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_TRACER_DIR = os.path.dirname(__file__) + os.sep
-_STDLIB_DIR = os.path.dirname(os.__file__) + os.sep
 
 
 @dataclass
@@ -85,63 +78,6 @@ class StageGraph:
         return (n for n in self.call_nodes() if n.target is not operator.getitem)
 
 
-class _ModuleStack:
-    """Tracks which module is running via global forward hooks, with per-parent call indices."""
-
-    def __init__(self, names: dict[int, str], instrument: Instrument | None = None):
-        self.names = names
-        self.instrument = instrument  # told of every named module call (tracer.instruments)
-        self.frames: list[tuple[str, str, str, dict[str, int]]] = []  # (path, qualified, class, child calls)
-        self.root_calls: dict[str, int] = {}
-        self._snapshot: tuple[dict[str, tuple[str, str]], str, str, str] | None = None
-
-    def push(self, module, *_):
-        self._snapshot = None
-        path = self.names.get(id(module))
-        if path is None or path == "":
-            self.frames.append(("", "", "", {}))
-            return
-        calls = self.frames[-1][3] if self.frames else self.root_calls
-        k = calls.get(path, 0)
-        calls[path] = k + 1
-        parent_q = next((f[1] for f in reversed(self.frames) if f[0]), "")
-        parent_p = next((f[0] for f in reversed(self.frames) if f[0]), "")
-        qualified = call_path(parent_q, parent_p, path, k)
-        self.frames.append((path, qualified, type(module).__qualname__, {}))
-        if self.instrument is not None:
-            self.instrument.enter_module(path, qualified)
-
-    def pop(self, *_):
-        self._snapshot = None
-        if self.frames:
-            path = self.frames.pop()[0]
-            if self.instrument is not None and path:
-                self.instrument.exit_module()
-
-    def snapshot(self) -> tuple[dict[str, tuple[str, str]], str, str, str]:
-        """(nn_module_stack, path, qualified path, class) of the innermost module; cached between hooks, as
-        every op of one module shares it (node metas share the stack dict: read-only by contract)."""
-        if self._snapshot is None:
-            stack = {p: (q, c) for p, q, c, _ in self.frames if p}
-            inner = next(((p, q, c) for p, q, c, _ in reversed(self.frames) if p), (ROOT, ROOT, ""))
-            self._snapshot = (stack, *inner)
-        return self._snapshot
-
-
-@contextmanager
-def _module_hooks(stack: _ModuleStack):
-    pre = nn_module.register_module_forward_pre_hook(stack.push)
-    try:
-        post = nn_module.register_module_forward_hook(stack.pop, always_call=True)
-    except TypeError:  # torch < 2.1 has no always_call
-        post = nn_module.register_module_forward_hook(stack.pop)
-    try:
-        yield
-    finally:
-        pre.remove()
-        post.remove()
-
-
 SMALL_DATA = 4096  # elements: an integer tensor this small may be data a formula reads (varlen sequence lengths)
 
 
@@ -157,43 +93,6 @@ def _kept(x):
             or (not x.is_floating_point() and x.numel() <= SMALL_DATA)):
         return x
     return torch.empty_strided(tuple(x.shape), tuple(x.stride()), dtype=x.dtype, device="meta")
-
-
-class _SourceLocator:
-    """Maps the Python stack at dispatch time to `file:line` strings (cached per code file)."""
-
-    def __init__(self, vendor_roots: Iterable[str]):
-        self.vendor_roots = tuple(os.path.abspath(r) + os.sep for r in vendor_roots)
-        self._rel: dict[str, str] = {}
-
-    def _relative(self, filename: str) -> str:
-        rel = self._rel.get(filename)
-        if rel is None:
-            rel = filename
-            parts = Path(filename).parts
-            if "site-packages" in parts:
-                rel = "/".join(parts[parts.index("site-packages") + 1:])
-            else:
-                for root in self.vendor_roots:
-                    if filename.startswith(root):  # the vendor's own file name: its folder is the user's
-                        rel = filename[len(root):]
-                        break
-            self._rel[filename] = rel
-        return rel
-
-    def locate(self) -> tuple[str, str, str]:
-        """(source, vendor_source, vendor_function) of the op being recorded."""
-        source = vendor = function = ""
-        frame = sys._getframe(2)
-        while frame is not None and not vendor:
-            fn = frame.f_code.co_filename
-            if not source and not fn.startswith((_TORCH_DIR, _TRACER_DIR, _STDLIB_DIR)) and not fn.startswith("<"):
-                source = f"{self._relative(fn)}:{frame.f_lineno}"
-            if fn.startswith(self.vendor_roots):
-                vendor = f"{self._relative(fn)}:{frame.f_lineno}"
-                function = frame.f_code.co_name
-            frame = frame.f_back
-        return source, vendor, function
 
 
 @functools.cache
@@ -242,10 +141,10 @@ class GraphRecorder(TorchDispatchMode):
         super().__init__()
         self.graph = torch.fx.Graph()
         self.tensor_names = tensor_names
-        self.modules = _ModuleStack(module_names, instrument)
+        self.modules = ModuleStack(module_names, instrument)
         self.instrument = instrument  # around each recorded op's run (kernel attribution)
         self._seq = 0
-        self.locator = _SourceLocator(vendor_roots)
+        self.locator = SourceLocator(vendor_roots)
         # tensor id -> (its node, a weak reference to it): a live tensor's id is unique, and a weak reference lets
         # a real run free its activations as the vendor code drops them (strong ones kept every one alive: a v2
         # page in real mode on CPU went past 24 GiB)
@@ -373,7 +272,7 @@ def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, ven
     tensor_names, module_names = _names(model)
     recorder = GraphRecorder(tensor_names, module_names, vendor_roots, instrument)
     session = instrument.session() if instrument is not None else nullcontext()
-    with session, _module_hooks(recorder.modules), _flex_uncompiled(), recorder:
+    with session, module_hooks(recorder.modules), _flex_uncompiled(), recorder:
         _ACTIVE.append(recorder)
         try:
             result = fn()

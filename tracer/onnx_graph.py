@@ -291,8 +291,13 @@ def _onnx_doc(fx: dict[str, Any], nodes: list[dict[str, Any]], stages: tuple[str
     }
 
 
-def check_onnx(vendor: Any) -> None:
-    """Refuse --graph onnx up front when the model or the environment cannot do it."""
+def check_onnx(vendor: Any, options: Any) -> None:
+    """Refuse --graph onnx up front when the model, the options or the environment cannot do it."""
+    impls = set(options.attn.values()) if isinstance(options.attn, dict) else {options.attn}
+    if "flash_attention_2" in impls or options.attn_plugins:
+        raise FlopdiffError("--graph onnx: the export runs the model outside flopdiff's capture, where neither "
+                            "flash-attn's stand-in nor an --attn-plugin is in place; export with sdpa or eager "
+                            "attention (the fx graph counts flash_attention_2 and plugins)")
     if not hasattr(vendor, "onnx_prefill"):
         raise FlopdiffError(f"--graph onnx: not available for --model {vendor.name} (its adapter has no onnx_prefill)")
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]

@@ -71,7 +71,7 @@ def check(workload: Workload, options: Options) -> Workload:
         raise FlopdiffError(f"--ncu {options.ncu}: needs --device cuda --mode real")
     vendor = get_vendor(workload.model)
     if options.graph == "onnx":
-        check_onnx(vendor)
+        check_onnx(vendor, options.build)
     check_max_gap(options.max_gap)
     variant(options.analytic, "--analytic")
     policy(options.policy)
