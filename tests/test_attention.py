@@ -56,6 +56,21 @@ def test_standin_exists_only_inside_its_block():
     assert not hasattr(torch.ops.flash_attn, "_flash_attn_forward")
 
 
+def test_a_real_flash_attn_is_used_as_it_is(monkeypatch):
+    """With flash_attn importable (here a module standing for the installed package), nothing is stood in: no op
+    library, no module swapped, transformers' own checks untouched."""
+    import types
+
+    import transformers.utils as tu
+
+    real = types.ModuleType("flash_attn")
+    monkeypatch.setitem(sys.modules, "flash_attn", real)
+    before = tu.is_flash_attn_2_available
+    with standin.flash_attention_2(fake=False) as stood_in:
+        assert stood_in is False and sys.modules["flash_attn"] is real and tu.is_flash_attn_2_available is before
+        assert not hasattr(torch.ops.flash_attn, "_flash_attn_varlen_forward")
+
+
 @needs_standin
 def test_flopcountermode_counts_flash_attn_ops_zero():
     """What FlopCounterMode reports for flash-attn's op: 0 (flash-attn registers no FLOP formula: checked in its

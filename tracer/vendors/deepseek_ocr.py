@@ -8,23 +8,7 @@ Preprocessing is the vendor's own: `DeepseekOCRForCausalLM.infer()` runs unchang
 whose `generate` records the exact tensors infer() would hand to the model (input ids with the vendor token
 layout, the padded global view, the `dynamic_preprocess` tiles, the image mask, the crop grid), then stops.
 
-Shims, each with its reason (`SHIMS`; applied only while capturing or preprocessing):
-  * `cuda_identity`: infer() and `DeepseekOCRModel.forward` call `.cuda()` (the image mask before
-    `masked_scatter_`); unless the capture runs on the GPU (`--device cuda`), the tensor stays where it is.
-    Moves no data that FLOPs depend on. Applied in both modes whenever the capture device is not CUDA,
-    whether or not the machine has a GPU: on a GPU machine the real `.cuda()` would put the mask on cuda:0
-    beside a model on the CPU (fake mode then stopped with "Unhandled FakeTensor Device Propagation"), so a
-    CPU capture gives the same report on machines with and without a GPU. Preprocessing (infer()) always
-    runs with it: the prepared inputs stay on the CPU, and the trace moves them to the capture device.
-  * `image_gate` (fake mode): the forward decides whether to run the vision encoders with
-    `torch.sum(image).item() != 0`, which fake tensors cannot answer; `torch.sum` of one of the prepared
-    image tensors is computed on the real tensor, so the decision is the real one.
-  * `crop_grid_list` (fake mode): the forward reads the crop grid (`images_spatial_crop`) as integers to
-    shape the tile features; it gets the same values as a host list instead of a tensor.
-  * `even_split_moe` (fake mode): `moe_infer` copies per-expert token counts to the host (`.cpu().numpy()`)
-    and loops over the experts that got tokens. The shim issues the same per-expert ops for an even split of
-    tokens x top-k rows over the experts (the first experts take the remainder). Per-layer FLOPs do not
-    depend on routing; which experts appear as nodes does (the report says so).
+The shims that run the vendor code weight-free, each with its reason: `tracer.vendors.deepseek_ocr_shims`.
 """
 
 from __future__ import annotations
@@ -47,6 +31,8 @@ from tracer.configfile import check_config, dig, read_json
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import scratch
 from tracer.vendors.base import BuildOptions, Prepared
+from tracer.vendors.deepseek_ocr_shims import (EVEN_SPLIT_NOTE, RealSums, cuda_identity, even_split_moe_infer,
+                                                quiet_transformers)
 from tracer.workload import Derived, Workload, load_image
 
 VENDOR_FILES = ("modeling_deepseekocr.py", "modeling_deepseekv2.py", "deepencoder.py",
@@ -73,17 +59,6 @@ CONFIG_RELATIONS = (
 )
 DEFAULT_PROMPT = "<image>\n<|grounding|>Convert the document to markdown. "  # the model card's document prompt
 TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value
-EVEN_SPLIT_NOTE = ("experts: fake mode routes tokens x top-k evenly over the experts (moe_infer shim); per-layer "
-                   "FLOPs equal the real routing's, the experts listed as nodes may differ")
-
-SHIMS = {
-    "cuda_identity": "Tensor.cuda() is the identity unless capturing on CUDA (the vendor moves the image mask to the GPU)",
-    "image_gate": "torch.sum of the prepared images is taken on the real tensors (the vision gate's .item())",
-    "crop_grid_list": "images_spatial_crop goes in as a host list of ints (the forward sizes views with it)",
-    "even_split_moe": "moe_infer issues its per-expert ops for an even split of tokens x top-k (no host copy)",
-}
-
-
 def _fix(msg: str) -> str:
     return (f"{msg}; run DeepSeek-OCR in its own environment: python3 -m venv .venv-v1 && .venv-v1/bin/pip install "
             f"'transformers==4.46.3' 'tokenizers==0.20.3' torchvision addict easydict einops -e . (see README)")
@@ -115,7 +90,7 @@ class DeepseekOcrVendor:
         self.folder: Path | None = None
         self.package: str | None = None
         self.options = BuildOptions()
-        self.gate: _RealSums | None = None
+        self.gate: RealSums | None = None
 
     # ---- loading --------------------------------------------------------------------------------------
 
@@ -170,7 +145,7 @@ class DeepseekOcrVendor:
         tiles = grid[0] * grid[1] if grid != (1, 1) else 0
         inputs = {"input_ids": ids, "images": [(crop, ori)], "images_seq_mask": mask,
                   "images_spatial_crop": captured.kwargs["images_spatial_crop"]}
-        self.gate = _RealSums([crop, ori])
+        self.gate = RealSums([crop, ori])
         w, h = _image_size(workload)
         derived = Derived(image_wh=(w, h), base_size=base if workload.crop_mode else tile, tile_size=tile,
                           views=1 + tiles, crop_grid_wh=grid, image_tokens=int(mask.sum()), prompt_len=ids.shape[1],
@@ -209,7 +184,7 @@ class DeepseekOcrVendor:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(options.dtype)
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 model = modeling.DeepseekOCRForCausalLM(config)
         except ImportError as exc:  # flash_attention_2 without the flash_attn package: transformers says so
             raise FlopdiffError(f"--attn {attn}: the model refused it: {str(exc).splitlines()[0]}") from None
@@ -220,9 +195,9 @@ class DeepseekOcrVendor:
     @contextmanager
     def shims(self) -> Iterator[None]:
         with ExitStack() as stack:
-            stack.enter_context(_quiet_transformers())
+            stack.enter_context(quiet_transformers())
             if self.options.device != "cuda":
-                stack.enter_context(_cuda_identity())
+                stack.enter_context(cuda_identity())
             if self.options.mode == "fake":
                 v2 = self._module("modeling_deepseekv2")
                 stack.enter_context(mock.patch.object(v2.DeepseekV2MoE, "moe_infer", even_split_moe_infer))
@@ -283,7 +258,7 @@ class DeepseekOcrVendor:
 
 
 class _Prefill(torch.nn.Module):
-    def __init__(self, m: torch.nn.Module, modeling: types.ModuleType, gate: "_RealSums", grid: list[list[int]]):
+    def __init__(self, m: torch.nn.Module, modeling: types.ModuleType, gate: "RealSums", grid: list[list[int]]):
         super().__init__()
         self.m, self._modeling, self._gate, self._grid = m, modeling, gate, grid
 
@@ -372,7 +347,7 @@ def _run_infer(modeling: types.ModuleType, tokenizer: Any, prompt: str, workload
         raise _Captured(args, kwargs)
 
     stand_in = types.SimpleNamespace(disable_torch_init=lambda: None, generate=generate)
-    with scratch("v1") as tmp, _cuda_identity(), warnings.catch_warnings():
+    with scratch("v1") as tmp, cuda_identity(), warnings.catch_warnings():
         # infer() wraps generate() in torch.autocast("cuda"), which warns on a machine without CUDA; generate()
         # never runs here, so the warning says nothing about this run
         warnings.filterwarnings("ignore", message="CUDA is not available", category=UserWarning)
@@ -388,71 +363,6 @@ def _run_infer(modeling: types.ModuleType, tokenizer: Any, prompt: str, workload
         except _Captured as done:
             return done
     raise FlopdiffError("the vendor's infer() returned without calling generate(); its preprocessing changed")
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers 4.46 warns about the remote code itself (GenerationMixin, RoPE API migration) on every build and
-    forward: advice to the model's authors, nothing about this run's FLOPs. Errors still show."""
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
-
-
-@contextmanager
-def _cuda_identity() -> Iterator[None]:
-    with mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self):
-        yield
-
-
-class _RealSums:
-    """`torch` as the vendor module sees it while capturing, except that `torch.sum` of a prepared image tensor
-    answers with its real sum (taken at preprocessing, outside any fake mode): the image gate
-    (`torch.sum(image).item() != 0`) gets the real decision."""
-
-    def __init__(self, images: list[torch.Tensor]):
-        self._order = [float(t.double().sum()) for t in images]
-        self._sums = {id(t): v for t, v in zip(images, self._order)}
-
-    def track(self, images: list[torch.Tensor]) -> None:
-        """The same images as other tensor objects (the ONNX exporter's), in the order given at construction."""
-        self._sums.update({id(t): v for t, v in zip(images, self._order)})
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-    def sum(self, t, *args, **kwargs):
-        if id(t) not in self._sums:
-            return torch.sum(t, *args, **kwargs)
-        # a plain number behind .item(): a tensor would go back through the fake mode, which cannot read it
-        return types.SimpleNamespace(item=self._sums[id(t)].__float__)
-
-
-@torch.no_grad()
-def even_split_moe_infer(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-    """`DeepseekV2MoE.moe_infer` without the host copy: rows (token, slot) in slot-major order are cut into
-    per-expert runs of an even split; the same gather, per-expert MLPs, cat, scatter and weighting follow."""
-    tokens, k = topk_ids.shape
-    rows, experts = tokens * k, len(self.experts)
-    counts = [rows // experts + (1 if i < rows % experts else 0) for i in range(experts)]
-    idxs = torch.arange(rows, device=x.device)
-    sorted_tokens = x[idxs // k]
-    outputs, start = [], 0
-    for i, n in enumerate(counts):
-        if n == 0:
-            continue
-        outputs.append(self.experts[i](sorted_tokens[start:start + n]))
-        start += n
-    outs = torch.cat(outputs, dim=0)
-    new_x = torch.empty_like(outs)
-    new_x[idxs] = outs
-    return (new_x.view(*topk_ids.shape, -1).type(topk_weight.dtype).mul_(topk_weight.unsqueeze(dim=-1))
-            .sum(dim=1).type(new_x.dtype))
 
 
 VENDOR = DeepseekOcrVendor()
