@@ -9,6 +9,7 @@ decoder over the prompt + lm_head), `decode` (one Block per one-token step, KV l
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,44 @@ class Variant:
     def __post_init__(self) -> None:
         _require(self, {"single_view": _bool, "clip_layers": _optional(_count), "projector_tokens": _optional(_positive),
                         "decode_kv_growth": _bool}, where="preset")
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What one preset setting does to the model, by the layer ids it touches: the reports name it as the cause of
+    those layers' gaps. `pattern` is a regex over layer ids; `index` (a group of the pattern) is compared with the
+    setting's value when `from_index` (a layer from that index on is left out)."""
+
+    setting: str
+    pattern: str
+    says: str
+    stages: tuple[str, ...] = ("vision", "prefill", "decode")
+    from_index: bool = False
+
+
+# A setting is active when it differs from the aligned (vendor-exact) default.
+VARIANT_EFFECTS = (
+    Effect("single_view", r"vision\.tiles\.", "tile views not modelled"),
+    Effect("clip_layers", r"vision\.\w+\.(?:clip|encoder)\.layers\.(?P<index>\d+)\.",
+           "encoder blocks from this index on not modelled", from_index=True),
+    Effect("projector_tokens", r"vision\.\w+\.projector$", "projector on a fixed token count"),
+    Effect("decode_kv_growth", r"decoder\.layers\.\d+\.attn$", "KV cache not grown per decode step",
+           stages=("decode",)),
+)
+
+
+def variant_cause(variant: Variant, stage: str, layer_id: str) -> str | None:
+    """The preset setting behind a layer's gap, as `setting: value (what it does)`, or None."""
+    default = Variant()
+    for e in VARIANT_EFFECTS:
+        value = getattr(variant, e.setting)
+        if value == getattr(default, e.setting) or stage not in e.stages:
+            continue
+        m = re.search(e.pattern, layer_id)
+        if m and (not e.from_index or int(m.group("index")) >= value):
+            shown = str(value).lower() if isinstance(value, bool) else value
+            return f"preset {e.setting}: {shown} ({e.says})"
+    return None
 
 
 # ---- field rules: (test, what the value must be) -------------------------------------------------------------

@@ -1,18 +1,21 @@
-"""`--explain ID`: one analytic layer's formula with its numbers beside the nodes it matched, or one
-graph node's whole story (what it is, where the vendor wrote it, how it was counted, where it maps)."""
+"""`--explain ID`: any id the terminal or the page shows. A gap group (`vision.global.encoder.layers.4-23`,
+`decoder.layers.*.attn`): its layers, why, and the cause; one analytic layer: its formula with its numbers beside
+the nodes it matched, and the cause of its gap; one graph node: its whole story (what it is, where the vendor wrote
+it, how it was counted, where it maps). Layer and group ids are checked before tracing (`check_id`)."""
 
 from __future__ import annotations
 
+import difflib
+import re
 from typing import Any
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from analytic.api import policy
 from mapping.engine import Mapping
 from tracer.errors import FlopdiffError
-from tracer.gaps import REASONS, Analytic
+from tracer.gaps import REASONS, Analytic, group_members
 
 
 def _layer_line(row: dict[str, Any]) -> str:
@@ -32,13 +35,15 @@ def _nodes_table(nodes: list[dict[str, Any]]) -> Table:
     return t
 
 
-def explain_layer(report: dict[str, Any], an: Analytic, lid: str, causal_halving: bool) -> Group:
+def explain_layer(report: dict[str, Any], an: Analytic, lid: str) -> Group:
     rows = [r for r in report["layers"] if r["id"] == lid]
     by_id = {n["id"]: n for n in report["nodes"]}
-    pol = policy("full", causal_halving=causal_halving)
+    pol = an.counting()
     parts: list[Any] = []
     for row in rows:
         parts.append(Text(_layer_line(row), style="bold"))
+        if row.get("cause"):
+            parts.append(Text(f"  cause: {row['cause']}"))
         leaves = [leaf for b in an.tree.stages.get(row["stage"], []) for leaf in b.leaves() if leaf.id == lid]
         for k, leaf in enumerate(leaves):
             step = f"step {k}: " if row["stage"] == "decode" else ""
@@ -70,12 +75,52 @@ def explain_node(report: dict[str, Any], nid: str, mapping: Mapping) -> Group:
     return Group(*(Text(line) for line in lines))
 
 
-def explain(report: dict[str, Any], an: Analytic, mapping: Mapping, ident: str, causal_halving: bool) -> Group:
+GROUP_LAYERS_SHOWN = 12
+
+
+def explain_group(report: dict[str, Any], label: str) -> Group:
+    """A gap group: one line per stage it appears in, then its layers (the first GROUP_LAYERS_SHOWN)."""
+    parts: list[Any] = []
+    for g in (g for g in report["gap_groups"] if g["group"] == label):
+        parts.append(Text(f"{label} [{g['stage']}]: {g['layers']} {g['unit']}, gap {g['gap']:,} FLOPs "
+                          f"({g['why']})", style="bold"))
+        if g["cause"]:
+            parts.append(Text(f"  cause: {g['cause']}"))
+    members = set(group_members(label, [r["id"] for r in report["layers"]]))
+    stages = {g["stage"] for g in report["gap_groups"] if g["group"] == label}
+    rows = [r for r in report["layers"] if r["id"] in members and (not stages or r["stage"] in stages and r["gap"])]
+    if not parts:
+        parts.append(Text(f"{label}: no gap in this run ({len(rows)} analytic layers)", style="bold"))
+    for row in rows[:GROUP_LAYERS_SHOWN]:
+        parts.append(Text("  " + _layer_line(row)))
+        if row.get("cause") and row["cause"] not in {g["cause"] for g in report["gap_groups"]}:
+            parts.append(Text(f"    cause: {row['cause']}"))
+    if len(rows) > GROUP_LAYERS_SHOWN:
+        parts.append(Text(f"  ... and {len(rows) - GROUP_LAYERS_SHOWN} more layer rows (--explain one of them: its "
+                          f"formula and nodes)"))
+    return Group(*parts)
+
+
+def explain(report: dict[str, Any], an: Analytic, mapping: Mapping, ident: str) -> Group:
     if any(r["id"] == ident for r in report["layers"]):
-        return explain_layer(report, an, ident, causal_halving)
+        return explain_layer(report, an, ident)
     if any(n["id"] == ident for n in report["nodes"]):
         return explain_node(report, ident, mapping)
-    near = sorted({r["id"] for r in report["layers"] if ident.split(".")[-1] in r["id"]})[:3]
-    raise FlopdiffError(f"--explain {ident!r}: no analytic layer or graph node has that id "
-                        f"(layer ids look like {', '.join(near) or 'decoder.layers.0.attn'}; node ids like "
-                        f"prefill/mm_12, see report.json)")
+    if group_members(ident, [r["id"] for r in report["layers"]]):
+        return explain_group(report, ident)
+    raise FlopdiffError(f"--explain {ident}: no gap group, analytic layer or graph node has that id in this run "
+                        f"(node ids look like prefill/mm_12: see report.json)")
+
+
+NODE_ID = re.compile(r"^(vision|prefill|decode|onnx[\w-]*)/\S+$")
+
+
+def check_id(ident: str, layer_ids: set[str]) -> None:
+    """Before tracing: a layer or group id must name some layer of the analytic models of this workload (a node id
+    can only be checked after the trace). A wrong id fails here, with the nearest ids."""
+    if NODE_ID.match(ident) or ident in layer_ids or group_members(ident, sorted(layer_ids)):
+        return
+    near = difflib.get_close_matches(ident, sorted(layer_ids), n=3, cutoff=0.5)
+    raise FlopdiffError(f"--explain {ident}: no analytic layer or gap group has that id for this workload; nearest: "
+                        f"{', '.join(near) or 'decoder.layers.0.attn'} (groups: decoder.layers.*.attn, "
+                        f"vision.global.encoder.layers.4-23; node ids: prefill/mm_12)")

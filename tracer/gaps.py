@@ -9,16 +9,19 @@ disagree.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from analytic.api import build, evaluate_tree, policy
+from analytic.api import build, evaluate_tree, policy, variant
+from analytic.layers import Policy
 from analytic.models import ModelTree, Shape
 from mapping.engine import Mapping, coverage, flop_bearing, map_nodes
 from mapping.table import check_layers, load_table
+from tracer.causes import cause, formula
 from tracer.errors import FlopdiffError
+from tracer.paths import STAGES
 
 REASONS = {
     "missing": "not in the analytic model",
@@ -41,6 +44,11 @@ class Analytic:
     causal_halving: bool = False
     policy: str = "full"
     attention: dict[str, str] | None = None
+    device: str = "cpu"
+
+    def counting(self) -> Policy:
+        """The analytic counting policy `doc` was evaluated under."""
+        return policy(self.policy, device=self.device, causal_halving=self.causal_halving)
 
     @property
     def measured(self) -> str:
@@ -80,7 +88,7 @@ def analytic_for(model: str, shape: Shape, preset: str, causal_halving: bool = F
                             f"{shape.width}x{shape.height}, the vendor preprocessing made {image_tokens}; the "
                             f"analytic tiling needs fixing (please report)")
     doc = evaluate_tree(tree, shape, policy(policy_name, device=device, causal_halving=causal_halving))
-    return Analytic(preset, shape, tree, aligned, doc, config, causal_halving, policy_name, attention)
+    return Analytic(preset, shape, tree, aligned, doc, config, causal_halving, policy_name, attention, device)
 
 
 def analytic_of(report: dict[str, Any], preset: str, causal_halving: bool = False,
@@ -131,9 +139,17 @@ def _row(base: dict[str, Any], analytic: int, torch_: int, full: int, measured: 
 
 def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[str, Any]:
     """The report composed with its diff (the input is left as it was): `flops_analytic`, gap and coverage per
-    stage, `layer` (or `unmapped`) per node, then `analytic`, `layers` and `coverage`. The gap compares the
-    analytic count with the measured one of its policy (full, or torch: FlopCounterMode's)."""
+    stage, `layer` (or `unmapped`) per node, then `analytic`, `layers` (each with its formula and, when flopdiff can
+    name it, the cause of its gap), `coverage`, `gap_groups` (per stage, tracer.gaps.gap_groups) and `unseen` (per
+    stage and op, what FlopCounterMode cannot see). The gap compares the analytic count with the measured one of
+    its policy (full, or torch: FlopCounterMode's)."""
     measured = an.measured
+    counting, preset = an.counting(), variant(an.preset)
+    leaves: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for stage, blocks in an.tree.stages.items():
+        for b in blocks:
+            for leaf in b.leaves():
+                leaves[(stage, leaf.id)].append(leaf)
     nodes = []
     per_layer: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for n in report["nodes"]:
@@ -154,6 +170,8 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
         row["reason"] = ("missing" if key not in analytic else "no_nodes" if not mapped
                          else "formula" if row["gap"] else None)
         row["nodes"] = [n["id"] for n in mapped]
+        row["formula"] = formula(leaves[key], counting)
+        row["cause"] = cause(stage, lid, row["reason"], preset, leaves[key], mapped, counting, measured)
         layers.append(row)
     stage_analytic = {s["name"]: s["flops"] for s in an.doc["stages"]}
     by_stage: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -161,10 +179,13 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
         by_stage[n["stage"]].append(n)
     stages = [{**s, **_row({}, stage_analytic.get(s["name"], 0), s["flops_torch"], s["flops_full"], measured),
                "coverage": coverage(by_stage[s["name"]], mapping)} for s in report["stages"]]
-    return {**report, "stages": stages, "nodes": nodes,
-            "analytic": {"preset": an.preset, "policy": an.policy, "causal_halving": an.causal_halving,
-                         **({"attention": an.attention} if an.attention else {})},
-            "layers": layers, "coverage": coverage(nodes, mapping)}
+    doc = {**report, "stages": stages, "nodes": nodes,
+           "analytic": {"preset": an.preset, "policy": an.policy, "causal_halving": an.causal_halving,
+                        **({"attention": an.attention} if an.attention else {})},
+           "layers": layers, "coverage": coverage(nodes, mapping)}
+    doc["gap_groups"] = [{"stage": s["name"], **g} for s in stages for g in gap_groups(doc, s["name"])]
+    doc["unseen"] = unseen_ops(doc)
+    return doc
 
 
 def _order(tree: ModelTree):
@@ -175,24 +196,144 @@ def _order(tree: ModelTree):
 
 
 def gap_groups(report: dict[str, Any], stage: str) -> list[dict[str, Any]]:
-    """A stage's gap by where it comes from and why: the layer id up to its first index, at most three
-    components (`vision.tiles.sam`, `decoder.layers.*`), and the reason."""
-    groups: dict[tuple[str, str | None], dict[str, Any]] = {}
-    for row in report["layers"]:
-        if row["stage"] != stage or not row["gap"]:
-            continue
-        prefix = []
-        for comp in row["id"].split("."):
+    """A stage's gap by where it comes from and why, in honest groups of analytic layers, largest first.
+
+    A group is a maximal subtree of layer ids whose every layer has a gap for the same reason (all of
+    `vision.tiles.sam`, not just its blocks); subtrees that differ only in one index merge into a range
+    (`vision.global.encoder.layers.4-23`, `decoder.layers.*.attn` when every index is there). Its id is what
+    `--explain` takes. Each carries the count of layers (the unit), the gap, and the cause named on its layers
+    when they all share one."""
+    rows = [r for r in report["layers"] if r["stage"] == stage]
+    for r in rows:
+        r.setdefault("_parts", tuple(r["id"].split(".")))
+    groups = _pure(rows, ())
+    indices = _indices(rows)
+    for pos in range(max((len(p) for p, _ in groups), default=0)):
+        groups = _merge(groups, pos)
+    out = []
+    for parts, members in groups:
+        causes = {m.get("cause") for m in members}
+        out.append({"group": _label(parts, indices), "reason": members[0]["reason"],
+                    "why": REASONS.get(members[0]["reason"], ""), "layers": len(members), "unit": "analytic layers",
+                    "gap": sum(m["gap"] for m in members),
+                    "cause": causes.pop() if len(causes) == 1 else None})
+    for r in rows:
+        r.pop("_parts", None)
+    return sorted(out, key=lambda g: (-abs(g["gap"]), g["group"]))
+
+
+def _pure(rows: list[dict[str, Any]], prefix: tuple) -> list[tuple[tuple, list[dict[str, Any]]]]:
+    """The maximal prefixes under which every layer has a gap, all for one reason."""
+    n = len(prefix)
+    if prefix and all(r["gap"] for r in rows) and len({r["reason"] for r in rows}) == 1:
+        return [(prefix, rows)]
+    children: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if len(r["_parts"]) > n:
+            children.setdefault(r["_parts"][n], []).append(r)
+    return [g for comp, members in children.items() for g in _pure(members, prefix + (comp,))]
+
+
+def _merge(groups: list[tuple[tuple, list]], pos: int) -> list[tuple[tuple, list]]:
+    """Groups equal but for an index at `pos` (same reason) as one, that component a set of indices."""
+    merged: dict[tuple, tuple[set, list]] = {}
+    order: list[tuple] = []
+    for parts, members in groups:
+        comp = parts[pos] if pos < len(parts) else None
+        idx = ({int(comp)} if isinstance(comp, str) and comp.isdigit() else comp if isinstance(comp, frozenset)
+               else None)
+        if idx is None:
+            key = (parts, members[0]["reason"], "whole")
+            merged[key] = (set(), members)
+        else:
+            key = (parts[:pos] + (None,) + parts[pos + 1:], members[0]["reason"], "index")
+            if key not in merged:
+                merged[key] = (set(), [])
+            merged[key][0].update(idx)
+            merged[key][1].extend(members)
+        if key not in order:
+            order.append(key)
+    out = []
+    for key in order:
+        parts, _, kind = key
+        idx, members = merged[key]
+        out.append((parts if kind == "whole" else parts[:pos] + (frozenset(idx),) + parts[pos + 1:], members))
+    return out
+
+
+def _indices(rows: list[dict[str, Any]]) -> dict[tuple, set[int]]:
+    """Per prefix, every index the stage's layers have right after it (to tell `*` from a range)."""
+    seen: dict[tuple, set[int]] = defaultdict(set)
+    for r in rows:
+        parts = r["_parts"]
+        for i, comp in enumerate(parts):
             if comp.isdigit():
-                prefix.append("*")
-                break
-            prefix.append(comp)
-        prefix = prefix[:3]
-        key = (".".join(prefix), row["reason"])
-        g = groups.setdefault(key, {"group": key[0], "reason": key[1], "layers": 0, "gap": 0})
-        g["layers"] += 1
-        g["gap"] += row["gap"]
-    return sorted(groups.values(), key=lambda g: -abs(g["gap"]))
+                seen[parts[:i]].add(int(comp))
+    return seen
+
+
+def _label(parts: tuple, indices: dict[tuple, set[int]]) -> str:
+    out: list[str] = []
+    for comp in parts:
+        if isinstance(comp, frozenset):
+            every = indices.get(tuple(out), set())  # after a range no id prefix is concrete: ranges then
+            out.append("*" if len(comp) > 1 and comp == every else _ranges(sorted(comp)))
+        else:
+            out.append(comp)
+    return ".".join(out)
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 3, 7] -> '0-3,7'."""
+    out, start = [], values[0]
+    for a, b in zip(values, values[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)
+
+
+def group_members(label: str, layer_ids: list[str]) -> list[str]:
+    """The layer ids a group label covers (`*`: any index; `4-23`, `0-3,7`: those indices)."""
+    want = label.split(".")
+    out = []
+    for lid in layer_ids:
+        parts = lid.split(".")
+        if len(parts) < len(want):
+            continue
+        if all(_component_matches(w, p) for w, p in zip(want, parts)):
+            out.append(lid)
+    return out
+
+
+def _component_matches(want: str, part: str) -> bool:
+    if want == "*":
+        return part.isdigit()
+    if part.isdigit() and want and all(c.isdigit() or c in "-," for c in want):
+        return int(part) in _expand(want)
+    return want == part
+
+
+def _expand(spec: str) -> set[int]:
+    out: set[int] = set()
+    for chunk in spec.split(","):
+        lo, _, hi = chunk.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def unseen_ops(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per stage and op, the FLOPs only policy `full` counts (what FlopCounterMode misses), stage order then most."""
+    by: Counter = Counter()
+    calls: Counter = Counter()
+    for n in report["nodes"]:
+        gap = n["flops_full"] - n["flops_torch"]
+        if gap:
+            by[(n["stage"], n["op"])] += gap
+            calls[(n["stage"], n["op"])] += 1
+    return [{"stage": stage, "op": op, "nodes": calls[(stage, op)], "flops": flops}
+            for (stage, op), flops in sorted(by.items(), key=lambda kv: (STAGES.index(kv[0][0]), -kv[1]))]
+
 
 
 def flop_nodes(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -24,14 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from analytic.api import policy, variant
+from analytic.api import build, policy, shape_for, variant
 from mapping.table import load_table
 from tracer.attention import check as attention_check
 from tracer.conventions import Conventions
 from tracer.count import count_graph
 from tracer.errors import FlopdiffError
-from tracer.explain import explain
-from tracer.gaps import analytic_for, map_report, shape_of_trace, with_diff
+from tracer.explain import check_id, explain
+from tracer.gaps import analytic_for, catalogue, map_report, shape_of_trace, with_diff
 from tracer.instruments import NvtxRanges
 from tracer.kernels import attribute_kernels
 from tracer.ncu import join as ncu_join
@@ -59,7 +59,7 @@ class Options:
     ncu: str | None = None              # a module path: Nsight Compute on its kernels (CUDA)
     ncu_argv: tuple[str, ...] = ()      # the command line --ncu runs again under Nsight Compute
     nvtx_module: str | None = None      # --ncu's own child run: NVTX ranges around this module's calls
-    explain: str | None = None          # an analytic layer id or a node id
+    explain: str | None = None          # a gap group, an analytic layer or a node id
     sequential: bool = False            # no decode worker process
     allow_long: bool = False            # run captures estimated at more than about five minutes
     max_gap: float | None = None        # the gate Result.over applies (a percentage; checked up front)
@@ -77,16 +77,34 @@ def check(workload: Workload, options: Options) -> Workload:
     policy(options.policy)
     attention_check(replace(options.build, mode=options.mode))  # plugins import, real FA2 has its package
     load_table(options.mapping or workload.model)
-    return validate(workload)
+    workload = validate(workload)
+    if options.explain:
+        check_id(options.explain, _layer_ids(workload, options))
+    return workload
+
+
+def _analytic_config(options: Options) -> str | None:
+    """The config the analytic model reads: --config, else the vendor folder's, else the model's published one."""
+    vendor_dir = options.build.vendor_dir
+    return options.config or (str(Path(vendor_dir) / "config.json") if vendor_dir else None)
+
+
+def _layer_ids(workload: Workload, options: Options) -> set[str]:
+    """Every layer and block id of the aligned and the chosen analytic model of this workload, in any stage."""
+    shape = shape_for(workload.model, workload.image_wh, base_size=workload.base_size, tile_size=workload.tile_size,
+                      crop_mode=workload.crop_mode, text_tokens=workload.text_tokens or 0,
+                      decode_steps=workload.decode_steps)
+    ids: set[str] = set()
+    for preset in {"aligned", options.analytic}:
+        ids.update(*catalogue(build(workload.model, shape, preset, _analytic_config(options))).values())
+    return ids
 
 
 def real_run_warning(workload: Workload, options: Options) -> str | None:
     """What `--mode real` on the CPU is about to cost (an upper bound, tracer.trace.real_run_estimate); None else."""
     if options.mode != "real" or options.build.device != "cpu":
         return None
-    vendor_dir = options.build.vendor_dir
-    config = options.config or (str(Path(vendor_dir) / "config.json") if vendor_dir else None)
-    return real_run_estimate(workload, config)
+    return real_run_estimate(workload, _analytic_config(options))
 
 
 def run(workload: Workload, options: Options = Options(), progress: Callable[[str], None] = lambda msg: None) -> Result:
@@ -120,5 +138,5 @@ def run(workload: Workload, options: Options = Options(), progress: Callable[[st
         progress("exporting the prefill and decode step 0 to ONNX (no weights) and counting their nodes")
         result.onnx_report, result.onnx_protos = run_onnx(tr, report, analytic, options.mapping)
     if options.explain:
-        result.detail = explain(report, analytic, mapping, options.explain, options.causal_halving)
+        result.detail = explain(report, analytic, mapping, options.explain)
     return result

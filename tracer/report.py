@@ -95,19 +95,6 @@ def build_report(tr: Trace) -> dict[str, Any]:
     }
 
 
-def unseen_ops(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per stage and op, the FLOPs only policy `full` counts (what FlopCounterMode misses), stage order then most."""
-    by: Counter = Counter()
-    calls: Counter = Counter()
-    for n in report["nodes"]:
-        gap = n["flops_full"] - n["flops_torch"]
-        if gap:
-            by[(n["stage"], n["op"])] += gap
-            calls[(n["stage"], n["op"])] += 1
-    return [{"stage": stage, "op": op, "nodes": calls[(stage, op)], "flops": flops}
-            for (stage, op), flops in sorted(by.items(), key=lambda kv: (STAGES.index(kv[0][0]), -kv[1]))]
-
-
 def dumps(report: dict[str, Any], only_flops: bool = False) -> str:
     """Compact JSON, one node per line: small, diffable, and fast (the C encoder needs indent=None).
     `only_flops` keeps the nodes with FLOPs or without a formula (the ones layers and coverage refer to)."""

@@ -14,12 +14,11 @@ from typing import Any
 
 from tracer.errors import FlopdiffError
 from tracer.forking import forked
-from tracer.gaps import gap_groups
 from tracer.html import render_html
 from tracer.lifecycle import OutputSet
 from tracer.onnx_graph import save as save_onnx
 from tracer.overlay import graph_collection, overlay
-from tracer.report import dumps, unseen_ops
+from tracer.report import dumps
 from tracer.tables import (consistency_table, gap_table, kernel_table, ncu_table, stage_table, unmapped_table,
                            unseen_table)
 
@@ -55,6 +54,8 @@ class Layer:
     gap_pct: float
     reason: str | None
     nodes: list[str]
+    formula: str | None = None  # the analytic formula with its numbers
+    cause: str | None = None    # why it differs, when flopdiff can name it (tracer.causes)
 
 
 @dataclass(frozen=True)
@@ -102,13 +103,16 @@ class Kernel:
 
 @dataclass(frozen=True)
 class GapGroup:
-    """A stage's gap by where it comes from (layer ids up to their first index) and why."""
+    """A stage's gap by where it comes from and why (tracer.gaps.gap_groups: `group` is what --explain takes)."""
 
     stage: str
     group: str
     reason: str | None
-    layers: int
+    why: str
+    layers: int          # how many analytic layers (`unit`)
+    unit: str
     gap: int
+    cause: str | None    # the preset setting or formula symbol behind every layer of the group, when named
 
 
 @dataclass(frozen=True)
@@ -157,11 +161,11 @@ class Result:
 
     @property
     def gap_groups(self) -> list[GapGroup]:
-        return [GapGroup(stage=s.name, **g) for s in self.stages for g in gap_groups(self.report, s.name)]
+        return [_typed(GapGroup, g) for g in self.report["gap_groups"]]
 
     @property
     def unseen(self) -> list[Unseen]:
-        return [_typed(Unseen, r) for r in unseen_ops(self.report)]
+        return [_typed(Unseen, r) for r in self.report["unseen"]]
 
     @property
     def coverage(self) -> Coverage:

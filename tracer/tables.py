@@ -8,8 +8,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from tracer.gaps import REASONS, gap_groups
-from tracer.report import unseen_ops
+from tracer.gaps import unseen_ops
 
 
 def _fmt(n: int) -> str:
@@ -38,14 +37,24 @@ def stage_table(report: dict[str, Any]):
 
 
 def gap_table(report: dict[str, Any], top: int = 12):
-    """Where each stage's gap comes from: groups of layers with the reason, largest first."""
-    table = Table(title=f"where the gap comes from ({_measured(report)} - analytic)", title_justify="left")
-    for col in ("stage", "layers", "why", "count", "gap", "% of stage gap"):
-        table.add_column(col, justify="right" if col in ("count", "gap", "% of stage gap") else "left")
-    for s in report["stages"]:
-        for g in gap_groups(report, s["name"])[:top]:
-            share = f"{100 * g['gap'] / s['gap']:.1f}" if s["gap"] else "-"
-            table.add_row(s["name"], g["group"], REASONS.get(g["reason"], ""), str(g["layers"]), _fmt(g["gap"]), share)
+    """Where each stage's gap comes from: honest groups of layers (tracer.gaps.gap_groups), largest first, each with
+    the id --explain takes, why, how many analytic layers and the cause when flopdiff can name it."""
+    if not report["gap_groups"]:
+        return f"where the gap comes from: no gap on any layer ({_measured(report)} = analytic everywhere)"
+    table = Table(title=f"where the gap comes from ({_measured(report)} - analytic; prefill includes vision)",
+                  title_justify="left")
+    for col in ("stage", "group (--explain ID)", "why", "layers", "gap FLOPs", "% of stage", "cause"):
+        table.add_column(col, justify="right" if col in ("layers", "gap FLOPs", "% of stage") else "left",
+                         overflow="fold", no_wrap=col.startswith("group"))
+    gaps = {s["name"]: s["gap"] for s in report["stages"]}
+    shown: dict[str, int] = {}
+    for g in report["gap_groups"]:
+        if shown.setdefault(g["stage"], 0) >= top:
+            continue
+        shown[g["stage"]] += 1
+        share = f"{100 * g['gap'] / gaps[g['stage']]:.1f}" if gaps[g["stage"]] else "-"
+        table.add_row(g["stage"], Text(g["group"]), g["why"], str(g["layers"]), _fmt(g["gap"]), share,
+                      Text(g["cause"] or ""))
     return table
 
 
