@@ -12,7 +12,7 @@ run() {  # python model name preset [extra flags]
   # flopdiff replaces its output folder as a whole and refuses one holding other files: the summary goes in after
   rm -f "$out/summary.txt"
   "$py" -m tracer.diff --model "$model" --image-shape 1000x1400 --text-tokens 9 --decode-steps 2 \
-      --analytic "$preset" --json-nodes flops --quiet --out "$out" "$@" > "$out.summary.txt" || [ $? = 1 ]
+      --analytic "$preset" --json-nodes flops --model-explorer --quiet --out "$out" "$@" > "$out.summary.txt" || [ $? = 1 ]
   mv "$out.summary.txt" "$out/summary.txt"
 }
 v1=0

@@ -12,6 +12,11 @@ cd "$(dirname "$0")/.."
 V1_PACKAGES=(torch==2.14.1 torchvision==0.29.1 'transformers==4.46.3' 'tokenizers==0.20.3' addict easydict einops)
 start=$SECONDS
 rc=0
+# Model Explorer's own dataclasses check its files (tests/test_model_explorer.py): the package's 2 MB of schema and
+# server code, without the 150 MB of server dependencies it declares
+.venv/bin/pip show -q ai-edge-model-explorer dacite >/dev/null 2>&1 \
+  || .venv/bin/pip install -q --no-deps 'ai-edge-model-explorer>=0.1.34,<0.2' 'dacite>=1.8' \
+  || { echo "tests/run_all.sh: could not install ai-edge-model-explorer"; exit 1; }
 .venv/bin/python -m pytest -q "$@" || rc=$?
 echo "tests/run_all.sh: main environment: exit $rc after $((SECONDS - start)) s"
 if [ ! -x .venv-v1/bin/python ]; then

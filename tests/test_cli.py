@@ -102,11 +102,13 @@ def test_command_line_process_exit_status_and_output(tmp_path, tiny_v2_config):
             "--text-tokens", "2", "--decode-steps", "1", "--quiet"]
     ok = subprocess.run(base + ["--out", str(tmp_path / "ok")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert "decode" in ok.stdout and ok.stdout.rstrip().endswith("model-explorer-graph.json")
+    assert "decode" in ok.stdout and ok.stdout.rstrip().endswith("report.json, report.html")
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["report.html", "report.json"]
     assert json.loads((tmp_path / "ok" / "report.json").read_text())["stages"][0]["name"] == "vision"
-    gap = subprocess.run(base + ["--out", str(tmp_path / "gap"), "--analytic", "seed-naive", "--max-gap", "0"],
-                         capture_output=True, text=True)
+    gap = subprocess.run(base + ["--analytic", "seed-naive", "--max-gap", "0"], capture_output=True, text=True,
+                         cwd=tmp_path)
     assert gap.returncode == 1 and "exceeds --max-gap 0" in gap.stderr
+    assert list(tmp_path.glob("flopdiff-report*")) == []  # a gate without --out writes nothing
     bad = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--decode-steps", "-1"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("flopdiff: error: --decode-steps -1")
     assert not (tmp_path / "bad").exists()

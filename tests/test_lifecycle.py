@@ -121,7 +121,7 @@ def exchange(a, b):
 lifecycle._exchange = exchange
 outputs = OutputSet(out)
 point()
-for name in ("report.json", "report.html", "model-explorer.json"):
+for name in ("report.json", "report.html", "model-explorer-node-data.json"):
     outputs.write(name, "new " + name)
     point()
 outputs.commit()
@@ -131,7 +131,7 @@ print("steps", steps[0])
 
 
 def test_output_set_is_old_or_new_at_every_kill_point(tmp_path):
-    new = {name: f"new {name}".encode() for name in ("report.json", "report.html", "model-explorer.json")}
+    new = {name: f"new {name}".encode() for name in ("report.json", "report.html", "model-explorer-node-data.json")}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     full = subprocess.run([sys.executable, "-c", WRITE_SCRIPT, str(tmp_path / "probe"), "0"], env=env,
                           capture_output=True, text=True, check=True)

@@ -9,7 +9,7 @@ import pytest
 from tracer.paths import split_path
 from mapping.table import compile_pattern, load_table
 from tracer.diff import main
-from tracer.gaps import analytic_of, gap_groups, map_report, with_diff
+from tracer.gaps import analytic_of, gap_groups, group_members, map_report, with_diff
 
 
 @pytest.mark.parametrize("pattern, path, groups", [
@@ -63,13 +63,57 @@ def test_v2_seed_naive_gap_attributed_to_named_layers(v2_page):
     assert vision["gap_pct"] > 1
     named = sum(r["gap"] for r in doc["layers"] if r["stage"] == "vision")
     assert named == vision["gap"]  # 100% >= the 99% asked: every vision node is mapped
-    groups = {(g["group"], g["reason"]): g["gap"] for g in gap_groups(doc, "vision")}
-    # the seed's three mistakes: no tile views, 4 of 24 encoder layers, a fixed projector token count
-    assert ("vision.tiles.sam", "missing") in groups and ("vision.tiles.encoder", "missing") in groups
-    assert groups[("vision.global.encoder", "missing")] > 0
+    groups = {(g["group"], g["reason"]): g for g in doc["gap_groups"] if g["stage"] == "vision"}
+    assert groups == {(g["group"], g["reason"]): {"stage": "vision", **g} for g in gap_groups(doc, "vision")}
+    # the seed's mistakes, in honest groups with their causes: no tile views, 4 of 24 encoder layers
+    tiles = groups[("vision.tiles", "missing")]
+    assert tiles["cause"] == "preset single_view: true (tile views not modelled)" and tiles["unit"] == "analytic layers"
+    encoder = groups[("vision.global.encoder.layers.4-23", "missing")]
+    assert encoder["layers"] == 20 * 8 and encoder["cause"].startswith("preset clip_layers: 4")
+    assert sum(g["gap"] for g in groups.values()) == vision["gap"]
+    (kv,) = [g for g in doc["gap_groups"] if g["stage"] == "decode"]
+    assert kv["group"] == "decoder.layers.*.attn" and kv["layers"] == 12 and "decode_kv_growth: false" in kv["cause"]
+    assert "s_k = 1,131 in the analytic formula at decode step 0; 1,132" in kv["cause"]  # the disagreeing symbol
     enc = [r for r in doc["layers"] if r["stage"] == "vision" and r["id"].startswith("vision.global.encoder.layers.")]
     assert {r["reason"] for r in enc if int(r["id"].split(".")[4]) < 4} == {None}
     assert {r["reason"] for r in enc if int(r["id"].split(".")[4]) >= 4} == {"missing"}
+
+
+@pytest.mark.parametrize("ids, gaps, groups", [
+    # a whole subtree with one reason is one group, whatever its depth
+    (["v.tiles.a.0.x", "v.tiles.a.1.x", "v.tiles.b", "v.global.a"], [1, 1, 1, 0], ["v.tiles"]),
+    # blocks 0-1 modelled, 2-4 not: a range, not the parent
+    ([f"enc.layers.{i}.{p}" for i in range(5) for p in ("q", "mlp")], [0, 0, 0, 0, 1, 1, 1, 1, 1, 1],
+     ["enc.layers.2-4"]),
+    # only .attn differs in every layer: the shared suffix, * for every index
+    ([f"dec.layers.{i}.{p}" for i in range(3) for p in ("attn", "mlp")], [1, 0, 1, 0, 1, 0], ["dec.layers.*.attn"]),
+    # two separate runs of indices
+    ([f"dec.layers.{i}.attn" for i in range(6)], [1, 1, 0, 1, 0, 0], ["dec.layers.0-1,3"]),
+])
+def test_gap_groups_are_honest(ids, gaps, groups):
+    report = {"layers": [{"id": i, "stage": "s", "gap": g, "reason": "missing" if g else None, "cause": None}
+                         for i, g in zip(ids, gaps)]}
+    got = gap_groups(report, "s")
+    assert [g["group"] for g in got] == groups
+    for g in got:  # what --explain takes covers exactly the layers counted
+        members = [r for r in report["layers"] if r["id"] in group_members(g["group"], ids)]
+        assert len(members) == g["layers"] and all(r["gap"] for r in members)
+
+
+def test_every_group_of_the_seed_naive_run_explains(tmp_path, capsys, tiny_v2_config):
+    """Each group the terminal prints is an id --explain takes (exit 0, its line first); a wrong id fails before
+    tracing with the nearest ids."""
+    base = ["--config", tiny_v2_config, "--image-shape", "1000x800", "--text-tokens", "3", "--decode-steps", "2",
+            "--analytic", "seed-naive", "--quiet"]
+    code, _, _ = _run([*base, "--out", str(tmp_path / "o")], capsys)
+    doc = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert code == 0 and doc["gap_groups"]
+    for g in {g["group"] for g in doc["gap_groups"]}:
+        code, out, err = _run([*base, "--explain", g], capsys)
+        assert code == 0 and f"{g} [" in out, err
+    assert not list(tmp_path.glob("flopdiff-report"))  # --explain without --out writes nothing
+    code, _, err = _run([*base, "--explain", "decoder.layers.0.atn"], capsys)
+    assert code == 2 and "nearest: decoder.layers.0.attn" in err
 
 
 def _run(argv, capsys):
@@ -131,7 +175,7 @@ def test_unmapped_nodes_are_listed_never_dropped(tmp_path, capsys, tiny_v2_confi
 @pytest.mark.parametrize("argv, names", [
     (["--analytic", "optimistic"], "--analytic 'optimistic': unknown preset"),
     (["--mapping", "no-such-table.yaml"], "mapping table no-such-table.yaml: no such file"),
-    (["--explain", "decoder.layers.99.attn"], "--explain 'decoder.layers.99.attn'"),
+    (["--explain", "decoder.layers.99.attn"], "--explain decoder.layers.99.attn: no analytic layer or gap group"),
     (["--max-gap", "-1"], "--max-gap -1"),
 ])
 def test_bad_diff_input_one_line_exit_2(argv, names, tmp_path, capsys, tiny_v2_config):
@@ -173,10 +217,11 @@ def test_explain_node_tells_its_whole_story(tmp_path, capsys, tiny_v2_config):
 def test_model_explorer_graph_and_overlay_agree(tmp_path, capsys, tiny_v2_config):
     """model-explorer-graph.json (GraphCollection) holds every stage graph; every overlay key is a node of its
     graph; edges point at nodes of the same graph; namespaces are the module paths."""
-    code, _, _ = _run(["--config", tiny_v2_config, "--decode-steps", "2", "--quiet", "--out", str(tmp_path)], capsys)
+    code, _, _ = _run(["--config", tiny_v2_config, "--decode-steps", "2", "--quiet", "--model-explorer", "--out",
+                       str(tmp_path)], capsys)
     assert code == 0
     graphs = {g["id"]: g for g in json.loads((tmp_path / "model-explorer-graph.json").read_text())["graphs"]}
-    overlay = json.loads((tmp_path / "model-explorer.json").read_text())
+    overlay = json.loads((tmp_path / "model-explorer-node-data.json").read_text())
     assert set(graphs) == {"vision", "prefill", "decode.0", "decode.1"} and set(overlay) <= set(graphs)
     doc = json.loads((tmp_path / "report.json").read_text())
     for gid, g in graphs.items():

@@ -21,7 +21,7 @@ def _same(tmp: Path, folder: str, argv: list[str], files: tuple[str, ...]) -> No
 @pytest.mark.v2
 @pytest.mark.parametrize("folder", ["v2-aligned", "v2-seed-naive"])
 def test_v2_curated_reports_are_byte_identical(folder, tmp_path):
-    _same(tmp_path, folder, [], ("report.json", "report.html", "model-explorer.json"))
+    _same(tmp_path, folder, ["--model-explorer"], ("report.json", "report.html", "model-explorer-node-data.json"))
 
 
 def test_v1_curated_report_is_byte_identical(v1_dir, tmp_path):

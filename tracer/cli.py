@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from rich.console import Console
@@ -18,7 +19,8 @@ from analytic.api import mode_knobs
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import Interrupted, OutputSet, signals_as_exceptions
 from tracer.pipeline import Options, check, real_run_warning, run
-from tracer.vendors import VENDORS, BuildOptions, parse_impl
+from tracer import flags
+from tracer.vendors import BuildOptions, parse_impl
 from tracer.workload import Workload, parse_image_shape
 
 STARTED = time.perf_counter()  # this module's import: the process's imports before it are not counted
@@ -29,48 +31,7 @@ SAME_NAME = ("config", "mode", "analytic", "mapping", "causal_halving", "policy"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flopdiff", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--model", default=DEFAULT.model, help=f"one of: {', '.join(sorted(VENDORS))}")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--image", help="an image file (its size is the workload's)")
-    src.add_argument("--image-shape", default="x".join(map(str, DEFAULT.image_wh)), help="WxH of a white page")
-    a("--base-size", type=int, help="global view size (default: the vendor processor's)")
-    a("--tile-size", type=int, help="tile size (default: the vendor processor's)")
-    a("--crop-mode", action=argparse.BooleanOptionalAction, help="cut large pages into tiles (default: on)")
-    a("--resolution", metavar="MODE", help="a vendor mode setting the three knobs above unless given "
-                                           "(deepseek-ocr: tiny, small, base, large, gundam)")
-    a("--text-tokens", type=int, help="prompt text tokens after the image when no tokenizer is given "
-                                      "(deepseek-ocr-2: 4 by default; deepseek-ocr: required)")
-    a("--prompt", help="prompt with one <image>, tokenized with --tokenizer")
-    a("--tokenizer", help="a local tokenizer folder or tokenizer.json")
-    a("--decode-steps", type=int, default=DEFAULT.decode_steps, help="one-token steps after the prefill")
-    a("--config", help="vendor config.json (default: the published one / the one in --vendor-dir)")
-    a("--vendor-dir", help="deepseek-ocr: a folder with the Hugging Face repo's *.py and *.json, or hub:ORG/NAME")
-    a("--trust-remote-code", action="store_true", help="allow running the vendor's Python files from --vendor-dir")
-    a("--device", choices=("cpu", "cuda"), default="cpu", help="cuda (--mode real): attribute every kernel")
-    a("--graph", choices=("fx", "onnx"), default="fx", help="onnx: also export, count and check the ONNX graph")
-    a("--ncu", metavar="MODULE", help="with --device cuda: Nsight Compute FLOPs for the kernels inside MODULE")
-    a("--mode", choices=("fake", "real"), default="fake", help="fake: no weights, no compute; real: random weights")
-    a("--attn", help="attn_implementation, or SUBCONFIG=NAME,... (default: sdpa / deepseek-ocr eager)")
-    a("--attn-plugin", action="append", default=[], metavar="[NAME=]MODULE:FN",
-      help="register a Python attention function as NAME (default FN) for --attn (README: custom kernels)")
-    a("--experts", help="deepseek-ocr-2: grouped_mm (default), batched_mm, or eager (--mode real only)")
-    a("--causal-halving", action="store_true", help="count only the (query, key) pairs a causal mask keeps")
-    a("--analytic", default="aligned", metavar="PRESET", help="aligned, seed-naive, or a preset YAML file")
-    a("--policy", choices=("full", "torch"), default="full", help="the gap: analytic vs full counts, or vs torch's")
-    a("--mapping", metavar="TABLE", help="mapping table YAML (default: the built-in one of --model)")
-    a("--explain", metavar="ID", help="print one analytic layer (decoder.layers.3.attn) or node (prefill/mm_12)")
-    a("--max-gap", type=float, metavar="PCT", help="exit 1 when a stage's |gap| exceeds PCT%% of its full count")
-    a("--json-nodes", choices=("all", "flops"), default="all", help="nodes in report.json: all, or with FLOPs")
-    a("--out", default="flopdiff-report", help="output folder (replaced as a whole)")
-    a("--sequential", action="store_true", help="no decode worker process: every step captured here")
-    a("--allow-long", action="store_true", help="run captures estimated at more than about five minutes")
-    a("--quiet", action="store_true", help="no progress display")
-    a("--timings", action="store_true", help="print the seconds each phase took (stderr)")
-    a("--nvtx-module", metavar="MODULE", help=argparse.SUPPRESS)  # --ncu's child run under Nsight Compute
-    return p
+    return flags.parser("flopdiff", __doc__.splitlines()[0], flags.WORKLOAD, flags.ANALYTIC, flags.FLOPDIFF)
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
@@ -98,7 +59,8 @@ def run_command(args: argparse.Namespace) -> int:
     workload = check(workload, options)  # bad input fails here, before minutes of tracing
     if warning := real_run_warning(workload, options):
         print(f"flopdiff: warning: {warning}", file=sys.stderr)
-    with OutputSet(args.out) as outputs:  # a bad --out fails here; committed whole, or discarded on any failure
+    folder = args.out or (None if args.explain or args.max_gap is not None else "flopdiff-report")  # asked for
+    with OutputSet(folder) if folder else nullcontext() as outputs:  # committed whole, or discarded on any failure
         with Console(stderr=True, quiet=args.quiet).status("tracing") as spinner:
             def progress(next_label: str) -> None:
                 nonlocal label, t
@@ -111,8 +73,9 @@ def run_command(args: argparse.Namespace) -> int:
         out = Console(width=None if sys.stdout.isatty() else 140)  # piped output: full numbers, no ellipsis
         for table in result.tables():
             out.print(table)
-        names = result.write(outputs, only_flops=args.json_nodes == "flops")
-        out.print(f"wrote {Path(args.out)}/" + ", ".join(names))
+        if outputs is not None:
+            names = result.write(outputs, only_flops=args.json_nodes == "flops", model_explorer=args.model_explorer)
+            out.print(f"wrote {Path(folder)}/" + ", ".join(names))
         progress("done")
     if args.timings:
         print("flopdiff: seconds per phase: " + "; ".join(f"{n} {s:.2f}" for n, s in phases), file=sys.stderr)

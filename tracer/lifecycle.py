@@ -32,8 +32,9 @@ from pathlib import Path
 from tracer.errors import FlopdiffError
 
 #: every file a run may write into --out (an existing folder holding anything else is refused)
-OUTPUT_NAMES = frozenset({"report.json", "report.html", "model-explorer.json", "model-explorer-graph.json",
-                          "ncu.csv", "report-onnx.json", "prefill.onnx", "decode.onnx"})
+OUTPUT_NAMES = frozenset({"report.json", "report.html", "model-explorer-graph.json", "model-explorer-node-data.json",
+                          "ncu.csv", "report-onnx.json", "prefill.onnx", "decode.onnx",
+                          "model-explorer.json"})  # the node data's name before it said what it is
 STAGING = ".flopdiff-staging"  # `.NAME.flopdiff-staging-PID-XXXX` beside --out
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -17,7 +17,7 @@ from tracer.forking import forked
 from tracer.html import render_html
 from tracer.lifecycle import OutputSet
 from tracer.onnx_graph import save as save_onnx
-from tracer.overlay import graph_collection, overlay
+from tracer.overlay import ME_GRAPH, ME_OVERLAY, graph_collection, overlay
 from tracer.report import dumps
 from tracer.tables import (consistency_table, gap_table, kernel_table, ncu_table, stage_table, unmapped_table,
                            unseen_table)
@@ -229,15 +229,18 @@ class Result:
             out.append(self.detail)
         return out
 
-    def write(self, outputs: OutputSet, only_flops: bool = False) -> list[str]:
-        """Every output file into `outputs` (staged: the caller commits or discards); the names written."""
+    def write(self, outputs: OutputSet, only_flops: bool = False, model_explorer: bool = False) -> list[str]:
+        """The output files into `outputs` (staged: the caller commits or discards); the names written. What a user
+        reads (report.json, report.html), and as asked the Model Explorer graph and overlay, ncu.csv, the ONNX set."""
         # the largest file, independent of the others: built and encoded in a forked child meanwhile
-        graph_written = forked(lambda: outputs.write("model-explorer-graph.json", json.dumps(
-            graph_collection(self.trace, self.report), separators=(",", ":"))))
+        graph_written = forked(lambda: outputs.write(ME_GRAPH, json.dumps(
+            graph_collection(self.trace, self.report), separators=(",", ":")))) if model_explorer else (lambda: None)
         outputs.write("report.json", self.to_json(only_flops))
         outputs.write("report.html", self.to_html())
-        outputs.write("model-explorer.json", json.dumps(overlay(self.report), separators=(",", ":")))
-        names = ["report.json", "report.html", "model-explorer.json", "model-explorer-graph.json"]
+        names = ["report.json", "report.html"]
+        if model_explorer:
+            outputs.write(ME_OVERLAY, json.dumps(overlay(self.report), separators=(",", ":")))
+            names += [ME_GRAPH, ME_OVERLAY]
         if self.ncu_csv is not None:
             outputs.write("ncu.csv", self.ncu_csv)
             names.append("ncu.csv")

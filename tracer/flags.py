@@ -1,0 +1,101 @@
+"""The command-line flags as data: one row per flag, its names and argparse keywords, each with a help text.
+flopdiff (tracer.cli) and `python -m analytic` build their parsers from these tables, so a flag that means the same
+thing has one name, one help and one default in both (`WORKLOAD`, `ANALYTIC`). Torch-free: `python -m analytic`
+imports it. A default is shown once: the help says it in words, or the formatter appends the value."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+Row = tuple[tuple[str, ...], dict[str, Any]]
+
+MODELS = ("deepseek-ocr", "deepseek-ocr-2")
+DEFAULT_MODEL = "deepseek-ocr-2"
+DEFAULT_SHAPE = "1000x1400"
+DEFAULT_DECODE_STEPS = 1
+
+
+class Help(argparse.HelpFormatter):
+    """Appends `(default: X)` when the help does not say the default already and there is one to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, [], argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+# the workload: what to measure (the image comes first, either a file or a white page's size: one group)
+IMAGE = [
+    (("--image",), dict(help="an image file; its size is the workload's")),
+    (("--image-shape",), dict(default=DEFAULT_SHAPE, metavar="WxH", help="the size of a white page to measure")),
+]
+WORKLOAD: list[Row] = [
+    (("--model",), dict(default=DEFAULT_MODEL, help=f"the vendor model: {', '.join(MODELS)}")),
+    (("--base-size",), dict(type=int, metavar="PX", help="global view size (default: the vendor processor's)")),
+    (("--tile-size",), dict(type=int, metavar="PX", help="tile size (default: the vendor processor's)")),
+    (("--crop-mode",), dict(action=argparse.BooleanOptionalAction, default=None,
+                            help="cut large pages into tiles (default: on)")),
+    (("--resolution",), dict(metavar="MODE", help="a vendor mode setting the three knobs above unless given "
+                                                  "(deepseek-ocr: tiny, small, base, large, gundam; default: the "
+                                                  "model's)")),
+    (("--text-tokens",), dict(type=int, metavar="N", help="prompt text tokens after the image (default: "
+                                                          "deepseek-ocr-2 4; deepseek-ocr: required without a "
+                                                          "tokenizer, 9 in the model card's prompt)")),
+    (("--decode-steps",), dict(type=int, default=DEFAULT_DECODE_STEPS, metavar="N",
+                               help="one-token decode steps after the prefill")),
+]
+ANALYTIC: list[Row] = [
+    (("--analytic",), dict(default="aligned", metavar="PRESET", help="the analytic model: aligned (vendor-exact), "
+                                                                     "seed-naive, or a preset YAML file")),
+    (("--policy",), dict(choices=("full", "torch"), default="full",
+                         help="full counts, or torch: what FlopCounterMode counts")),
+    (("--config",), dict(help="vendor config.json (default: the published one / the one in --vendor-dir)")),
+]
+FLOPDIFF: list[Row] = [
+    (("--prompt",), dict(help="prompt with one <image>, tokenized with --tokenizer")),
+    (("--tokenizer",), dict(metavar="PATH", help="a local tokenizer folder or tokenizer.json")),
+    (("--vendor-dir",), dict(metavar="DIR", help="deepseek-ocr: a folder with the Hugging Face repo's *.py and "
+                                                 "*.json, or hub:ORG/NAME")),
+    (("--trust-remote-code",), dict(action="store_true", help="allow running the vendor's Python files")),
+    (("--mode",), dict(choices=("fake", "real"), default="fake", help="fake: no weights, no compute; real: random "
+                                                                      "weights, real compute")),
+    (("--device",), dict(choices=("cpu", "cuda"), default="cpu", help="cuda (--mode real): attribute every kernel")),
+    (("--attn",), dict(help="attn_implementation, or SUBCONFIG=NAME,... (default: sdpa; deepseek-ocr: eager)")),
+    (("--attn-plugin",), dict(action="append", default=[], metavar="[NAME=]MODULE:FN",
+                              help="register a Python attention function as NAME (default: FN) for --attn")),
+    (("--experts",), dict(help="deepseek-ocr-2: grouped_mm (default), batched_mm, or eager (--mode real only)")),
+    (("--causal-halving",), dict(action="store_true", help="count only the (query, key) pairs a causal mask keeps")),
+    (("--mapping",), dict(metavar="TABLE", help="mapping table YAML (default: the built-in one of --model)")),
+    (("--explain",), dict(metavar="ID", help="print a gap group (decoder.layers.*.attn), an analytic layer "
+                                             "(decoder.layers.3.attn) or a node (prefill/mm_12), with its cause")),
+    (("--max-gap",), dict(type=float, metavar="PCT", help="exit 1 when a stage's |gap| exceeds PCT%% of its count")),
+    (("--graph",), dict(choices=("fx", "onnx"), default="fx", help="onnx: also export, count and check the ONNX "
+                                                                    "graph")),
+    (("--ncu",), dict(metavar="MODULE", help="with --device cuda: Nsight Compute FLOPs for the kernels inside "
+                                             "MODULE")),
+    (("--out",), dict(metavar="DIR", help="output folder, replaced as a whole (default: flopdiff-report; with "
+                                          "--explain or --max-gap and no --out, nothing is written)")),
+    (("--json-nodes",), dict(choices=("all", "flops"), default="all", help="nodes in report.json: all, or those "
+                                                                            "with FLOPs")),
+    (("--model-explorer",), dict(action="store_true", help="also write the Model Explorer graph and its overlay "
+                                                           "(README: opening them)")),
+    (("--sequential",), dict(action="store_true", help="no decode worker process: every step captured here")),
+    (("--allow-long",), dict(action="store_true", help="run captures estimated at more than about five minutes")),
+    (("--quiet",), dict(action="store_true", help="no progress display")),
+    (("--timings",), dict(action="store_true", help="print the seconds each phase took (stderr)")),
+    (("--nvtx-module",), dict(metavar="MODULE", help=argparse.SUPPRESS)),  # --ncu's own child run under ncu
+]
+
+
+def parser(prog: str, description: str, *tables: list[Row]) -> argparse.ArgumentParser:
+    """A parser with the image group, then the tables' flags in order."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=Help)
+    image = p.add_mutually_exclusive_group()
+    for names, kwargs in IMAGE:
+        image.add_argument(*names, **kwargs)
+    for table in tables:
+        for names, kwargs in table:
+            p.add_argument(*names, **kwargs)
+    return p
