@@ -66,11 +66,17 @@ def page(browser, page_file):
     pg.close()
 
 
+SHOWN = ("prefill", "decode")  # vision is shown inside prefill, its layers counted once
+
+
 def test_page_loads_with_every_layer_and_stage(page, page_file):
     doc = page_file[1]
-    assert page.locator("table.layers tr.layer").count() == len(doc["layers"])
+    assert page.locator("table.layers tr.layer").count() == sum(1 for r in doc["layers"] if r["stage"] in SHOWN)
     assert page.locator("#stages tbody tr").count() == 3
+    assert page.locator("#stages tbody tr").first.inner_text().startswith("vision (part of prefill)")
     assert page.locator("tr.node").count() == 0  # node rows are built on demand
+    assert page.locator("#chart g.block").count() > 10
+    assert "no gap on any layer" in page.locator("#groups").inner_text()  # the aligned run
 
 
 def test_expanding_a_layer_shows_its_nodes_and_planted_markup_stays_text(page, page_file):
@@ -81,6 +87,8 @@ def test_expanding_a_layer_shows_its_nodes_and_planted_markup_stays_text(page, p
     nodes = page.locator("table.layers[data-stage=prefill] tr.node")
     assert nodes.count() == len(head["nodes"]) == 1
     assert PLANTED in nodes.first.inner_text()  # shown as typed, not parsed
+    detail = page.locator("table.layers[data-stage=prefill] tr.detail")
+    assert head["formula"] in detail.inner_text() and "mapped by rule" in detail.inner_text()
     row.click()
     assert page.locator("tr.node").count() == 0
 
@@ -89,21 +97,76 @@ def test_search_filters_layer_rows(page, page_file):
     doc = page_file[1]
     page.fill("#search", "shared_experts.down_proj")
     page.wait_for_function("document.getElementById('count').textContent.includes('match')")
-    expected = sum(1 for r in doc["layers"] if "shared_experts.down_proj" in r["id"])
-    assert page.locator("table.layers tr.layer").count() == expected == 3 * 11 - 11  # prefill + decode, 11 MoE layers
+    expected = sum(1 for r in doc["layers"] if "shared_experts.down_proj" in r["id"] and r["stage"] in SHOWN)
+    assert page.locator("table.layers tr.layer").count() == expected == 2 * 11  # prefill + decode, 11 MoE layers
+    total = sum(1 for r in doc["layers"] if r["stage"] in SHOWN)
+    assert f"of {total} layers" in page.locator("#count").inner_text()  # vision's layers once
     page.fill("#search", "")
     page.wait_for_function("!document.getElementById('count').textContent.includes('match')")
-    assert page.locator("table.layers tr.layer").count() == len(doc["layers"])
+    assert page.locator("table.layers tr.layer").count() == total
 
 
-def test_sorting_by_gap_and_unmapped_section(page, page_file):
-    page.locator("table.layers[data-stage=decode] th", has_text="nodes").click()
-    first = page.locator("table.layers[data-stage=decode] tr.layer").first.inner_text()
-    most = max(len(r["nodes"]) for r in page_file[1]["layers"] if r["stage"] == "decode")
-    assert first.split()[-1] == str(most) == "20"  # experts: 2 grouped GEMMs per step, 10 steps
+def test_natural_sort_and_unmapped_section(page, page_file):
+    page.locator("table.layers[data-stage=decode] th", has_text="layer").click()
+    ids = page.locator("table.layers[data-stage=decode] tr.layer td:first-child").all_inner_texts()
+    assert ids.index("decoder.layers.2.attn") < ids.index("decoder.layers.10.attn")
     unmapped = page.locator("#unmapped-nodes tbody tr")
     assert unmapped.count() == 1 and "planted " + PLANTED in unmapped.first.inner_text()
     assert page.locator("#notes").inner_text().endswith("note " + PLANTED)
+
+
+# ---- the seed-naive page: a gap to explain, at both widths -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def naive_file(v2_page, tmp_path_factory):
+    from tracer.gaps import analytic_of, map_report, with_diff
+
+    an = analytic_of(v2_page, "seed-naive")
+    doc = with_diff(v2_page, an, map_report(v2_page, an))
+    path = tmp_path_factory.mktemp("naive") / "report.html"
+    path.write_text(render_html(doc))
+    return path, doc
+
+
+@pytest.mark.parametrize("width, height", [(1280, 800), (1920, 1080)])
+def test_seed_naive_page_explains_at_both_widths(browser, naive_file, width, height):
+    path, doc = naive_file
+    pg = browser.new_page(viewport={"width": width, "height": height})
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(path.as_uri())
+    pg.wait_for_selector("#chart g.block")
+    overflow = "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+    # the gap groups first, with their causes, largest first
+    groups = pg.locator("#group-table tbody tr")
+    assert groups.count() == sum(1 for g in doc["gap_groups"] if g["stage"] in SHOWN)
+    assert "vision.tiles" in groups.first.inner_text() and "single_view: true" in groups.first.inner_text()
+    assert "unseen-table" in pg.content()
+    # the largest gap first in the tables; a detail opened by keyboard keeps the page within the window
+    first = pg.locator("table.layers[data-stage=prefill] tr.layer").first
+    assert first.inner_text().startswith("vision.tiles.")
+    first.focus()
+    pg.keyboard.press("Enter")
+    assert pg.locator("table.layers[data-stage=prefill] tr.detail").count() == 1
+    assert pg.evaluate(overflow)
+    # a click on a chart block zooms and filters the tables to it
+    pg.locator("#chart g.block", has_text="tiles").first.click()
+    visible = pg.locator("table.layers tr.layer td:first-child").all_inner_texts()
+    assert visible and all(v.startswith("vision.tiles") for v in visible)
+    assert "under prefill vision.tiles" in pg.locator("#count").inner_text()
+    pg.locator("#count button", has_text="show all").click()
+    # a search over the why column
+    pg.fill("#search", "not in the analytic model")
+    pg.wait_for_function("document.getElementById('count').textContent.includes('match')")
+    missing = sum(1 for r in doc["layers"] if r["stage"] in SHOWN and r["reason"] == "missing")
+    assert pg.locator("table.layers tr.layer").count() == missing > 0
+    # a group row filters to its layers
+    pg.fill("#search", "")
+    groups.nth(1).click()
+    rows = pg.locator("table.layers tr.layer td:first-child").all_inner_texts()
+    assert rows and all(r.startswith("vision.global.encoder.layers.") for r in rows)
+    assert pg.evaluate(overflow) and errors == []
+    pg.close()
 
 
 def test_kernels_section_of_a_cuda_report(browser, tmp_path):

@@ -171,6 +171,7 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
                          else "formula" if row["gap"] else None)
         row["nodes"] = [n["id"] for n in mapped]
         row["formula"] = formula(leaves[key], counting)
+        row["rules"] = sorted({r for r in map(mapping.rule_of, mapped) if r})
         row["cause"] = cause(stage, lid, row["reason"], preset, leaves[key], mapped, counting, measured)
         layers.append(row)
     stage_analytic = {s["name"]: s["flops"] for s in an.doc["stages"]}

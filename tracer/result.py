@@ -55,6 +55,7 @@ class Layer:
     reason: str | None
     nodes: list[str]
     formula: str | None = None  # the analytic formula with its numbers
+    rules: list[str] | None = None  # the mapping rules that joined its nodes to it
     cause: str | None = None    # why it differs, when flopdiff can name it (tracer.causes)
 
 
