@@ -1,5 +1,7 @@
-"""`python -m analytic`: the analytic model for one workload (table, or JSON with --json), or a sweep
-over shapes and modes written as CSV (--sweep)."""
+"""The analytic model for one workload (a table, or JSON with --json), or a CSV sweep over page shapes and modes.
+
+`python -m analytic` takes flopdiff's workload and analytic flags (tracer.flags: the same names, helps and defaults;
+`--mode` and `--preset`, this command's older spellings, still work)."""
 
 from __future__ import annotations
 
@@ -9,44 +11,47 @@ import io
 import json
 import sys
 
-from analytic.api import evaluate, presets, variant
+from analytic.api import evaluate, variant
+from tracer import flags
 from tracer.errors import FlopdiffError
 from tracer.workload import Workload, load_image, parse_image_shape, validate
 
 
+# flopdiff's names for the same things; the older spellings of this command still work
+ALIASES = {"--resolution": ("--mode",), "--analytic": ("--preset",)}
+# what flopdiff measures when --text-tokens is not given: deepseek-ocr-2's default prompt text, and the model card's
+# document prompt for deepseek-ocr (flopdiff asks for it there)
+TEXT_TOKENS = {"deepseek-ocr-2": 4, "deepseek-ocr": 9}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = flags.parser("python -m analytic", __doc__.splitlines()[0], flags.WORKLOAD, flags.ANALYTIC, aliases=ALIASES)
+    p.add_argument("--json", action="store_true", help="print the evaluated model as JSON instead of a table")
+    p.add_argument("--sweep", nargs="+", metavar="WxH", help="CSV of the stage FLOPs over these page shapes")
+    p.add_argument("--sweep-modes", nargs="+", default=[None], metavar="MODE",
+                   help="... and these resolutions (default: the model's)")
+    p.add_argument("override", nargs="*", help="key=value overrides of analytic/presets/defaults.yaml")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m analytic", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="deepseek-ocr-2")
-    p.add_argument("--config")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--image", help="an image file: its size is the workload's")
-    src.add_argument("--image-shape", default="1000x1400")
-    p.add_argument("--mode", help="vendor mode preset (v1: tiny, small, base, large, gundam)")
-    p.add_argument("--base-size", type=int)
-    p.add_argument("--tile-size", type=int)
-    p.add_argument("--crop-mode", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--text-tokens", type=int)
-    p.add_argument("--decode-steps", type=int)
-    p.add_argument("--preset", default="aligned", help=f"one of {', '.join(presets())} or a YAML file")
-    p.add_argument("--policy", default="full", help="torch (what FlopCounterMode counts) or full")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--sweep", nargs="+", metavar="WxH", help="CSV over these shapes (and --sweep-modes)")
-    p.add_argument("--sweep-modes", nargs="+", default=[None])
-    p.add_argument("override", nargs="*", help="key=value overrides of presets/defaults.yaml")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    preset_flag = flags.typed(argv, ("--analytic", *ALIASES["--analytic"]))
     try:
-        variant(args.preset, "--preset")  # the flags as this command names them, before the API's checks
+        variant(args.analytic, preset_flag)  # the flags as the user typed them, before the API's checks
+        text_tokens = TEXT_TOKENS.get(args.model, 9) if args.text_tokens is None else args.text_tokens
         validate(Workload(model=args.model, base_size=args.base_size, tile_size=args.tile_size,
-                          text_tokens=args.text_tokens, decode_steps=args.decode_steps or 0))
+                          text_tokens=text_tokens, decode_steps=args.decode_steps))
         knobs = dict(base_size=args.base_size, tile_size=args.tile_size, crop_mode=args.crop_mode,
-                     text_tokens=args.text_tokens, decode_steps=args.decode_steps, overrides=args.override)
+                     text_tokens=text_tokens, decode_steps=args.decode_steps, overrides=args.override)
         if args.sweep:
             buf = io.StringIO()
             out = csv.writer(buf)
             out.writerow(["image_wh", "mode", "views", "image_tokens", "prompt_len", "vision", "prefill", "decode"])
             for shape in args.sweep:
                 for mode in args.sweep_modes:
-                    d = evaluate(args.model, parse_image_shape(shape), args.preset, args.policy, args.config,
+                    d = evaluate(args.model, parse_image_shape(shape), args.analytic, args.policy, args.config,
                                  mode=mode, **knobs)
                     w, s = d["workload"], {x["name"]: x["flops"] for x in d["stages"]}
                     out.writerow([shape, mode or "", w["views"], w["image_tokens"], w["prompt_len"],
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(buf.getvalue())
             return 0
         wh = load_image(Workload(image_path=args.image)).size if args.image else parse_image_shape(args.image_shape)
-        doc = evaluate(args.model, wh, args.preset, args.policy, args.config, mode=args.mode, **knobs)
+        doc = evaluate(args.model, wh, args.analytic, args.policy, args.config, mode=args.resolution, **knobs)
     except FlopdiffError as exc:
         print(f"analytic: error: {exc}", file=sys.stderr)
         return 2
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{args.model} analytic ({args.preset}, policy {args.policy})", caption=json.dumps(doc["workload"]))
+    t = Table(title=f"{args.model} analytic ({args.analytic}, policy {args.policy})", caption=json.dumps(doc["workload"]))
     t.add_column("stage")
     t.add_column("FLOPs", justify="right")
     for s in doc["stages"]:

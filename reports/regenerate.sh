@@ -28,3 +28,7 @@ if [ $v1 = 1 ]; then
   run "$V1_PYTHON" deepseek-ocr v1-fa2 aligned --vendor-dir "$FLOPDIFF_DSOCR_V1_DIR" --trust-remote-code \
       --attn flash_attention_2
 fi
+# the first screens of the seed-naive pages at 1280x800 and 1920x1080 (reports/screenshots/)
+pages=(reports/v2-seed-naive)
+if [ $v1 = 1 ]; then pages+=(reports/v1-seed-naive); fi
+.venv/bin/python reports/screenshots.py "${pages[@]}"

@@ -172,10 +172,33 @@ def test_v1_tiling_matches_vendor_dynamic_preprocess_on_10000_shapes():
 def test_bad_input_names_it(capsys):
     from analytic.__main__ import main
 
-    for argv, text in ((["--preset", "nope"], "--preset 'nope'"), (["--image-shape=-5x10"], "--image-shape"),
-                       (["--tile-size", "650"], "--tile-size 650"), (["--policy", "both"], "--policy 'both'")):
+    for argv, text in ((["--preset", "nope"], "--preset 'nope'"), (["--analytic", "nope"], "--analytic 'nope'"),
+                       (["--image-shape=-5x10"], "--image-shape"), (["--tile-size", "650"], "--tile-size 650")):
         assert main(argv) == 2
-        assert text in capsys.readouterr().err
+        assert text in capsys.readouterr().err  # the flag as typed
+    with pytest.raises(SystemExit) as exc:
+        main(["--policy", "both"])
+    assert exc.value.code == 2 and "--policy: invalid choice: 'both'" in capsys.readouterr().err
+
+
+def test_analytic_and_flopdiff_share_flag_names_helps_and_defaults():
+    """The same flag means the same thing in both commands: one name, one help, one default; every flag has help,
+    and no default is shown twice."""
+    from analytic.__main__ import build_parser as analytic_parser
+    from tracer.cli import build_parser as flopdiff_parser
+
+    def actions(p):
+        return {a.option_strings[0]: a for a in p._actions if a.option_strings and a.dest != "help"}
+
+    ours, theirs = actions(flopdiff_parser()), actions(analytic_parser())
+    for flag in set(ours) & set(theirs):
+        assert (ours[flag].help, ours[flag].default) == (theirs[flag].help, theirs[flag].default), flag
+    assert {"--image-shape", "--text-tokens", "--decode-steps", "--resolution", "--analytic", "--policy"} <= set(theirs)
+    for p in (flopdiff_parser(), analytic_parser()):
+        text = p.format_help()
+        assert "(default: None)" not in text and ") (default:" not in text
+        for a in actions(p).values():
+            assert a.help, a.option_strings
 
 
 def test_cli_image_file_is_its_size(tmp_path, capsys):

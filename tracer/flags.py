@@ -89,13 +89,23 @@ FLOPDIFF: list[Row] = [
 ]
 
 
-def parser(prog: str, description: str, *tables: list[Row]) -> argparse.ArgumentParser:
-    """A parser with the image group, then the tables' flags in order."""
+def parser(prog: str, description: str, *tables: list[Row],
+           aliases: dict[str, tuple[str, ...]] | None = None) -> argparse.ArgumentParser:
+    """A parser with the image group, then the tables' flags in order (`aliases`: older spellings of a flag)."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=Help)
     image = p.add_mutually_exclusive_group()
     for names, kwargs in IMAGE:
         image.add_argument(*names, **kwargs)
     for table in tables:
         for names, kwargs in table:
-            p.add_argument(*names, **kwargs)
+            p.add_argument(*names, *(aliases or {}).get(names[0], ()), **kwargs)
     return p
+
+
+def typed(argv: list[str], names: tuple[str, ...]) -> str:
+    """Which spelling of a flag the user typed (errors name that one), the first when none."""
+    for arg in argv:
+        for name in names:
+            if arg == name or arg.startswith(name + "="):
+                return name
+    return names[0]

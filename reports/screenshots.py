@@ -1,0 +1,40 @@
+"""Screenshots of the curated seed-naive pages at 1280x800 and 1920x1080 (headless Chromium via Playwright), for
+reports/README.md: the first screen a performance engineer sees, and the same page with its largest gap's layer
+opened. Run by reports/regenerate.sh; needs chromium (or FLOPDIFF_CHROMIUM) and playwright.
+
+    python reports/screenshots.py reports/v2-seed-naive reports/v1-seed-naive
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+SIZES = ((1280, 800), (1920, 1080))
+
+
+def main(folders: list[str]) -> None:
+    chromium = os.environ.get("FLOPDIFF_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        for folder in map(Path, folders):
+            out = folder.parent / "screenshots"
+            out.mkdir(exist_ok=True)
+            for width, height in SIZES:
+                page = browser.new_page(viewport={"width": width, "height": height})
+                page.goto((folder / "report.html").resolve().as_uri())
+                page.wait_for_selector("#chart g.block")
+                page.screenshot(path=out / f"{folder.name}-{width}x{height}.png")
+                page.locator("table.layers tr.layer").first.click()
+                page.locator("table.layers tr.detail").first.scroll_into_view_if_needed()
+                page.screenshot(path=out / f"{folder.name}-{width}x{height}-layer.png")
+                page.close()
+        browser.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
