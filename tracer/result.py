@@ -138,6 +138,11 @@ def _typed(cls: type, row: dict[str, Any]) -> Any:
     return cls(**{f.name: row.get(f.name) for f in fields(cls)})
 
 
+def _view(cls: type, key: str, doc: str | None = None) -> property:
+    """A read-only typed view of one list of the report document: `cls` per row, built on demand."""
+    return property(lambda self: [_typed(cls, row) for row in self.report.get(key, [])], doc=doc or cls.__doc__)
+
+
 @dataclass
 class Result:
     """One run: typed views (`stages`, `layers`, `nodes`, `gap_groups`, `unseen`, `coverage`; `kernels` and `ncu` on CUDA,
@@ -152,34 +157,17 @@ class Result:
     ncu_csv: str | None = None
     detail: Any = None  # the --explain text (a rich renderable)
 
-    @property
-    def stages(self) -> list[Stage]:
-        return [_typed(Stage, s) for s in self.report["stages"]]
-
-    @property
-    def layers(self) -> list[Layer]:
-        return [_typed(Layer, r) for r in self.report["layers"]]
-
-    @property
-    def gap_groups(self) -> list[GapGroup]:
-        return [_typed(GapGroup, g) for g in self.report["gap_groups"]]
-
-    @property
-    def unseen(self) -> list[Unseen]:
-        return [_typed(Unseen, r) for r in self.report["unseen"]]
+    stages = _view(Stage, "stages")
+    layers = _view(Layer, "layers")
+    nodes = _view(Node, "nodes")
+    gap_groups = _view(GapGroup, "gap_groups")
+    unseen = _view(Unseen, "unseen")
+    kernels = _view(Kernel, "kernels", "CUDA runs: per kernel name, calls, time, FLOPs and whether FlopCounterMode "
+                                       "counts them ([] elsewhere)")
 
     @property
     def coverage(self) -> Coverage:
         return _typed(Coverage, self.report["coverage"])
-
-    @property
-    def nodes(self) -> list[Node]:
-        return [_typed(Node, n) for n in self.report["nodes"]]
-
-    @property
-    def kernels(self) -> list[Kernel]:
-        """CUDA runs: per kernel name, calls, time, FLOPs and whether FlopCounterMode counts them ([] elsewhere)."""
-        return [_typed(Kernel, k) for k in self.report.get("kernels", [])]
 
     @property
     def ncu(self) -> dict[str, Any] | None:
