@@ -19,9 +19,6 @@ from tracer.workload import Workload, load_image, parse_image_shape, validate
 
 # flopdiff's names for the same things; the older spellings of this command still work
 ALIASES = {"--resolution": ("--mode",), "--analytic": ("--preset",)}
-# what flopdiff measures when --text-tokens is not given: deepseek-ocr-2's default prompt text, and the model card's
-# document prompt for deepseek-ocr (flopdiff asks for it there)
-TEXT_TOKENS = {"deepseek-ocr-2": 4, "deepseek-ocr": 9}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     preset_flag = flags.typed(argv, ("--analytic", *ALIASES["--analytic"]))
     try:
         variant(args.analytic, preset_flag)  # the flags as the user typed them, before the API's checks
-        text_tokens = TEXT_TOKENS.get(args.model, 9) if args.text_tokens is None else args.text_tokens
+        text_tokens = flags.DEFAULT_TEXT_TOKENS.get(args.model, 9) if args.text_tokens is None else args.text_tokens
         validate(Workload(model=args.model, base_size=args.base_size, tile_size=args.tile_size,
                           text_tokens=text_tokens, decode_steps=args.decode_steps))
         knobs = dict(base_size=args.base_size, tile_size=args.tile_size, crop_mode=args.crop_mode,

@@ -28,7 +28,17 @@ if [ $v1 = 1 ]; then
   run "$V1_PYTHON" deepseek-ocr v1-fa2 aligned --vendor-dir "$FLOPDIFF_DSOCR_V1_DIR" --trust-remote-code \
       --attn flash_attention_2
 fi
-# the first screens of the seed-naive pages at 1280x800 and 1920x1080 (reports/screenshots/)
-pages=(reports/v2-seed-naive)
+# a sweep over the generated corpus (200 pages of 27 document shapes): its page, CSV and JSON (keys/ is not kept);
+# run from the corpus's parent so that the pages' paths (`corpus/page-...`) do not depend on the temporary folder
+root=$PWD
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+.venv/bin/python -m tracer.corpus "$tmp/corpus" --pages 200 > /dev/null
+rm -f reports/sweep/summary.txt
+(cd "$tmp" && "$root/.venv/bin/python" -m tracer.diff sweep corpus --quiet --out "$root/reports/sweep") \
+  > reports/sweep.summary.txt
+mv reports/sweep.summary.txt reports/sweep/summary.txt
+# the first screens of the seed-naive pages at 1280x800 and 1920x1080, the sweep's plots (reports/screenshots/)
+pages=(reports/sweep reports/v2-seed-naive)
 if [ $v1 = 1 ]; then pages+=(reports/v1-seed-naive); fi
 .venv/bin/python reports/screenshots.py "${pages[@]}"

@@ -1,6 +1,7 @@
 """Screenshots of the curated seed-naive pages at 1280x800 and 1920x1080 (headless Chromium via Playwright), for
 reports/README.md: the first screen a performance engineer sees, and the same page with its largest gap's layer
-opened. Run by reports/regenerate.sh; needs chromium (or FLOPDIFF_CHROMIUM) and playwright.
+opened; and of a sweep's page (its plots). Run by reports/regenerate.sh; needs chromium (or FLOPDIFF_CHROMIUM) and
+playwright.
 
     python reports/screenshots.py reports/v2-seed-naive reports/v1-seed-naive
 """
@@ -23,6 +24,13 @@ def main(folders: list[str]) -> None:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         for folder in map(Path, folders):
             out = folder.parent / "screenshots"
+            if (folder / "sweep.html").exists():  # a flopdiff sweep: its plots
+                page = browser.new_page(viewport={"width": 1280, "height": 800})
+                page.goto((folder / "sweep.html").resolve().as_uri())
+                page.wait_for_selector("#scatter circle")
+                page.screenshot(path=out / f"{folder.name}-1280x800.png", full_page=True)
+                page.close()
+                continue
             out.mkdir(exist_ok=True)
             for width, height in SIZES:
                 page = browser.new_page(viewport={"width": width, "height": height})

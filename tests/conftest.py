@@ -9,6 +9,7 @@ Under CI (`CI` set, as .ci/run runs) any other skip is a failure: a test listed 
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -132,3 +133,26 @@ def v2_page(tmp_path_factory):
                  "--out", str(out)])
     assert code == 0
     return json.loads((out / "report.json").read_text())
+
+
+def _missing(reason: str):
+    """Outside CI a missing browser skips with the reason; CI (.ci/run installs both) must run the test."""
+    if os.environ.get("CI"):
+        pytest.fail(reason + ": CI must run the browser test")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (Debian's `chromium`, driven by Playwright) for the page tests."""
+    path = os.environ.get("FLOPDIFF_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        _missing("no chromium on PATH (apt-get install chromium, or set FLOPDIFF_CHROMIUM)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _missing("playwright is not installed (pip install -e '.[test]')")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        yield b
+        b.close()

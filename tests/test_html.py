@@ -2,36 +2,12 @@
 console errors, a layer opens onto its nodes, the search box filters, and vendor strings stay text."""
 
 import copy
-import os
-import shutil
 
 import pytest
 
 from tracer.html import render_html
 
 PLANTED = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
-
-
-def _missing(reason: str):
-    """Outside CI a missing browser skips with the reason; CI (.ci/run installs both) must run the test."""
-    if os.environ.get("CI"):
-        pytest.fail(reason + ": CI must run the browser test")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = os.environ.get("FLOPDIFF_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        _missing("no chromium on PATH (apt-get install chromium, or set FLOPDIFF_CHROMIUM)")
-    try:
-        from playwright import sync_api
-    except ImportError:
-        _missing("playwright is not installed (pip install -e '.[test]')")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""flopdiff command line (`flopdiff`, `python -m tracer.diff`): parse, run the pipeline (tracer.pipeline), print, write
+"""flopdiff command line (`flopdiff`, `python -m tracer.diff`; `flopdiff sweep PATH...` over a corpus: tracer.sweep):
+parse, run the pipeline (tracer.pipeline), print, write
 the output set (replaced whole: tracer.lifecycle), exit: 0; 1 when a stage's gap exceeds --max-gap; 2 for bad input (one
 line, nothing written); 128 + the signal after SIGINT / SIGTERM (one line, the output folder left as it was)."""
 
@@ -10,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from analytic.api import mode_knobs
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import Interrupted, OutputSet, signals_as_exceptions
 from tracer.pipeline import Options, check, real_run_warning, run
-from tracer import flags
+from tracer import flags, sweep
 from tracer.vendors import BuildOptions, parse_impl
 from tracer.workload import Workload, parse_image_shape
 
@@ -86,12 +88,20 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:  # `flopdiff sweep PATH...`: a corpus of pages (tracer.sweep)
+        return guarded(lambda: sweep.main(argv[1:]))
     args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # --ncu runs the same command line again
+    args.argv = argv  # --ncu runs the same command line again
+    return guarded(lambda: run_command(args))
+
+
+def guarded(command: Callable[[], int]) -> int:
+    """Run a command: bad input is one line and exit 2, a signal one line and 128 + its number."""
     gc.disable()  # millions of long-lived graph objects: the cyclic collector would rescan them, a fifth of the run
     try:
         with signals_as_exceptions():
-            return run_command(args)
+            return command()
     except FlopdiffError as exc:
         print(f"flopdiff: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2

@@ -14,6 +14,9 @@ MODELS = ("deepseek-ocr", "deepseek-ocr-2")
 DEFAULT_MODEL = "deepseek-ocr-2"
 DEFAULT_SHAPE = "1000x1400"
 DEFAULT_DECODE_STEPS = 1
+# prompt text tokens when --text-tokens is not given: deepseek-ocr-2's default prompt text; deepseek-ocr asks for
+# it in flopdiff (no tokenizer ships with its code) and the analytic side takes the model card's prompt, 9 tokens
+DEFAULT_TEXT_TOKENS = {"deepseek-ocr-2": 4, "deepseek-ocr": 9}
 
 
 class Help(argparse.HelpFormatter):
@@ -89,13 +92,14 @@ FLOPDIFF: list[Row] = [
 ]
 
 
-def parser(prog: str, description: str, *tables: list[Row],
-           aliases: dict[str, tuple[str, ...]] | None = None) -> argparse.ArgumentParser:
-    """A parser with the image group, then the tables' flags in order (`aliases`: older spellings of a flag)."""
+def parser(prog: str, description: str, *tables: list[Row], aliases: dict[str, tuple[str, ...]] | None = None,
+           image: bool = True) -> argparse.ArgumentParser:
+    """A parser with the image group (unless `image` is False), then the tables' flags in order (`aliases`: older
+    spellings of a flag)."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=Help)
-    image = p.add_mutually_exclusive_group()
-    for names, kwargs in IMAGE:
-        image.add_argument(*names, **kwargs)
+    group = p.add_mutually_exclusive_group() if image else None
+    for names, kwargs in IMAGE if image else ():
+        group.add_argument(*names, **kwargs)
     for table in tables:
         for names, kwargs in table:
             p.add_argument(*names, *(aliases or {}).get(names[0], ()), **kwargs)

@@ -27,7 +27,7 @@ _ENV = Environment(loader=PackageLoader("tracer", "templates"), autoescape=selec
 SHOWN_STAGES = ("prefill", "decode")  # vision is the part of prefill under the vision tower
 
 
-def _script_safe(obj: Any) -> Markup:
+def script_safe(obj: Any) -> Markup:
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     return Markup(text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
 
@@ -98,4 +98,4 @@ def page_data(report: dict[str, Any]) -> dict[str, Any]:
 def render_html(report: dict[str, Any]) -> str:
     data = page_data(report)
     return _ENV.get_template("report.html.j2").render(model=data["model"], workload=data["workload"],
-                                                      data_json=_script_safe(data))
+                                                      data_json=script_safe(data))

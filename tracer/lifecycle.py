@@ -34,6 +34,7 @@ from tracer.errors import FlopdiffError
 #: every file a run may write into --out (an existing folder holding anything else is refused)
 OUTPUT_NAMES = frozenset({"report.json", "report.html", "model-explorer-graph.json", "model-explorer-node-data.json",
                           "ncu.csv", "report-onnx.json", "prefill.onnx", "decode.onnx",
+                          "sweep.csv", "sweep.json", "sweep.html", "keys",  # flopdiff sweep (keys/<key>/report.*)
                           "model-explorer.json"})  # the node data's name before it said what it is
 STAGING = ".flopdiff-staging"  # `.NAME.flopdiff-staging-PID-XXXX` beside --out
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -199,11 +200,13 @@ class OutputSet:
             self.discard()
 
     def path(self, name: str) -> Path:
-        assert name in OUTPUT_NAMES, name
+        assert name.split("/")[0] in OUTPUT_NAMES, name
         return self.staging / name
 
     def write(self, name: str, data: str | bytes) -> None:
-        with open(self.path(name), "wb") as f:
+        path = self.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
     def commit(self) -> None:
@@ -211,8 +214,11 @@ class OutputSet:
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(self.staging, 0o777 & ~mask)  # mkdtemp made it 0700: give it a normal folder's mode
-        for f in self.staging.iterdir():
-            os.chmod(f, 0o666 & ~mask)
+        for folder, dirs, files in os.walk(self.staging):
+            for d in dirs:
+                os.chmod(os.path.join(folder, d), 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(folder, f), 0o666 & ~mask)
         if self.out.exists() and _exchange(self.staging, self.out):
             shutil.rmtree(self.staging, ignore_errors=True)  # now the old set
         else:

@@ -56,6 +56,26 @@ def check_image_wh(wh: tuple[int, int], what: str) -> tuple[int, int]:
     return w, h
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+
+
+def image_size(path: str | Path, what: str) -> tuple[int, int]:
+    """A file's page size from its header (nothing decoded), checked like any page size; `what` names the input."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            size = im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise FlopdiffError(f"{what}: cannot read it as an image ({exc.__class__.__name__}: {exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return check_image_wh(size, what)
+
+
 def load_image(workload: Workload):
     """The PIL image the vendor preprocessing receives: the user's file, or a white RGB page. A file's size is
     checked from its header, before decoding; PIL's own decompression-bomb limit (which raises at 179 Mpx and

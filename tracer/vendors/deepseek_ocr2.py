@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tracer import flags
 from tracer.configfile import check_config, read_json
 from tracer.errors import FlopdiffError
 from tracer.vendors.base import BuildOptions, Prepared, cache_of
@@ -58,7 +59,7 @@ SHIMS = {"TRANSFORMERS_DISABLE_TORCH_CHECK": "1"}
 
 DEFAULT_EXPERTS = "grouped_mm"
 EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' experts implementations (eager: --mode real only)
-DEFAULT_TEXT_TOKENS = 4  # prompt text tokens after the image when neither --text-tokens nor --tokenizer is given
+DEFAULT_TEXT_TOKENS = flags.DEFAULT_TEXT_TOKENS["deepseek-ocr-2"]  # when neither --text-tokens nor --tokenizer
 TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value
 
 
