@@ -186,15 +186,19 @@ def test_analytic_and_flopdiff_share_flag_names_helps_and_defaults():
     and no default is shown twice."""
     from analytic.__main__ import build_parser as analytic_parser
     from tracer.cli import build_parser as flopdiff_parser
+    from tracer.sweep import build_parser as sweep_parser
 
     def actions(p):
         return {a.option_strings[0]: a for a in p._actions if a.option_strings and a.dest != "help"}
 
-    ours, theirs = actions(flopdiff_parser()), actions(analytic_parser())
-    for flag in set(ours) & set(theirs):
-        assert (ours[flag].help, ours[flag].default) == (theirs[flag].help, theirs[flag].default), flag
+    ours = actions(flopdiff_parser())
+    for theirs in (actions(analytic_parser()), actions(sweep_parser())):
+        for flag in set(ours) & set(theirs):
+            if flag not in ("--max-gap", "--out"):  # a sweep's gate is per page, its folder another default
+                assert (ours[flag].help, ours[flag].default) == (theirs[flag].help, theirs[flag].default), flag
+    theirs = actions(analytic_parser())
     assert {"--image-shape", "--text-tokens", "--decode-steps", "--resolution", "--analytic", "--policy"} <= set(theirs)
-    for p in (flopdiff_parser(), analytic_parser()):
+    for p in (flopdiff_parser(), analytic_parser(), sweep_parser()):
         text = p.format_help()
         assert "(default: None)" not in text and ") (default:" not in text
         for a in actions(p).values():

@@ -106,6 +106,12 @@ def parser(prog: str, description: str, *tables: list[Row], aliases: dict[str, t
     return p
 
 
+def pick(table: list[Row], *names: str) -> list[Row]:
+    """The rows of `table` for these flags: a command taking some of another's flags takes them as they are."""
+    rows = {row[0][0]: row for row in table}
+    return [rows[name] for name in names]
+
+
 def typed(argv: list[str], names: tuple[str, ...]) -> str:
     """Which spelling of a flag the user typed (errors name that one), the first when none."""
     for arg in argv:

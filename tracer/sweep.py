@@ -47,15 +47,11 @@ _ENV = Environment(loader=PackageLoader("tracer", "templates"), autoescape=selec
 
 SWEEP: list[flags.Row] = [
     (("paths",), dict(nargs="+", metavar="PATH", help="image files, folders of images (recursively) or WxH shapes")),
-    (("--vendor-dir",), dict(metavar="DIR", help="deepseek-ocr: its Hugging Face repo's *.py and *.json")),
-    (("--trust-remote-code",), dict(action="store_true", help="allow running the vendor's Python files")),
-    (("--attn",), dict(help="attn_implementation, or SUBCONFIG=NAME,... (default: sdpa; deepseek-ocr: eager)")),
-    (("--experts",), dict(help="deepseek-ocr-2: grouped_mm (default) or batched_mm")),
     (("--max-gap",), dict(type=float, metavar="PCT", help="exit 1 when a page's stage |gap| exceeds PCT%% of its "
                                                           "count (the worst pages named)")),
     (("--jobs",), dict(type=int, metavar="N", help="keys traced at once (default: the CPUs, at most the keys)")),
     (("--out",), dict(default="flopdiff-sweep", metavar="DIR", help="output folder, replaced as a whole")),
-    (("--quiet",), dict(action="store_true", help="no progress bar")),
+    *flags.pick(flags.FLOPDIFF, "--vendor-dir", "--trust-remote-code", "--attn", "--experts", "--quiet"),
 ]
 
 
@@ -151,10 +147,13 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return flags.parser("flopdiff sweep", __doc__.splitlines()[0], SWEEP, flags.WORKLOAD, flags.ANALYTIC, image=False)
+
+
 def main(argv: list[str]) -> int:
     """The `flopdiff sweep` command (tracer.cli hands it the arguments after `sweep`)."""
-    p = flags.parser("flopdiff sweep", __doc__.splitlines()[0], SWEEP, flags.WORKLOAD, flags.ANALYTIC, image=False)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     started = time.perf_counter()
     model = args.model
     text_tokens = args.text_tokens if args.text_tokens is not None else flags.DEFAULT_TEXT_TOKENS.get(model)
