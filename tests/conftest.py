@@ -24,6 +24,17 @@ OTHER_ENV = "[runs in the other environment] "
 sys.path.insert(0, str(HERE.parent / "benchmarks"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def trace_cache_off(tmp_path_factory):
+    """The suite's runs trace (a cache hit would make fake-vs-real, worker-vs-sequential and every count test pass
+    on an earlier run's numbers): the trace cache is off, and in a folder of the session's own, never the user's.
+    tests/test_cache.py turns it on."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOPDIFF_CACHE", "off")
+        mp.setenv("FLOPDIFF_CACHE_DIR", str(tmp_path_factory.mktemp("trace-cache")))
+        yield
+
+
 def v1_folder() -> str | None:
     """The DeepSeek-OCR (v1) remote code: FLOPDIFF_DSOCR_V1_DIR, else ../shared/vendor/deepseek-ocr if present."""
     folder = os.environ.get("FLOPDIFF_DSOCR_V1_DIR")

@@ -85,6 +85,8 @@ FLOPDIFF: list[Row] = [
     (("--model-explorer",), dict(action="store_true", help="also write the Model Explorer graph and its overlay "
                                                            "(README: opening them)")),
     (("--sequential",), dict(action="store_true", help="no decode worker process: every step captured here")),
+    (("--no-cache",), dict(action="store_true", help="trace again even when the trace cache holds this workload "
+                                                     "(README: the trace cache)")),
     (("--allow-long",), dict(action="store_true", help="run captures estimated at more than about five minutes")),
     (("--quiet",), dict(action="store_true", help="no progress display")),
     (("--timings",), dict(action="store_true", help="print the seconds each phase took (stderr)")),

@@ -58,21 +58,10 @@ class Analytic:
 
 def shape_of(workload: dict[str, Any]) -> Shape:
     """The analytic model's view of a report's `workload` (what the vendor preprocessing derived)."""
-    return _shape(workload["image_wh"], workload["base_size"], workload["tile_size"], workload["crop_mode"],
-                  workload["prompt_len"], workload["image_tokens"], workload["decode_steps"])
-
-
-def shape_of_trace(tr: Any) -> Shape:
-    """The same from a trace: its workload and what the vendor preprocessing derived."""
-    d = tr.prepared.derived
-    return _shape(d.image_wh, d.base_size, d.tile_size, tr.workload.crop_mode, d.prompt_len, d.image_tokens,
-                  tr.workload.decode_steps)
-
-
-def _shape(image_wh, base_size: int, tile_size: int, crop_mode: bool, prompt_len: int, image_tokens: int,
-           decode_steps: int) -> Shape:
-    text = prompt_len - 1 - image_tokens  # BOS + image tokens + text, as the vendor lays them out
-    return Shape(image_wh[0], image_wh[1], base_size, tile_size, crop_mode, text, decode_steps)
+    w = workload
+    text = w["prompt_len"] - 1 - w["image_tokens"]  # BOS + image tokens + text, as the vendor lays them out
+    return Shape(w["image_wh"][0], w["image_wh"][1], w["base_size"], w["tile_size"], w["crop_mode"], text,
+                 w["decode_steps"])
 
 
 def analytic_for(model: str, shape: Shape, preset: str, causal_halving: bool = False, config: str | None = None,

@@ -26,12 +26,13 @@ from pathlib import Path
 
 from analytic.api import build, policy, shape_for, variant
 from mapping.table import load_table
+from tracer import cache
 from tracer.attention import check as attention_check
 from tracer.conventions import Conventions
 from tracer.count import count_graph
 from tracer.errors import FlopdiffError
 from tracer.explain import check_id, explain
-from tracer.gaps import analytic_for, catalogue, map_report, shape_of_trace, with_diff
+from tracer.gaps import analytic_for, catalogue, map_report, shape_of, with_diff
 from tracer.instruments import NvtxRanges
 from tracer.kernels import attribute_kernels
 from tracer.ncu import join as ncu_join
@@ -63,6 +64,8 @@ class Options:
     sequential: bool = False            # no decode worker process
     allow_long: bool = False            # run captures estimated at more than about five minutes
     max_gap: float | None = None        # the gate Result.over applies (a percentage; checked up front)
+    cache: bool = True                  # serve and keep counted traces (tracer.cache; FLOPDIFF_CACHE=off: never)
+    keep_graphs: bool = False           # the traced graphs are needed after the count (Model Explorer files)
 
 
 def check(workload: Workload, options: Options) -> Workload:
@@ -110,19 +113,31 @@ def real_run_warning(workload: Workload, options: Options) -> str | None:
 def run(workload: Workload, options: Options = Options(), progress: Callable[[str], None] = lambda msg: None) -> Result:
     """Trace, count, diff and (as asked) attribute kernels, run Nsight Compute, export ONNX, explain."""
     workload = check(workload, options)
-    tr = trace(workload, options.build, options.config, progress=lambda msg: progress(f"tracing: {msg}"),
-               mode=options.mode, parallel=not options.sequential, allow_long=options.allow_long,
-               instrument=NvtxRanges(options.nvtx_module) if options.nvtx_module else None)
-    progress("counting FLOPs per node")
-    conventions = Conventions(causal_halving=options.causal_halving)
-    for sg in tr.graphs():
-        if sg.selection is None:  # a selection's nodes (vision) are counted with the graph they belong to
-            count_graph(sg, conventions)
-    report = build_report(tr)
+    vendor = get_vendor(workload.model)
+    build = replace(options.build, mode=options.mode, experts=options.build.experts or vendor.default_experts)
+    entry = None
+    if cache.usable(options.mode, build.device, options.graph, build.attn_plugins, options.keep_graphs,
+                    bool(options.ncu or options.nvtx_module), options.cache):
+        entry = cache.key(workload, build, options.config, options.causal_halving)
+    report, tr = (cache.load(entry) if entry else None), None
+    if report is not None:
+        progress("served from the trace cache (--no-cache traces again)")
+    else:
+        tr = trace(workload, options.build, options.config, progress=lambda msg: progress(f"tracing: {msg}"),
+                   mode=options.mode, parallel=not options.sequential, allow_long=options.allow_long,
+                   instrument=NvtxRanges(options.nvtx_module) if options.nvtx_module else None)
+        progress("counting FLOPs per node")
+        conventions = Conventions(causal_halving=options.causal_halving)
+        for sg in tr.graphs():
+            if sg.selection is None:  # a selection's nodes (vision) are counted with the graph they belong to
+                count_graph(sg, conventions)
+        report = build_report(tr)
+        if entry:
+            cache.store(entry, report)
     progress(f"analytic model ({options.analytic}) and mapping")
-    analytic = analytic_for(workload.model, shape_of_trace(tr), options.analytic, options.causal_halving,
-                            options.config, tr.prepared.derived.image_tokens, options.policy, options.build.device,
-                            get_vendor(workload.model).attention(tr.options))
+    analytic = analytic_for(workload.model, shape_of(report["workload"]), options.analytic, options.causal_halving,
+                            options.config, report["workload"]["image_tokens"], options.policy, options.build.device,
+                            vendor.attention(build))
     mapping = map_report(report, analytic, options.mapping)
     report = with_diff(report, analytic, mapping)
     ncu_csv = None
@@ -133,7 +148,7 @@ def run(workload: Workload, options: Options = Options(), progress: Callable[[st
         progress(f"Nsight Compute on the kernels inside {options.ncu} (runs flopdiff again)")
         rows, ncu_csv = run_ncu(list(options.ncu_argv), options.ncu)
         report = {**report, "ncu": ncu_join(report, options.ncu, rows)}
-    result = Result(report, tr, analytic, mapping, ncu_csv=ncu_csv)
+    result = Result(report, tr, analytic, mapping, ncu_csv=ncu_csv, cached=tr is None)
     if options.graph == "onnx":
         progress("exporting the prefill and decode step 0 to ONNX (no weights) and counting their nodes")
         result.onnx_report, result.onnx_protos = run_onnx(tr, report, analytic, options.mapping)

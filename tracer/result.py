@@ -156,6 +156,7 @@ class Result:
     onnx_protos: dict[str, Any] | None = None
     ncu_csv: str | None = None
     detail: Any = None  # the --explain text (a rich renderable)
+    cached: bool = False  # the counted trace came from the cache (tracer.cache); `trace` is None then
 
     stages = _view(Stage, "stages")
     layers = _view(Layer, "layers")
