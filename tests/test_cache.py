@@ -118,3 +118,15 @@ def test_prune_keeps_the_most_recently_used(tmp_path):
         os.utime(p, (i, i))
     cache.prune(tmp_path, limit=900)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e1.json.gz", "e2.json.gz"]
+
+
+def test_a_warm_run_imports_neither_torch_nor_transformers(cache_on, tmp_path, tiny_v2_config):
+    """The whole point of a warm run: it starts no torch (tracer.pipeline imports the tracing modules on a miss)."""
+    argv = [*BASE, "--config", tiny_v2_config]
+    assert main([*argv, "--out", str(tmp_path / "cold")]) == 0
+    code = ("import sys; from tracer.cli import main; code = main(sys.argv[1:]); "
+            "print(code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *argv, "--out", str(tmp_path / "warm")], capture_output=True,
+                         text=True, check=True).stdout.strip().splitlines()[-1]
+    assert out == "0 []"
+    assert (tmp_path / "cold" / "report.json").read_bytes() == (tmp_path / "warm" / "report.json").read_bytes()

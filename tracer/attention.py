@@ -38,7 +38,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from tracer.capture import active_recorder
 from tracer.errors import FlopdiffError
-from tracer.vendors.base import BuildOptions
+from tracer.vendors.options import BuildOptions, implementations
 from tracer.vendors.flash_attn_standin import check_real_mode, flash_attention_2
 
 PREFIX = "attention::"
@@ -225,11 +225,6 @@ def check_plugin_signature(plugin: Plugin) -> None:
 
 
 # ---- the attention runtime of a trace ------------------------------------------------------------------------------
-
-def implementations(attn: str | dict[str, str] | None) -> set[str]:
-    """The attention implementation names an --attn value chooses."""
-    return set(attn.values()) if isinstance(attn, dict) else {attn} if attn else set()
-
 
 def check(options: BuildOptions) -> tuple[Plugin, ...]:
     """What needs no model: the plugins import and take transformers' call, the interface exists for them, and a

@@ -30,7 +30,7 @@ from tracer.errors import FlopdiffError
 from tracer.gaps import analytic_for, map_report, with_diff
 from tracer.paths import call_path_of, plain_path, under
 from tracer.registry import FormulaTable
-from tracer.report import SCHEMA
+from tracer.document import SCHEMA
 from tracer.vendors import get_vendor
 from tracer.vendors.base import EMPTY, cache_of, cache_tensors, synthesized_state
 

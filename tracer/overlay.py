@@ -19,8 +19,6 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import torch
-
 from tracer.gaps import flop_nodes
 from tracer.paths import node_id
 
@@ -90,9 +88,10 @@ def _output_index(node) -> str:
 def _outputs(node) -> list[dict[str, Any]]:
     val = node.meta.get("val")
     vals = val if isinstance(val, (tuple, list)) else [val]
+    # tensors read by their shape and dtype (no torch import: the node data is written on runs that have none)
     return [{"id": str(i), "attrs": [{"key": "tensor_shape",
                                        "value": f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}"}]}
-            for i, v in enumerate(vals) if isinstance(v, torch.Tensor)]
+            for i, v in enumerate(vals) if hasattr(v, "shape") and hasattr(v, "dtype")]
 
 
 def _source(node):

@@ -23,26 +23,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from analytic.api import build, policy, shape_for, variant
 from mapping.table import load_table
 from tracer import cache
-from tracer.attention import check as attention_check
-from tracer.conventions import Conventions
-from tracer.count import count_graph
 from tracer.errors import FlopdiffError
 from tracer.explain import check_id, explain
 from tracer.gaps import analytic_for, catalogue, map_report, shape_of, with_diff
-from tracer.instruments import NvtxRanges
-from tracer.kernels import attribute_kernels
-from tracer.ncu import join as ncu_join
-from tracer.ncu import run_ncu
-from tracer.onnx_graph import check_onnx, run_onnx
-from tracer.report import build_report
 from tracer.result import Result, check_max_gap
-from tracer.trace import real_run_estimate, trace
-from tracer.vendors import BuildOptions, get_vendor
+from tracer.vendors import BuildOptions, check_model
+from tracer.vendors.options import DEFAULT_EXPERTS, attention_parts, implementations
 from tracer.workload import Workload, validate
+
+# The modules that import torch (tracing, counting, kernels, ONNX, attention plugins) are imported where a run needs
+# them, not here: a run served from the trace cache (tracer.cache) never imports torch or transformers.
 
 
 @dataclass(frozen=True)
@@ -72,13 +67,19 @@ def check(workload: Workload, options: Options) -> Workload:
     """The checks that need no trace (a bad model, preset, table, graph or workload fails in a second)."""
     if options.ncu and options.build.device != "cuda":
         raise FlopdiffError(f"--ncu {options.ncu}: needs --device cuda --mode real")
-    vendor = get_vendor(workload.model)
+    check_model(workload.model)
     if options.graph == "onnx":
-        check_onnx(vendor, options.build)
+        from tracer.onnx_graph import check_onnx
+        from tracer.vendors import get_vendor
+
+        check_onnx(get_vendor(workload.model), options.build)
     check_max_gap(options.max_gap)
     variant(options.analytic, "--analytic")
     policy(options.policy)
-    attention_check(replace(options.build, mode=options.mode))  # plugins import, real FA2 has its package
+    if options.build.attn_plugins or "flash_attention_2" in implementations(options.build.attn):
+        from tracer.attention import check as attention_check
+
+        attention_check(replace(options.build, mode=options.mode))  # plugins import, real FA2 has its package
     load_table(options.mapping or workload.model)
     workload = validate(workload)
     if options.explain:
@@ -107,14 +108,16 @@ def real_run_warning(workload: Workload, options: Options) -> str | None:
     """What `--mode real` on the CPU is about to cost (an upper bound, tracer.trace.real_run_estimate); None else."""
     if options.mode != "real" or options.build.device != "cpu":
         return None
+    from tracer.trace import real_run_estimate
+
     return real_run_estimate(workload, _analytic_config(options))
 
 
 def run(workload: Workload, options: Options = Options(), progress: Callable[[str], None] = lambda msg: None) -> Result:
     """Trace, count, diff and (as asked) attribute kernels, run Nsight Compute, export ONNX, explain."""
     workload = check(workload, options)
-    vendor = get_vendor(workload.model)
-    build = replace(options.build, mode=options.mode, experts=options.build.experts or vendor.default_experts)
+    build = replace(options.build, mode=options.mode,
+                    experts=options.build.experts or DEFAULT_EXPERTS.get(workload.model))
     entry = None
     if cache.usable(options.mode, build.device, options.graph, build.attn_plugins, options.keep_graphs,
                     bool(options.ncu or options.nvtx_module), options.cache):
@@ -123,35 +126,52 @@ def run(workload: Workload, options: Options = Options(), progress: Callable[[st
     if report is not None:
         progress("served from the trace cache (--no-cache traces again)")
     else:
-        tr = trace(workload, options.build, options.config, progress=lambda msg: progress(f"tracing: {msg}"),
-                   mode=options.mode, parallel=not options.sequential, allow_long=options.allow_long,
-                   instrument=NvtxRanges(options.nvtx_module) if options.nvtx_module else None)
-        progress("counting FLOPs per node")
-        conventions = Conventions(causal_halving=options.causal_halving)
-        for sg in tr.graphs():
-            if sg.selection is None:  # a selection's nodes (vision) are counted with the graph they belong to
-                count_graph(sg, conventions)
-        report = build_report(tr)
+        report, tr = _traced(workload, options, progress)
         if entry:
             cache.store(entry, report)
     progress(f"analytic model ({options.analytic}) and mapping")
     analytic = analytic_for(workload.model, shape_of(report["workload"]), options.analytic, options.causal_halving,
                             options.config, report["workload"]["image_tokens"], options.policy, options.build.device,
-                            vendor.attention(build))
+                            attention_parts(workload.model, build))
     mapping = map_report(report, analytic, options.mapping)
     report = with_diff(report, analytic, mapping)
     ncu_csv = None
     if options.build.device == "cuda":
+        from tracer.kernels import attribute_kernels
+
         progress("attributing kernels")
         report = {**report, **attribute_kernels(tr, report, mapping.matcher)}
     if options.ncu:
+        from tracer.ncu import join as ncu_join, run_ncu
+
         progress(f"Nsight Compute on the kernels inside {options.ncu} (runs flopdiff again)")
         rows, ncu_csv = run_ncu(list(options.ncu_argv), options.ncu)
         report = {**report, "ncu": ncu_join(report, options.ncu, rows)}
     result = Result(report, tr, analytic, mapping, ncu_csv=ncu_csv, cached=tr is None)
     if options.graph == "onnx":
+        from tracer.onnx_graph import run_onnx
+
         progress("exporting the prefill and decode step 0 to ONNX (no weights) and counting their nodes")
         result.onnx_report, result.onnx_protos = run_onnx(tr, report, analytic, options.mapping)
     if options.explain:
         result.detail = explain(report, analytic, mapping, options.explain)
     return result
+
+
+def _traced(workload: Workload, options: Options, progress: Callable[[str], None]) -> tuple[dict[str, Any], Any]:
+    """Trace every stage and count every node: the report document before the diff, and the trace."""
+    from tracer.conventions import Conventions
+    from tracer.count import count_graph
+    from tracer.instruments import NvtxRanges
+    from tracer.report import build_report
+    from tracer.trace import trace
+
+    tr = trace(workload, options.build, options.config, progress=lambda msg: progress(f"tracing: {msg}"),
+               mode=options.mode, parallel=not options.sequential, allow_long=options.allow_long,
+               instrument=NvtxRanges(options.nvtx_module) if options.nvtx_module else None)
+    progress("counting FLOPs per node")
+    conventions = Conventions(causal_halving=options.causal_halving)
+    for sg in tr.graphs():
+        if sg.selection is None:  # a selection's nodes (vision) are counted with the graph they belong to
+            count_graph(sg, conventions)
+    return build_report(tr), tr

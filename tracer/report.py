@@ -6,19 +6,17 @@ byte-identical output (no timestamps, node order = execution order).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
 import torch
 
-from mapping.engine import flop_bearing
 from tracer.capture import StageGraph
 from tracer.count import Totals, totals
+from tracer.document import SCHEMA
 from tracer.paths import STAGES, node_id
 from tracer.trace import Trace
 
-SCHEMA = "flopdiff.report/1"
 
 
 def _tensors(v) -> list[torch.Tensor]:
@@ -87,24 +85,9 @@ def build_report(tr: Trace) -> dict[str, Any]:
             "image_tokens": d.image_tokens, "prompt_len": d.prompt_len, "decode_steps": w.decode_steps,
         },
         "options": {"attn": tr.options.attn, "experts": tr.options.experts,
-                    "dtype": str(tr.options.dtype).removeprefix("torch."), "device": tr.options.device},
+                    "dtype": tr.options.dtype, "device": tr.options.device},
         "notes": tr.prepared.notes,
         "stages": stages,
         "nodes": nodes,
         "unknown_ops": [{"op": op, "count": c} for op, c in sorted(unknown.items())],
     }
-
-
-def dumps(report: dict[str, Any], only_flops: bool = False) -> str:
-    """Compact JSON, one node per line: small, diffable, and fast (the C encoder needs indent=None).
-    `only_flops` keeps the nodes with FLOPs or without a formula (the ones layers and coverage refer to)."""
-    head = {k: v for k, v in report.items() if k != "nodes"}
-    if only_flops:
-        head["nodes_written"] = "flops"
-    body = json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1]
-    kept = (n for n in report["nodes"] if not only_flops or flop_bearing(n))
-    nodes = ",\n".join(json.dumps(n, ensure_ascii=False, separators=(",", ":")) for n in kept)
-    return f'{body},"nodes":[\n{nodes}\n]}}\n'
-
-
-

@@ -16,9 +16,8 @@ from tracer.errors import FlopdiffError
 from tracer.forking import forked
 from tracer.html import render_html
 from tracer.lifecycle import OutputSet
-from tracer.onnx_graph import save as save_onnx
 from tracer.overlay import ME_GRAPH, ME_OVERLAY, graph_collection, overlay
-from tracer.report import dumps
+from tracer.document import dumps
 from tracer.tables import (consistency_table, gap_table, kernel_table, ncu_table, stage_table, unmapped_table,
                            unseen_table)
 
@@ -235,6 +234,8 @@ class Result:
             outputs.write("ncu.csv", self.ncu_csv)
             names.append("ncu.csv")
         if self.onnx_report is not None:
+            from tracer.onnx_graph import save as save_onnx  # torch and onnx: only a run that exported has them
+
             save_onnx(self.onnx_protos, outputs)
             outputs.write("report-onnx.json", dumps(self.onnx_report))
             names += ["report-onnx.json", *self.onnx_protos]

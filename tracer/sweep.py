@@ -38,7 +38,8 @@ from tracer.gaps import analytic_for
 from tracer.html import script_safe
 from tracer.lifecycle import OutputSet, die_with_parent
 from tracer.pipeline import Options, check, run
-from tracer.vendors import BuildOptions, get_vendor, parse_impl
+from tracer.vendors import BuildOptions, parse_impl
+from tracer.vendors.options import attention_parts
 from tracer.workload import IMAGE_SUFFIXES, Workload, image_size, parse_image_shape
 
 SHAPE = re.compile(r"^\d+[xX]\d+$")
@@ -178,7 +179,7 @@ def main(argv: list[str]) -> int:
     keys: dict[str, list[Page]] = {}
     for page in pages:
         keys.setdefault(workload_key(model, page, knobs, build_options), []).append(page)
-    attention = get_vendor(model).attention(build_options)
+    attention = attention_parts(model, build_options)
     with OutputSet(args.out) as outputs:
         traced = _trace_all(keys, workload, options, args)
         rows = page_rows(pages, keys, traced, model, knobs, options, attention)

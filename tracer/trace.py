@@ -26,7 +26,8 @@ from tracer.decode_worker import DecodeWorker, note_fallback, worker_allowed
 from tracer.errors import FlopdiffError
 from tracer.instruments import Instrument, ProfilerRanges
 from tracer.paths import STAGES, under
-from tracer.vendors import BuildOptions, Prepared, get_vendor
+from tracer.vendors import BuildOptions, get_vendor
+from tracer.vendors.base import Prepared
 from tracer.workload import Workload, validate
 
 

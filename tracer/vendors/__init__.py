@@ -8,31 +8,38 @@ must be shimmed to run the vendor code weight-free is declared in the adapter wi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tracer.errors import FlopdiffError
-from tracer.vendors.base import BuildOptions, Prepared, Vendor, parse_impl
+from tracer.vendors.options import BuildOptions, parse_impl
 
-__all__ = ["VENDORS", "BuildOptions", "Prepared", "Vendor", "get_vendor", "parse_impl"]
+if TYPE_CHECKING:  # the protocol's module imports torch: the registry stays torch-free (tracer.cache)
+    from tracer.vendors.base import Vendor
+
+__all__ = ["VENDORS", "BuildOptions", "check_model", "get_vendor", "parse_impl"]
 
 
-def _deepseek_ocr2() -> Vendor:
+def _deepseek_ocr2() -> "Vendor":
     from tracer.vendors import deepseek_ocr2
 
     return deepseek_ocr2.VENDOR
 
 
-def _deepseek_ocr() -> Vendor:
+def _deepseek_ocr() -> "Vendor":
     from tracer.vendors import deepseek_ocr
 
     return deepseek_ocr.VENDOR
 
 
-VENDORS: dict[str, Callable[[], Vendor]] = {"deepseek-ocr": _deepseek_ocr, "deepseek-ocr-2": _deepseek_ocr2}
+VENDORS: dict[str, Callable[[], "Vendor"]] = {"deepseek-ocr": _deepseek_ocr, "deepseek-ocr-2": _deepseek_ocr2}
 
 
-def get_vendor(name: str) -> Vendor:
-    try:
-        factory = VENDORS[name]
-    except KeyError:
-        raise FlopdiffError(f"--model {name!r}: unknown model; choose one of {', '.join(sorted(VENDORS))}") from None
-    return factory()
+def check_model(name: str) -> None:
+    """An unknown --model, without importing any adapter (they import torch)."""
+    if name not in VENDORS:
+        raise FlopdiffError(f"--model {name!r}: unknown model; choose one of {', '.join(sorted(VENDORS))}")
+
+
+def get_vendor(name: str) -> "Vendor":
+    check_model(name)
+    return VENDORS[name]()

@@ -1,5 +1,6 @@
-"""What every vendor adapter is and makes (tracer.vendors lists the adapters): the build options, the prepared inputs
-and the adapter protocol, in a module of their own so that the adapters import it and not the registry."""
+"""What every vendor adapter is and makes (tracer.vendors lists the adapters): the prepared inputs and the adapter
+protocol, in a module of their own so that the adapters import it and not the registry (the build options:
+tracer.vendors.options, torch-free)."""
 
 from __future__ import annotations
 
@@ -12,36 +13,10 @@ from typing import Any, Protocol
 
 import torch
 
-from tracer.errors import FlopdiffError
+from tracer.vendors.options import BuildOptions
 from tracer.workload import Derived, Workload
 
-def parse_impl(text: str, flag: str) -> str | dict[str, str]:
-    """An --attn/--experts value: 'sdpa', or 'text_config=flex_attention,vision_config=sdpa' (one per sub-config)."""
-    if "=" not in text:
-        return text
-    try:
-        return dict(part.split("=", 1) for part in text.split(","))
-    except ValueError:
-        raise FlopdiffError(f"{flag} {text!r}: expected NAME or SUBCONFIG=NAME[,SUBCONFIG=NAME...]") from None
-
-
 SEQ_DIM = -2  # transformers' cache layout: (batch, heads, positions, head_dim)
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """How to load and instantiate the vendor model. `attn` / `experts` take one value or {sub_config: value}
-    (None: the vendor's default). `mode`: "fake" (no weights, no compute) or "real" (random weights).
-    `attn_plugins`: user attention functions (tracer.attention), each usable by its name in `attn`."""
-
-    attn: str | dict[str, str] | None = None
-    experts: str | dict[str, str] | None = None
-    dtype: torch.dtype = torch.bfloat16
-    device: str = "cpu"
-    mode: str = "fake"
-    vendor_dir: str | None = None
-    trust_remote_code: bool = False
-    attn_plugins: tuple[str, ...] = ()  # [NAME=]module:function, registered as attention implementations
 
 
 @dataclass

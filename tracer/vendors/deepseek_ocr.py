@@ -30,7 +30,8 @@ import torch
 from tracer.configfile import check_config, dig, read_json
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import scratch
-from tracer.vendors.base import BuildOptions, Prepared
+from tracer.vendors.base import Prepared
+from tracer.vendors.options import DEFAULT_EXPERTS, BuildOptions, attention_parts
 from tracer.vendors.deepseek_ocr_shims import (EVEN_SPLIT_NOTE, RealSums, cuda_identity, even_split_moe_infer,
                                                 quiet_transformers)
 from tracer.workload import Derived, Workload, load_image
@@ -84,7 +85,7 @@ class _Captured(Exception):
 class DeepseekOcrVendor:
     name = "deepseek-ocr"
     vision_modules = ("model.sam_model", "model.vision_model", "model.projector")
-    default_experts = None
+    default_experts = DEFAULT_EXPERTS["deepseek-ocr"]
 
     def __init__(self) -> None:
         self.folder: Path | None = None
@@ -182,7 +183,7 @@ class DeepseekOcrVendor:
         attn = options.attn or "eager"
         config._attn_implementation = attn
         previous = torch.get_default_dtype()
-        torch.set_default_dtype(options.dtype)
+        torch.set_default_dtype(getattr(torch, options.dtype))
         try:
             with quiet_transformers():
                 model = modeling.DeepseekOCRForCausalLM(config)
@@ -253,8 +254,7 @@ class DeepseekOcrVendor:
         return [str(self.folder)] if self.folder else []
 
     def attention(self, options: BuildOptions) -> dict[str, str]:
-        """The decoder's choice (SAM and CLIP call scaled_dot_product_attention themselves)."""
-        return {"decoder": options.attn or "eager", "vision": "sdpa"}
+        return attention_parts(self.name, options)
 
 
 class _Prefill(torch.nn.Module):

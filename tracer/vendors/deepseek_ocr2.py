@@ -25,7 +25,8 @@ import torch
 from tracer import flags
 from tracer.configfile import check_config, read_json
 from tracer.errors import FlopdiffError
-from tracer.vendors.base import BuildOptions, Prepared, cache_of
+from tracer.vendors.base import Prepared, cache_of
+from tracer.vendors.options import DEFAULT_EXPERTS as DEFAULTS, BuildOptions, attention_parts
 from tracer.workload import Derived, Workload, load_image
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"
@@ -57,7 +58,7 @@ CONFIG_RELATIONS = (
 
 SHIMS = {"TRANSFORMERS_DISABLE_TORCH_CHECK": "1"}
 
-DEFAULT_EXPERTS = "grouped_mm"
+DEFAULT_EXPERTS = DEFAULTS["deepseek-ocr-2"]
 EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' experts implementations (eager: --mode real only)
 DEFAULT_TEXT_TOKENS = flags.DEFAULT_TEXT_TOKENS["deepseek-ocr-2"]  # when neither --text-tokens nor --tokenizer
 TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value
@@ -143,9 +144,9 @@ class DeepseekOcr2Vendor:
         config._attn_implementation = options.attn or "sdpa"
         config._experts_implementation = options.experts or DEFAULT_EXPERTS
         for c in (config, *(getattr(config, name) for name in getattr(config, "sub_configs", {}))):
-            c.dtype = options.dtype  # what the weights are built in (transformers' FA2 check warns when unset)
+            c.dtype = getattr(torch, options.dtype)  # the weights' (transformers' FA2 check warns when unset)
         previous = torch.get_default_dtype()
-        torch.set_default_dtype(options.dtype)
+        torch.set_default_dtype(getattr(torch, options.dtype))
         try:
             model = model_cls(config)
         except (ValueError, ImportError, KeyError) as exc:
@@ -209,12 +210,7 @@ class DeepseekOcr2Vendor:
         return [os.path.dirname(inspect.getfile(_transformers_classes()[1]))]
 
     def attention(self, options: BuildOptions) -> dict[str, str]:
-        """text_config's choice runs the decoder, vision_config's SAM and the encoder (one name: both)."""
-        attn = options.attn or "sdpa"
-        if isinstance(attn, str):
-            return {"decoder": attn, "vision": attn}
-        return {"decoder": attn.get("text_config", attn.get("", "sdpa")),
-                "vision": attn.get("vision_config", attn.get("", "sdpa"))}
+        return attention_parts(self.name, options)
 
 
 class _Prefill(torch.nn.Module):
