@@ -36,7 +36,7 @@ trap 'rm -rf "$tmp"' EXIT
 .venv/bin/python -m tracer.corpus "$tmp/corpus" --pages 200 > /dev/null
 rm -f reports/sweep/summary.txt
 (cd "$tmp" && "$root/.venv/bin/python" -m tracer.diff sweep corpus --quiet --out "$root/reports/sweep") \
-  > reports/sweep.summary.txt
+  | sed "s#$root/##" > reports/sweep.summary.txt  # the summary names the folder as this repository has it
 mv reports/sweep.summary.txt reports/sweep/summary.txt
 # the first screens of the seed-naive pages at 1280x800 and 1920x1080, the sweep's plots (reports/screenshots/)
 pages=(reports/sweep reports/v2-seed-naive)
