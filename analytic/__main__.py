@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     preset_flag = flags.typed(argv, ("--analytic", *ALIASES["--analytic"]))
     try:
         variant(args.analytic, preset_flag)  # the flags as the user typed them, before the API's checks
-        text_tokens = flags.DEFAULT_TEXT_TOKENS.get(args.model, 9) if args.text_tokens is None else args.text_tokens
+        text_tokens = flags.text_tokens(args.model, args.text_tokens)
         validate(Workload(model=args.model, base_size=args.base_size, tile_size=args.tile_size,
                           text_tokens=text_tokens, decode_steps=args.decode_steps))
         knobs = dict(base_size=args.base_size, tile_size=args.tile_size, crop_mode=args.crop_mode,

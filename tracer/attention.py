@@ -39,7 +39,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from tracer.capture import active_recorder
 from tracer.errors import FlopdiffError
 from tracer.vendors.options import BuildOptions, implementations
-from tracer.vendors.flash_attn_standin import check_real_mode, flash_attention_2
+from tracer.vendors.flash_attn_standin import check_real_mode, flash_attention_2, rebind
 
 PREFIX = "attention::"
 
@@ -127,14 +127,10 @@ def boundaries() -> Iterator[None]:
                 return boundary(attn_implementation or "eager", fn, "interface")
 
             stack.enter_context(mock.patch.object(interface, "get_interface", get_interface))
-        for module in list(sys.modules.values()):  # flash-attn's functions where modules bound them (v1, 4.46)
-            bound = getattr(module, "__dict__", {})
-            if module is None or bound.get("__name__", "").startswith(("flash_attn", "tracer.")):
-                continue
-            for name in ("flash_attn_func", "flash_attn_varlen_func"):
-                fn = bound.get(name)
-                if callable(fn) and not getattr(fn, "flopdiff_boundary", False):
-                    stack.enter_context(mock.patch.object(module, name, boundary("flash_attention_2", fn, name)))
+        for name in ("flash_attn_func", "flash_attn_varlen_func"):  # where modules bound them (v1, 4.46)
+            rebind(stack, name, lambda fn, name=name: boundary("flash_attention_2", fn, name)
+                   if callable(fn) and not getattr(fn, "flopdiff_boundary", False) else None,
+                   skip=("flash_attn", "tracer."))  # the package itself (5.x calls it through the interface)
         yield
 
 

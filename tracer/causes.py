@@ -23,7 +23,7 @@ SYMBOL_FIELDS_SKIPPED = ("id", "dtype_bytes", "children", "op", "causal")
 
 
 def formula(leaves: list[Layer], policy: Policy) -> str | None:
-    """'Attention: 2 * batch * heads * pairs * (d + d_v) with ... = N' (and '; 10 steps' for decode)."""
+    """'Attention: 2 * batch * heads * pairs * (d + d_v) with ... = N' (decode: '; step 0 of 10')."""
     if not leaves:
         return None
     text = leaves[0].explain(policy)

@@ -17,11 +17,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from analytic.api import mode_knobs
+from tracer import flags, sweep
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import Interrupted, OutputSet, signals_as_exceptions
 from tracer.pipeline import Options, check, real_run_warning, run
-from tracer import flags, sweep
 from tracer.vendors import BuildOptions, parse_impl
 from tracer.workload import Workload, parse_image_shape
 
@@ -37,13 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
-    knobs = {"crop_mode": DEFAULT.crop_mode,
-             **(mode_knobs(args.model, args.resolution, flag="--resolution") if args.resolution else {})}
-    pick = lambda given, key: knobs.get(key) if given is None else given  # noqa: E731
+    knobs = flags.view_knobs(args)
+    crop_mode = DEFAULT.crop_mode if knobs["crop_mode"] is None else knobs["crop_mode"]
     return Workload(model=args.model, image_wh=DEFAULT.image_wh if args.image else parse_image_shape(args.image_shape),
-                    image_path=args.image, base_size=pick(args.base_size, "base_size"),
-                    tile_size=pick(args.tile_size, "tile_size"), crop_mode=pick(args.crop_mode, "crop_mode"),
-                    text_tokens=args.text_tokens, prompt=args.prompt, tokenizer=args.tokenizer, decode_steps=args.decode_steps)
+                    image_path=args.image, base_size=knobs["base_size"], tile_size=knobs["tile_size"],
+                    crop_mode=crop_mode, text_tokens=args.text_tokens, prompt=args.prompt, tokenizer=args.tokenizer,
+                    decode_steps=args.decode_steps)
 
 
 def options_from_args(args: argparse.Namespace) -> Options:

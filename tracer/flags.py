@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from analytic.api import mode_knobs
+
 Row = tuple[tuple[str, ...], dict[str, Any]]
 
 MODELS = ("deepseek-ocr", "deepseek-ocr-2")
@@ -106,6 +108,20 @@ def parser(prog: str, description: str, *tables: list[Row], aliases: dict[str, t
         for names, kwargs in table:
             p.add_argument(*names, *(aliases or {}).get(names[0], ()), **kwargs)
     return p
+
+
+def view_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """--base-size, --tile-size and --crop-mode as given, else the --resolution mode's (None: the vendor's default)."""
+    given = {"base_size": args.base_size, "tile_size": args.tile_size, "crop_mode": args.crop_mode}
+    if not args.resolution:
+        return given
+    mode = mode_knobs(args.model, args.resolution, flag="--resolution")
+    return {k: getattr(mode, k) if v is None else v for k, v in given.items()}
+
+
+def text_tokens(model: str, given: int | None) -> int | None:
+    """--text-tokens, else what flopdiff measures for the model by default (DEFAULT_TEXT_TOKENS)."""
+    return DEFAULT_TEXT_TOKENS.get(model) if given is None else given
 
 
 def pick(table: list[Row], *names: str) -> list[Row]:

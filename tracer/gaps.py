@@ -9,12 +9,13 @@ disagree.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from analytic.api import build, evaluate_tree, policy, variant
+from analytic.api import build, evaluate_tree, policy, shape_for, variant
 from analytic.layers import Policy
 from analytic.models import ModelTree, Shape
 from mapping.engine import Mapping, coverage, flop_bearing, map_nodes
@@ -22,6 +23,7 @@ from mapping.table import check_layers, load_table
 from tracer.causes import cause, formula
 from tracer.errors import FlopdiffError
 from tracer.paths import STAGES
+from tracer.workload import Workload
 
 REASONS = {
     "missing": "not in the analytic model",
@@ -62,6 +64,14 @@ def shape_of(workload: dict[str, Any]) -> Shape:
     text = w["prompt_len"] - 1 - w["image_tokens"]  # BOS + image tokens + text, as the vendor lays them out
     return Shape(w["image_wh"][0], w["image_wh"][1], w["base_size"], w["tile_size"], w["crop_mode"], text,
                  w["decode_steps"])
+
+
+def request_shape(workload: Workload) -> Shape:
+    """The analytic model's view of a request before any preprocessing (its knobs; the vendor defaults for the rest):
+    what the checks before a trace, the real-mode estimate and the sweep's pages read."""
+    return shape_for(workload.model, workload.image_wh, base_size=workload.base_size, tile_size=workload.tile_size,
+                     crop_mode=workload.crop_mode, text_tokens=workload.text_tokens or 0,
+                     decode_steps=workload.decode_steps)
 
 
 def analytic_for(model: str, shape: Shape, preset: str, causal_halving: bool = False, config: str | None = None,
@@ -108,8 +118,8 @@ def map_report(report: dict[str, Any], an: Analytic, table: str | None = None) -
         raise FlopdiffError(f"mapping table {tab.source} is for {tab.model}, not {report['model']}")
     cat = catalogue(an.aligned)
     # tile layers must validate even on a page without tiles: check against a tiled workload too
-    tiled = build(report["model"], Shape(1000, 1400, an.shape.base_size, an.shape.tile_size, True, 1, 1), config=an.config,
-                  attention=an.attention)
+    tiled = build(report["model"], Shape(1000, 1400, an.shape.base_size, an.shape.tile_size, True, 1, 1),
+                  config=an.config, attention=an.attention)
     check_layers(tab, set().union(*cat.values(), *catalogue(tiled).values()))
     return map_nodes(tab, report["nodes"], present_views(report), cat)
 
@@ -194,8 +204,6 @@ def gap_groups(report: dict[str, Any], stage: str) -> list[dict[str, Any]]:
     `--explain` takes. Each carries the count of layers (the unit), the gap, and the cause named on its layers
     when they all share one."""
     rows = [r for r in report["layers"] if r["stage"] == stage]
-    for r in rows:
-        r.setdefault("_parts", tuple(r["id"].split(".")))
     groups = _pure(rows, ())
     indices = _indices(rows)
     for pos in range(max((len(p) for p, _ in groups), default=0)):
@@ -207,9 +215,12 @@ def gap_groups(report: dict[str, Any], stage: str) -> list[dict[str, Any]]:
                     "why": REASONS.get(members[0]["reason"], ""), "layers": len(members), "unit": "analytic layers",
                     "gap": sum(m["gap"] for m in members),
                     "cause": causes.pop() if len(causes) == 1 else None})
-    for r in rows:
-        r.pop("_parts", None)
     return sorted(out, key=lambda g: (-abs(g["gap"]), g["group"]))
+
+
+@functools.lru_cache(maxsize=65536)
+def _components(layer_id: str) -> tuple[str, ...]:
+    return tuple(layer_id.split("."))
 
 
 def _pure(rows: list[dict[str, Any]], prefix: tuple) -> list[tuple[tuple, list[dict[str, Any]]]]:
@@ -219,15 +230,15 @@ def _pure(rows: list[dict[str, Any]], prefix: tuple) -> list[tuple[tuple, list[d
         return [(prefix, rows)]
     children: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if len(r["_parts"]) > n:
-            children.setdefault(r["_parts"][n], []).append(r)
+        parts = _components(r["id"])
+        if len(parts) > n:
+            children.setdefault(parts[n], []).append(r)
     return [g for comp, members in children.items() for g in _pure(members, prefix + (comp,))]
 
 
 def _merge(groups: list[tuple[tuple, list]], pos: int) -> list[tuple[tuple, list]]:
     """Groups equal but for an index at `pos` (same reason) as one, that component a set of indices."""
-    merged: dict[tuple, tuple[set, list]] = {}
-    order: list[tuple] = []
+    merged: dict[tuple, tuple[set, list]] = {}  # in first-seen order
     for parts, members in groups:
         comp = parts[pos] if pos < len(parts) else None
         idx = ({int(comp)} if isinstance(comp, str) and comp.isdigit() else comp if isinstance(comp, frozenset)
@@ -241,12 +252,8 @@ def _merge(groups: list[tuple[tuple, list]], pos: int) -> list[tuple[tuple, list
                 merged[key] = (set(), [])
             merged[key][0].update(idx)
             merged[key][1].extend(members)
-        if key not in order:
-            order.append(key)
     out = []
-    for key in order:
-        parts, _, kind = key
-        idx, members = merged[key]
+    for (parts, _, kind), (idx, members) in merged.items():
         out.append((parts if kind == "whole" else parts[:pos] + (frozenset(idx),) + parts[pos + 1:], members))
     return out
 
@@ -255,7 +262,7 @@ def _indices(rows: list[dict[str, Any]]) -> dict[tuple, set[int]]:
     """Per prefix, every index the stage's layers have right after it (to tell `*` from a range)."""
     seen: dict[tuple, set[int]] = defaultdict(set)
     for r in rows:
-        parts = r["_parts"]
+        parts = _components(r["id"])
         for i, comp in enumerate(parts):
             if comp.isdigit():
                 seen[parts[:i]].add(int(comp))

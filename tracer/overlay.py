@@ -71,7 +71,8 @@ def graph_collection(tr, report: dict[str, Any]) -> dict[str, Any]:
                      {"key": "layer", "value": rec.get("layer") or rec.get("unmapped") or "-"},
                      {"key": "source", "value": node.meta.get("vendor_source") or node.meta.get("source") or "-"}]
             edges = [{"sourceNodeId": _source(dep).name, "sourceNodeOutputId": _output_index(dep),
-                      "targetNodeInputId": str(i)} for i, dep in enumerate(node.all_input_nodes) if _source(dep) in kept]
+                      "targetNodeInputId": str(i)}
+                     for i, dep in enumerate(node.all_input_nodes) if _source(dep) in kept]
             module = node.meta.get("module_call") or ""
             nodes.append({"id": node.name, "label": node.meta["op"].split("::")[-1],
                           "namespace": "" if module == "<root>" else module.replace(".", "/"),

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from analytic.api import build, policy, shape_for, variant
+from analytic.api import build, policy, variant
 from mapping.table import load_table
 from tracer import cache
 from tracer.errors import FlopdiffError
 from tracer.explain import check_id, explain
-from tracer.gaps import analytic_for, catalogue, map_report, shape_of, with_diff
+from tracer.gaps import analytic_for, catalogue, map_report, request_shape, shape_of, with_diff
 from tracer.result import Result, check_max_gap
 from tracer.vendors import BuildOptions, check_model
 from tracer.vendors.options import DEFAULT_EXPERTS, attention_parts, implementations
@@ -95,9 +95,7 @@ def _analytic_config(options: Options) -> str | None:
 
 def _layer_ids(workload: Workload, options: Options) -> set[str]:
     """Every layer and block id of the aligned and the chosen analytic model of this workload, in any stage."""
-    shape = shape_for(workload.model, workload.image_wh, base_size=workload.base_size, tile_size=workload.tile_size,
-                      crop_mode=workload.crop_mode, text_tokens=workload.text_tokens or 0,
-                      decode_steps=workload.decode_steps)
+    shape = request_shape(workload)
     ids: set[str] = set()
     for preset in {"aligned", options.analytic}:
         ids.update(*catalogue(build(workload.model, shape, preset, _analytic_config(options))).values())

@@ -22,7 +22,7 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,10 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from analytic.api import build, mode_knobs, shape_for
+from analytic.api import build
 from tracer import flags
 from tracer.errors import FlopdiffError
-from tracer.gaps import analytic_for
+from tracer.gaps import analytic_for, request_shape
 from tracer.html import script_safe
 from tracer.lifecycle import OutputSet, die_with_parent
 from tracer.pipeline import Options, check, run
@@ -87,11 +87,11 @@ def collect(paths: list[str]) -> tuple[list[Page], list[dict[str, str]]]:
     return pages, unreadable
 
 
-def workload_key(model: str, page: Page, knobs: dict[str, Any], options: BuildOptions) -> str:
+def workload_key(workload: Workload, page: Page, options: BuildOptions) -> str:
     """What shapes the traced graph besides the model: the views the vendor tiling makes of the page, the token
     counts and decode steps, the model options. Readable: `grid2x3-tiles6-global1024-tile768-img1121-t4-d1`."""
-    shape = shape_for(model, (page.width, page.height), **knobs)
-    v = build(model, shape).views
+    shape = request_shape(_on(workload, page))
+    v = build(workload.model, shape).views
     opts = "".join(f"-{k}{_slug(str(val))}" for k, val in (("attn", options.attn), ("experts", options.experts)) if val)
     return (f"grid{v.crop_grid_wh[0]}x{v.crop_grid_wh[1]}-tiles{v.tiles}-global{v.global_px}-tile{v.tile_px}"
             f"-img{v.image_tokens}-t{shape.text_tokens}-d{shape.decode_steps}{opts}")
@@ -112,16 +112,19 @@ def _trace_key(key: str, page: Page, workload: Workload, options: Options) -> di
             "json": result.to_json(only_flops=True), "html": result.to_html()}
 
 
-def page_rows(pages: list[Page], keys: dict[str, list[Page]], traced: dict[str, dict[str, Any]], model: str,
-              knobs: dict[str, Any], options: Options, attention: dict[str, str]) -> list[dict[str, Any]]:
+def _on(workload: Workload, page: Page) -> Workload:
+    return replace(workload, image_wh=(page.width, page.height))
+
+
+def page_rows(pages: list[Page], keys: dict[str, list[Page]], traced: dict[str, dict[str, Any]],
+              workload: Workload, options: Options, attention: dict[str, str]) -> list[dict[str, Any]]:
     """A row per page: its key's traced counts beside its own analytic model, per stage."""
     key_of = {id(p): k for k, ps in keys.items() for p in ps}
     rows = []
     for page in pages:
         key = key_of[id(page)]
-        shape = shape_for(model, (page.width, page.height), **knobs)
-        an = analytic_for(model, shape, options.analytic, options.causal_halving, options.config, None,
-                          options.policy, options.build.device, attention)
+        an = analytic_for(workload.model, request_shape(_on(workload, page)), options.analytic,
+                          options.causal_halving, options.config, None, options.policy, options.build.device, attention)
         analytic = {s["name"]: s["flops"] for s in an.doc["stages"]}
         t = traced[key]
         row: dict[str, Any] = {"path": page.path, "width": page.width, "height": page.height, "key": key,
@@ -157,13 +160,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     model = args.model
-    text_tokens = args.text_tokens if args.text_tokens is not None else flags.DEFAULT_TEXT_TOKENS.get(model)
-    knobs = {"base_size": args.base_size, "tile_size": args.tile_size, "crop_mode": args.crop_mode,
-             "text_tokens": text_tokens, "decode_steps": args.decode_steps}
-    if args.resolution:
-        mode = mode_knobs(model, args.resolution, flag="--resolution")
-        knobs.update({k: knobs[k] if knobs[k] is not None else getattr(mode, k)
-                      for k in ("base_size", "tile_size", "crop_mode")})
+    text_tokens = flags.text_tokens(model, args.text_tokens)
+    knobs = {**flags.view_knobs(args), "text_tokens": text_tokens, "decode_steps": args.decode_steps}
     build_options = BuildOptions(attn=parse_impl(args.attn, "--attn") if args.attn else None,
                                  experts=parse_impl(args.experts, "--experts") if args.experts else None,
                                  vendor_dir=args.vendor_dir, trust_remote_code=args.trust_remote_code)
@@ -178,11 +176,11 @@ def main(argv: list[str]) -> int:
     pages, unreadable = collect(args.paths)
     keys: dict[str, list[Page]] = {}
     for page in pages:
-        keys.setdefault(workload_key(model, page, knobs, build_options), []).append(page)
+        keys.setdefault(workload_key(workload, page, build_options), []).append(page)
     attention = attention_parts(model, build_options)
     with OutputSet(args.out) as outputs:
         traced = _trace_all(keys, workload, options, args)
-        rows = page_rows(pages, keys, traced, model, knobs, options, attention)
+        rows = page_rows(pages, keys, traced, workload, options, attention)
         summary = {"model": model, "analytic": {"preset": options.analytic, "policy": options.policy},
                    "workload": knobs, "pages": len(pages), "keys": len(keys), "unreadable": unreadable,
                    "per_key": [{"key": k, "pages": len(ps), "first": ps[0].path, "stages": traced[k]["stages"]}

@@ -19,11 +19,12 @@ from unittest import mock
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from analytic.api import build, evaluate_tree, policy, shape_for, weight_bytes
+from analytic.api import build, evaluate_tree, policy, weight_bytes
 from tracer.attention import runtime as attention_runtime
 from tracer.capture import StageGraph, capture, subgraph
 from tracer.decode_worker import DecodeWorker, note_fallback, worker_allowed
 from tracer.errors import FlopdiffError
+from tracer.gaps import request_shape
 from tracer.instruments import Instrument, ProfilerRanges
 from tracer.paths import STAGES, under
 from tracer.vendors import BuildOptions, get_vendor
@@ -231,9 +232,7 @@ LOAD_SECONDS = 5.0
 def real_run_estimate(workload: Workload, config: str | None) -> str:
     """What `--mode real` on CPU is about to cost, as an upper bound: building the random weights (this machine's
     measured fill rate), computing every stage's analytic FLOPs (its measured bf16 matmul rate), and memory."""
-    shape = shape_for(workload.model, workload.image_wh, base_size=workload.base_size, tile_size=workload.tile_size,
-                      crop_mode=workload.crop_mode, text_tokens=workload.text_tokens or 0,
-                      decode_steps=workload.decode_steps)
+    shape = request_shape(workload)
     tree = build(workload.model, shape, "aligned", config)
     doc = evaluate_tree(tree, shape, policy("full"))
     flops = sum(s["flops"] for s in doc["stages"] if s["name"] != "vision")  # prefill includes vision

@@ -31,9 +31,9 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Optional
+from typing import Any, Optional
 from unittest import mock
 
 import torch
@@ -216,6 +216,22 @@ def flash_attention_2(fake: bool) -> Iterator[bool]:
         yield standin
 
 
+def rebind(stack: ExitStack, name: str, replacement: Callable[[Any], Any], skip: tuple[str, ...] = ()) -> int:
+    """In every loaded module (but those whose name starts with one of `skip`) that bound `name`, patch it to
+    `replacement(value)` for the life of `stack`, where that is not None: how a function imported by name (`from
+    x import f`) is reached in the modules that imported it. Returns how many modules were patched."""
+    patched = 0
+    for module in list(sys.modules.values()):
+        bound = getattr(module, "__dict__", None)
+        if not bound or name not in bound or (skip and str(bound.get("__name__", "")).startswith(skip)):
+            continue
+        new = replacement(bound[name])
+        if new is not None:
+            stack.enter_context(mock.patch.object(module, name, new))
+            patched += 1
+    return patched
+
+
 @contextmanager
 def single_sequence() -> Iterator[None]:
     """Fake mode: transformers' FA2 path asks whether the position ids hold several packed sequences (5.x:
@@ -234,9 +250,7 @@ def single_sequence() -> Iterator[None]:
             def one_sequence(*args, **kwargs):
                 return original(*args, **{**kwargs, "position_ids": None})
 
-            for module in list(sys.modules.values()):
-                if getattr(module, "__dict__", {}).get("_flash_attention_forward") is original:
-                    stack.enter_context(mock.patch.object(module, "_flash_attention_forward", one_sequence))
+            rebind(stack, "_flash_attention_forward", lambda fn: one_sequence if fn is original else None)
         yield
 
 
@@ -251,19 +265,17 @@ def _installed() -> Iterator[None]:
         stack.enter_context(_in_sys_modules(_package()))
         originals = _checks()
         answers = _answers()
-        for module in list(sys.modules.values()):
-            bound = getattr(module, "__dict__", {})
-            patched = False
-            for name, fn in originals.items():
-                if bound.get(name) is fn:
-                    stack.enter_context(mock.patch.object(module, name, answers[name]))
-                    patched = True
-            if patched and "is_flash_attn_2_available" in bound:
-                for name in IMPORTED_NAMES:  # what `if is_flash_attn_2_available(): from flash_attn import ...` binds
-                    if name not in bound:
-                        stack.enter_context(mock.patch.object(module, name, globals()[name], create=True))
-                if module.__name__.endswith("modeling_flash_attention_utils"):  # 4.46 binds this beside the names
-                    stack.enter_context(mock.patch.object(module, "_flash_supports_window_size", True, create=True))
+        # the modules that ran `if is_flash_attn_2_available(): from flash_attn import ...` at their import
+        importers = [m for m in list(sys.modules.values()) if CHECKS[0] in originals
+                     and getattr(m, "__dict__", {}).get(CHECKS[0]) is originals[CHECKS[0]]]
+        for name, fn in originals.items():
+            rebind(stack, name, lambda value, fn=fn, name=name: answers[name] if value is fn else None)
+        for module in importers:
+            for name in IMPORTED_NAMES:  # what that import would have bound
+                if name not in module.__dict__:
+                    stack.enter_context(mock.patch.object(module, name, globals()[name], create=True))
+            if module.__name__.endswith("modeling_flash_attention_utils"):  # 4.46 binds this beside the names
+                stack.enter_context(mock.patch.object(module, "_flash_supports_window_size", True, create=True))
         fa_utils = sys.modules.get("transformers.modeling_flash_attention_utils")
         matrix = getattr(fa_utils, "FLASH_ATTENTION_COMPATIBILITY_MATRIX", {})
         if 2 in matrix:  # transformers 5.x reads its availability checks through this table
