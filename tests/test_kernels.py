@@ -122,17 +122,59 @@ def test_counted_by_flopcountermode():
     assert [counted(0, 0), counted(5, 5), counted(0, 5), counted(2, 5)] == ["-", "yes", "no", "partly"]
 
 
+class RawEvents:
+    """torch.profiler's raw event stream (`kineto_results.events()`) as the instrument reads it: CPU events opened and
+    closed on one thread (times in ns), each kernel linked to the correlation id of the CPU event that launched it."""
+
+    def __init__(self):
+        self.events, self.clock, self.open, self.ids = [], 0, [], iter(range(100, 10_000))
+
+    def _event(self, name, device, start, end, correlation, linked, stream=0):
+        from torch.autograd import DeviceType
+
+        kind = getattr(DeviceType, device)
+        return types.SimpleNamespace(
+            name=lambda: name, device_type=lambda: kind, start_ns=lambda: start, end_ns=lambda: end,
+            correlation_id=lambda: correlation, linked_correlation_id=lambda: linked, is_async=lambda: False,
+            start_thread_id=lambda: 1, end_thread_id=lambda: 1, device_index=lambda: 0,
+            device_resource_id=lambda: stream)
+
+    def enter(self, name, correlation=None):
+        self.clock += 10
+        self.open.append((name, self.clock, correlation if correlation is not None else next(self.ids)))
+
+    def exit(self, busy=0):
+        self.clock += 10 + busy
+        name, start, correlation = self.open.pop()
+        self.events.append(self._event(name, "CPU", start, self.clock, correlation, 0))
+        return correlation
+
+    def kernel(self, name, us, launcher, start=None):
+        start = self.clock * 1000 if start is None else start
+        self.events.append(self._event(name, "CUDA", start, start + int(us * 1000), 10_000 + len(self.events),
+                                       launcher))
+
+
 def test_kernel_records_walk_to_the_innermost_op_and_module_range():
-    def ev(name, parent=None, kernels=()):
-        return types.SimpleNamespace(name=name, cpu_parent=parent,
-                                     kernels=[types.SimpleNamespace(name=k, duration=d) for k, d in kernels])
-    outer = ev(f"{MODULE_RANGE}model.layers.0")
-    inner = ev(f"{MODULE_RANGE}model.layers.0.mlp", outer)
-    op = ev(f"{OP_RANGE}17", inner)
-    aten = ev("aten::mm", op, [("gemm", 3.0), ("splitk_reduce", 1.0)])
-    triton = ev("triton_launch", inner, [("triton_kernel", 2.0)])
-    stray = ev("aten::copy_", None, [("copy", 0.5)])
-    records = kernel_records([outer, inner, op, aten, triton, stray])
+    raw = RawEvents()
+    raw.enter(f"{MODULE_RANGE}model.layers.0")
+    raw.enter(f"{MODULE_RANGE}model.layers.0.mlp")
+    raw.enter(f"{OP_RANGE}17")
+    raw.enter("aten::mm")
+    mm = raw.exit()
+    raw.exit()
+    raw.enter("triton_launch")
+    triton = raw.exit()
+    raw.exit()
+    raw.exit()
+    raw.enter("aten::copy_")
+    copy = raw.exit()
+    raw.kernel("gemm", 3.0, mm)
+    raw.kernel("splitk_reduce", 1.0, mm)
+    raw.kernel("triton_kernel", 2.0, triton)
+    raw.kernel("copy", 0.5, copy)
+    raw.kernel("orphan", 9.0, 99_999)  # linked to no CPU event: not in torch's tree either
+    records = kernel_records(raw.events)
     assert records == [
         {"kernel": "gemm", "us": 3.0, "op": 17, "module": "model.layers.0.mlp"},
         {"kernel": "splitk_reduce", "us": 1.0, "op": 17, "module": "model.layers.0.mlp"},
@@ -143,17 +185,43 @@ def test_kernel_records_walk_to_the_innermost_op_and_module_range():
 
 
 def test_a_kernel_the_profiler_also_hangs_on_a_nested_event_is_one_launch():
-    """As seen on an H200 (torch 2.11): a cuBLASLt GEMM on `aten::mm` and again on its child `Activity Buffer
-    Request`; an op that really launches the same kernel twice keeps both."""
-    def ev(name, parent=None, kernels=()):
-        return types.SimpleNamespace(name=name, cpu_parent=parent,
-                                     kernels=[types.SimpleNamespace(name=k, duration=d) for k, d in kernels])
-    op = ev(f"{OP_RANGE}3")
-    mm = ev("aten::mm", op, [("nvjet_gemm", 7.968)])
-    buffer = ev("Activity Buffer Request", mm, [("nvjet_gemm", 7.968)])
-    twice = ev("aten::sum", ev(f"{OP_RANGE}4"), [("memset", 0.7), ("memset", 0.7), ("reduce", 5.0)])
-    records = kernel_records([op, mm, buffer, twice])
+    """As seen on an H200 (torch 2.11): a cuBLASLt GEMM linked to `aten::mm` and to its child `Activity Buffer
+    Request` (one correlation id); an op that really launches the same kernel twice keeps both."""
+    raw = RawEvents()
+    raw.enter(f"{OP_RANGE}3")
+    raw.enter("aten::mm", correlation=7)
+    raw.enter("Activity Buffer Request", correlation=7)
+    raw.exit()
+    raw.exit()
+    raw.exit()
+    raw.enter(f"{OP_RANGE}4")
+    raw.enter("aten::sum")
+    total = raw.exit()
+    raw.exit()
+    raw.kernel("nvjet_gemm", 7.968, 7, start=1000)
+    raw.kernel("nvjet_gemm", 7.968, 7, start=1000)  # the same launch reported twice
+    raw.kernel("memset", 0.7, total, start=2000)
+    raw.kernel("memset", 0.7, total, start=3000)
+    raw.kernel("reduce", 5.0, total, start=4000)
+    records = kernel_records(raw.events)
     assert [(r["kernel"], r["op"]) for r in records] == [("nvjet_gemm", 3), ("memset", 4), ("memset", 4), ("reduce", 4)]
+
+
+def test_cpu_records_take_each_aten_event_s_self_time():
+    from tracer.instruments import cpu_records
+
+    raw = RawEvents()
+    raw.enter(f"{MODULE_RANGE}model.mlp")
+    raw.enter(f"{OP_RANGE}5")
+    raw.enter("aten::linear")      # 10 ns of its own around its child
+    raw.enter("aten::addmm")
+    raw.exit(busy=30)              # 40 ns
+    raw.exit()
+    raw.exit()
+    raw.exit()
+    records = cpu_records(raw.events)
+    assert records == [{"kernel": "aten::linear", "us": 0.02, "op": 5, "module": "model.mlp"},
+                       {"kernel": "aten::addmm", "us": 0.04, "op": 5, "module": "model.mlp"}]
 
 
 @pytest.mark.parametrize("model, module, layer", [

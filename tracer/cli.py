@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def guarded(command: Callable[[], int]) -> int:
     """Run a command: bad input is one line and exit 2, a signal one line and 128 + its number."""
+    collecting = gc.isenabled()
     gc.disable()  # millions of long-lived graph objects: the cyclic collector would rescan them, a fifth of the run
     try:
         with signals_as_exceptions():
@@ -110,11 +111,15 @@ def guarded(command: Callable[[], int]) -> int:
               file=sys.stderr)
         return 128 + signum
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
 
 
 def cli() -> None:
-    """main(), then exit with no interpreter teardown (freeing millions of graph objects takes seconds)."""
+    """main(), then exit with no interpreter teardown (freeing millions of graph objects takes seconds). The cyclic
+    collector stays off to the end: switched back on, its first pass over the run's objects, triggered by the next
+    allocation, took 0.9 s of a 6.9 s v1 page before the exit."""
+    gc.disable()
     code = main()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

@@ -13,12 +13,16 @@ paths pass one in:
 
 from __future__ import annotations
 
-from collections import Counter
+import functools
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import _filter_name
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -55,55 +59,100 @@ def _range(name: str):
     return rf
 
 
-def kernel_records(events) -> list[dict[str, Any]]:
-    """torch.profiler FunctionEvents -> [{kernel, us, op (seq) or None, module (qualified) or None}].
+# Device kinds whose activities are kernels (what torch.profiler hangs on an op's `kernels`).
+_DEVICES = tuple(getattr(DeviceType, name) for name in ("CUDA", "PrivateUse1", "XPU") if hasattr(DeviceType, name))
 
-    A kernel belongs to the event that launched it; the profiler can also hang it on an event nested inside
-    that one (seen on an H200, torch 2.11: a cuBLASLt GEMM on both `aten::mm` and its child `Activity Buffer
-    Request`). Such a copy, the same kernel and duration as on an enclosing event, is one launch: dropped."""
-    records = []
-    for e in events:
-        kernels = getattr(e, "kernels", None)
-        if not kernels:
+
+@dataclass
+class _Cpu:
+    """One synchronous CPU event of the raw stream: its span, and the innermost op and module ranges around it
+    (itself included)."""
+
+    index: int
+    name: str
+    start: int
+    end: int
+    op: int | None = None
+    module: str | None = None
+    children_ns: int = 0
+
+
+def _cpu_tree(events) -> tuple[list[_Cpu], dict[int, _Cpu]]:
+    """The synchronous CPU events in torch.profiler's own order (start, then the longer first), each nested in the
+    innermost one around it on its thread, as torch.autograd.profiler_util builds `cpu_parent` (same filter, same
+    containment rule), and the outermost event of each correlation id (a kernel's launcher)."""
+    by_thread: dict[int, list[_Cpu]] = defaultdict(list)
+    launcher: dict[int, _Cpu] = {}
+    for i, e in enumerate(events):
+        if e.device_type() != DeviceType.CPU or e.is_async() or e.start_thread_id() != e.end_thread_id():
             continue
-        enclosing: Counter = Counter()
-        p = e.cpu_parent
-        while p is not None:
-            enclosing.update((k.name, k.duration) for k in getattr(p, "kernels", None) or ())
-            p = p.cpu_parent
-        op, module = _ranges(e)
-        for k in kernels:
-            if enclosing[(k.name, k.duration)]:
-                enclosing[(k.name, k.duration)] -= 1
-                continue
-            records.append({"kernel": k.name, "us": float(k.duration), "op": op, "module": module})
-    return records
+        name = e.name()
+        if _filter_name(name) or getattr(e, "is_hidden_event", lambda: False)():
+            continue
+        by_thread[e.start_thread_id()].append(_Cpu(i, name, e.start_ns(), e.end_ns()))
+    ordered: list[_Cpu] = []
+    for thread in by_thread.values():
+        thread.sort(key=lambda c: (c.start, -c.end))
+        stack: list[_Cpu] = []
+        for c in thread:
+            while stack and (c.start >= stack[-1].end or c.end > stack[-1].end):
+                stack.pop()
+            if stack:
+                parent = stack[-1]
+                parent.children_ns += c.end - c.start
+                c.op, c.module = parent.op, parent.module
+            if c.name.startswith(OP_RANGE):
+                c.op = int(c.name[len(OP_RANGE):])
+            elif c.name.startswith(MODULE_RANGE):
+                c.module = c.name[len(MODULE_RANGE):]
+            stack.append(c)
+        ordered += thread
+    ordered.sort(key=lambda c: (c.start, -c.end))
+    for c in ordered:
+        cid = events[c.index].correlation_id()
+        if events[c.index].linked_correlation_id() == 0 and cid not in launcher:
+            launcher[cid] = c
+    return ordered, launcher
+
+
+def kernel_records(events) -> list[dict[str, Any]]:
+    """torch.profiler's raw event stream (`kineto_results.events()`) -> [{kernel, us, op (seq) or None, module
+    (qualified) or None}], one record per device kernel: each kernel belongs to the CPU event that launched it (the
+    event whose correlation id it links to), and to the op and module ranges open around that event.
+
+    Read from the raw events, not from `prof.events()`: building torch's FunctionEvent tree cost 0.3-0.6 s per
+    decode step of a v1 page on an H200 (a few ms here). One launch is one record: torch's tree can hang a kernel on
+    two events that share a correlation id (a cuBLASLt GEMM on `aten::mm` and on its child `Activity Buffer
+    Request`); here it goes to the outermost, once; a kernel reported twice (same name, device, stream and span)
+    is one launch too."""
+    _, launcher = _cpu_tree(events)
+    found, seen = [], set()
+    for i, e in enumerate(events):
+        if e.device_type() not in _DEVICES:
+            continue
+        cpu = launcher.get(e.linked_correlation_id())
+        key = (e.name(), e.device_index(), e.device_resource_id(), e.start_ns(), e.end_ns())
+        if cpu is None or key in seen:  # a kernel no op launched is not in torch's tree either
+            continue
+        seen.add(key)
+        found.append(((cpu.start, -cpu.end, i), {"kernel": _demangled(e.name()), "us": (e.end_ns() - e.start_ns()) / 1000,
+                                                 "op": cpu.op, "module": cpu.module}))
+    found.sort(key=lambda f: f[0])
+    return [record for _, record in found]
 
 
 def cpu_records(events) -> list[dict[str, Any]]:
     """The same records for a run without a GPU, where the work items are the aten ops themselves: every aten event
-    with its self CPU time (the time not spent in the ops it calls, so nothing counts twice) belongs to the op and
-    module ranges around it as a kernel does. It is how the attribution runs, end to end, on a CPU machine."""
-    records = []
-    for e in events:
-        if not e.name.startswith("aten::"):
-            continue
-        op, module = _ranges(e)
-        records.append({"kernel": e.name, "us": float(e.self_cpu_time_total), "op": op, "module": module})
-    return records
+    with its self CPU time (the time not spent in the events nested in it, so nothing counts twice) belongs to the op
+    and module ranges around it as a kernel does. It is how the attribution runs, end to end, on a CPU machine."""
+    ordered, _ = _cpu_tree(events)
+    return [{"kernel": c.name, "us": (c.end - c.start - c.children_ns) / 1000, "op": c.op, "module": c.module}
+            for c in ordered if c.name.startswith("aten::")]
 
 
-def _ranges(e) -> tuple[int | None, str | None]:
-    """The innermost op range (its sequence number) and module range (its qualified path) open around an event."""
-    op = module = None
-    p = e
-    while p is not None and (op is None or module is None):
-        if op is None and p.name.startswith(OP_RANGE):
-            op = int(p.name[len(OP_RANGE):])
-        elif module is None and p.name.startswith(MODULE_RANGE):
-            module = p.name[len(MODULE_RANGE):]
-        p = p.cpu_parent
-    return op, module
+@functools.cache
+def _demangled(name: str) -> str:
+    return torch._C._demangle(name) if len(name) > 1 else name
 
 
 class ProfilerRanges(Instrument):
@@ -118,7 +167,7 @@ class ProfilerRanges(Instrument):
             yield
             if cuda:
                 torch.cuda.synchronize()
-        self._events = prof.events()
+        self._events = prof.profiler.kineto_results.events()  # raw: no FunctionEvent tree (kernel_records)
 
     def enter_module(self, path: str, qualified: str) -> None:
         self._open.append(_range(f"{MODULE_RANGE}{qualified}"))
