@@ -59,15 +59,17 @@ if hasattr(torch.ops.aten, "sym_is_contiguous"):
 
 @dataclass
 class StageGraph:
-    """One captured forward: `stage` is vision, prefill or decode (`step` 0.. for decode)."""
+    """One captured forward: `stage` is vision, prefill or decode (`step` 0.. for decode). A step the decode worker
+    counted itself comes back as its report rows (`rows`, tracer.report.as_rows) and no graph."""
 
     stage: str
-    graph: torch.fx.Graph
+    graph: torch.fx.Graph | None
     step: int | None = None
     kv_len: int | None = None
     notes: list[str] = field(default_factory=list)
     kernels: list[dict] = field(default_factory=list)  # CUDA runs: one record per kernel launch
     selection: list[torch.fx.Node] | None = None  # a stage that is part of another's graph (vision of prefill)
+    rows: list[dict] | None = None  # counted where it was captured: its report rows (then graph is None)
 
     def call_nodes(self) -> Iterable[torch.fx.Node]:
         if self.selection is not None:

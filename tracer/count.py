@@ -145,6 +145,13 @@ class Totals:
     unknown: Counter = field(default_factory=Counter)
 
     def add(self, sg: StageGraph) -> "Totals":
+        if sg.rows is not None:
+            for r in sg.rows:
+                self.flops_torch += r["flops_torch"]
+                self.flops_full += r["flops_full"]
+                if r["status"] == "unknown":
+                    self.unknown[r["op"]] += 1
+            return self
         for n in sg.op_nodes():
             self.flops_torch += n.meta["flops_torch"]
             self.flops_full += n.meta["flops_full"]

@@ -12,7 +12,8 @@ modules' plain attributes) must still be what the worker forked from. On any dif
 fails, this process kills it and captures those steps itself (one line on stderr says why). Step 0 always
 stays here: it reads the prefill's cache, whose strides come from the prefill's own layout.
 
-Graphs come back through tracer.graph_codec (to_bytes / from_bytes); the synthesized cache is the vendor decode protocol's
+Steps come back through tracer.graph_codec (to_bytes / from_bytes): as graphs, or counted and turned into their
+report rows in the worker when the pipeline does not keep graphs (tracer.report.as_rows); the synthesized cache is the vendor decode protocol's
 (tracer.vendors.base.synthesized_state), which the ONNX path's decode export uses too.
 """
 
@@ -28,6 +29,7 @@ import struct
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -117,7 +119,8 @@ class DecodeWorker:
 
     @classmethod
     def fork(cls, vendor: Any, model: torch.nn.Module, roots: list[str], prompt_len: int,
-             steps: int) -> "DecodeWorker":
+             steps: int, finish: Callable[[StageGraph], StageGraph] | None = None) -> "DecodeWorker":
+        """`finish`: applied to each captured step before it is sent (tracer.report.as_rows: counted, as report rows)."""
         worker = cls(steps)
 
         def body() -> None:
@@ -133,7 +136,7 @@ class DecodeWorker:
             # tensors compute nothing; a real side computation must not enter a parallel region)
             torch.set_num_threads(1)
             try:
-                worker._work(vendor, model, roots, prompt_len)
+                worker._work(vendor, model, roots, prompt_len, finish or (lambda sg: sg))
             except BaseException as exc:  # reported to the parent, which falls back
                 worker._write("error", f"{exc.__class__.__name__}: {exc}".encode())
                 raise
@@ -154,7 +157,8 @@ class DecodeWorker:
         except FileNotFoundError:
             return None
 
-    def _work(self, vendor: Any, model: torch.nn.Module, roots: list[str], prompt_len: int) -> None:
+    def _work(self, vendor: Any, model: torch.nn.Module, roots: list[str], prompt_len: int,
+              finish: Callable[[StageGraph], StageGraph]) -> None:
         warnings.simplefilter("ignore")  # the parent shows the vendor's warnings once, from its own steps
         start = model_signature(model)
         template = vendor.decode(model, EMPTY, 0)()
@@ -163,7 +167,7 @@ class DecodeWorker:
         while (k := self.claims.high()) is not None:
             sg, _ = capture(vendor.decode(model, synthesized_state(template, prompt_len + k), k), model,
                             "decode", vendor_roots=roots, step=k, kv_len=prompt_len + k)
-            self._write(f"step-{k}", to_bytes(sg))
+            self._write(f"step-{k}", to_bytes(finish(sg)))
 
     def check(self, after_step0: Any, model: torch.nn.Module) -> bool:
         """After this process's step 0: is the worker's synthesized cache the real one, and the model unchanged?"""

@@ -72,7 +72,9 @@ def _dec(x: Any, nodes: list[torch.fx.Node]) -> Any:
 
 
 def to_bytes(sg: StageGraph) -> bytes:
-    """A captured stage as bytes (the worker's side)."""
+    """A captured stage as bytes (the worker's side); a stage already turned into report rows, as its rows."""
+    if sg.rows is not None:
+        return pickle.dumps(("rows", sg.stage, sg.step, sg.kv_len, sg.notes, sg.rows), protocol=pickle.HIGHEST_PROTOCOL)
     index = {n: i for i, n in enumerate(sg.graph.nodes)}
     entries = [(n.op, n.name, _target(n.target), _enc(n.args, index), _enc(n.kwargs, index),
                 {k: (_enc(v, index) if k == "val" else v) for k, v in n.meta.items()})
@@ -83,7 +85,11 @@ def to_bytes(sg: StageGraph) -> bytes:
 def from_bytes(data: bytes) -> StageGraph:
     """The stage again, as an fx graph with the same node names, args and metadata (values on the meta device).
     Call it outside any fake mode: the values are plain meta tensors."""
-    stage, step, kv_len, notes, entries = pickle.loads(data)
+    decoded = pickle.loads(data)
+    if decoded[0] == "rows":
+        _, stage, step, kv_len, notes, rows = decoded
+        return StageGraph(stage, None, step=step, kv_len=kv_len, notes=notes, rows=rows)
+    stage, step, kv_len, notes, entries = decoded
     graph = torch.fx.Graph()
     nodes: list[torch.fx.Node] = []
     for op, name, target, args, kwargs, meta in entries:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,15 +162,17 @@ def _traced(workload: Workload, options: Options, progress: Callable[[str], None
     from tracer.conventions import Conventions
     from tracer.count import count_graph
     from tracer.instruments import NvtxRanges
-    from tracer.report import build_report
+    from tracer.report import as_rows, build_report
     from tracer.trace import trace
 
+    conventions = Conventions(causal_halving=options.causal_halving)
+    # the decode worker's steps come back counted, as report rows, unless the graphs themselves are kept
+    rows = None if options.keep_graphs else partial(as_rows, conventions=conventions)
     tr = trace(workload, options.build, options.config, progress=lambda msg: progress(f"tracing: {msg}"),
                mode=options.mode, parallel=not options.sequential, allow_long=options.allow_long,
-               instrument=NvtxRanges(options.nvtx_module) if options.nvtx_module else None)
+               instrument=NvtxRanges(options.nvtx_module) if options.nvtx_module else None, worker_rows=rows)
     progress("counting FLOPs per node")
-    conventions = Conventions(causal_halving=options.causal_halving)
     for sg in tr.graphs():
-        if sg.selection is None:  # a selection's nodes (vision) are counted with the graph they belong to
+        if sg.selection is None and sg.rows is None:  # a selection (vision) is counted with its graph
             count_graph(sg, conventions)
     return build_report(tr), tr

@@ -58,12 +58,16 @@ _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_"
 
 @contextlib.contextmanager
 def _no_init():
-    """Fake weights are never read: skip torch.nn.init's random fills while building (a measurable share of
-    building a 3B-parameter model under fake tensors)."""
+    """Fake weights are never read: skip torch.nn.init's random fills and transformers' per-module initialization
+    (`PreTrainedModel._initialize_weights`, which `post_init` applies to every module: its normal_/zero_ fills were
+    40% of building v1 under fake tensors) while building. Shapes, dtypes and tied weights are unchanged."""
+    from transformers.modeling_utils import PreTrainedModel
+
     with contextlib.ExitStack() as stack:
         for name in _INIT_FUNCTIONS:
             if hasattr(torch.nn.init, name):
                 stack.enter_context(mock.patch.object(torch.nn.init, name, lambda tensor, *a, **k: tensor))
+        stack.enter_context(mock.patch.object(PreTrainedModel, "_initialize_weights", lambda self, *a, **k: None))
         yield
 
 
@@ -109,13 +113,15 @@ def check_size(workload: Workload, max_positions: int, layers: int, allow_long: 
 
 def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_path: str | None = None,
           progress: Callable[[str], None] = lambda msg: None, mode: str = "fake", parallel: bool = True,
-          allow_long: bool = False, instrument: Instrument | None = None) -> Trace:
+          allow_long: bool = False, instrument: Instrument | None = None,
+          worker_rows: Callable[[StageGraph], StageGraph] | None = None) -> Trace:
     """`mode="fake"`: no weights, no compute (FakeTensorMode). `mode="real"`: random weights, real compute
     (slow at full size; the tests use it on reduced configs to check fake against real). `parallel` (fake
     mode, CPU, 3+ decode steps, 2+ CPUs): a forked worker captures the later decode steps (tracer.decode_worker).
     `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`).
     `instrument` (real mode; tracer.instruments): told of every module call and op; on CUDA the default is
-    ProfilerRanges (every kernel recorded with its node)."""
+    ProfilerRanges (every kernel recorded with its node). `worker_rows` (tracer.report.as_rows): what the decode
+    worker applies to each step before sending it (its counted report rows instead of its graph)."""
     workload = validate(workload)
     vendor = get_vendor(workload.model)
     options = dataclasses.replace(options, mode=mode, experts=options.experts or vendor.default_experts)
@@ -148,12 +154,13 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
         with fake, device, (_no_init() if mode == "fake" else contextlib.nullcontext()):
             model = vendor.build(config, options)
         result = Trace(workload, prepared, options, config=config)
-        _capture_stages(result, vendor, model, roots, fake, device, parallel, instrument, progress)
+        _capture_stages(result, vendor, model, roots, fake, device, parallel, instrument, progress, worker_rows)
     return result
 
 
 def _capture_stages(result: Trace, vendor: Any, model: torch.nn.Module, roots: list[str], fake: Any, device: Any,
-                    parallel: bool, instrument: Instrument | None, progress: Callable[[str], None]) -> None:
+                    parallel: bool, instrument: Instrument | None, progress: Callable[[str], None],
+                    worker_rows: Callable[[StageGraph], StageGraph] | None = None) -> None:
     """The prefill, then the decode steps (the later ones in a forked worker when it may), into `result.stages`."""
     mode, cuda = result.options.mode, result.options.device == "cuda"
     steps, prompt_len = result.workload.decode_steps, result.prepared.derived.prompt_len
@@ -161,7 +168,7 @@ def _capture_stages(result: Trace, vendor: Any, model: torch.nn.Module, roots: l
     try:
         with _capturing(fake, device, vendor):
             if parallel and mode == "fake" and not cuda and steps >= 3 and worker_allowed(result.options.attn):
-                worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps)
+                worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps, worker_rows)
             progress("prefill")
             prefill, out = capture(vendor.prefill(model, result.prepared), model, "prefill", vendor_roots=roots,
                                    instrument=instrument)
