@@ -1,6 +1,10 @@
 """The forked decode worker (tracer.decode_worker): same report as capturing every step here, checked and fallen
 back from when its synthesized cache or the worker itself is wrong; the graph codec round trip."""
 
+import struct
+import time
+import types
+
 import pytest
 
 import tracer.decode_worker as worker_module
@@ -15,9 +19,9 @@ needs_two_cpus = pytest.mark.skipif(not forking.available(),
                                     reason="the decode worker needs fork() and a second CPU; this machine has one")
 
 
-def captured(config: str, sequential: bool = False):
+def captured(config: str, sequential: bool = False, workload: Workload = WORKLOAD):
     """The pipeline's result (its trace's worker_steps say which steps the worker captured)."""
-    return run(WORKLOAD, Options(config=config, sequential=sequential))
+    return run(workload, Options(config=config, sequential=sequential))
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,50 @@ def test_worker_steps_give_the_same_report(tiny_v2_config, sequential, worker_cl
     assert 0 not in steps  # step 0 reads the prefill's own cache: always captured here
     assert result.to_json() == sequential
     assert "decode worker" not in capsys.readouterr().err
+
+
+ONE_STEP = Workload(image_wh=(640, 640), text_tokens=2, decode_steps=1)
+
+
+@needs_two_cpus
+def test_the_worker_takes_step_0_when_the_prefill_leaves_the_cache_it_synthesized(tiny_v2_config, worker_claims_first,
+                                                                                   capsys):
+    """DeepSeek-OCR-2's prefill leaves its KV cache in the layout the worker synthesizes: one decode step (the
+    default workload) is captured beside the prefill, and the report is the sequential one."""
+    sequential = captured(tiny_v2_config, sequential=True, workload=ONE_STEP)
+    result = captured(tiny_v2_config, workload=ONE_STEP)
+    assert result.trace.worker_steps == [0]
+    assert result.to_json() == sequential.to_json()
+    assert capsys.readouterr().err == ""
+
+
+@needs_two_cpus
+def test_a_step_0_that_read_another_cache_is_captured_here_quietly(tiny_v2_config, monkeypatch, capsys):
+    """A prefill cache in another layout than the synthesized one (DeepSeek-OCR v1's: another stride order): the
+    worker's step 0 is dropped and captured here, its later steps are kept once the real step 0 checks them; a
+    layout is no fault, so nothing is printed."""
+    workload = Workload(image_wh=(640, 640), text_tokens=2, decode_steps=2)
+    sequential = captured(tiny_v2_config, sequential=True, workload=workload)
+    original_low, original_taken = worker_module._Claims.low, worker_module.DecodeWorker.step0_taken
+
+    def low(self):  # this process claims only once the worker has claimed every step, step 0 included
+        deadline = time.monotonic() + 120
+        while struct.unpack("ii", self._mem[:])[1] >= 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return original_low(self)
+
+    asked = []
+
+    def prefill_elsewhere(self, prefill, model):  # a prefill cache whose signature is not the synthesized one
+        asked.append(prefill)
+        return original_taken(self, types.SimpleNamespace(cache=None, past_key_values=None), model)
+    monkeypatch.setattr(worker_module._Claims, "low", low)
+    monkeypatch.setattr(worker_module.DecodeWorker, "step0_taken", prefill_elsewhere)
+    result = captured(tiny_v2_config, workload=workload)
+    assert len(asked) == 1  # the worker had taken step 0
+    assert result.trace.worker_steps == [1]
+    assert result.to_json() == sequential.to_json()
+    assert capsys.readouterr().err == ""
 
 
 @needs_two_cpus

@@ -3,14 +3,17 @@
 A decode step reads the steps before it only through the KV cache, and under fake tensors a cache is nothing
 but its tensors' shapes, strides and dtypes. So the worker does not wait for the prefill: it builds the cache
 of step k itself (`synthesized_state`: the cache of a one-token forward, every tensor widened to the step's
-KV length) and captures steps n-1, n-2, ... while this process captures the prefill and then steps 0, 1, ...
+KV length) and captures steps n-1, n-2, ..., 0 while this process captures the prefill and then steps 0, 1, ...
 from the real cache; the two meet wherever the work balances (`_Claims`).
 
-Checked on every run, never assumed: after step 0 the real cache that step 1 reads must equal the synthesized
-one in every tensor's shape, stride, dtype and device and in every other attribute, and the model (buffers,
-modules' plain attributes) must still be what the worker forked from. On any difference, and if the worker
-fails, this process kills it and captures those steps itself (one line on stderr says why). Step 0 always
-stays here: it reads the prefill's cache, whose strides come from the prefill's own layout.
+Checked on every run, never assumed: the real cache a worker's step reads must equal the synthesized one in every
+tensor's shape, stride, dtype and device and in every other attribute, and the model (buffers, modules' plain
+attributes) must still be what the worker forked from. Step 0 reads the prefill's cache: when the worker took it,
+the prefill's real cache is compared with the worker's step-0 cache (DeepSeek-OCR-2's match; v1's prefill leaves
+its cache in another stride order, so this process captures step 0 again, quietly: that is a layout, not a fault).
+Step 1 reads step 0's: after step 0 (here, or in the worker from a cache found equal to the prefill's) its cache
+must equal the synthesized step-1 cache. On any other difference, and if the worker fails, this process kills it
+and captures those steps itself (one line on stderr says why).
 
 Steps come back through tracer.graph_codec (to_bytes / from_bytes): as graphs, or counted and turned into their
 report rows in the worker when the pipeline does not keep graphs (tracer.report.as_rows); the synthesized cache is the vendor decode protocol's
@@ -90,7 +93,7 @@ class _Claims:
     def _take(self, low: bool) -> int | None:
         with self._lock:
             lo, hi = struct.unpack("ii", self._mem[:])
-            if lo > hi or (not low and hi < 1):
+            if lo > hi:
                 return None
             self._mem[:] = struct.pack("ii", lo + 1, hi) if low else struct.pack("ii", lo, hi - 1)
             return lo if low else hi
@@ -162,26 +165,59 @@ class DecodeWorker:
         warnings.simplefilter("ignore")  # the parent shows the vendor's warnings once, from its own steps
         start = model_signature(model)
         template = vendor.decode(model, EMPTY, 0)()
-        step1 = signature(cache_of(synthesized_state(template, prompt_len + 1)))
-        self._write("expected", pickle.dumps((step1, start)))
+        reads = [signature(cache_of(synthesized_state(template, prompt_len + k))) for k in (0, 1)]
+        self._write("expected", pickle.dumps((reads, start)))
         while (k := self.claims.high()) is not None:
-            sg, _ = capture(vendor.decode(model, synthesized_state(template, prompt_len + k), k), model,
-                            "decode", vendor_roots=roots, step=k, kv_len=prompt_len + k)
+            sg, out = capture(vendor.decode(model, synthesized_state(template, prompt_len + k), k), model,
+                              "decode", vendor_roots=roots, step=k, kv_len=prompt_len + k)
+            if k == 0:  # what its own step 0 leaves for step 1, for the check when its step 0 is taken
+                self._write("after-0", pickle.dumps(signature(cache_of(out))))
             self._write(f"step-{k}", to_bytes(finish(sg)))
 
-    def check(self, after_step0: Any, model: torch.nn.Module) -> bool:
-        """After this process's step 0: is the worker's synthesized cache the real one, and the model unchanged?"""
+    def _expected(self) -> tuple[list[Any], Any] | None:
+        """The caches the worker synthesized for steps 0 and 1 and the model it forked from (None: it failed)."""
         deadline = time.monotonic() + 120
         while (expected := self._read("expected")) is None and self._alive() and time.monotonic() < deadline:
             time.sleep(0.005)
         if expected is None:
             error = self._read("error")
-            return self.cancel(error.decode() if error else _died(self.status))
-        step1, start = pickle.loads(expected)
-        if signature(cache_of(after_step0)) != step1:
+            self.cancel(error.decode() if error else _died(self.status))
+            return None
+        return pickle.loads(expected)
+
+    def check(self, after_step0: Any, model: torch.nn.Module) -> bool:
+        """After this process's step 0: is the worker's synthesized cache the real one, and the model unchanged?"""
+        if (expected := self._expected()) is None:
+            return False
+        reads, start = expected
+        if signature(cache_of(after_step0)) != reads[1]:
             return self.cancel("its synthesized KV cache differs from the real one after step 0")
         if model_signature(model) != start:
             return self.cancel("the prefill changed the model's state (buffers or module attributes)")
+        return True
+
+    def step0_taken(self, prefill: Any, model: torch.nn.Module) -> bool:
+        """The worker took every step, step 0 included: whether its step 0 read the prefill's real cache (else this
+        process captures step 0 and checks the worker's later steps after it, as when it had claimed step 0 itself).
+        Its later steps then read what its step 0 left: that must be the synthesized step-1 cache."""
+        if (expected := self._expected()) is None:
+            return False
+        reads, start = expected
+        if signature(cache_of(prefill)) != reads[0]:
+            return False
+        if model_signature(model) != start:
+            self.cancel("the prefill changed the model's state (buffers or module attributes)")
+            return False
+        if self.steps > 1:
+            while (after := self._read("after-0")) is None and self._alive():
+                time.sleep(0.002)
+            if after is None:
+                error = self._read("error")
+                self.cancel(error.decode() if error else _died(self.status))
+                return False
+            if pickle.loads(after) != reads[1]:
+                self.cancel("its step 0 left a KV cache that differs from the one it synthesized for step 1")
+                return False
         return True
 
     def _alive(self) -> bool:

@@ -117,7 +117,7 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
           worker_rows: Callable[[StageGraph], StageGraph] | None = None) -> Trace:
     """`mode="fake"`: no weights, no compute (FakeTensorMode). `mode="real"`: random weights, real compute
     (slow at full size; the tests use it on reduced configs to check fake against real). `parallel` (fake
-    mode, CPU, 3+ decode steps, 2+ CPUs): a forked worker captures the later decode steps (tracer.decode_worker).
+    mode, CPU, 2+ CPUs): a forked worker captures decode steps from the last one down (tracer.decode_worker).
     `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`).
     `instrument` (real mode; tracer.instruments): told of every module call and op; on CUDA the default is
     ProfilerRanges (every kernel recorded with its node). `worker_rows` (tracer.report.as_rows): what the decode
@@ -167,7 +167,7 @@ def _capture_stages(result: Trace, vendor: Any, model: torch.nn.Module, roots: l
     worker = None
     try:
         with _capturing(fake, device, vendor):
-            if parallel and mode == "fake" and not cuda and steps >= 3 and worker_allowed(result.options.attn):
+            if parallel and mode == "fake" and not cuda and steps >= 1 and worker_allowed(result.options.attn):
                 worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps, worker_rows)
             progress("prefill")
             prefill, out = capture(vendor.prefill(model, result.prepared), model, "prefill", vendor_roots=roots,
@@ -175,6 +175,14 @@ def _capture_stages(result: Trace, vendor: Any, model: torch.nn.Module, roots: l
             started = time.perf_counter()
             decode, out, k = capture_decode(vendor, model, out, steps, prompt_len, roots, worker, progress,
                                             instrument)
+            if k == 0 and steps and worker is not None and not worker.step0_taken(out, model):
+                # the worker took every step, but its step 0 did not read the prefill's cache: step 0 here
+                progress(f"decode step 1/{steps}")
+                sg, out = capture(vendor.decode(model, out, 0), model, "decode", vendor_roots=roots, step=0,
+                                  kv_len=prompt_len, instrument=instrument)
+                decode, k = [sg], 1
+                if not worker.failure:
+                    worker.check(out, model)
             per_step = (time.perf_counter() - started) / max(k, 1)
         if k < steps:  # the worker's share: from its files, or captured here when it could not deliver
             progress(f"decode steps {k + 1}-{steps}/{steps} (worker process)")
