@@ -122,8 +122,8 @@ class DecodeWorker:
 
     @classmethod
     def fork(cls, vendor: Any, model: torch.nn.Module, roots: list[str], prompt_len: int,
-             steps: int, finish: Callable[[StageGraph], StageGraph] | None = None) -> "DecodeWorker":
-        """`finish`: applied to each captured step before it is sent (tracer.report.as_rows: counted, as report rows)."""
+             steps: int, rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None) -> "DecodeWorker":
+        """`rows` (tracer.report.as_rows): each captured step is sent counted, as its report rows; else as a graph."""
         worker = cls(steps)
 
         def body() -> None:
@@ -139,7 +139,7 @@ class DecodeWorker:
             # tensors compute nothing; a real side computation must not enter a parallel region)
             torch.set_num_threads(1)
             try:
-                worker._work(vendor, model, roots, prompt_len, finish or (lambda sg: sg))
+                worker._work(vendor, model, roots, prompt_len, rows or (lambda graphs: graphs))
             except BaseException as exc:  # reported to the parent, which falls back
                 worker._write("error", f"{exc.__class__.__name__}: {exc}".encode())
                 raise
@@ -161,7 +161,7 @@ class DecodeWorker:
             return None
 
     def _work(self, vendor: Any, model: torch.nn.Module, roots: list[str], prompt_len: int,
-              finish: Callable[[StageGraph], StageGraph]) -> None:
+              rows: Callable[[list[StageGraph]], list[StageGraph]]) -> None:
         warnings.simplefilter("ignore")  # the parent shows the vendor's warnings once, from its own steps
         start = model_signature(model)
         template = vendor.decode(model, EMPTY, 0)()
@@ -172,7 +172,7 @@ class DecodeWorker:
                               "decode", vendor_roots=roots, step=k, kv_len=prompt_len + k)
             if k == 0:  # what its own step 0 leaves for step 1, for the check when its step 0 is taken
                 self._write("after-0", pickle.dumps(signature(cache_of(out))))
-            self._write(f"step-{k}", to_bytes(finish(sg)))
+            self._write(f"step-{k}", to_bytes(rows([sg])[0]))
 
     def _expected(self) -> tuple[list[Any], Any] | None:
         """The caches the worker synthesized for steps 0 and 1 and the model it forked from (None: it failed)."""

@@ -166,11 +166,12 @@ def _traced(workload: Workload, options: Options, progress: Callable[[str], None
     from tracer.trace import trace
 
     conventions = Conventions(causal_halving=options.causal_halving)
-    # the decode worker's steps come back counted, as report rows, unless the graphs themselves are kept
+    # graphs are counted where they are captured, as report rows (the decode worker's steps, and this process's own
+    # while it waits for the worker), unless the graphs themselves are kept
     rows = None if options.keep_graphs else partial(as_rows, conventions=conventions)
     tr = trace(workload, options.build, options.config, progress=lambda msg: progress(f"tracing: {msg}"),
                mode=options.mode, parallel=not options.sequential, allow_long=options.allow_long,
-               instrument=NvtxRanges(options.nvtx_module) if options.nvtx_module else None, worker_rows=rows)
+               instrument=NvtxRanges(options.nvtx_module) if options.nvtx_module else None, rows=rows)
     progress("counting FLOPs per node")
     for sg in tr.graphs():
         if sg.selection is None and sg.rows is None:  # a selection (vision) is counted with its graph

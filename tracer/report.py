@@ -52,13 +52,18 @@ def node_record(sg: StageGraph, node) -> dict[str, Any]:
     }
 
 
-def as_rows(sg: StageGraph, conventions: Conventions) -> StageGraph:
-    """A captured step counted and turned into its report rows where it was captured (the decode worker sends these
-    across the process boundary: a v1 step's rows unpickle in 3 ms, its graph took 30 ms to rebuild and 8 more to
-    count and turn into rows here)."""
-    count_graph(sg, conventions)
-    return StageGraph(sg.stage, None, step=sg.step, kv_len=sg.kv_len, notes=sg.notes,
-                      rows=[node_record(sg, node) for node in sg.op_nodes()])
+def as_rows(graphs: list[StageGraph], conventions: Conventions) -> list[StageGraph]:
+    """Captured graphs counted and turned into their report rows (a selection, vision, is counted with the graph its
+    nodes belong to, which must be among `graphs`). The decode worker sends its steps so (a v1 step's rows unpickle in
+    3 ms; its graph took 30 ms to rebuild and 8 more to count and turn into rows here), and this process turns its
+    own graphs so while it waits for the worker's last step."""
+    for sg in graphs:
+        if sg.selection is None and sg.rows is None:
+            count_graph(sg, conventions)
+    return [sg if sg.rows is not None else
+            StageGraph(sg.stage, None, step=sg.step, kv_len=sg.kv_len, notes=sg.notes,
+                       rows=[node_record(sg, node) for node in sg.op_nodes()])
+            for sg in graphs]
 
 
 def stage_record(name: str, graphs: list[StageGraph]) -> dict[str, Any]:

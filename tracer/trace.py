@@ -114,14 +114,14 @@ def check_size(workload: Workload, max_positions: int, layers: int, allow_long: 
 def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_path: str | None = None,
           progress: Callable[[str], None] = lambda msg: None, mode: str = "fake", parallel: bool = True,
           allow_long: bool = False, instrument: Instrument | None = None,
-          worker_rows: Callable[[StageGraph], StageGraph] | None = None) -> Trace:
+          rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None) -> Trace:
     """`mode="fake"`: no weights, no compute (FakeTensorMode). `mode="real"`: random weights, real compute
     (slow at full size; the tests use it on reduced configs to check fake against real). `parallel` (fake
     mode, CPU, 2+ CPUs): a forked worker captures decode steps from the last one down (tracer.decode_worker).
     `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`).
     `instrument` (real mode; tracer.instruments): told of every module call and op; on CUDA the default is
-    ProfilerRanges (every kernel recorded with its node). `worker_rows` (tracer.report.as_rows): what the decode
-    worker applies to each step before sending it (its counted report rows instead of its graph)."""
+    ProfilerRanges (every kernel recorded with its node). `rows` (tracer.report.as_rows): graphs counted and turned into
+    report rows where they were captured: the decode worker's steps, and this process's while it waits for them."""
     workload = validate(workload)
     vendor = get_vendor(workload.model)
     options = dataclasses.replace(options, mode=mode, experts=options.experts or vendor.default_experts)
@@ -154,13 +154,13 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
         with fake, device, (_no_init() if mode == "fake" else contextlib.nullcontext()):
             model = vendor.build(config, options)
         result = Trace(workload, prepared, options, config=config)
-        _capture_stages(result, vendor, model, roots, fake, device, parallel, instrument, progress, worker_rows)
+        _capture_stages(result, vendor, model, roots, fake, device, parallel, instrument, progress, rows)
     return result
 
 
 def _capture_stages(result: Trace, vendor: Any, model: torch.nn.Module, roots: list[str], fake: Any, device: Any,
                     parallel: bool, instrument: Instrument | None, progress: Callable[[str], None],
-                    worker_rows: Callable[[StageGraph], StageGraph] | None = None) -> None:
+                    rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None) -> None:
     """The prefill, then the decode steps (the later ones in a forked worker when it may), into `result.stages`."""
     mode, cuda = result.options.mode, result.options.device == "cuda"
     steps, prompt_len = result.workload.decode_steps, result.prepared.derived.prompt_len
@@ -168,7 +168,7 @@ def _capture_stages(result: Trace, vendor: Any, model: torch.nn.Module, roots: l
     try:
         with _capturing(fake, device, vendor):
             if parallel and mode == "fake" and not cuda and steps >= 1 and worker_allowed(result.options.attn):
-                worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps, worker_rows)
+                worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps, rows)
             progress("prefill")
             prefill, out = capture(vendor.prefill(model, result.prepared), model, "prefill", vendor_roots=roots,
                                    instrument=instrument)
@@ -184,8 +184,11 @@ def _capture_stages(result: Trace, vendor: Any, model: torch.nn.Module, roots: l
                 if not worker.failure:
                     worker.check(out, model)
             per_step = (time.perf_counter() - started) / max(k, 1)
+        vision = subgraph(prefill, "vision", _under(vendor.vision_modules))
         if k < steps:  # the worker's share: from its files, or captured here when it could not deliver
             progress(f"decode steps {k + 1}-{steps}/{steps} (worker process)")
+            if rows is not None and not worker.failure:  # while the worker finishes: this process's graphs as rows
+                vision, prefill, *decode = rows([vision, prefill, *decode])
             got = worker.collect(k, timeout=60 + 20 * per_step)
             if got is None:
                 with _capturing(fake, device, vendor):
@@ -198,8 +201,7 @@ def _capture_stages(result: Trace, vendor: Any, model: torch.nn.Module, roots: l
     finally:
         if worker is not None:
             worker.close()
-    result.stages = {"vision": [subgraph(prefill, "vision", _under(vendor.vision_modules))],
-                     "prefill": [prefill], "decode": decode}
+    result.stages = {"vision": [vision], "prefill": [prefill], "decode": decode}
 
 
 def capture_decode(vendor: Any, model: torch.nn.Module, previous: Any, steps: int, prompt_len: int,
