@@ -355,3 +355,51 @@ def test_a_real_cpu_profile_drives_the_attribution_end_to_end(tiny_v2_config):
     assert {"decoder.layers.1.mlp.experts", "decoder.layers.0.attn", "vision.global.sam.blocks.1.attn", "lm_head"} <= layers
     grouped = [k for k in report["kernels"] if k["kernel"] == "aten::_grouped_mm"]
     assert grouped and grouped[0]["counted_by_flopcountermode"] == "no"
+
+
+def test_raw_event_records_equal_torch_s_own_event_tree_on_a_live_profile():
+    """The records read from the raw event stream against torch's FunctionEvent tree over the same profile (the
+    reference: `cpu_parent` for the ranges around an event, `self_cpu_time_total` for its own time), on this CPU:
+    a small model under the recorder with ProfilerRanges, nested modules and decomposed ops included."""
+    import torch
+
+    from tracer.capture import capture
+    from tracer.instruments import cpu_records
+
+    kept = {}
+
+    class Keep(ProfilerRanges):
+        def session(self):
+            from contextlib import contextmanager
+
+            @contextmanager
+            def around():
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    yield
+                kept["prof"] = prof
+                self._events = prof.profiler.kineto_results.events()
+            return around()
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 8)))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        sg, _ = capture(lambda: model(x).softmax(-1), model, "prefill", instrument=Keep())
+
+    def ranges(e):
+        op = module = None
+        while e is not None:
+            if op is None and e.name.startswith(OP_RANGE):
+                op = int(e.name[len(OP_RANGE):])
+            elif module is None and e.name.startswith(MODULE_RANGE):
+                module = e.name[len(MODULE_RANGE):]
+            e = e.cpu_parent
+        return op, module
+
+    tree = [(e.name, e.self_cpu_time_total, *ranges(e)) for e in kept["prof"].events() if e.name.startswith("aten::")]
+    raw = [(r["kernel"], r["us"], r["op"], r["module"]) for r in cpu_records(kept["prof"].profiler.kineto_results.events())]
+    assert [(n, op, m) for n, _, op, m in raw] == [(n, op, m) for n, _, op, m in tree]
+    assert [us for _, us, _, _ in raw] == pytest.approx([us for _, us, _, _ in tree], abs=1e-3)
+    assert {m for *_, m in raw} >= {"0", "2.0", "2.1"} and len({op for _, _, op, _ in raw if op is not None}) >= 5
+    if not torch.cuda.is_available():  # the instrument's own records (on a GPU it records kernels instead)
+        assert sg.kernels == cpu_records(kept["prof"].profiler.kineto_results.events())
