@@ -188,7 +188,7 @@ def _capture_stages(result: Trace, vendor: Any, model: torch.nn.Module, roots: l
         if k < steps:  # the worker's share: from its files, or captured here when it could not deliver
             waiting = f"decode steps {k + 1}-{steps}/{steps} (worker process)"
             if rows is not None and not worker.failure:  # while the worker finishes: this process's graphs as rows
-                progress(f"{waiting}; counting this process's graphs meanwhile")
+                progress(f"{waiting}, counting this process's graphs meanwhile")
                 vision, prefill, *decode = rows([vision, prefill, *decode])
             progress(waiting)
             got = worker.collect(k, timeout=60 + 20 * per_step)
