@@ -16,8 +16,8 @@ must equal the synthesized step-1 cache. On any other difference, and if the wor
 and captures those steps itself (one line on stderr says why).
 
 Steps come back through tracer.graph_codec (to_bytes / from_bytes): as graphs, or counted and turned into their
-report rows in the worker when the pipeline does not keep graphs (tracer.report.as_rows); the synthesized cache is the vendor decode protocol's
-(tracer.vendors.base.synthesized_state), which the ONNX path's decode export uses too.
+report rows in the worker when the pipeline does not keep graphs (tracer.report.as_rows). The synthesized cache is
+the vendor decode protocol's (tracer.vendors.base.synthesized_state), which the ONNX path's decode export uses too.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ class Options:
     allow_long: bool = False            # run captures estimated at more than about five minutes
     max_gap: float | None = None        # the gate Result.over applies (a percentage; checked up front)
     cache: bool = True                  # serve and keep counted traces (tracer.cache; FLOPDIFF_CACHE=off: never)
-    keep_graphs: bool = False           # the traced graphs are needed after the count (Model Explorer files)
+    keep_graphs: bool = False           # keep the traced fx graphs (Model Explorer files); else a stage counted
+    #                                     where it was captured holds its report rows (`StageGraph.rows`), no graph
 
 
 def check(workload: Workload, options: Options) -> Workload:
