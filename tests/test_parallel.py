@@ -4,6 +4,7 @@ back from when its synthesized cache or the worker itself is wrong; the graph co
 import struct
 import time
 import types
+from dataclasses import replace
 
 import pytest
 
@@ -42,6 +43,20 @@ def test_worker_steps_give_the_same_report(tiny_v2_config, sequential, worker_cl
 
 
 ONE_STEP = Workload(image_wh=(640, 640), text_tokens=2, decode_steps=1)
+
+
+@needs_two_cpus
+def test_counted_where_captured_under_the_run_s_conventions(tiny_v2_config, worker_claims_first):
+    """With --causal-halving, the worker's steps (sent counted) and this process's graphs (counted while it waits)
+    give the sequential run's report, whose prefill the convention halved."""
+    options = Options(config=tiny_v2_config, causal_halving=True)
+    sequential = run(WORKLOAD, replace(options, sequential=True))
+    result = run(WORKLOAD, options)
+    assert result.trace.worker_steps
+    assert result.trace.stages["prefill"][0].rows is not None  # counted while waiting for the worker
+    assert result.to_json() == sequential.to_json()
+    plain = run(WORKLOAD, Options(config=tiny_v2_config, sequential=True))
+    assert sequential.report["stages"][1]["flops_full"] < plain.report["stages"][1]["flops_full"]
 
 
 @needs_two_cpus
