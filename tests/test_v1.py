@@ -283,6 +283,34 @@ def _stub_folder(tmp_path, modeling_text="", config=True):
     return folder
 
 
+@pytest.mark.parametrize("shape, extra", [("1000x1400", {}), ("600x500", {}),
+                                          ("640x640", {"crop_mode": False, "base_size": 640})])
+def test_v1_meta_capture_records_the_fake_tensor_graph_node_for_node(v1_dir, shape, extra):
+    """Fake mode runs v1 on meta tensors (tracer.meta_capture); FakeTensorMode (`meta=False`) is the reference: the
+    same report rows, every field (name, op, module call, source lines, input and output shapes and dtypes, FLOPs,
+    status), for the prefill, vision and each decode step, on tiles, a global view alone and a no-crop page."""
+    from tracer.count import count_graph
+    from tracer.report import build_report
+    from tracer.trace import trace
+    from tracer.vendors import BuildOptions
+    from tracer.workload import Workload, parse_image_shape
+
+    workload = Workload(model="deepseek-ocr", image_wh=parse_image_shape(shape), text_tokens=9, decode_steps=3,
+                        **extra)
+    options = BuildOptions(vendor_dir=v1_dir, trust_remote_code=True)
+
+    def rows(meta):
+        tr = trace(workload, options, parallel=False, meta=meta)
+        for sg in tr.graphs():
+            if sg.selection is None:
+                count_graph(sg)
+        return build_report(tr)
+
+    on_meta, on_fake = rows(True), rows(False)
+    assert len(on_meta["nodes"]) == len(on_fake["nodes"]) > 10_000
+    assert on_meta == on_fake
+
+
 @pytest.mark.parametrize("case, argv, names", [
     ("no vendor dir", [], "--model deepseek-ocr needs --vendor-dir DIR"),
     ("no flag", ["--vendor-dir", "{dir}"], "pass --trust-remote-code"),

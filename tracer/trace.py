@@ -26,6 +26,7 @@ from tracer.decode_worker import DecodeWorker, note_fallback, worker_allowed
 from tracer.errors import FlopdiffError
 from tracer.gaps import request_shape
 from tracer.instruments import Instrument, ProfilerRanges
+from tracer.meta_capture import MetaCapture
 from tracer.paths import STAGES, under
 from tracer.vendors import BuildOptions, get_vendor
 from tracer.vendors.base import Prepared
@@ -114,8 +115,9 @@ def check_size(workload: Workload, max_positions: int, layers: int, allow_long: 
 def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_path: str | None = None,
           progress: Callable[[str], None] = lambda msg: None, mode: str = "fake", parallel: bool = True,
           allow_long: bool = False, instrument: Instrument | None = None,
-          rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None) -> Trace:
-    """`mode="fake"`: no weights, no compute (FakeTensorMode). `mode="real"`: random weights, real compute
+          rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None, meta: bool = True) -> Trace:
+    """`mode="fake"`: no weights, no compute (meta tensors where the vendor allows, tracer.meta_capture; else
+    FakeTensorMode; `meta=False`: FakeTensorMode always, the tests' reference). `mode="real"`: random weights, real compute
     (slow at full size; the tests use it on reduced configs to check fake against real). `parallel` (fake
     mode, CPU, 2+ CPUs): a forked worker captures decode steps from the last one down (tracer.decode_worker).
     `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`).
@@ -132,8 +134,11 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
     prepared = vendor.prepare(workload, config)
     check_size(workload, max_positions, layers, allow_long, prepared.derived.prompt_len)
     roots = vendor.source_roots()
-    fake = FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else contextlib.nullcontext()
     cuda = options.device == "cuda"
+    # fake mode runs on meta tensors where the vendor allows it (tracer.meta_capture: the same graph, twice as fast)
+    captured = vendor.meta_inputs(prepared, options) if mode == "fake" and not cuda and meta else None
+    fake = (MetaCapture() if captured is not None else FakeTensorMode(allow_non_fake_inputs=True)) if mode == "fake" \
+        else contextlib.nullcontext()
     if cuda:
         if mode != "real":
             raise FlopdiffError("--device cuda: needs --mode real (fake tensors run no kernels to attribute)")
@@ -154,14 +159,16 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
         with fake, device, (_no_init() if mode == "fake" else contextlib.nullcontext()):
             model = vendor.build(config, options)
         result = Trace(workload, prepared, options, config=config)
-        _capture_stages(result, vendor, model, roots, fake, device, parallel, instrument, progress, rows)
+        _capture_stages(result, captured or prepared, vendor, model, roots, fake, device, parallel, instrument,
+                        progress, rows)
     return result
 
 
-def _capture_stages(result: Trace, vendor: Any, model: torch.nn.Module, roots: list[str], fake: Any, device: Any,
-                    parallel: bool, instrument: Instrument | None, progress: Callable[[str], None],
+def _capture_stages(result: Trace, inputs: Prepared, vendor: Any, model: torch.nn.Module, roots: list[str], fake: Any,
+                    device: Any, parallel: bool, instrument: Instrument | None, progress: Callable[[str], None],
                     rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None) -> None:
-    """The prefill, then the decode steps (the later ones in a forked worker when it may), into `result.stages`."""
+    """The prefill (from `inputs`: the prepared inputs as the capture needs them), then the decode steps (the later
+    ones in a forked worker when it may), into `result.stages`."""
     mode, cuda = result.options.mode, result.options.device == "cuda"
     steps, prompt_len = result.workload.decode_steps, result.prepared.derived.prompt_len
     worker = None
@@ -170,7 +177,7 @@ def _capture_stages(result: Trace, vendor: Any, model: torch.nn.Module, roots: l
             if parallel and mode == "fake" and not cuda and steps >= 1 and worker_allowed(result.options.attn):
                 worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps, rows)
             progress("prefill")
-            prefill, out = capture(vendor.prefill(model, result.prepared), model, "prefill", vendor_roots=roots,
+            prefill, out = capture(vendor.prefill(model, inputs), model, "prefill", vendor_roots=roots,
                                    instrument=instrument)
             started = time.perf_counter()
             decode, out, k = capture_decode(vendor, model, out, steps, prompt_len, roots, worker, progress,

@@ -13,6 +13,7 @@ The shims that run the vendor code weight-free, each with its reason: `tracer.ve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import os
@@ -20,7 +21,7 @@ import sys
 import types
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -30,10 +31,11 @@ import torch
 from tracer.configfile import check_config, dig, read_json
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import scratch
+from tracer.meta_capture import to_meta
 from tracer.vendors.base import Prepared
 from tracer.vendors.options import DEFAULT_EXPERTS, BuildOptions, attention_parts
 from tracer.vendors.deepseek_ocr_shims import (EVEN_SPLIT_NOTE, RealSums, cuda_identity, even_split_moe_infer,
-                                                quiet_transformers)
+                                                meta_autocast, quiet_transformers)
 from tracer.workload import Derived, Workload, load_image
 
 VENDOR_FILES = ("modeling_deepseekocr.py", "modeling_deepseekv2.py", "deepencoder.py",
@@ -202,6 +204,7 @@ class DeepseekOcrVendor:
             if self.options.mode == "fake":
                 v2 = self._module("modeling_deepseekv2")
                 stack.enter_context(mock.patch.object(v2.DeepseekV2MoE, "moe_infer", even_split_moe_infer))
+                stack.enter_context(meta_autocast())
             yield
 
     def prefill(self, model: torch.nn.Module, prepared: Prepared) -> Callable[[], Any]:
@@ -234,24 +237,29 @@ class DeepseekOcrVendor:
 
     @contextmanager
     def onnx_shims(self) -> Iterator[None]:
-        """The fake-mode shims (in any --mode), and `torch.autocast(device_type="meta")` as a no-op: the
-        decoder's rotary embedding (transformers 4.46 Llama code) disables autocast on its input's device,
-        which torch does not support for meta tensors; disabling autocast changes no op."""
-        original = torch.autocast
-
-        def autocast(device_type, *args, **kwargs):
-            return nullcontext() if device_type == "meta" else original(device_type, *args, **kwargs)
-
+        """The fake-mode shims (in any --mode): the exporter's meta tensors can answer neither the image gate nor
+        moe_infer's host copy, and the rotary embedding's autocast switch must accept the meta device."""
         with ExitStack() as stack:
             stack.enter_context(self.shims())
             if self.options.mode != "fake":
                 v2 = self._module("modeling_deepseekv2")
                 stack.enter_context(mock.patch.object(v2.DeepseekV2MoE, "moe_infer", even_split_moe_infer))
-            stack.enter_context(mock.patch.object(torch, "autocast", autocast))
+                stack.enter_context(meta_autocast())
             yield
 
     def source_roots(self) -> list[str]:
         return [str(self.folder)] if self.folder else []
+
+    def meta_inputs(self, prepared: Prepared, options: BuildOptions) -> Prepared | None:
+        """The eager decoder runs on meta tensors (FlashAttention-2's stand-in reads its host mask: fake tensors
+        there). The crop grid stays on the host (the forward gets it as a list); the image gate answers for the
+        images' meta copies as for the originals."""
+        if (options.attn or "eager") != "eager":
+            return None
+        inputs = {k: v if k == "images_spatial_crop" else to_meta(v) for k, v in prepared.inputs.items()}
+        assert self.gate is not None
+        self.gate.track(list(inputs["images"][0]))
+        return dataclasses.replace(prepared, inputs=inputs)
 
     def attention(self, options: BuildOptions) -> dict[str, str]:
         return attention_parts(self.name, options)

@@ -206,6 +206,11 @@ class DeepseekOcr2Vendor:
                 local.to(dtype) if local is not None else None, inputs["num_local_patches"])
         return _Prefill(model), args
 
+    def meta_inputs(self, prepared: Prepared, options: BuildOptions) -> Prepared | None:
+        """Not on meta tensors yet: `get_image_features` reads `num_local_patches` as values and the text attention
+        passes SDPA a boolean mask, which the CPU converts before its flash kernel (tracer.meta_capture)."""
+        return None
+
     def source_roots(self) -> list[str]:
         return [os.path.dirname(inspect.getfile(_transformers_classes()[1]))]
 

@@ -12,6 +12,9 @@ while capturing or preprocessing), each with its reason (`SHIMS`):
     image tensors is computed on the real tensor, so the decision is the real one.
   * `crop_grid_list` (fake mode): the forward reads the crop grid (`images_spatial_crop`) as integers to
     shape the tile features; it gets the same values as a host list instead of a tensor.
+  * `meta_autocast` (fake mode, ONNX): the decoder's rotary embedding (transformers 4.46 Llama code) switches
+    autocast off on its input's device, which torch refuses for meta tensors (a meta capture, tracer.meta_capture,
+    and the ONNX exporter's); `torch.autocast(device_type="meta")` becomes a no-op. It changes no op.
   * `even_split_moe` (fake mode): `moe_infer` copies per-expert token counts to the host (`.cpu().numpy()`)
     and loops over the experts that got tokens. The shim issues the same per-expert ops for an even split of
     tokens x top-k rows over the experts (the first experts take the remainder). Per-layer FLOPs do not
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 from unittest import mock
 
@@ -37,6 +40,7 @@ SHIMS = {
     "image_gate": "torch.sum of the prepared images is taken on the real tensors (the vision gate's .item())",
     "crop_grid_list": "images_spatial_crop goes in as a host list of ints (the forward sizes views with it)",
     "even_split_moe": "moe_infer issues its per-expert ops for an even split of tokens x top-k (no host copy)",
+    "meta_autocast": "torch.autocast(device_type='meta') is a no-op (the rotary embedding switches autocast off)",
 }
 
 
@@ -55,6 +59,17 @@ def quiet_transformers() -> Iterator[None]:
 @contextmanager
 def cuda_identity() -> Iterator[None]:
     with mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self):
+        yield
+
+
+@contextmanager
+def meta_autocast() -> Iterator[None]:
+    original = torch.autocast
+
+    def autocast(device_type, *args, **kwargs):
+        return nullcontext() if device_type == "meta" else original(device_type, *args, **kwargs)
+
+    with mock.patch.object(torch, "autocast", autocast):
         yield
 
 
