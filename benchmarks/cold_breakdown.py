@@ -4,8 +4,9 @@ a `--no-cache --timings` run of the same workload (median of `--repeat` runs per
     python benchmarks/cold_breakdown.py                                          # DeepSeek-OCR-2, 1000x1400
     FLOPDIFF_DSOCR_V1_DIR=DIR python benchmarks/cold_breakdown.py --model v1     # the v1 page (its environment)
 
-What it showed (issue 16, 2 cores): the imports are 2.4-2.7 s of a 4.3-5.7 s run, `torch._dynamo` among them because
-`FakeTensorMode()` imports it; the capture keeps both cores busy (the prefill here, the decode steps in the worker).
+What it showed (issue 16, 2 cores): the imports are 2.7 s of a 4.3-4.5 s run (torch, then `torch._dynamo`, which
+transformers, torchvision and `FakeTensorMode()` all import); the capture keeps both cores busy (the prefill here, the
+decode steps in the worker).
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from rich.table import Table
 IMPORTS = {
     "v2": [("flopdiff's command line (tables, mapping, jinja2, rich)", "import tracer.cli"),
            ("torch", "import torch"),
-           ("torch._dynamo (FakeTensorMode() imports it)",
+           ("torch._dynamo (transformers, torchvision and FakeTensorMode() import it)",
             "from torch._subclasses.fake_tensor import FakeTensorMode; FakeTensorMode()"),
            ("transformers and DeepSeek-OCR-2's classes",
             "from tracer.vendors.deepseek_ocr2 import _transformers_classes; _transformers_classes()"),
            ("flopdiff's tracing modules", "import tracer.trace, tracer.count, tracer.report")],
     "v1": [("flopdiff's command line (tables, mapping, jinja2, rich)", "import tracer.cli"),
            ("torch", "import torch"),
-           ("torch._dynamo (FakeTensorMode() imports it)",
+           ("torch._dynamo (transformers, torchvision and FakeTensorMode() import it)",
             "from torch._subclasses.fake_tensor import FakeTensorMode; FakeTensorMode()"),
            ("torchvision, transformers and the vendor code",
             "from tracer.vendors import BuildOptions, get_vendor; get_vendor('deepseek-ocr').load_config(None, "
