@@ -117,8 +117,8 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
           allow_long: bool = False, instrument: Instrument | None = None,
           rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None, meta: bool = True) -> Trace:
     """`mode="fake"`: no weights, no compute (meta tensors where the vendor allows, tracer.meta_capture; else
-    FakeTensorMode; `meta=False`: FakeTensorMode always, the tests' reference). `mode="real"`: random weights, real compute
-    (slow at full size; the tests use it on reduced configs to check fake against real). `parallel` (fake
+    FakeTensorMode; `meta=False`: FakeTensorMode always, the tests' reference). `mode="real"`: random weights, real
+    compute (slow at full size; the tests use it on reduced configs to check fake against real). `parallel` (fake
     mode, CPU, 2+ CPUs): a forked worker captures decode steps from the last one down (tracer.decode_worker).
     `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`).
     `instrument` (real mode; tracer.instruments): told of every module call and op; on CUDA the default is
