@@ -1,8 +1,9 @@
 """Capture: run a vendor forward under a recording dispatch mode and build an aten-level `torch.fx.Graph`.
 
 The recorder sits where `torch.utils.flop_counter.FlopCounterMode` sits (a `TorchDispatchMode` above the
-fake-tensor mode, or above a meta capture's modes: tracer.meta_capture), skips the same size queries and decomposes the same composite ops, so the graph holds
-exactly the ops FlopCounterMode would count: `tracer.count` can then reproduce its numbers node by node.
+fake-tensor mode, or above a meta capture's modes: tracer.meta_capture), skips the same size queries and
+decomposes the same composite ops, so the graph holds exactly the ops FlopCounterMode would count:
+`tracer.count` can then reproduce its numbers node by node.
 
 Each call_function node's meta holds:
   val            the (fake or meta) output, as make_fx stores it; args are other nodes or constants

@@ -13,9 +13,11 @@ so the recorder does not see the question) and, when it answers flash, calls the
 output dtypes where the meta kernel answers as CUDA does (`CPU_OUTPUT_DTYPES`: native_layer_norm's mean and rstd,
 float32 on meta, the input's dtype on the CPU): `CpuDtypes`, below the recorder, gives them the CPU's. Tested
 (tests/test_v1.py): every recorded node, its name, op, input and output shapes and dtypes, FLOPs and module call,
-equals the FakeTensorMode capture's, prefill and decode steps. What meta tensors cannot do, a vendor keeps away from them: values (`.item()`,
-`.tolist()`: host inputs and shims), a boolean attention mask under the flash choice (the CPU converts it first;
-not reproduced here: refused).
+equals the FakeTensorMode capture's, prefill and decode steps. What meta tensors cannot do, a vendor keeps away
+from them: values (`.item()`, `.tolist()`: host inputs and shims), a boolean attention mask under the flash choice
+(the CPU converts it first; not reproduced here: refused). DeepSeek-OCR-2 stays on FakeTensorMode: besides both of
+those, its meta capture recorded other ops for tensors made from Python constants (`scalar_tensor` where fake
+tensors record `lift_fresh` and `fill_`), so its graphs were not the same.
 """
 
 from __future__ import annotations
