@@ -207,8 +207,9 @@ class DeepseekOcr2Vendor:
         return _Prefill(model), args
 
     def meta_inputs(self, prepared: Prepared, options: BuildOptions) -> Prepared | None:
-        """Not on meta tensors yet: `get_image_features` reads `num_local_patches` as values and the text attention
-        passes SDPA a boolean mask, which the CPU converts before its flash kernel (tracer.meta_capture)."""
+        """Not on meta tensors yet: `get_image_features` reads `num_local_patches` as values, the text attention
+        passes SDPA a boolean mask, which the CPU converts before its flash kernel, and tensors made from Python
+        constants record other ops on meta than under fake tensors (tracer.meta_capture)."""
         return None
 
     def source_roots(self) -> list[str]:
