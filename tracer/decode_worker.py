@@ -180,10 +180,14 @@ class DecodeWorker:
         while (expected := self._read("expected")) is None and self._alive() and time.monotonic() < deadline:
             time.sleep(0.005)
         if expected is None:
-            error = self._read("error")
-            self.cancel(error.decode() if error else _died(self.status))
+            self.cancel(self._why_failed())
             return None
         return pickle.loads(expected)
+
+    def _why_failed(self) -> str:
+        """The error the worker wrote, else how it ended."""
+        error = self._read("error")
+        return error.decode() if error else _died(self.status)
 
     def check(self, after_step0: Any, model: torch.nn.Module) -> bool:
         """After this process's step 0: is the worker's synthesized cache the real one, and the model unchanged?"""
@@ -212,8 +216,7 @@ class DecodeWorker:
             while (after := self._read("after-0")) is None and self._alive():
                 time.sleep(0.002)
             if after is None:
-                error = self._read("error")
-                self.cancel(error.decode() if error else _died(self.status))
+                self.cancel(self._why_failed())
                 return False
             if pickle.loads(after) != reads[1]:
                 self.cancel("its step 0 left a KV cache that differs from the one it synthesized for step 1")
@@ -256,8 +259,7 @@ class DecodeWorker:
                 return None
             time.sleep(0.002)
         if self.status != 0 or len(graphs) < self.steps - first:
-            error = self._read("error")
-            self.failure = error.decode() if error else _died(self.status)
+            self.failure = self._why_failed()
             return None
         return [graphs[k] for k in range(first, self.steps)]
 

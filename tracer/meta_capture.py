@@ -1,5 +1,5 @@
 """Meta capture: fake mode on meta tensors instead of FakeTensorMode, for the vendors whose forward allows it
-(`Vendor.meta_capture`; DeepSeek-OCR v1 with its eager decoder).
+(`Vendor.meta_inputs`; DeepSeek-OCR v1 with its eager decoder).
 
 Why: FakeTensorMode's per-op Python dispatch (its cache key, its output reconstruction) was about 60% of a capture;
 meta tensors dispatch in C++. v1 1000x1400 on 2 cores: prefill 0.93 s instead of 1.72, a decode step 0.14 instead

@@ -159,8 +159,8 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
         with fake, device, (_no_init() if mode == "fake" else contextlib.nullcontext()):
             model = vendor.build(config, options)
         result = Trace(workload, prepared, options, config=config)
-        _capture_stages(result, captured or prepared, vendor, model, roots, fake, device, parallel, instrument,
-                        progress, rows)
+        inputs = prepared if captured is None else captured
+        _capture_stages(result, inputs, vendor, model, roots, fake, device, parallel, instrument, progress, rows)
     return result
 
 

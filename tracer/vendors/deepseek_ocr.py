@@ -202,10 +202,15 @@ class DeepseekOcrVendor:
             if self.options.device != "cuda":
                 stack.enter_context(cuda_identity())
             if self.options.mode == "fake":
-                v2 = self._module("modeling_deepseekv2")
-                stack.enter_context(mock.patch.object(v2.DeepseekV2MoE, "moe_infer", even_split_moe_infer))
-                stack.enter_context(meta_autocast())
+                self._weight_free(stack)
             yield
+
+    def _weight_free(self, stack: ExitStack) -> None:
+        """The shims a forward without values needs (fake mode, and the ONNX exporter's meta tensors in any mode):
+        moe_infer without its host copy, the rotary embedding's autocast switch on the meta device."""
+        v2 = self._module("modeling_deepseekv2")
+        stack.enter_context(mock.patch.object(v2.DeepseekV2MoE, "moe_infer", even_split_moe_infer))
+        stack.enter_context(meta_autocast())
 
     def prefill(self, model: torch.nn.Module, prepared: Prepared) -> Callable[[], Any]:
         inputs = dict(prepared.inputs)
@@ -241,10 +246,8 @@ class DeepseekOcrVendor:
         moe_infer's host copy, and the rotary embedding's autocast switch must accept the meta device."""
         with ExitStack() as stack:
             stack.enter_context(self.shims())
-            if self.options.mode != "fake":
-                v2 = self._module("modeling_deepseekv2")
-                stack.enter_context(mock.patch.object(v2.DeepseekV2MoE, "moe_infer", even_split_moe_infer))
-                stack.enter_context(meta_autocast())
+            if self.options.mode != "fake":  # fake mode's shims have them already
+                self._weight_free(stack)
             yield
 
     def source_roots(self) -> list[str]:
