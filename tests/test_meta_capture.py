@@ -1,6 +1,7 @@
 """Meta capture's CPU semantics (tracer.meta_capture), against the CPU kernels and FakeTensorMode themselves: the
-output dtypes of CPU_OUTPUT_DTYPES, and scaled_dot_product_attention's backend and ops. Whole models node for node:
-tests/test_v1.py."""
+output dtypes of CPU_OUTPUT_DTYPES, and each call of CPU_CHOICES (scaled_dot_product_attention's backend and
+boolean mask, `t[i] = number`, `torch.tensor`, the device Python code reads). Whole models node for node:
+tests/test_v1.py (DeepSeek-OCR) and below (DeepSeek-OCR-2)."""
 
 import pytest
 import torch
@@ -28,33 +29,133 @@ def test_output_dtypes_are_the_cpu_kernel_s(op):
     assert all(t.device.type == "meta" for t in on_meta)
 
 
-class _Attention(torch.nn.Module):
-    def __init__(self, causal, masked, dtype):
+class _Call(torch.nn.Module):
+    def __init__(self, fn):
         super().__init__()
-        self.causal, self.masked, self.dtype = causal, masked, dtype
+        self.fn = fn
 
-    def forward(self, q):
-        mask = torch.zeros(q.shape[-2], q.shape[-2], dtype=self.dtype) if self.masked else None
-        return F.scaled_dot_product_attention(q, q, q, attn_mask=mask, is_causal=self.causal)
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _described(val):
+    vals = val if isinstance(val, (tuple, list)) else [val]
+    return [(tuple(v.shape), v.dtype) for v in vals if isinstance(v, torch.Tensor)]
+
+
+def _ops(fn, mode, x):
+    model = _Call(fn)
+    with mode, torch.no_grad():
+        sg, _ = capture(lambda: model(x), model, "prefill")
+    return [(n.meta["op"], _described(n.meta["val"])) for n in sg.op_nodes()]
+
+
+def _same_ops_as_fake_tensors(fn, x):
+    """The ops, with their output shapes and dtypes, recorded from `fn(x)` on meta tensors and under FakeTensorMode
+    (whose tensors report the CPU device)."""
+    on_fake = _ops(fn, FakeTensorMode(allow_non_fake_inputs=True), x)
+    on_meta = _ops(fn, MetaCapture(), to_meta(x))
+    assert on_meta == on_fake and on_fake
+    return on_meta
+
+
+def _sdpa(causal, mask_dtype):
+    def fn(q):
+        n = q.shape[-2]
+        mask = None
+        if mask_dtype is torch.bool:
+            mask = torch.ones(n, n, dtype=torch.bool).tril()
+        elif mask_dtype is not None:
+            mask = torch.zeros(n, n, dtype=mask_dtype)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=mask, is_causal=causal and mask is None)
+    return fn
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("causal, masked", [(False, False), (True, False), (False, True)])
-def test_sdpa_takes_the_cpu_s_backend_and_records_its_ops(dtype, causal, masked):
-    """The recorder sees the ops the CPU's SDPA issues (FakeTensorMode reports the CPU device): flash attention for
-    CPU, or the math path's ops, with the same shapes and dtypes, and nothing of the backend question itself."""
-    model = _Attention(causal and not masked, masked, dtype)
-    q = torch.randn(1, 4, 64, 32, dtype=dtype)
+@pytest.mark.parametrize("causal, mask", [(False, None), (True, None), (False, "float"), (False, torch.bool)])
+def test_sdpa_takes_the_cpu_s_backend_and_records_its_ops(dtype, causal, mask):
+    """The recorder sees the ops the CPU's SDPA issues: flash attention for CPU (after converting a boolean mask:
+    scalar_tensor, scalar_tensor, where) or the math path's ops, and nothing of the backend question itself."""
+    ops = _same_ops_as_fake_tensors(_sdpa(causal, dtype if mask == "float" else mask), torch.randn(1, 4, 64, 32,
+                                                                                                  dtype=dtype))
+    names = [op for op, _ in ops]
+    if mask is torch.bool:
+        assert names[-4:] == ["aten::scalar_tensor", "aten::scalar_tensor", "aten::where",
+                              "aten::_scaled_dot_product_flash_attention_for_cpu"]
 
-    def described(val):
-        vals = val if isinstance(val, (tuple, list)) else [val]
-        return [(tuple(v.shape), v.dtype) for v in vals if isinstance(v, torch.Tensor)]
 
-    def ops(mode, x):
-        with mode, torch.no_grad():
-            sg, _ = capture(lambda: model(x), model, "prefill")
-        return [(n.meta["op"], described(n.meta["val"])) for n in sg.op_nodes()]
+def _fill_prefix(x):
+    ids = torch.full((1, x.shape[-1]), -1, dtype=torch.long, device=x.device)
+    ids[:, :3] = 0  # DeepSeek-OCR-2's vision encoder marks its image tokens so
+    return ids + x.long()
 
-    on_fake = ops(FakeTensorMode(allow_non_fake_inputs=True), q)
-    on_meta = ops(MetaCapture(), to_meta(q))
-    assert on_meta == on_fake and on_fake
+
+def _empty_then_cat(x):
+    start = torch.tensor([], dtype=x.dtype, device=x.device)  # transformers' DynamicLayer starts so
+    return torch.cat([start, x.flatten()])
+
+
+def _device_branch(x):
+    ids = torch.arange(x.shape[-1], device=x.device)
+    # transformers' MoE: histc on floats on the CPU, on ints elsewhere
+    counts = torch.histc(ids.float() if x.device.type == "cpu" else ids.int(), bins=4, min=0, max=3)
+    return counts.to(x.device).cpu() + x.sum()
+
+
+@pytest.mark.parametrize("fn, expected", [
+    (_fill_prefix, ["aten::full", "aten::lift_fresh", "aten::slice", "aten::fill_", "aten::_to_copy", "aten::add"]),
+    (_empty_then_cat, ["aten::lift_fresh", "aten::view", "aten::cat"]),
+    (_device_branch, ["aten::arange", "aten::_to_copy", "aten::histc", "aten::sum", "aten::add"]),
+])
+def test_calls_that_depend_on_the_device_record_the_cpu_s_ops(fn, expected):
+    """`t[i] = number` (lift_fresh, fill_; on meta itself: scalar_tensor, view, expand, copy_), `torch.tensor(data)`
+    (lift_fresh; on meta itself: no op) and Python reading `.device` (the CPU's branch; `.to(device)` and `.cpu()`
+    keep the tensor where it is)."""
+    ops = _same_ops_as_fake_tensors(fn, torch.randn(2, 8))
+    assert [op for op, _ in ops if op != "aten::detach"] == expected
+
+
+@pytest.mark.v2
+@pytest.mark.parametrize("shape, options", [
+    ("1000x1400", {}),                                                   # the default: sdpa, grouped_mm, 6 tiles
+    ("600x500", {}),                                                     # the global view alone
+    ("640x640", {"attn": "eager", "experts": "batched_mm"}),
+    ("640x640", {"attn": {"text_config": "sdpa", "vision_config": "eager"}}),
+])
+def test_v2_meta_capture_records_the_fake_tensor_graph_node_for_node(shape, options):
+    """Fake mode runs DeepSeek-OCR-2 on meta tensors; FakeTensorMode (`meta=False`) is the reference: the same
+    report rows, every field (name, op, module call, source lines, input and output shapes and dtypes, FLOPs,
+    status), for the prefill, vision and each decode step."""
+    from tracer.count import count_graph
+    from tracer.report import build_report
+    from tracer.trace import trace
+    from tracer.vendors import BuildOptions, get_vendor
+    from tracer.workload import Workload, parse_image_shape
+
+    workload = Workload(image_wh=parse_image_shape(shape), text_tokens=4, decode_steps=2)
+    build = BuildOptions(**options)
+
+    def rows(meta):
+        tr = trace(workload, build, parallel=False, meta=meta)
+        for sg in tr.graphs():
+            if sg.selection is None:
+                count_graph(sg)
+        return build_report(tr), tr
+
+    (on_meta, tr), (on_fake, _) = rows(True), rows(False)
+    assert get_vendor(workload.model).meta_inputs(tr.prepared, tr.options) is not None  # it ran on meta tensors
+    assert len(on_meta["nodes"]) == len(on_fake["nodes"]) > 10_000
+    assert on_meta == on_fake
+
+
+@pytest.mark.v2
+@pytest.mark.parametrize("options", [{"attn": "flex_attention"}, {"attn": {"text_config": "flash_attention_2"}},
+                                     {"experts": "eager"}, {"attn_plugins": ("mine=tracer.attention:sdpa",)}])
+def test_v2_stays_on_fake_tensors_where_meta_is_not_checked(options):
+    from tracer.vendors import BuildOptions, get_vendor
+    from tracer.vendors.base import Prepared
+    from tracer.workload import Derived
+
+    prepared = Prepared({"input_ids": torch.zeros(1, 4, dtype=torch.long)}, Derived.__new__(Derived))
+    assert get_vendor("deepseek-ocr-2").meta_inputs(prepared, BuildOptions(**options)) is None
+    assert get_vendor("deepseek-ocr-2").meta_inputs(prepared, BuildOptions()) is not None

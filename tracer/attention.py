@@ -89,7 +89,7 @@ def _params(entry: EntryPoint, fn: Callable, args: tuple, kwargs: dict) -> dict[
 
 def _lengths(cu: Any) -> list[int] | None:
     """Host cumulative lengths (fake tensors hold none: then the boundary's formula says it cannot count)."""
-    if not isinstance(cu, torch.Tensor) or isinstance(cu, FakeTensor) or cu.device.type == "meta":
+    if not isinstance(cu, torch.Tensor) or isinstance(cu, FakeTensor) or cu.is_meta:
         return None
     return [int(x) for x in cu.tolist()]
 

@@ -92,7 +92,7 @@ def _kept(x):
         return type(x)(_kept(v) for v in x)
     if isinstance(x, tuple):  # torch.return_types (structseq): its items
         return tuple(_kept(v) for v in x)
-    if (not isinstance(x, torch.Tensor) or isinstance(x, FakeTensor) or x.device.type == "meta"
+    if (not isinstance(x, torch.Tensor) or isinstance(x, FakeTensor) or x.is_meta
             or (not x.is_floating_point() and x.numel() <= SMALL_DATA)):
         return x
     return torch.empty_strided(tuple(x.shape), tuple(x.stride()), dtype=x.dtype, device="meta")

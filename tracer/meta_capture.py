@@ -1,27 +1,30 @@
 """Meta capture: fake mode on meta tensors instead of FakeTensorMode, for the vendors whose forward allows it
-(`Vendor.meta_inputs`; DeepSeek-OCR v1 with its eager decoder).
+(`Vendor.meta_inputs`: DeepSeek-OCR v1 with its eager decoder; DeepSeek-OCR-2 with sdpa or eager attention and the
+grouped_mm or batched_mm experts).
 
 Why: FakeTensorMode's per-op Python dispatch (its cache key, its output reconstruction) was about 60% of a capture;
-meta tensors dispatch in C++. v1 1000x1400 on 2 cores: prefill 0.93 s instead of 1.72, a decode step 0.14 instead
-of 0.27, the build 0.10 instead of 0.36.
+meta tensors dispatch in C++. On 2 cores, v1 1000x1400: prefill 0.93 s instead of 1.72, a decode step 0.14 instead
+of 0.27; v2 1000x1400: prefill 1.0 s instead of 1.6.
 
 Why the graph is the same: a fake tensor computes with the meta kernels too; what differs is the device it
-reports, and two things on these models' paths depend on it. scaled_dot_product_attention's backend (a C++ stub
-keyed by device type: math on meta, flash attention on the CPU): `CpuSdpa` asks the CPU's own
-`torch._fused_sdp_choice` on empty CPU tensors of the same shapes, strides and dtypes (outside every dispatch mode,
-so the recorder does not see the question) and, when it answers flash, calls the op the CPU's SDPA calls. And
-output dtypes where the meta kernel answers as CUDA does (`CPU_OUTPUT_DTYPES`: native_layer_norm's mean and rstd,
-float32 on meta, the input's dtype on the CPU): `CpuDtypes`, below the recorder, gives them the CPU's. Tested
-(tests/test_v1.py): every recorded node, its name, op, input and output shapes and dtypes, FLOPs and module call,
-equals the FakeTensorMode capture's, prefill and decode steps. What meta tensors cannot do, a vendor keeps away
-from them: values (`.item()`, `.tolist()`: host inputs and shims), a boolean attention mask under the flash choice
-(the CPU converts it first; not reproduced here: refused). DeepSeek-OCR-2 stays on FakeTensorMode: besides both of
-those, its meta capture recorded other ops for tensors made from Python constants (`scalar_tensor` where fake
-tensors record `lift_fresh` and `fill_`), so its graphs were not the same.
+reports, and what depends on the device. `CpuChoices` (a function mode above the meta device context) answers each
+such call as on the CPU (`CPU_CHOICES`): Python code reading `tensor.device` gets the CPU, as from a fake tensor
+(transformers' MoE branches on it), and a device read so, passed back (`device=`, `.to()`, `.cpu()`), stays meta;
+scaled_dot_product_attention takes the CPU's backend (its C++ stub is keyed by device type: math on meta, flash on
+the CPU; the CPU's own `torch._fused_sdp_choice` is asked on empty CPU tensors of the same shapes, strides and
+dtypes, outside every dispatch mode, so the recorder does not see the question) and, under flash, the CPU's
+boolean-mask conversion and op; `t[index] = number` and `torch.tensor(data)` record the CPU's lift_fresh and fill_
+(C++ special-cases the CPU there). `CpuDtypes`, below the recorder, gives the outputs where a meta kernel answers
+as CUDA does the CPU's dtypes (`CPU_OUTPUT_DTYPES`: native_layer_norm's mean and rstd). Each is tested against
+FakeTensorMode and the CPU kernels (tests/test_meta_capture.py), and whole models row for row: every recorded node,
+its name, op, module call, source lines, input and output shapes and dtypes, FLOPs and status, equals the
+FakeTensorMode capture's, prefill and decode steps (tests/test_v1.py, tests/test_meta_capture.py). What meta
+tensors cannot do, a vendor keeps away from them: values (`.item()`, `.tolist()`: host inputs and shims).
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 
 import torch
@@ -29,33 +32,103 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 FLASH = 1  # sdp::SDPBackend::flash_attention, what torch._fused_sdp_choice answers for it
+CPU, META = torch.device("cpu"), torch.device("meta")
+
+
+def _names_cpu(device) -> bool:
+    return isinstance(device, (str, torch.device)) and torch.device(device).type == "cpu"
 
 
 def _empty_cpu(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
 
 
-class CpuSdpa(TorchFunctionMode):
-    """scaled_dot_product_attention on meta tensors takes the backend the CPU would take."""
+def _sdpa(func, args, kwargs):
+    """scaled_dot_product_attention: the backend the CPU would take (math: the same composite ops on any device;
+    flash: the CPU's boolean-mask conversion, then the op the CPU's SDPA calls)."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    given = {**dict(zip(names, args)), **kwargs}
+    q, k, v = given["query"], given["key"], given["value"]
+    if not q.is_meta:
+        return NotImplemented
+    mask, dropout, causal = given.get("attn_mask"), given.get("dropout_p", 0.0), given.get("is_causal", False)
+    scale, gqa = given.get("scale"), given.get("enable_gqa", False)
+    with _disable_current_modes():
+        choice = torch._fused_sdp_choice(_empty_cpu(q), _empty_cpu(k), _empty_cpu(v), _empty_cpu(mask), dropout,
+                                         causal, scale=scale, enable_gqa=gqa)
+    if choice != FLASH:
+        return NotImplemented
+    if mask is not None and mask.dtype == torch.bool:
+        # convert_boolean_attn_mask, op for op: scalar_tensor(-inf), then where.ScalarSelf's scalar_tensor(0.0), where
+        neg_inf = torch.ops.aten.scalar_tensor.default(-math.inf, dtype=q.dtype, device=mask.device)
+        mask = torch.where(mask, 0.0, neg_inf)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, causal, attn_mask=mask,
+                                                                      scale=scale)[0]
+
+
+def _setitem(func, args, kwargs):
+    """`t[index] = number`: the CPU lifts the number to a CPU scalar tensor (lift_fresh) and fills with it (fill_);
+    on other devices it makes a scalar_tensor there and copies it (view, expand, copy_)."""
+    target, index, value = args
+    if not target.is_meta or not isinstance(value, (bool, int, float)):
+        return NotImplemented
+    with _disable_current_modes():
+        scalar = torch.scalar_tensor(value, dtype=target.dtype, device="cpu")
+    return func(target, index, torch.ops.aten.lift_fresh.default(scalar))
+
+
+def _tensor(func, args, kwargs):
+    """`torch.tensor(data)`: the CPU lifts the tensor it built from the data (lift_fresh); on meta it is made
+    without an op. The meta tensor is lifted instead, with the CPU tensor's shape, stride and dtype."""
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type != "meta":
+        return NotImplemented
+    with _disable_current_modes():
+        built = torch.tensor(*args, **{**kwargs, "device": "cpu"})
+        meta = torch.empty_strided(built.shape, built.stride(), dtype=built.dtype, device="meta")
+    return torch.ops.aten.lift_fresh.default(meta)
+
+
+def _device(func, args, kwargs):
+    """`tensor.device`: a meta tensor says it is on the CPU, as a fake tensor does, so that the vendor's Python takes
+    the CPU's branches (e.g. transformers' MoE feeds histc floats on the CPU)."""
+    return CPU if args[0].is_meta else NotImplemented
+
+
+def _to(func, args, kwargs):
+    """`tensor.to("cpu")` and the like keep a meta tensor on meta (the device it was told is the CPU's)."""
+    if not args[0].is_meta:
+        return NotImplemented
+    return func(args[0], *(META if _names_cpu(a) else a for a in args[1:]), **kwargs)
+
+
+def _cpu(func, args, kwargs):
+    """`tensor.cpu()` on a tensor that says it is on the CPU: itself, as on the CPU (no op)."""
+    return args[0] if args[0].is_meta else NotImplemented
+
+
+# The calls whose recorded ops depend on the device, each answered as on the CPU (a handler returns NotImplemented
+# where the call does not depend on it).
+CPU_CHOICES = {
+    torch._C._nn.scaled_dot_product_attention: _sdpa,
+    torch.Tensor.__setitem__: _setitem,
+    torch.tensor: _tensor,
+    torch.Tensor.device.__get__: _device,
+    torch.Tensor.to: _to,
+    torch.Tensor.cpu: _cpu,
+}
+
+
+class CpuChoices(TorchFunctionMode):
+    """Above the meta device context: CPU_CHOICES' calls take the ops the CPU would record."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not torch._C._nn.scaled_dot_product_attention or args[0].device.type != "meta":
-            return func(*args, **kwargs)
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-        given = {**dict(zip(names, args)), **kwargs}
-        q, k, v = given["query"], given["key"], given["value"]
-        mask, dropout, causal = given.get("attn_mask"), given.get("dropout_p", 0.0), given.get("is_causal", False)
-        scale, gqa = given.get("scale"), given.get("enable_gqa", False)
-        with _disable_current_modes():
-            choice = torch._fused_sdp_choice(_empty_cpu(q), _empty_cpu(k), _empty_cpu(v), _empty_cpu(mask), dropout,
-                                             causal, scale=scale, enable_gqa=gqa)
-        if choice != FLASH:
-            return func(*args, **kwargs)  # the math path: the same composite ops on any device
-        if mask is not None and mask.dtype == torch.bool:
-            raise RuntimeError("meta capture: a boolean attention mask under the CPU's flash choice is not reproduced")
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, causal, attn_mask=mask,
-                                                                          scale=scale)[0]
+        if _names_cpu(kwargs.get("device")):  # a device read from a meta tensor
+            kwargs = {**kwargs, "device": META}
+        handler = CPU_CHOICES.get(func)
+        out = NotImplemented if handler is None else handler(func, args, kwargs)
+        return func(*args, **kwargs) if out is NotImplemented else out
 
 
 # Ops whose meta kernel gives an output another dtype than the CPU kernel: {op: {output index: input index whose
@@ -83,7 +156,7 @@ class CpuDtypes(TorchDispatchMode):
 
 class MetaCapture:
     """What fake mode enters around the build and each capture when the vendor allows meta tensors: factory calls on
-    the meta device, `CpuSdpa` and `CpuDtypes`. Re-entrant, as FakeTensorMode is (the build, the prefill, the decode
+    the meta device, `CpuChoices` and `CpuDtypes`. Re-entrant, as FakeTensorMode is (the build, the prefill, the decode
     steps); entered before the recorder, so that `CpuDtypes` sits below it."""
 
     def __init__(self) -> None:
@@ -92,7 +165,7 @@ class MetaCapture:
     def __enter__(self) -> "MetaCapture":
         stack = ExitStack()
         stack.enter_context(torch.device("meta"))
-        stack.enter_context(CpuSdpa())
+        stack.enter_context(CpuChoices())
         stack.enter_context(CpuDtypes())
         self._stacks.append(stack)
         return self

@@ -12,6 +12,7 @@ Shims (applied only while capturing, see `SHIMS`):
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import types
@@ -25,8 +26,9 @@ import torch
 from tracer import flags
 from tracer.configfile import check_config, read_json
 from tracer.errors import FlopdiffError
+from tracer.meta_capture import to_meta
 from tracer.vendors.base import Prepared, cache_of
-from tracer.vendors.options import DEFAULT_EXPERTS as DEFAULTS, BuildOptions, attention_parts
+from tracer.vendors.options import DEFAULT_EXPERTS as DEFAULTS, BuildOptions, attention_parts, implementations
 from tracer.workload import Derived, Workload, load_image
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"
@@ -60,6 +62,7 @@ SHIMS = {"TRANSFORMERS_DISABLE_TORCH_CHECK": "1"}
 
 DEFAULT_EXPERTS = DEFAULTS["deepseek-ocr-2"]
 EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' experts implementations (eager: --mode real only)
+META_ATTN, META_EXPERTS = {"sdpa", "eager"}, {"grouped_mm", "batched_mm"}  # what fake mode runs on meta tensors
 DEFAULT_TEXT_TOKENS = flags.DEFAULT_TEXT_TOKENS["deepseek-ocr-2"]  # when neither --text-tokens nor --tokenizer
 TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value
 
@@ -207,10 +210,15 @@ class DeepseekOcr2Vendor:
         return _Prefill(model), args
 
     def meta_inputs(self, prepared: Prepared, options: BuildOptions) -> Prepared | None:
-        """Not on meta tensors yet: `get_image_features` reads `num_local_patches` as values, the text attention
-        passes SDPA a boolean mask, which the CPU converts before its flash kernel, and tensors made from Python
-        constants record other ops on meta than under fake tensors (tracer.meta_capture)."""
-        return None
+        """sdpa and eager attention with the grouped_mm and batched_mm experts run on meta tensors (tested node for
+        node against FakeTensorMode: tests/test_meta_capture.py); flex attention compiles kernels for real tensors,
+        FlashAttention-2's stand-in reads its host mask, a plugin is the user's code: FakeTensorMode for those.
+        `num_local_patches` stays on the host: `get_image_features` reads its values (`.tolist()`)."""
+        attn, experts = implementations(options.attn or "sdpa"), implementations(options.experts or DEFAULT_EXPERTS)
+        if options.attn_plugins or not attn <= META_ATTN or not experts <= META_EXPERTS:
+            return None
+        inputs = {k: v if k == "num_local_patches" else to_meta(v) for k, v in prepared.inputs.items()}
+        return dataclasses.replace(prepared, inputs=inputs)
 
     def source_roots(self) -> list[str]:
         return [os.path.dirname(inspect.getfile(_transformers_classes()[1]))]
