@@ -40,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from tracer.instruments import Instrument
+from tracer.meta_capture import CPU_OUTPUT_DTYPES, cpu_output_dtypes
 from tracer.provenance import ModuleStack, SourceLocator, module_hooks
 
 # The ops FlopCounterMode passes through untouched (size and layout queries), and `prim::device`, which
@@ -262,9 +263,12 @@ class GraphRecorder(TorchDispatchMode):
 
     def _run(self, func, args, kwargs):
         if self.instrument is None:
-            return func(*args, **kwargs)
-        with self.instrument.op(self._seq):
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+        else:
+            with self.instrument.op(self._seq):
+                out = func(*args, **kwargs)
+        # on meta tensors, the few ops whose meta kernel answers another dtype than the CPU's (tracer.meta_capture)
+        return cpu_output_dtypes(func, args, out) if func in CPU_OUTPUT_DTYPES else out
 
 
 def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, vendor_roots: Iterable[str] = (),

@@ -29,7 +29,8 @@ from contextlib import ExitStack
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._device import _device_constructors
+from torch.utils._python_dispatch import _disable_current_modes
 
 FLASH = 1  # sdp::SDPBackend::flash_attention, what torch._fused_sdp_choice answers for it
 CPU, META = torch.device("cpu"), torch.device("meta")
@@ -124,7 +125,8 @@ class CpuChoices(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _names_cpu(kwargs.get("device")):  # a device read from a meta tensor
+        device = kwargs.get("device")
+        if device is None and func in _device_constructors() or _names_cpu(device):
             kwargs = {**kwargs, "device": META}
         handler = CPU_CHOICES.get(func)
         out = NotImplemented if handler is None else handler(func, args, kwargs)
@@ -138,35 +140,31 @@ CPU_OUTPUT_DTYPES = {
 }
 
 
-class CpuDtypes(TorchDispatchMode):
-    """Below the recorder: the ops of CPU_OUTPUT_DTYPES return their outputs in the CPU's dtypes."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        fix = CPU_OUTPUT_DTYPES.get(func)
-        if fix is None:
-            return out
-        out = list(out)
-        for i, source in fix.items():
-            t, dtype = out[i], args[source].dtype
-            if t.dtype != dtype:
-                out[i] = torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
-        return tuple(out)
+def cpu_output_dtypes(func, args: tuple, out):
+    """The outputs of a CPU_OUTPUT_DTYPES op on meta tensors, in the CPU's dtypes (the recorder applies it before
+    it records the op; any other op or tensor is returned as it is)."""
+    fix = CPU_OUTPUT_DTYPES.get(func)
+    if fix is None or type(out[0]) is not torch.Tensor or not out[0].is_meta:
+        return out
+    out = list(out)
+    for i, source in fix.items():
+        t, dtype = out[i], args[source].dtype
+        if t.dtype != dtype:
+            out[i] = torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
+    return tuple(out)
 
 
 class MetaCapture:
-    """What fake mode enters around the build and each capture when the vendor allows meta tensors: factory calls on
-    the meta device, `CpuChoices` and `CpuDtypes`. Re-entrant, as FakeTensorMode is (the build, the prefill, the decode
-    steps); entered before the recorder, so that `CpuDtypes` sits below it."""
+    """What fake mode enters around the build and each capture when the vendor allows meta tensors: `CpuChoices`
+    (factory calls on the meta device included). Re-entrant, as FakeTensorMode is (the build, the prefill, the decode
+    steps)."""
 
     def __init__(self) -> None:
         self._stacks: list[ExitStack] = []
 
     def __enter__(self) -> "MetaCapture":
         stack = ExitStack()
-        stack.enter_context(torch.device("meta"))
         stack.enter_context(CpuChoices())
-        stack.enter_context(CpuDtypes())
         self._stacks.append(stack)
         return self
 
