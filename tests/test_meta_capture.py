@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tracer.capture import capture
-from tracer.meta_capture import CPU_OUTPUT_DTYPES, MetaCapture, to_meta
+from tracer.meta_capture import CPU_OUTPUT_DTYPES, MetaCapture, MetaKernels, to_meta
 
 
 def _inputs(op):
@@ -163,3 +163,61 @@ def test_v2_stays_on_fake_tensors_where_meta_is_not_checked(options):
     prepared = Prepared({"input_ids": torch.zeros(1, 4, dtype=torch.long)}, Derived.__new__(Derived))
     assert get_vendor("deepseek-ocr-2").meta_inputs(prepared, BuildOptions(**options)) is None
     assert get_vendor("deepseek-ocr-2").meta_inputs(prepared, BuildOptions()) is not None
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _signature(out):
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return type(out), [(t.shape, t.stride(), t.dtype, t.storage_offset()) for t in outs]
+
+
+aten = torch.ops.aten
+
+
+@pytest.mark.parametrize("func, args", [
+    (aten.mul.Tensor, lambda: (_meta(2, 5, 8), _meta(2, 1, 8, dtype=torch.float32))),  # broadcast, promotion
+    (aten.mul.Tensor, lambda: (_meta(4, dtype=torch.int64), 1.0)),
+    (aten.mm.default, lambda: (_meta(5, 8), _meta(8, 3))),
+    (aten.addmm.default, lambda: (_meta(3), _meta(5, 8), _meta(3, 8).t())),  # a transposed argument
+    (aten.native_layer_norm.default, lambda: (_meta(2, 5, 8), [8], _meta(8), _meta(8), 1e-5)),  # a tuple
+    (aten.cat.default, lambda: ([_meta(2, 3), _meta(4, 3)],)),  # a list argument
+    (aten.add.Tensor, lambda: (_meta(1, 3, 4, 4).to(memory_format=torch.channels_last), 1)),  # channels last
+])
+@torch.no_grad()  # as a capture runs (with autograd on, nothing is memoized)
+def test_memoized_meta_kernels_answer_as_the_kernels(func, args):
+    """A memoized op (tracer.meta_capture.MetaKernels) returns what its meta kernel returns: the first call runs the
+    kernel, the next ones make the outputs from the memo; the same shapes, strides, dtypes and container."""
+    kernels = MetaKernels()
+    expected = _signature(func(*args()))
+    for _ in range(3):
+        assert _signature(kernels(func, args(), {})) == expected
+    assert len(kernels._outputs) == 1
+
+
+@torch.no_grad()
+def test_int_float_and_bool_scalars_are_distinct_memo_keys():
+    kernels = MetaKernels()
+    x = _meta(4, dtype=torch.int64)
+    dtypes = [kernels(aten.mul.Tensor, (x, s), {}).dtype for s in (1, 1.0, True, 1, 1.0)]
+    assert dtypes == [torch.int64, torch.float32, torch.int64, torch.int64, torch.float32]
+    assert len(kernels._outputs) == 3
+
+
+@pytest.mark.parametrize("func, args", [
+    (aten.add_.Tensor, (1,)),           # in place: returns its argument
+    (aten.view.default, ([8, 5],)),     # views alias their argument
+    (aten.transpose.int, (0, 1)),
+    (aten.split.Tensor, (2,)),          # views, in a list
+])
+@torch.no_grad()
+def test_mutating_and_aliasing_ops_are_not_memoized(func, args):
+    kernels = MetaKernels()
+    x = _meta(5, 8)
+    for _ in range(2):
+        out = kernels(func, (x, *args), {})
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    assert all(o is x or o._base is x for o in outs)
+    assert not kernels._outputs

@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from tracer.instruments import Instrument
-from tracer.meta_capture import CPU_OUTPUT_DTYPES, cpu_output_dtypes
+from tracer.meta_capture import CPU_OUTPUT_DTYPES, active_kernels, cpu_output_dtypes
 from tracer.provenance import ModuleStack, SourceLocator, module_hooks
 
 # The ops FlopCounterMode passes through untouched (size and layout queries), and `prim::device`, which
@@ -149,6 +149,7 @@ class GraphRecorder(TorchDispatchMode):
         self.instrument = instrument  # around each recorded op's run (kernel attribution)
         self._seq = 0
         self.locator = SourceLocator(vendor_roots)
+        self.kernels = active_kernels()  # on meta tensors: memoized meta kernels (tracer.meta_capture)
         # tensor id -> (its node, a weak reference to it): a live tensor's id is unique, and a weak reference lets
         # a real run free its activations as the vendor code drops them (strong ones kept every one alive: a v2
         # page in real mode on CPU went past 24 GiB)
@@ -263,7 +264,7 @@ class GraphRecorder(TorchDispatchMode):
 
     def _run(self, func, args, kwargs):
         if self.instrument is None:
-            out = func(*args, **kwargs)
+            out = func(*args, **kwargs) if self.kernels is None else self.kernels(func, args, kwargs)
         else:
             with self.instrument.op(self._seq):
                 out = func(*args, **kwargs)
