@@ -4,9 +4,9 @@ a `--no-cache --timings` run of the same workload (median of `--repeat` runs per
     python benchmarks/cold_breakdown.py                                          # DeepSeek-OCR-2, 1000x1400
     FLOPDIFF_DSOCR_V1_DIR=DIR python benchmarks/cold_breakdown.py --model v1     # the v1 page (its environment)
 
-What it showed (issue 16, 2 cores): the imports are 2.7 s of a 4.3-4.5 s run (torch, then `torch._dynamo`, which
-transformers, torchvision and `FakeTensorMode()` all import); the capture keeps both cores busy (the prefill here, the
-decode steps in the worker).
+What it showed (issue 16, 2 cores, meta capture with memoized meta kernels): the imports are 2.6 s of the v1 page's
+4.0 s and 2.9 s of v2's 3.3 s (torch, then `torch._dynamo`, which transformers, torchvision and the first dispatch
+mode all import); the capture keeps both cores busy (the prefill here, the decode steps in the worker).
 """
 
 from __future__ import annotations
