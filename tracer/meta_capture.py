@@ -9,19 +9,21 @@ same op on the same shapes recurs in every layer and step). On 2 cores, v1 1000x
 instead of 2.3.
 
 Why the graph is the same: a fake tensor computes with the meta kernels too; what differs is the device it
-reports, and what depends on the device. `CpuChoices` (a function mode above the meta device context) answers each
-such call as on the CPU (`CPU_CHOICES`): Python code reading `tensor.device` gets the CPU, as from a fake tensor
-(transformers' MoE branches on it), and a device read so, passed back (`device=`, `.to()`, `.cpu()`), stays meta;
-scaled_dot_product_attention takes the CPU's backend (its C++ stub is keyed by device type: math on meta, flash on
-the CPU; the CPU's own `torch._fused_sdp_choice` is asked on empty CPU tensors of the same shapes, strides and
-dtypes, outside every dispatch mode, so the recorder does not see the question) and, under flash, the CPU's
-boolean-mask conversion and op; `t[index] = number` and `torch.tensor(data)` record the CPU's lift_fresh and fill_
-(C++ special-cases the CPU there). `CpuDtypes`, below the recorder, gives the outputs where a meta kernel answers
-as CUDA does the CPU's dtypes (`CPU_OUTPUT_DTYPES`: native_layer_norm's mean and rstd). Each is tested against
-FakeTensorMode and the CPU kernels (tests/test_meta_capture.py), and whole models row for row: every recorded node,
-its name, op, module call, source lines, input and output shapes and dtypes, FLOPs and status, equals the
-FakeTensorMode capture's, prefill and decode steps (tests/test_v1.py, tests/test_meta_capture.py). What meta
-tensors cannot do, a vendor keeps away from them: values (`.item()`, `.tolist()`: host inputs and shims).
+reports, and what depends on the device. `CpuChoices`, a function mode, answers each such call as on the CPU
+(`CPU_CHOICES`): Python code reading `tensor.device` gets the CPU, as from a fake tensor (transformers' MoE branches
+on it), and a device read so, passed back (`device=`, `.to()`, `.cpu()`), stays meta, as do factory calls without
+a device (what `torch.device("meta")` would do, but `torch.get_default_device()` stays the CPU, as under
+FakeTensorMode); scaled_dot_product_attention takes the CPU's backend (its C++ stub is keyed by device type: math
+on meta, flash on the CPU; the CPU's own `torch._fused_sdp_choice` is asked on empty CPU tensors of the same
+shapes, strides and dtypes, outside every dispatch mode, so the recorder does not see the question) and, under
+flash, the CPU's boolean-mask conversion and op; `t[index] = number` and `torch.tensor(data)` record the CPU's
+lift_fresh and fill_ (C++ special-cases the CPU there). Where a meta kernel answers as CUDA does, the recorder gives
+the outputs the CPU's dtypes before it records them (`CPU_OUTPUT_DTYPES`: native_layer_norm's mean and rstd). Each
+is tested against FakeTensorMode and the CPU kernels (tests/test_meta_capture.py), and whole models row for row:
+every recorded node, its name, op, module call, source lines, input and output shapes and dtypes, FLOPs and status,
+equals the FakeTensorMode capture's, prefill and decode steps (tests/test_v1.py, tests/test_meta_capture.py; also
+run on torch 2.11). What meta tensors cannot do, a vendor keeps away from them: values (`.item()`, `.tolist()`: host
+inputs and shims).
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ CPU_CHOICES = {
 
 
 class CpuChoices(TorchFunctionMode):
-    """Above the meta device context: CPU_CHOICES' calls take the ops the CPU would record."""
+    """CPU_CHOICES' calls take the ops the CPU would record; factory calls, and devices read from meta tensors, go
+    to the meta device."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
