@@ -206,6 +206,20 @@ def test_int_float_and_bool_scalars_are_distinct_memo_keys():
     assert len(kernels._outputs) == 3
 
 
+@torch.no_grad()
+def test_a_factory_s_memo_follows_the_default_dtype():
+    kernels = MetaKernels()
+    previous = torch.get_default_dtype()
+    try:
+        dtypes = []
+        for default in (torch.float32, torch.bfloat16, torch.float32):
+            torch.set_default_dtype(default)
+            dtypes.append(kernels(aten.arange.default, (5.0,), {"device": torch.device("meta")}).dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    assert dtypes == [torch.float32, torch.bfloat16, torch.float32]
+
+
 @pytest.mark.parametrize("func, args", [
     (aten.add_.Tensor, (1,)),           # in place: returns its argument
     (aten.view.default, ([8, 5],)),     # views alias their argument

@@ -219,7 +219,7 @@ def _key(x):
 
 class MetaKernels:
     """Memoized meta kernels: an op's outputs on meta tensors depend only on its arguments' shapes, strides, offsets
-    and dtypes and its scalar arguments, and most meta kernels of the ops models run most (elementwise ops, mm,
+    and dtypes, its scalar arguments and the default dtype, and most meta kernels of the ops models run most (elementwise ops, mm,
     layer norm) are Python (torch._refs, torch._meta_registrations): 30-800 us a call, where the same op on the same
     shapes recurs in every layer and every decode step (v1 page: 31% of a capture saved). Only functional ops (no
     mutated or aliased argument, every output a fresh tensor) without autograd are memoized; a hit makes each output
@@ -233,7 +233,7 @@ class MetaKernels:
         key = _memoizable(func) and not torch.is_grad_enabled() and _key((args, tuple(kwargs.items())))
         if not key:
             return func(*args, **kwargs)
-        key = (func, key)
+        key = (func, torch.get_default_dtype(), key)  # a factory without a dtype takes the default one
         known = self._outputs.get(key)
         if known is None:
             out = func(*args, **kwargs)
