@@ -223,8 +223,8 @@ class MetaKernels:
     (elementwise ops, mm, layer norm) are Python (torch._refs, torch._meta_registrations): 30-800 us a call, where the
     same op on the same shapes recurs in every layer and every decode step (v1 page: 31% of a capture saved). Only
     functional ops (no mutated or aliased argument, every output a fresh tensor) without autograd are memoized; a hit
-    makes each output anew with the recorded shape, stride and dtype. Checked: tests/test_meta_capture.py, and every whole-model
-    comparison of meta and FakeTensorMode captures runs with it."""
+    makes each output anew with the recorded shape, stride and dtype. Checked: tests/test_meta_capture.py, and every
+    whole-model comparison of meta and FakeTensorMode captures runs with it."""
 
     def __init__(self) -> None:
         self._outputs: dict[tuple, tuple | bool] = {}  # False: the op's outputs are not fresh meta tensors
