@@ -235,3 +235,35 @@ def test_mutating_and_aliasing_ops_are_not_memoized(func, args):
     outs = out if isinstance(out, (tuple, list)) else (out,)
     assert all(o is x or o._base is x for o in outs)
     assert not kernels._outputs
+
+
+@pytest.mark.v2
+def test_a_failed_meta_capture_falls_back_to_fake_tensors(tiny_v2_config, monkeypatch, capsys):
+    """A vendor path meta tensors cannot take (here: every `torch.tensor` call raises, as a future vendor's value
+    read would) costs a second capture, never the run: one note line, and the FakeTensorMode report."""
+    from tracer import meta_capture
+    from tracer.count import count_graph
+    from tracer.report import build_report
+    from tracer.trace import trace
+    from tracer.workload import Workload
+
+    def refused(func, args, kwargs):
+        raise RuntimeError("Cannot copy out of meta tensor; no data!")
+
+    workload = Workload(image_wh=(640, 640), text_tokens=4, decode_steps=3)
+
+    def report(**kw):
+        tr = trace(workload, config_path=tiny_v2_config, **kw)
+        for sg in tr.graphs():
+            if sg.selection is None and sg.rows is None:
+                count_graph(sg)
+        return build_report(tr)
+
+    expected = report(parallel=False, meta=False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setitem(meta_capture.CPU_CHOICES, torch.tensor, refused)
+    for parallel in (False, True):
+        assert report(parallel=parallel) == expected
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["flopdiff: note: the capture on meta tensors failed (RuntimeError: Cannot copy out of meta "
+                       "tensor; no data!); capturing under FakeTensorMode instead"]

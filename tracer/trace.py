@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,10 +118,11 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
           progress: Callable[[str], None] = lambda msg: None, mode: str = "fake", parallel: bool = True,
           allow_long: bool = False, instrument: Instrument | None = None,
           rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None, meta: bool = True) -> Trace:
-    """`mode="fake"`: no weights, no compute (meta tensors where the vendor allows, tracer.meta_capture; else
-    FakeTensorMode; `meta=False`: FakeTensorMode always, the tests' reference). `mode="real"`: random weights, real
-    compute (slow at full size; the tests use it on reduced configs to check fake against real). `parallel` (fake
-    mode, CPU, 2+ CPUs): a forked worker captures decode steps from the last one down (tracer.decode_worker).
+    """`mode="fake"`: no weights, no compute (meta tensors where the vendor allows, tracer.meta_capture; else, and
+    when a meta capture fails, with one note line, FakeTensorMode; `meta=False`: FakeTensorMode always, the tests'
+    reference). `mode="real"`: random weights, real compute (slow at full size; the tests use it on reduced configs to
+    check fake against real). `parallel` (fake mode, CPU, 2+ CPUs): a forked worker captures decode steps from the
+    last one down (tracer.decode_worker).
     `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`).
     `instrument` (real mode; tracer.instruments): told of every module call and op; on CUDA the default is
     ProfilerRanges (every kernel recorded with its node). `rows` (tracer.report.as_rows): graphs counted and turned into
@@ -135,31 +138,47 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
     check_size(workload, max_positions, layers, allow_long, prepared.derived.prompt_len)
     roots = vendor.source_roots()
     cuda = options.device == "cuda"
-    # fake mode runs on meta tensors where the vendor allows it (tracer.meta_capture: the same graph, twice as fast)
-    captured = vendor.meta_inputs(prepared, options) if mode == "fake" and not cuda and meta else None
-    fake = (MetaCapture() if captured is not None else FakeTensorMode(allow_non_fake_inputs=True)) if mode == "fake" \
-        else contextlib.nullcontext()
     if cuda:
         if mode != "real":
             raise FlopdiffError("--device cuda: needs --mode real (fake tensors run no kernels to attribute)")
         if not torch.cuda.is_available():
             raise FlopdiffError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
         prepared.inputs = _to_device(prepared.inputs, "cuda")
-    device = torch.device("cuda") if cuda else contextlib.nullcontext()
     if instrument is None and cuda:
         instrument = ProfilerRanges()
     if instrument is not None and mode != "real":
         raise FlopdiffError("profiling needs --mode real (fake tensors run no kernels)")
+    result = Trace(workload, prepared, options, config=config)
+    run = functools.partial(_build_and_capture, result, vendor, roots, parallel, instrument, progress, rows)
+    # fake mode runs on meta tensors where the vendor allows it (tracer.meta_capture: the same graph, faster)
+    captured = vendor.meta_inputs(prepared, options) if mode == "fake" and not cuda and meta else None
+    if captured is not None:
+        try:
+            return run(MetaCapture(), captured)
+        except FlopdiffError:
+            raise
+        except Exception as exc:  # a vendor path meta tensors cannot take: FakeTensorMode records the same graph
+            print(f"flopdiff: note: the capture on meta tensors failed ({exc.__class__.__name__}: "
+                  f"{' '.join(str(exc).split())[:200]}); capturing under FakeTensorMode instead", file=sys.stderr)
+            result.stages, result.worker_steps = {}, []
+    return run(FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else contextlib.nullcontext(), prepared)
+
+
+def _build_and_capture(result: Trace, vendor: Any, roots: list[str], parallel: bool, instrument: Instrument | None,
+                       progress: Callable[[str], None], rows: Callable[[list[StageGraph]], list[StageGraph]] | None,
+                       fake: Any, inputs: Prepared) -> Trace:
+    """Build the model under `fake` (a meta capture, FakeTensorMode, or nothing in real mode) and capture every stage
+    from `inputs` into `result`."""
+    mode, cuda = result.options.mode, result.options.device == "cuda"
+    device = torch.device("cuda") if cuda else contextlib.nullcontext()
     progress(f"building the model ({mode} weights)")
     if mode == "real":
         # seeded random weights: the same MoE routing on every run, so that --ncu's second run under Nsight
         # Compute launches the kernels the recorded run launched, and real-mode reports are reproducible
         torch.manual_seed(0)
-    with attention_runtime(options):  # flash-attn or its stand-in, plugins, attention boundary nodes
+    with attention_runtime(result.options):  # flash-attn or its stand-in, plugins, attention boundary nodes
         with fake, device, (_no_init() if mode == "fake" else contextlib.nullcontext()):
-            model = vendor.build(config, options)
-        result = Trace(workload, prepared, options, config=config)
-        inputs = prepared if captured is None else captured
+            model = vendor.build(result.config, result.options)
         _capture_stages(result, inputs, vendor, model, roots, fake, device, parallel, instrument, progress, rows)
     return result
 
