@@ -132,7 +132,7 @@ class CpuChoices(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         device = kwargs.get("device")
-        if device is None and func in _device_constructors() or _names_cpu(device):
+        if (device is None and func in _device_constructors()) or _names_cpu(device):
             kwargs = {**kwargs, "device": META}
         handler = CPU_CHOICES.get(func)
         out = NotImplemented if handler is None else handler(func, args, kwargs)
@@ -167,7 +167,7 @@ class MetaCapture:
 
     def __init__(self) -> None:
         self._stacks: list[ExitStack] = []
-        self.kernels = MetaKernels()  # one memo for the build, the prefill and every decode step (forks keep it)
+        self.kernels = MetaKernels()  # one memo for the prefill and every decode step (the forked worker keeps it)
 
     def __enter__(self) -> "MetaCapture":
         stack = ExitStack()
