@@ -1,7 +1,8 @@
 """Meta capture's CPU semantics (tracer.meta_capture), against the CPU kernels and FakeTensorMode themselves: the
 output dtypes of CPU_OUTPUT_DTYPES, and each call of CPU_CHOICES (scaled_dot_product_attention's backend and
-boolean mask, `t[i] = number`, `torch.tensor`, the device Python code reads). Whole models node for node:
-tests/test_v1.py (DeepSeek-OCR) and below (DeepSeek-OCR-2)."""
+boolean mask, `t[i] = number`, `torch.tensor`, the device Python code reads); the memoized meta kernels against the
+kernels; the fallback to FakeTensorMode. Whole models node for node: tests/test_v1.py (DeepSeek-OCR) and below
+(DeepSeek-OCR-2)."""
 
 import pytest
 import torch
