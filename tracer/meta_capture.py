@@ -147,13 +147,12 @@ CPU_OUTPUT_DTYPES = {
 
 
 def cpu_output_dtypes(func, args: tuple, out):
-    """The outputs of a CPU_OUTPUT_DTYPES op on meta tensors, in the CPU's dtypes (the recorder applies it before
-    it records the op; any other op or tensor is returned as it is)."""
-    fix = CPU_OUTPUT_DTYPES.get(func)
-    if fix is None or type(out[0]) is not torch.Tensor or not out[0].is_meta:
+    """The outputs of a CPU_OUTPUT_DTYPES op on meta tensors, in the CPU's dtypes (the recorder applies it to those
+    ops before it records them; other tensors, fake or real, are returned as they are)."""
+    if type(out[0]) is not torch.Tensor or not out[0].is_meta:
         return out
     out = list(out)
-    for i, source in fix.items():
+    for i, source in CPU_OUTPUT_DTYPES[func].items():
         t, dtype = out[i], args[source].dtype
         if t.dtype != dtype:
             out[i] = torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)

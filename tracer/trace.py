@@ -148,8 +148,8 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
         instrument = ProfilerRanges()
     if instrument is not None and mode != "real":
         raise FlopdiffError("profiling needs --mode real (fake tensors run no kernels)")
-    result = Trace(workload, prepared, options, config=config)
-    run = functools.partial(_build_and_capture, result, vendor, roots, parallel, instrument, progress, rows)
+    new_trace = functools.partial(Trace, workload, prepared, options, config=config)  # each attempt starts anew
+    run = functools.partial(_build_and_capture, new_trace, vendor, roots, parallel, instrument, progress, rows)
     # fake mode runs on meta tensors where the vendor allows it (tracer.meta_capture: the same graph, faster)
     captured = vendor.meta_inputs(prepared, options) if mode == "fake" and not cuda and meta else None
     if captured is not None:
@@ -160,15 +160,16 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
         except Exception as exc:  # a vendor path meta tensors cannot take: FakeTensorMode records the same graph
             print(f"flopdiff: note: the capture on meta tensors failed ({exc.__class__.__name__}: "
                   f"{' '.join(str(exc).split())[:200]}); capturing under FakeTensorMode instead", file=sys.stderr)
-            result.stages, result.worker_steps = {}, []
     return run(FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else contextlib.nullcontext(), prepared)
 
 
-def _build_and_capture(result: Trace, vendor: Any, roots: list[str], parallel: bool, instrument: Instrument | None,
-                       progress: Callable[[str], None], rows: Callable[[list[StageGraph]], list[StageGraph]] | None,
-                       fake: Any, inputs: Prepared) -> Trace:
+def _build_and_capture(new_trace: Callable[[], Trace], vendor: Any, roots: list[str], parallel: bool,
+                       instrument: Instrument | None, progress: Callable[[str], None],
+                       rows: Callable[[list[StageGraph]], list[StageGraph]] | None, fake: Any,
+                       inputs: Prepared) -> Trace:
     """Build the model under `fake` (a meta capture, FakeTensorMode, or nothing in real mode) and capture every stage
-    from `inputs` into `result`."""
+    from `inputs` into a new trace."""
+    result = new_trace()
     mode, cuda = result.options.mode, result.options.device == "cuda"
     device = torch.device("cuda") if cuda else contextlib.nullcontext()
     progress(f"building the model ({mode} weights)")
