@@ -29,14 +29,23 @@ def presets() -> list[str]:
 
 
 def compose(model: str, overrides: list[str] | None = None) -> Any:
-    """defaults.yaml + the CLI/API `key=value` overrides (OmegaConf dotlist)."""
-    base = OmegaConf.load(PRESETS / "defaults.yaml")
-    try:
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
-    except Exception as exc:  # OmegaConf raises several types for a malformed dotlist
-        raise FlopdiffError(f"override {overrides}: {exc}") from None
+    """defaults.yaml + the CLI/API `key=value` overrides (OmegaConf dotlist), read-only."""
+    cfg = _composed(tuple(overrides or ()))
     if model not in cfg.models:
         raise FlopdiffError(f"--model {model!r}: unknown model; choose one of {', '.join(cfg.models)}")
+    return cfg
+
+
+@lru_cache(maxsize=64)
+def _composed(overrides: tuple[str, ...]) -> Any:
+    """Parsed and merged once per process and overrides: a sweep of 2,000 pages composed it 8,000 times, 96% of a
+    warm sweep's 63 s. Read-only, since every caller shares it."""
+    base = OmegaConf.load(PRESETS / "defaults.yaml")
+    try:
+        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as exc:  # OmegaConf raises several types for a malformed dotlist
+        raise FlopdiffError(f"override {list(overrides)}: {exc}") from None
+    OmegaConf.set_readonly(cfg, True)
     return cfg
 
 

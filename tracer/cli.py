@@ -1,7 +1,9 @@
 """flopdiff command line (`flopdiff`, `python -m tracer.diff`; `flopdiff sweep PATH...` over a corpus: tracer.sweep):
 parse, run the pipeline (tracer.pipeline), print, write
 the output set (replaced whole: tracer.lifecycle), exit: 0; 1 when a stage's gap exceeds --max-gap; 2 for bad input (one
-line, nothing written); 128 + the signal after SIGINT / SIGTERM (one line, the output folder left as it was)."""
+line, nothing written); 3 for an internal error (one line naming where it happened: a crash must never read as a gap
+to a CI gate; FLOPDIFF_TRACEBACK=1 prints the whole traceback too); 128 + the signal after SIGINT / SIGTERM (one line,
+the output folder left as it was)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,15 +21,17 @@ from pathlib import Path
 from rich.console import Console
 
 from tracer import flags, sweep
-from tracer.errors import FlopdiffError
+from tracer.errors import Aborted, FlopdiffError
 from tracer.lifecycle import Interrupted, OutputSet, signals_as_exceptions
-from tracer.pipeline import Options, check, real_run_warning, run
+from tracer.pipeline import Options, check, pinned, real_run_warning, run
+from tracer.tables import terminal
 from tracer.vendors import BuildOptions, parse_impl
 from tracer.workload import Workload, parse_image_shape
 
 STARTED = time.perf_counter()  # this module's import: the process's imports before it are not counted
 DEFAULT = Workload()
 SAME_NAME_BUILD = ("vendor_dir", "trust_remote_code", "device")
+INTERNAL_ERROR = 3
 SAME_NAME = ("config", "mode", "analytic", "mapping", "causal_halving", "policy", "graph", "ncu", "nvtx_module",
              "explain", "sequential", "allow_long", "max_gap")
 
@@ -54,9 +59,13 @@ def options_from_args(args: argparse.Namespace) -> Options:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    with pinned(workload_from_args(args), options_from_args(args)) as (workload, options):  # pipes read once
+        return _run_command(args, workload, options)
+
+
+def _run_command(args: argparse.Namespace, workload: Workload, options: Options) -> int:
     label, t = "loading the vendor code and the tables", time.perf_counter()
     phases = [("startup", t - STARTED)]
-    workload, options = workload_from_args(args), options_from_args(args)
     workload = check(workload, options)  # bad input fails here, before minutes of tracing
     if warning := real_run_warning(workload, options):
         print(f"flopdiff: warning: {warning}", file=sys.stderr)
@@ -71,7 +80,7 @@ def run_command(args: argparse.Namespace) -> int:
 
             result = run(workload, options, progress)
             progress("writing the reports")
-        out = Console(width=None if sys.stdout.isatty() else 140)  # piped output: full numbers, no ellipsis
+        out = terminal()
         for table in result.tables():
             out.print(table)
         if outputs is not None:
@@ -96,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def guarded(command: Callable[[], int]) -> int:
-    """Run a command: bad input is one line and exit 2, a signal one line and 128 + its number."""
+    """Run a command: bad input is one line and exit 2, a signal one line and 128 + its number, any other exception
+    one line and exit 3 (INTERNAL_ERROR)."""
     collecting = gc.isenabled()
     gc.disable()  # millions of long-lived graph objects: the cyclic collector would rescan them, a fifth of the run
     try:
@@ -110,9 +120,29 @@ def guarded(command: Callable[[], int]) -> int:
         print(f"flopdiff: interrupted ({signal.Signals(signum).name}); the output folder was left as it was",
               file=sys.stderr)
         return 128 + signum
+    except Aborted as exc:
+        print(f"flopdiff: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return INTERNAL_ERROR
+    except Exception as exc:  # a bug or the machine, never the input: one line, and a code no gate reads as a gap
+        print(f"flopdiff: internal error: {internal(exc)}", file=sys.stderr)
+        if os.environ.get("FLOPDIFF_TRACEBACK"):
+            traceback.print_exception(exc)
+        return INTERNAL_ERROR
     finally:
         if collecting:
             gc.enable()
+
+
+def internal(exc: BaseException) -> str:
+    """An unexpected exception in one line: its type, message and the innermost flopdiff frame (else the innermost)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if f"{os.sep}tracer{os.sep}" in f.filename or f"{os.sep}analytic{os.sep}" in f.filename
+            or f"{os.sep}mapping{os.sep}" in f.filename]
+    where = (ours or frames or [None])[-1]
+    at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+    message = " ".join(str(exc).split())[:300]
+    return (f"{exc.__class__.__name__}{': ' + message if message else ''}{at}; this is a flopdiff bug or a machine "
+            f"fault, not your input: please report it with the command line (FLOPDIFF_TRACEBACK=1 shows the traceback)")
 
 
 def cli() -> None:

@@ -6,6 +6,12 @@ Contract, whatever ends the run (a bad input, an exception, SIGINT, SIGTERM, SIG
     folder with the old one in one atomic rename (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames,
     between which `--out` is briefly absent, never mixed). A reader sees the old complete set or the new one.
     An existing `--out` holding files flopdiff does not write is refused: the folder is replaced as a whole.
+    A symlink `--out` is followed: the set is written at its target, and the link stays. A mount point (a
+    container's `-v host:/out`) cannot be renamed, and the folder above it is another file system: there the
+    staging folder is made inside it, and the commit swaps the entries one by one (each file or folder atomic,
+    the set as a whole not: a reader may see old and new files for the milliseconds of the swap). A file system
+    that fills up, or any other write failure, is one error naming `--out`, and the previous set stays.
+    Two runs committing to the same new `--out` at once both succeed, the later set last.
   * `temp_folder`: scratch folders are named after the process that owns them (`flopdiff-<what>-<pid>-...`);
     those whose owner is gone (a SIGKILL leaves them) are removed when the next run starts (`sweep_scratch`),
     and staging folders the same way by the next run writing beside them.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import functools
 import os
 import re
@@ -59,9 +66,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _sweep(folder: Path, prefix: str) -> None:
-    """Remove `prefix-PID-*` entries of `folder` (prefix: a regular expression) whose PID is no running process
-    (left by a killed run)."""
+def sweep_dead(folder: Path, prefix: str) -> None:
+    """Remove `prefix-PID-*` entries of `folder` (prefix: a regular expression), folders or files, whose PID is no
+    running process (left by a killed run)."""
     pattern = re.compile(prefix + r"-(\d+)-")
     try:
         entries = list(folder.iterdir())
@@ -70,12 +77,18 @@ def _sweep(folder: Path, prefix: str) -> None:
     for entry in entries:
         m = pattern.match(entry.name)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                try:
+                    entry.unlink()
+                except OSError:
+                    pass
 
 
 def sweep_scratch() -> None:
     """Remove the scratch folders (`temp_folder`) of runs that are gone, whatever their kind (a run starts here)."""
-    _sweep(Path(tempfile.gettempdir()), r"flopdiff-[a-z0-9]+")
+    sweep_dead(Path(tempfile.gettempdir()), r"flopdiff-[a-z0-9]+")
 
 
 def temp_folder(what: str) -> str:
@@ -146,11 +159,12 @@ class OutputSet:
     """The files of one run, staged beside `--out` and swapped in whole by `commit()`; `discard()` drops them."""
 
     def __init__(self, out: str | os.PathLike, flag: str = "--out"):
-        self.out = Path(os.path.abspath(out))
-        self.flag = f"{flag} {out}"  # errors name the input as given
+        self.out = Path(os.path.realpath(out))  # a symlink's target is the folder replaced; the link stays
+        self.flag = f"{flag} {os.fspath(out)}"  # errors name the input as given
         sweep_scratch()  # a run starts here: what killed runs left in the temporary folder goes
         self._check()
         self._made: list[Path] = []  # parent folders this run created (removed again if it writes nothing)
+        self.inside = os.path.ismount(self.out)  # a mount point: staged inside it, swapped entry by entry
         missing = []
         for parent in self.out.parents:
             if parent.exists():
@@ -158,11 +172,14 @@ class OutputSet:
             missing.append(parent)
         try:
             for parent in reversed(missing):
-                parent.mkdir()
+                try:
+                    parent.mkdir()
+                except FileExistsError:  # another run made it meanwhile: not ours to remove
+                    continue
                 self._made.append(parent)
-            prefix = f".{self.out.name}{STAGING}"
-            _sweep(self.out.parent, re.escape(prefix))
-            self.staging = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=self.out.parent))
+            where, prefix = (self.out, STAGING) if self.inside else (self.out.parent, f".{self.out.name}{STAGING}")
+            sweep_dead(where, re.escape(prefix))
+            self.staging = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=where))
         except OSError as exc:
             self._remove_made()
             raise FlopdiffError(f"{self.flag}: cannot create an output folder there "
@@ -181,7 +198,8 @@ class OutputSet:
                 raise FlopdiffError(f"{flag}: {what}; give a folder path")
         if out.is_dir():
             try:
-                foreign = sorted(e.name for e in out.iterdir() if e.name not in OUTPUT_NAMES)
+                foreign = sorted(e.name for e in out.iterdir()
+                                 if e.name not in OUTPUT_NAMES and not e.name.startswith(STAGING))
             except OSError as exc:
                 raise FlopdiffError(f"{flag}: cannot read it ({exc.strerror}); choose another folder") from None
             if foreign:
@@ -205,12 +223,27 @@ class OutputSet:
 
     def write(self, name: str, data: str | bytes) -> None:
         path = self.path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        except OSError as exc:
+            raise self._failed(f"cannot write {name}", exc) from None
+
+    def _failed(self, what: str, exc: OSError) -> FlopdiffError:
+        fix = "free some space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder"
+        return FlopdiffError(f"{self.flag}: {what} ({exc.strerror or exc.__class__.__name__}); {fix} or choose "
+                             f"another folder (the previous output set was kept)")
 
     def commit(self) -> None:
         """Make the staged files the output set, in one step; the old set is deleted after."""
+        try:
+            self._commit()
+        except OSError as exc:
+            raise self._failed("cannot replace the output set", exc) from None
+        self._made = []
+
+    def _commit(self) -> None:
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(self.staging, 0o777 & ~mask)  # mkdtemp made it 0700: give it a normal folder's mode
@@ -219,17 +252,48 @@ class OutputSet:
                 os.chmod(os.path.join(folder, d), 0o777 & ~mask)
             for f in files:
                 os.chmod(os.path.join(folder, f), 0o666 & ~mask)
-        if self.out.exists() and _exchange(self.staging, self.out):
-            shutil.rmtree(self.staging, ignore_errors=True)  # now the old set
-        else:
-            old = None
-            if self.out.exists():  # no atomic exchange here: move the old set aside, then the new one in
+        if self.inside:
+            self._swap_entries()
+            return
+        for _ in range(8):  # another run may commit the same new --out between our look and our rename
+            if self.out.exists():
+                if _exchange(self.staging, self.out):
+                    shutil.rmtree(self.staging, ignore_errors=True)  # now the old set
+                    return
+                # no atomic exchange here: move the old set aside, then the new one in
                 old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{STAGING}-{os.getpid()}-", dir=self.out.parent))
-                os.rename(self.out, old / "old")
-            os.rename(self.staging, self.out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        self._made = []
+                try:
+                    os.rename(self.out, old / "old")
+                except FileNotFoundError:  # the other run moved it meanwhile
+                    shutil.rmtree(old, ignore_errors=True)
+                    continue
+                try:
+                    os.rename(self.staging, self.out)
+                finally:
+                    shutil.rmtree(old, ignore_errors=True)
+                return
+            try:
+                os.rename(self.staging, self.out)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        raise OSError(errno.EBUSY, "other runs keep replacing it", str(self.out))
+
+    def _swap_entries(self) -> None:
+        """A mount point's commit: each new entry swapped with the old one of its name (atomic per entry), the old
+        set's other entries moved into the staging folder, which then goes with all of them."""
+        new = {e.name for e in self.staging.iterdir()}
+        for name in sorted(new):
+            target, staged = self.out / name, self.staging / name
+            if not target.exists() or not _exchange(staged, target):
+                if target.is_dir():
+                    os.rename(target, self.staging / f".old-{name}")
+                os.replace(staged, target)
+        for entry in self.out.iterdir():
+            if entry.name in OUTPUT_NAMES and entry.name not in new:
+                os.rename(entry, self.staging / f".old-{entry.name}")
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)

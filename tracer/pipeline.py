@@ -20,8 +20,9 @@ same workload (analytic) -> map every FLOP-bearing node to an analytic layer (ma
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,10 @@ from tracer import cache
 from tracer.errors import FlopdiffError
 from tracer.explain import check_id, explain
 from tracer.gaps import analytic_for, catalogue, map_report, request_shape, shape_of, with_diff
+from tracer.inputs import Pinned
 from tracer.result import Result, check_max_gap
 from tracer.vendors import BuildOptions, check_model
-from tracer.vendors.options import DEFAULT_EXPERTS, attention_parts, implementations
+from tracer.vendors.options import DEFAULT_EXPERTS, attention_parts, implementations, resolve_vendor_dir
 from tracer.workload import Workload, validate
 
 # The modules that import torch (tracing, counting, kernels, ONNX, attention plugins) are imported where a run needs
@@ -65,8 +67,32 @@ class Options:
     #                                     where it was captured holds its report rows (`StageGraph.rows`), no graph
 
 
+# the values an option may take, checked at the API's edge (the command line's choices say the same): a bogus mode
+# ran 47 s of real compute, a bogus device failed deep in torch
+CHOICES = {"mode": ("fake", "real"), "graph": ("fx", "onnx"), "build.device": ("cpu", "cuda"),
+           "build.dtype": ("bfloat16", "float32")}
+FLAGS = {"build.dtype": "BuildOptions.dtype"}  # an option with no flag of its own is named by its field
+
+
+def _check_options(options: Options) -> None:
+    """Every enumerated option among its values, every switch a bool (FlopdiffError naming the option)."""
+    for dotted, allowed in CHOICES.items():
+        value = options
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            name = FLAGS.get(dotted, "--" + dotted.split(".")[-1])
+            raise FlopdiffError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
+    for holder in (options, options.build):
+        for f in fields(holder):
+            if f.type in ("bool", bool) and type(getattr(holder, f.name)) is not bool:
+                raise FlopdiffError(f"{type(holder).__name__}.{f.name} = {getattr(holder, f.name)!r}: must be True "
+                                    f"or False")
+
+
 def check(workload: Workload, options: Options) -> Workload:
     """The checks that need no trace (a bad model, preset, table, graph or workload fails in a second)."""
+    _check_options(options)
     if options.ncu and options.build.device != "cuda":
         raise FlopdiffError(f"--ncu {options.ncu}: needs --device cuda --mode real")
     check_model(workload.model)
@@ -90,9 +116,26 @@ def check(workload: Workload, options: Options) -> Workload:
 
 
 def _analytic_config(options: Options) -> str | None:
-    """The config the analytic model reads: --config, else the vendor folder's, else the model's published one."""
-    vendor_dir = options.build.vendor_dir
+    """The config the analytic model reads: the traced model's, always: --config, else the vendor folder's (a
+    `hub:` folder resolved to its snapshot), else the model's published one."""
+    vendor_dir = resolve_vendor_dir(options.build.vendor_dir, options.build.trust_remote_code)
     return options.config or (str(Path(vendor_dir) / "config.json") if vendor_dir else None)
+
+
+@contextmanager
+def pinned(workload: Workload, options: Options) -> Iterator[tuple[Workload, Options]]:
+    """The workload and options with every input that can be read once only (a pipe, a FIFO) copied, so that the
+    checks, the trace cache's key and the vendor all read the same bytes (tracer.inputs); the copies go on exit.
+    Idempotent: a copy is a regular file, pinned again as itself."""
+    pins = Pinned()
+    try:
+        image = pins.path(workload.image_path, "--image")
+        label = workload.image_label or (workload.image_path if image != workload.image_path else None)
+        yield (replace(workload, image_path=image, image_label=label,
+                       tokenizer=pins.path(workload.tokenizer, "--tokenizer")),
+               replace(options, config=pins.path(options.config, "--config")))
+    finally:
+        pins.close()
 
 
 def _layer_ids(workload: Workload, options: Options) -> set[str]:
@@ -113,26 +156,46 @@ def real_run_warning(workload: Workload, options: Options) -> str | None:
     return real_run_estimate(workload, _analytic_config(options))
 
 
+# what a cached document that passed the cache's checks may still raise when diffed (a field's value of the wrong
+# shape): the entry is dropped and the workload traced, so that a damaged cache never fails a run
+DAMAGED = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
 def run(workload: Workload, options: Options = Options(), progress: Callable[[str], None] = lambda msg: None) -> Result:
     """Trace, count, diff and (as asked) attribute kernels, run Nsight Compute, export ONNX, explain."""
-    workload = check(workload, options)
-    build = replace(options.build, mode=options.mode,
-                    experts=options.build.experts or DEFAULT_EXPERTS.get(workload.model))
-    entry = None
-    if cache.usable(options.mode, build.device, options.graph, build.attn_plugins, options.keep_graphs,
-                    bool(options.ncu or options.nvtx_module), options.cache):
-        entry = cache.key(workload, build, options.config, options.causal_halving)
-    report, tr = (cache.load(entry) if entry else None), None
-    if report is not None:
-        progress("served from the trace cache (--no-cache traces again)")
-    else:
+    with pinned(workload, options) as (workload, options):
+        workload = check(workload, options)
+        vendor_dir = resolve_vendor_dir(options.build.vendor_dir, options.build.trust_remote_code)
+        options = replace(options, build=replace(options.build, vendor_dir=vendor_dir))
+        build = replace(options.build, mode=options.mode,
+                        experts=options.build.experts or DEFAULT_EXPERTS.get(workload.model))
+        entry = None
+        if cache.usable(options.mode, build.device, options.graph, build.attn_plugins, options.keep_graphs,
+                        bool(options.ncu or options.nvtx_module), options.cache):
+            entry = cache.key(workload, build, options.config, options.causal_halving)
+        report = cache.load(entry) if entry else None
+        if report is not None:
+            progress("served from the trace cache (--no-cache traces again)")
+            # the entry is keyed by the image's bytes: this run names the image as it was given
+            report = {**report, "workload": {**report["workload"], "image_path": workload.image_name}}
+            try:
+                return _diffed(workload, options, build, report, None, progress)
+            except DAMAGED as exc:
+                cache.discard(entry, f"{exc.__class__.__name__}: {exc}")
         report, tr = _traced(workload, options, progress)
         if entry:
             cache.store(entry, report)
+        return _diffed(workload, options, build, report, tr, progress)
+
+
+def _diffed(workload: Workload, options: Options, build: BuildOptions, report: dict[str, Any], tr: Any,
+            progress: Callable[[str], None]) -> Result:
+    """The counted document diffed against the analytic model, mapped, and (as asked) kernels, Nsight Compute,
+    ONNX and one id explained: the run's result."""
     progress(f"analytic model ({options.analytic}) and mapping")
     analytic = analytic_for(workload.model, shape_of(report["workload"]), options.analytic, options.causal_halving,
-                            options.config, report["workload"]["image_tokens"], options.policy, options.build.device,
-                            attention_parts(workload.model, build))
+                            _analytic_config(options), report["workload"]["image_tokens"], options.policy,
+                            options.build.device, attention_parts(workload.model, build))
     mapping = map_report(report, analytic, options.mapping)
     report = with_diff(report, analytic, mapping)
     ncu_csv = None

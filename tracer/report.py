@@ -94,7 +94,7 @@ def build_report(tr: Trace) -> dict[str, Any]:
         "model": w.model,
         "workload": {
             "image_wh": list(d.image_wh),
-            "image_path": w.image_path, "base_size": d.base_size, "tile_size": d.tile_size,
+            "image_path": w.image_name, "base_size": d.base_size, "tile_size": d.tile_size,
             "crop_mode": w.crop_mode, "views": d.views, "crop_grid_wh": list(d.crop_grid_wh),
             "image_tokens": d.image_tokens, "prompt_len": d.prompt_len, "decode_steps": w.decode_steps,
         },

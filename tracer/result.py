@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from rich.text import Text
+
 from tracer.errors import FlopdiffError
 from tracer.forking import forked
 from tracer.html import render_html
@@ -212,8 +214,8 @@ class Result:
         if report["coverage"]["unmapped"]:
             out.append(unmapped_table(report))
         if report["unknown_ops"]:
-            out.append("[bold red]ops that may carry FLOPs and have no formula:[/] " +
-                       ", ".join(f"{u['op']} x{u['count']}" for u in report["unknown_ops"]))
+            out.append(Text.assemble(("ops that may carry FLOPs and have no formula: ", "bold red"),
+                                     ", ".join(f"{u['op']} x{u['count']}" for u in report["unknown_ops"])))
         if self.detail is not None:
             out.append(self.detail)
         return out

@@ -7,7 +7,15 @@ first page's size, in fake mode) in a process pool over the cores, and every pag
 beside its own analytic model (cheap). Outputs, replaced as a whole: `sweep.csv` (a row per page), `sweep.json`,
 `sweep.html` (self-contained: the distribution of FLOPs per stage, FLOPs against aspect ratio by crop grid, the gap
 per key, the worst pages) and `keys/<key>/report.html|json`, each key's node-level report.
-PATH: image files, folders of images (recursively; an unreadable file is listed, never fatal for the rest), or WxH.
+PATH: image files, folders of images (recursively; an unreadable file or sub-folder is listed, never fatal for the
+rest), or WxH.
+
+Processes: the pool's workers are spawned children of this process that die with it (Linux `PR_SET_PDEATHSIG`), so
+a `kill -9` of the sweep leaves no process (a forkserver, as before, outlived it with its workers: they were its
+children, not ours); SIGINT or SIGTERM stop the workers at once instead of waiting for every pending key; a worker
+that dies (the OOM killer) is one line and exit 3, the output folder untouched. Text from file names reaches the
+terminal with control characters escaped and `sweep.csv` quoted for spreadsheets (a cell that starts with = + - @
+is prefixed with ', OWASP's rule against formula injection).
 """
 
 from __future__ import annotations
@@ -22,8 +30,11 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from multiprocessing import get_context
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +44,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from analytic.api import build
 from tracer import flags
-from tracer.errors import FlopdiffError
+from tracer.errors import Aborted, FlopdiffError
 from tracer.gaps import analytic_for, request_shape
 from tracer.html import script_safe
+from tracer.tables import terminal
 from tracer.lifecycle import OutputSet, die_with_parent
-from tracer.pipeline import Options, check, run
+from tracer.pipeline import Options, check, pinned, run
 from tracer.vendors import BuildOptions, parse_impl
 from tracer.vendors.options import attention_parts
 from tracer.workload import IMAGE_SUFFIXES, Workload, image_size, parse_image_shape
@@ -63,9 +75,29 @@ class Page:
     height: int
 
 
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+FORMULA = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting with these as a formula
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (\\x1b...): a file name must not move the cursor or clear the screen."""
+    return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def _images(folder: Path, unreadable: list[dict[str, str]]) -> list[Path]:
+    """The image files under `folder`, recursively; a sub-folder that cannot be listed goes to `unreadable`."""
+    def refused(exc: OSError) -> None:
+        unreadable.append({"path": exc.filename or str(folder), "why": f"cannot list it ({exc.strerror})"})
+
+    found = []
+    for root, _, names in os.walk(folder, onerror=refused):
+        found += [Path(root) / n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(f for f in found if f.is_file())
+
+
 def collect(paths: list[str]) -> tuple[list[Page], list[dict[str, str]]]:
     """The pages to measure and the files that could not be read (path, why). A PATH that does not exist is bad
-    input (one line, exit 2); an unreadable image inside a folder is listed and the rest goes on."""
+    input (one line, exit 2); an unreadable image or sub-folder inside a folder is listed and the rest goes on."""
     pages: list[Page] = []
     unreadable: list[dict[str, str]] = []
     for given in paths:
@@ -75,8 +107,7 @@ def collect(paths: list[str]) -> tuple[list[Page], list[dict[str, str]]]:
         p = Path(given)
         if not p.exists():
             raise FlopdiffError(f"sweep {given}: no such file or folder (give image files, folders of images or WxH)")
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES) \
-            if p.is_dir() else [p]
+        files = _images(p, unreadable) if p.is_dir() else [p]
         for f in files:
             try:
                 pages.append(Page(str(f), *image_size(f, str(f))))
@@ -91,10 +122,16 @@ def workload_key(workload: Workload, page: Page, options: BuildOptions) -> str:
     """What shapes the traced graph besides the model: the views the vendor tiling makes of the page, the token
     counts and decode steps, the model options. Readable: `grid2x3-tiles6-global1024-tile768-img1121-t4-d1`."""
     shape = request_shape(_on(workload, page))
-    v = build(workload.model, shape).views
+    v = _views(workload.model, shape)
     opts = "".join(f"-{k}{_slug(str(val))}" for k, val in (("attn", options.attn), ("experts", options.experts)) if val)
     return (f"grid{v.crop_grid_wh[0]}x{v.crop_grid_wh[1]}-tiles{v.tiles}-global{v.global_px}-tile{v.tile_px}"
             f"-img{v.image_tokens}-t{shape.text_tokens}-d{shape.decode_steps}{opts}")
+
+
+@lru_cache(maxsize=4096)
+def _views(model: str, shape: Any) -> Any:
+    """The vendor tiling of one page shape (a corpus has thousands of pages of a few dozen shapes)."""
+    return build(model, shape).views
 
 
 def _slug(text: str) -> str:
@@ -117,15 +154,20 @@ def _on(workload: Workload, page: Page) -> Workload:
 
 
 def page_rows(pages: list[Page], keys: dict[str, list[Page]], traced: dict[str, dict[str, Any]],
-              workload: Workload, options: Options, attention: dict[str, str]) -> list[dict[str, Any]]:
-    """A row per page: its key's traced counts beside its own analytic model, per stage."""
+              workload: Workload, options: Options, attention: dict[str, str],
+              advance: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+    """A row per page: its key's traced counts beside its own analytic model, per stage (`advance`: once a page)."""
     key_of = {id(p): k for k, ps in keys.items() for p in ps}
+    per_shape: dict[Any, dict[str, int]] = {}  # the analytic model is a function of the page's shape: once per shape
     rows = []
     for page in pages:
         key = key_of[id(page)]
-        an = analytic_for(workload.model, request_shape(_on(workload, page)), options.analytic,
-                          options.causal_halving, options.config, None, options.policy, options.build.device, attention)
-        analytic = {s["name"]: s["flops"] for s in an.doc["stages"]}
+        shape = request_shape(_on(workload, page))
+        if shape not in per_shape:
+            an = analytic_for(workload.model, shape, options.analytic, options.causal_halving, options.config, None,
+                              options.policy, options.build.device, attention)
+            per_shape[shape] = {s["name"]: s["flops"] for s in an.doc["stages"]}
+        analytic = per_shape[shape]
         t = traced[key]
         row: dict[str, Any] = {"path": page.path, "width": page.width, "height": page.height, "key": key,
                                "crop_grid": "x".join(map(str, t["crop_grid_wh"])), "image_tokens": t["image_tokens"]}
@@ -136,6 +178,7 @@ def page_rows(pages: list[Page], keys: dict[str, list[Page]], traced: dict[str, 
                         f"{s['name']}_full": s["flops_full"], f"{s['name']}_gap": gap,
                         f"{s['name']}_gap_pct": round(100 * gap / measured, 4) if measured else 0.0})
         rows.append(row)
+        advance()
     return rows
 
 
@@ -143,11 +186,18 @@ def worst(rows: list[dict[str, Any]], n: int = 10) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -max(abs(r[f"{s}_gap_pct"]) for s in STAGES))[:n]
 
 
+def _cell(value: Any) -> Any:
+    """A text cell a spreadsheet will not run as a formula (numbers stay numbers)."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA) else value
+
+
 def to_csv(rows: list[dict[str, Any]]) -> str:
+    """The rows as CSV; every text cell quoted (a name with a carriage return or a newline stays one cell when read
+    back: unquoted, `\r` split the row) and guarded against formula injection."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     w.writeheader()
-    w.writerows(rows)
+    w.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
     return buf.getvalue()
 
 
@@ -158,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """The `flopdiff sweep` command (tracer.cli hands it the arguments after `sweep`)."""
     args = build_parser().parse_args(argv)
+    with pinned(Workload(), Options(config=args.config)) as (_, pins):  # a piped --config read once
+        args.config = pins.config
+        return _sweep(args)
+
+
+def _sweep(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = args.model
     text_tokens = flags.text_tokens(model, args.text_tokens)
@@ -178,9 +234,10 @@ def main(argv: list[str]) -> int:
     for page in pages:
         keys.setdefault(workload_key(workload, page, build_options), []).append(page)
     attention = attention_parts(model, build_options)
-    with OutputSet(args.out) as outputs:
-        traced = _trace_all(keys, workload, options, args)
-        rows = page_rows(pages, keys, traced, workload, options, attention)
+    with OutputSet(args.out) as outputs, _progress(args.quiet) as bar:
+        traced = _trace_all(keys, workload, options, args.jobs, bar)
+        task = bar.add_task("", total=len(pages), what="analytic model per page")
+        rows = page_rows(pages, keys, traced, workload, options, attention, lambda: bar.advance(task))
         summary = {"model": model, "analytic": {"preset": options.analytic, "policy": options.policy},
                    "workload": knobs, "pages": len(pages), "keys": len(keys), "unreadable": unreadable,
                    "per_key": [{"key": k, "pages": len(ps), "first": ps[0].path, "stages": traced[k]["stages"]}
@@ -192,34 +249,36 @@ def main(argv: list[str]) -> int:
         for k, t in traced.items():
             outputs.write(f"keys/{k}/report.json", t["json"])
             outputs.write(f"keys/{k}/report.html", t["html"])
-    out = Console(width=None if sys.stdout.isatty() else 140)
-    out.print(f"sweep: {len(pages)} pages, {len(keys)} workload keys traced, {len(unreadable)} unreadable, "
+    terminal().print(f"sweep: {len(pages)} pages, {len(keys)} workload keys traced, {len(unreadable)} unreadable, "
               f"{time.perf_counter() - started:.1f} s; wrote {Path(args.out)}/sweep.csv, sweep.json, sweep.html, keys/")
     for u in unreadable:
-        print(f"flopdiff sweep: unreadable: {u['path']}: {u['why']}", file=sys.stderr)
+        print(f"flopdiff sweep: unreadable: {printable(u['path'])}: {printable(u['why'])}", file=sys.stderr)
     if args.max_gap is not None:
         over = [r for r in worst(rows, len(rows)) if any(abs(r[f"{s}_gap_pct"]) > args.max_gap for s in STAGES)]
         if over:
-            named = ", ".join(f"{r['path']} ({max(abs(r[f'{s}_gap_pct']) for s in STAGES):.2f}%)" for r in over[:5])
+            named = ", ".join(f"{printable(r['path'])} ({max(abs(r[f'{s}_gap_pct']) for s in STAGES):.2f}%)" for r in over[:5])
             print(f"flopdiff sweep: {len(over)} pages exceed --max-gap {args.max_gap:g}: {named}", file=sys.stderr)
             return 1
     return 0
 
 
-def _trace_all(keys: dict[str, list[Page]], workload: Workload, options: Options,
-               args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Every key's run, in a pool of processes that die with this one; a progress bar of keys and pages."""
-    jobs = min(args.jobs or os.cpu_count() or 1, len(keys))
-    traced: dict[str, dict[str, Any]] = {}
-    columns = (TextColumn("tracing workload keys"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+def _progress(quiet: bool) -> Progress:
+    columns = (TextColumn("{task.fields[what]}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                TimeRemainingColumn())
-    # forkserver, not fork: this process has threads (the progress bar's; a browser's in tests), and a child forked
-    # from a threaded process can deadlock on a lock one of them held; the server imports the pipeline once
-    context = get_context("forkserver")
-    context.set_forkserver_preload(["tracer.pipeline"])
-    with Progress(*columns, console=Console(stderr=True, quiet=args.quiet)) as bar, \
-            ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=die_with_parent) as pool:
-        task = bar.add_task("", total=len(keys))
+    return Progress(*columns, console=Console(stderr=True, quiet=quiet))
+
+
+def _trace_all(keys: dict[str, list[Page]], workload: Workload, options: Options, jobs: int | None,
+               bar: Progress) -> dict[str, dict[str, Any]]:
+    """Every key's run, in a pool of spawned processes that die with this one; a progress bar of keys and pages."""
+    jobs = min(jobs or os.cpu_count() or 1, len(keys))
+    traced: dict[str, dict[str, Any]] = {}
+    task = bar.add_task("", total=len(keys), what="tracing workload keys")
+    # spawn: the workers are this process's own children, so that the parent-death signal reaches them (a
+    # forkserver's workers are the server's children and outlived a killed sweep), and no fork of a threaded
+    # process (the progress bar's thread; a browser's in tests) can deadlock on a lock one of them held
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with_parent)
+    try:
         pending = {pool.submit(_trace_key, k, ps[0], workload, options): k for k, ps in keys.items()}
         done_pages = 0
         for future in as_completed(pending):
@@ -227,4 +286,24 @@ def _trace_all(keys: dict[str, list[Page]], workload: Workload, options: Options
             traced[k] = future.result()
             done_pages += len(keys[k])
             bar.update(task, advance=1, description=f"{done_pages}/{sum(map(len, keys.values()))} pages")
+    except BrokenProcessPool:
+        _stop(pool)
+        raise Aborted("flopdiff sweep: a worker process died (killed by a signal, or the out-of-memory killer: try "
+                      "--jobs 1); nothing was written") from None
+    except BaseException:  # SIGINT, SIGTERM, a key's error: the keys still pending are not waited for
+        _stop(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return traced
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and kill the workers now (ProcessPoolExecutor.kill_workers from Python 3.14;
+    before it, its process table)."""
+    kill = getattr(pool, "kill_workers", None)
+    if kill is not None:
+        kill()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()

@@ -3,12 +3,32 @@ see, unmapped nodes, kernels (CUDA), Nsight Compute, ONNX consistency. Each read
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from tracer.gaps import unseen_ops
+
+
+class _Terminal(Console):
+    """A reader that stops reading (`flopdiff ... | head -3`) ends the terminal output, not the run: rich's default
+    exits with 1 there, which reads as a gap and wrote no report. Later output goes to /dev/null."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def terminal() -> Console:
+    """Standard output for the tables: piped, 140 columns (full numbers, no ellipsis); no markup, so that paths and
+    vendor strings print as they are (`--out 'o[/bold]'` raised a MarkupError, `o[red]x` printed `ox`)."""
+    return _Terminal(width=None if sys.stdout.isatty() else 140, markup=False)
 
 
 def _fmt(n: int) -> str:

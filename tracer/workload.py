@@ -4,10 +4,14 @@ vendor's preprocessing, see `tracer.vendors`; this module only validates and hol
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from tracer.errors import FlopdiffError
 
@@ -32,6 +36,13 @@ class Workload:
     prompt: str | None = None
     tokenizer: str | None = None
     decode_steps: int = 1
+    # how reports name the image when `image_path` is flopdiff's copy of a pipe (tracer.inputs); never in a cache key
+    image_label: str | None = None
+
+    @property
+    def image_name(self) -> str | None:
+        """The image as the user named it."""
+        return self.image_label or self.image_path
 
 
 def parse_image_shape(text: str) -> tuple[int, int]:
@@ -57,50 +68,102 @@ def check_image_wh(wh: tuple[int, int], what: str) -> tuple[int, int]:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that turn the stored image by 90 degrees: width and height swap
 
 
-def image_size(path: str | Path, what: str) -> tuple[int, int]:
-    """A file's page size from its header (nothing decoded), checked like any page size; `what` names the input."""
+@contextmanager
+def _opened(path: str | Path, what: str) -> Iterator[Any]:
+    """The file opened by PIL, with flopdiff's size limit in place of PIL's decompression-bomb check (which raises at
+    179 Mpx and warns from 89 Mpx); any reading failure is one FlopdiffError naming `what`."""
     from PIL import Image
 
+    if not Path(path).exists():
+        raise FlopdiffError(f"{what}: no such file")
+    if Path(path).is_dir():
+        raise FlopdiffError(f"{what}: is a folder; give an image file")
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
         with warnings.catch_warnings(), Image.open(path) as im:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            size = im.size
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            yield im
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # SyntaxError: PIL's parsers
         raise FlopdiffError(f"{what}: cannot read it as an image ({exc.__class__.__name__}: {exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+def _upright(im: Any) -> tuple[int, int]:
+    """The size of the page as the vendors load it: both apply EXIF orientation (PIL's `exif_transpose`: v1's
+    `load_image`, transformers' `load_image`), so an orientation-6 photo stored 1000x1400 is a 1400x1000 page."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(EXIF_ORIENTATION) in TRANSPOSED else (w, h)
+
+
+def image_size(path: str | Path, what: str) -> tuple[int, int]:
+    """A file's page size from its header (nothing decoded; EXIF orientation applied), checked like any page size;
+    `what` names the input."""
+    with _opened(path, what) as im:
+        size = _upright(im)
     return check_image_wh(size, what)
 
 
-def load_image(workload: Workload):
-    """The PIL image the vendor preprocessing receives: the user's file, or a white RGB page. A file's size is
-    checked from its header, before decoding; PIL's own decompression-bomb limit (which raises at 179 Mpx and
-    warns from 89 Mpx) gives way to that check."""
-    from PIL import Image
+def load_image(workload: Workload) -> Any:
+    """The PIL image the vendor preprocessing receives: the user's file upright (EXIF orientation applied, as the
+    vendors' own loaders do) in RGB, or a white RGB page. A file's size is checked from its header, before
+    decoding."""
+    from PIL import Image, ImageOps
 
     if workload.image_path is None:
         return Image.new("RGB", workload.image_wh, (255, 255, 255))
-    path = Path(workload.image_path)
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with warnings.catch_warnings(), Image.open(path) as im:
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            check_image_wh(im.size, f"--image {path}")
-            image = im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise FlopdiffError(f"--image {path}: cannot read it as an image ({exc.__class__.__name__}: {exc})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    return image
+    what = f"--image {workload.image_name}"
+    with _opened(workload.image_path, what) as im:
+        check_image_wh(_upright(im), what)
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+# the type each field must hold (the Python API gets no argparse): (types, what it must be); None always allowed
+# where the default is None
+TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "model": ((str,), "a model name"), "image_path": ((str,), "a path"), "base_size": ((int,), "an integer"),
+    "tile_size": ((int,), "an integer"), "crop_mode": ((bool,), "True or False"),
+    "text_tokens": ((int,), "an integer"), "prompt": ((str,), "a string"), "tokenizer": ((str,), "a path"),
+    "decode_steps": ((int,), "an integer"), "image_label": ((str,), "a string"),
+}
+FLAGS = {"image_path": "--image", "image_wh": "--image-shape"}  # a field's flag when it is not --field-name
+
+
+def _flag(name: str) -> str:
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _typed(workload: Workload) -> Workload:
+    """Paths given as os.PathLike become strings; any other value of the wrong type is a FlopdiffError naming the
+    parameter and its flag (a float step count failed 64 frames down in torch, a Path deep in a vendor)."""
+    paths = {k: os.fspath(getattr(workload, k)) for k in ("image_path", "tokenizer")
+             if isinstance(getattr(workload, k), os.PathLike)}
+    if isinstance(workload.image_wh, list):
+        paths["image_wh"] = tuple(workload.image_wh)
+    workload = replace(workload, **paths) if paths else workload
+    for f in fields(workload):
+        value = getattr(workload, f.name)
+        if f.name == "image_wh":
+            ok = (isinstance(value, tuple) and len(value) == 2 and all(type(v) is int for v in value))
+            kinds = "(width, height) in integers"
+        else:
+            types, kinds = TYPES[f.name]
+            ok = (value is None and f.default is None) or (
+                isinstance(value, types) and (bool in types or not isinstance(value, bool)))
+        if not ok:
+            raise FlopdiffError(f"Workload.{f.name} = {value!r} ({_flag(f.name)}): must be {kinds}")
+    return workload
 
 
 def validate(workload: Workload) -> Workload:
-    """Reject knobs no vendor accepts, naming the flag; returns the workload (with the file's size)."""
+    """Reject knobs no vendor accepts, naming the flag; returns the workload (with the image file's upright size,
+    read from its header, as `image_wh`)."""
+    workload = _typed(workload)
     if workload.decode_steps < 0:
         raise FlopdiffError(f"--decode-steps {workload.decode_steps}: must be 0 or more")
     if workload.text_tokens is not None and workload.text_tokens < 0:
@@ -120,7 +183,8 @@ def validate(workload: Workload) -> Workload:
         raise FlopdiffError("--prompt: needs --tokenizer to count its tokens (or give the count with --text-tokens)")
     if workload.image_path is None:
         check_image_wh(workload.image_wh, "--image-shape")
-    return workload
+        return workload
+    return replace(workload, image_wh=image_size(workload.image_path, f"--image {workload.image_name}"))
 
 
 @dataclass(frozen=True)

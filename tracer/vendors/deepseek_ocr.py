@@ -33,7 +33,7 @@ from tracer.errors import FlopdiffError
 from tracer.lifecycle import scratch
 from tracer.meta_capture import to_meta
 from tracer.vendors.base import Prepared
-from tracer.vendors.options import DEFAULT_EXPERTS, BuildOptions, attention_parts
+from tracer.vendors.options import DEFAULT_EXPERTS, BuildOptions, attention_parts, resolve_vendor_dir
 from tracer.vendors.deepseek_ocr_shims import (EVEN_SPLIT_NOTE, RealSums, cuda_identity, even_split_moe_infer,
                                                 meta_autocast, quiet_transformers)
 from tracer.workload import Derived, Workload, load_image
@@ -105,7 +105,7 @@ class DeepseekOcrVendor:
             raise FlopdiffError(f"--vendor-dir {options.vendor_dir}: loading DeepSeek-OCR imports and runs the Python "
                                 f"files in that folder (Hugging Face remote code); pass --trust-remote-code to allow it")
         _check_options(options)  # before the vendor code is imported or the page preprocessed
-        folder = _resolve_folder(options.vendor_dir)
+        folder = Path(resolve_vendor_dir(options.vendor_dir, options.trust_remote_code))
         file = Path(path) if path else folder / "config.json"
         if not file.is_file():
             raise FlopdiffError(f"--vendor-dir {folder}: no config.json there (expected a copy of the Hugging Face "
@@ -140,7 +140,8 @@ class DeepseekOcrVendor:
         base = workload.base_size or 1024
         # without crops the vendor's global view is `image_size`: a lone --base-size sets it (Tiny: 512, ...)
         tile = workload.tile_size or (workload.base_size if workload.base_size and not workload.crop_mode else 640)
-        captured = _run_infer(modeling, tokenizer, prompt, workload, base, tile)
+        image = load_image(workload)  # checked and upright before the vendor sees it
+        captured = _run_infer(modeling, tokenizer, prompt, image, workload.crop_mode, base, tile)
         ids = captured.args[0]
         crop, ori = captured.kwargs["images"][0]
         mask = captured.kwargs["images_seq_mask"]
@@ -149,7 +150,7 @@ class DeepseekOcrVendor:
         inputs = {"input_ids": ids, "images": [(crop, ori)], "images_seq_mask": mask,
                   "images_spatial_crop": captured.kwargs["images_spatial_crop"]}
         self.gate = RealSums([crop, ori])
-        w, h = _image_size(workload)
+        w, h = image.size
         derived = Derived(image_wh=(w, h), base_size=base if workload.crop_mode else tile, tile_size=tile,
                           views=1 + tiles, crop_grid_wh=grid, image_tokens=int(mask.sum()), prompt_len=ids.shape[1],
                           extra={"global_view_px": int(ori.shape[-1])})
@@ -300,29 +301,6 @@ def _check_options(options: BuildOptions) -> None:
                             f"(its SAM and CLIP always call scaled_dot_product_attention)")
 
 
-HUB = "hub:"  # --vendor-dir hub:ORG/NAME: the only way flopdiff reaches the network (code and config, no weights)
-
-
-def _resolve_folder(vendor_dir: str) -> Path:
-    """A local folder, or with the explicit `hub:` prefix a snapshot of the repo's *.py and *.json from the hub
-    (called only after the --trust-remote-code check). A plain `ORG/NAME` that is no folder is an error: a typo
-    must not send a request."""
-    if vendor_dir.startswith(HUB):
-        repo = vendor_dir[len(HUB):]
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(repo, allow_patterns=["*.py", "*.json"]))
-        except Exception as exc:  # offline, unknown repo, no huggingface_hub: say which and what to do
-            raise FlopdiffError(f"--vendor-dir {vendor_dir}: fetching {repo} from the hub failed "
-                                f"({exc.__class__.__name__}); download its *.py and *.json files and pass the folder") from None
-    folder = Path(vendor_dir)
-    if folder.is_dir():
-        return folder.resolve()
-    hint = f" (to fetch it from the Hugging Face hub, pass --vendor-dir {HUB}{vendor_dir})" if vendor_dir.count("/") == 1 else ""
-    raise FlopdiffError(f"--vendor-dir {vendor_dir}: no such folder{hint}")
-
-
 def _import_package(folder: Path) -> str:
     """Import the folder as a package of its own (its files use relative imports), once per folder."""
     name = "flopdiff_vendor_" + hashlib.sha1(str(folder).encode()).hexdigest()[:12]
@@ -348,12 +326,11 @@ def _import_package(folder: Path) -> str:
     return name
 
 
-def _image_size(workload: Workload) -> tuple[int, int]:
-    return load_image(workload).size if workload.image_path else workload.image_wh
-
-
-def _run_infer(modeling: types.ModuleType, tokenizer: Any, prompt: str, workload: Workload, base: int,
+def _run_infer(modeling: types.ModuleType, tokenizer: Any, prompt: str, image: Any, crop_mode: bool, base: int,
                tile: int) -> _Captured:
+    """infer() on `image` (flopdiff's own reading of the page: checked, upright, RGB), handed over as a PNG: the
+    vendor's loader (open, exif_transpose, convert RGB) gets the same pixels, and never a file that would fail
+    inside it with a traceback (a missing, truncated or garbage --image is one error line before this)."""
     def generate(*args, **kwargs):
         raise _Captured(args, kwargs)
 
@@ -362,15 +339,12 @@ def _run_infer(modeling: types.ModuleType, tokenizer: Any, prompt: str, workload
         # infer() wraps generate() in torch.autocast("cuda"), which warns on a machine without CUDA; generate()
         # never runs here, so the warning says nothing about this run
         warnings.filterwarnings("ignore", message="CUDA is not available", category=UserWarning)
-        image_file = workload.image_path
-        if image_file is None:
-
-            image_file = os.path.join(tmp, "page.png")
-            load_image(workload).save(image_file)
+        image_file = os.path.join(tmp, "page.png")
+        image.save(image_file, compress_level=1)
         try:
             modeling.DeepseekOCRForCausalLM.infer(stand_in, tokenizer, prompt=prompt, image_file=image_file,
                                                   output_path=os.path.join(tmp, "out"), base_size=base,
-                                                  image_size=tile, crop_mode=workload.crop_mode, eval_mode=True)
+                                                  image_size=tile, crop_mode=crop_mode, eval_mode=True)
         except _Captured as done:
             return done
     raise FlopdiffError("the vendor's infer() returned without calling generate(); its preprocessing changed")

@@ -3,9 +3,13 @@ sweep and a run served from the trace cache (tracer.cache) read them without imp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 from tracer.errors import FlopdiffError
+
+HUB = "hub:"  # --vendor-dir hub:ORG/NAME: the only way flopdiff reaches the network (code and config, no weights)
 
 
 def parse_impl(text: str, flag: str) -> str | dict[str, str]:
@@ -54,3 +58,35 @@ def attention_parts(model: str, options: BuildOptions) -> dict[str, str]:
         return {"decoder": attn, "vision": attn}
     return {"decoder": attn.get("text_config", attn.get("", "sdpa")),
             "vision": attn.get("vision_config", attn.get("", "sdpa"))}
+
+
+def resolve_vendor_dir(vendor_dir: str | None, trust_remote_code: bool) -> str | None:
+    """--vendor-dir as the local folder it names: itself, or for `hub:ORG/NAME` the snapshot of that repository's
+    *.py and *.json files (its path names the repository and its commit, so the trace cache tells two repositories
+    apart, and the analytic model reads the config of the code that runs). The hub is asked only after the
+    --trust-remote-code check, once per process. A plain `ORG/NAME` that is no folder is an error: a typo must
+    not send a request."""
+    if vendor_dir is None:
+        return None
+    if not vendor_dir.startswith(HUB):
+        folder = Path(vendor_dir)
+        if folder.is_dir():
+            return str(folder.resolve())
+        hint = f" (to fetch it from the Hugging Face hub, pass --vendor-dir {HUB}{vendor_dir})" \
+            if vendor_dir.count("/") == 1 else ""
+        raise FlopdiffError(f"--vendor-dir {vendor_dir}: no such folder{hint}")
+    if not trust_remote_code:
+        raise FlopdiffError(f"--vendor-dir {vendor_dir}: loading DeepSeek-OCR imports and runs the Python files in "
+                            f"that folder (Hugging Face remote code); pass --trust-remote-code to allow it")
+    return _snapshot(vendor_dir[len(HUB):])
+
+
+@functools.cache
+def _snapshot(repo: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return str(Path(snapshot_download(repo, allow_patterns=["*.py", "*.json"])).resolve())
+    except Exception as exc:  # offline, unknown repo, no huggingface_hub: say which and what to do
+        raise FlopdiffError(f"--vendor-dir {HUB}{repo}: fetching {repo} from the hub failed "
+                            f"({exc.__class__.__name__}); download its *.py and *.json files and pass the folder") from None
