@@ -4,6 +4,7 @@ command line can check before tracing are checked there; the rest within the fir
 """
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -51,6 +52,20 @@ CASES = [
     ("20000x20000", ["--image-shape", "20000x20000"], "exceeds 20000 px on a side or 150 Mpx"),
     ("image over the pixel limit", ["--image", "{tmp}/bomb.png"], "13000x13000 exceeds"),
     ("image not an image", ["--image", "{tmp}/afile"], "cannot read it as an image"),
+    # the image is read and checked by flopdiff before any vendor sees it (v1's loader gave 40-line tracebacks)
+    ("image missing", ["--image", "{tmp}/nosuch.png"], "--image {tmp}/nosuch.png: no such file"),
+    ("image 0 bytes", ["--image", "{tmp}/empty.png"], "empty.png: cannot read it as an image"),
+    ("image truncated", ["--image", "{tmp}/truncated.png"], "truncated.png: cannot read it as an image"),
+    ("image is a folder", ["--image", "{tmp}/theirs"], "theirs: is a folder; give an image file"),
+    ("image /dev/zero", ["--image", "/dev/zero"], "--image /dev/zero: more than 1 MiB from a pipe or device"),
+    ("image FIFO, no writer", ["--image", "{tmp}/fifo"], "fifo: nothing arrived in 0.3 s (a pipe or FIFO with no"),
+    ("v1 image missing", ["--model", "deepseek-ocr", "--vendor-dir", "{tmp}", "--trust-remote-code", "--text-tokens",
+                          "9", "--image", "{tmp}/nosuch.png"], "--image {tmp}/nosuch.png: no such file"),
+    ("v1 image garbage", ["--model", "deepseek-ocr", "--vendor-dir", "{tmp}", "--trust-remote-code", "--text-tokens",
+                          "9", "--image", "{tmp}/afile"], "afile: cannot read it as an image"),
+    ("v1 image truncated", ["--model", "deepseek-ocr", "--vendor-dir", "{tmp}", "--trust-remote-code",
+                            "--text-tokens", "9", "--image", "{tmp}/truncated.png"], "cannot read it as an image"),
+    ("config FIFO, no writer", ["--config", "{tmp}/fifo"], "--config {tmp}/fifo: nothing arrived in 0.3 s"),
     ("max gap nan", ["--max-gap", "nan"], "--max-gap nan: must be a number"),
     ("max gap inf", ["--max-gap", "inf"], "--max-gap inf: must be a number"),
     ("max gap negative", ["--max-gap", "-1"], "--max-gap -1.0: must be a number, 0 or more"),
@@ -111,6 +126,11 @@ def _fixtures(tmp: Path) -> None:
     from PIL import Image
 
     Image.new("1", (13000, 13000), 1).save(tmp / "bomb.png")  # 169 Mpx: over the limit, 20 KB on disk
+    (tmp / "empty.png").write_bytes(b"")
+    Image.new("RGB", (640, 640), (12, 34, 56)).save(tmp / "whole.png")
+    (tmp / "truncated.png").write_bytes((tmp / "whole.png").read_bytes()[:300])
+    (tmp / "whole.png").unlink()
+    os.mkfifo(tmp / "fifo")
 
 
 def _scratch() -> set[str]:
@@ -123,6 +143,10 @@ def _scratch() -> set[str]:
 
 @pytest.mark.parametrize("case, argv, says", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_nothing_written(case, argv, says, tmp_path, capsys, monkeypatch, no_network):
+    import tracer.inputs
+
+    monkeypatch.setattr(tracer.inputs, "STREAM_LIMIT", 1 << 20)  # /dev/zero refused after 1 MiB, not 512
+    monkeypatch.setattr(tracer.inputs, "STREAM_IDLE_S", 0.3)  # a FIFO nobody writes to: refused after 0.3 s, not 10
     _fixtures(tmp_path)
     monkeypatch.chdir(tmp_path)
     args = []
@@ -140,9 +164,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, argv, says, tmp_path
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("flopdiff: error: "), err
-    assert says in lines[0], lines[0]
+    assert says.format(tmp=tmp_path) in lines[0], lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no --out, no staging folder
-    assert _scratch() <= scratch
+    assert _scratch() <= scratch  # no copy of a pipe left either
 
 
 def test_a_large_image_within_the_limit_gives_no_warning(tmp_path, capsys):
@@ -173,3 +197,74 @@ def test_analytic_api_refuses_bad_values_by_parameter_name(knobs, says):
     with pytest.raises(FlopdiffError) as err:
         evaluate("deepseek-ocr-2", kwargs.pop("image_wh"), **kwargs)
     assert says in str(err.value) and "--" not in str(err.value)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("mode", "bogus", "--mode 'bogus': choose one of fake, real"),
+    ("graph", "bogus", "--graph 'bogus': choose one of fx, onnx"),
+    ("device", "tpu", "--device 'tpu': choose one of cpu, cuda"),
+    ("dtype", "float16", "BuildOptions.dtype 'float16': choose one of bfloat16, float32"),
+    ("build.mode", "bogus", "BuildOptions.mode 'bogus': choose one of fake, real"),
+    ("sequential", "yes", "Options.sequential = 'yes': must be True or False"),
+    ("decode_steps", 1.5, "Workload.decode_steps = 1.5 (--decode-steps): must be an integer"),
+    ("base_size", 1024.0, "Workload.base_size = 1024.0 (--base-size): must be an integer"),
+    ("text_tokens", True, "Workload.text_tokens = True (--text-tokens): must be an integer"),
+    ("image_wh", (640.0, 640), "Workload.image_wh = (640.0, 640) (--image-shape): must be (width, height)"),
+    ("image_path", 7, "Workload.image_path = 7 (--image): must be a path"),
+])
+def test_python_api_refuses_bad_values_by_parameter_name_before_any_work(field, value, says):
+    """The API's edge checks what argparse checks for the command line (a bogus mode ran 47 s of real compute, a
+    float step count failed 64 frames down in torch)."""
+    from dataclasses import replace
+
+    from tracer.pipeline import Options, check
+    from tracer.vendors import BuildOptions
+    from tracer.workload import Workload
+
+    workload, options = Workload(), Options()
+    if field.startswith("build."):
+        options = replace(options, build=replace(options.build, **{field[6:]: value}))
+    elif field in Workload.__dataclass_fields__:
+        workload = replace(workload, **{field: value})
+    elif field in Options.__dataclass_fields__:
+        options = replace(options, **{field: value})
+    else:
+        options = replace(options, build=replace(options.build, **{field: value}))
+    with pytest.raises(FlopdiffError) as err:
+        check(workload, options)
+    assert says in str(err.value), str(err.value)
+
+
+def test_python_api_takes_a_pathlib_image(tmp_path, tiny_v2_config):
+    from PIL import Image
+
+    from tracer.pipeline import Options, run
+    from tracer.workload import Workload
+
+    Image.new("RGB", (2000, 700), "white").save(tmp_path / "wide.png")
+    result = run(Workload(image_path=tmp_path / "wide.png", text_tokens=3, decode_steps=0),
+                 Options(config=tiny_v2_config, sequential=True))
+    assert result.report["workload"]["image_wh"] == [2000, 700]
+    assert result.report["workload"]["image_path"] == str(tmp_path / "wide.png")
+
+
+def test_an_internal_error_is_one_line_and_exit_3(tmp_path, capsys, monkeypatch):
+    """A crash is not a gap: a CI gate reading exit 1 as "gap too large" must never see one."""
+    import tracer.pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted\nover two lines")
+    monkeypatch.setattr(tracer.pipeline, "map_report", broken)
+    code = main(["--quiet", "--image-shape", "640x640", "--decode-steps", "0", "--out", str(tmp_path / "o")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(lines) == 1, lines
+    assert lines[0].startswith("flopdiff: internal error: RuntimeError: planted over two lines at pipeline.py:")
+    assert "please report it" in lines[0] and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["o[/bold]", "o[red]x"])
+def test_an_out_folder_with_rich_markup_in_its_name_prints_as_it_is(name, tmp_path, capsys):
+    code = main(["--quiet", "--image-shape", "640x640", "--decode-steps", "0", "--out", str(tmp_path / name)])
+    out = capsys.readouterr().out
+    assert code == 0 and f"wrote {tmp_path / name}/report.json, report.html" in out
+    assert (tmp_path / name / "report.json").is_file()

@@ -52,10 +52,12 @@ def digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def copy_stream(source: str, target: Path, what: str, limit: int = STREAM_LIMIT,
-                idle_s: float = STREAM_IDLE_S) -> None:
-    """Read a pipe or device once into `target`: at most `limit` bytes, and refused after `idle_s` seconds with
-    nothing arriving (a FIFO without a writer would block forever). `what` names the input in errors."""
+def copy_stream(source: str, target: Path, what: str, limit: int | None = None, idle_s: float | None = None) -> None:
+    """Read a pipe or device once into `target`: at most `limit` bytes (STREAM_LIMIT), and refused after `idle_s`
+    seconds with nothing arriving (STREAM_IDLE_S: a FIFO without a writer would block forever). `what` names the
+    input in errors."""
+    limit = STREAM_LIMIT if limit is None else limit
+    idle_s = STREAM_IDLE_S if idle_s is None else idle_s
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:

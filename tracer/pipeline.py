@@ -20,6 +20,7 @@ same workload (analytic) -> map every FLOP-bearing node to an analytic layer (ma
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
@@ -70,8 +71,9 @@ class Options:
 # the values an option may take, checked at the API's edge (the command line's choices say the same): a bogus mode
 # ran 47 s of real compute, a bogus device failed deep in torch
 CHOICES = {"mode": ("fake", "real"), "graph": ("fx", "onnx"), "build.device": ("cpu", "cuda"),
+           "build.mode": ("fake", "real"),
            "build.dtype": ("bfloat16", "float32")}
-FLAGS = {"build.dtype": "BuildOptions.dtype"}  # an option with no flag of its own is named by its field
+FLAGS = {"build.dtype": "BuildOptions.dtype", "build.mode": "BuildOptions.mode"}  # an option with no flag of its own is named by its field
 
 
 def _check_options(options: Options) -> None:
@@ -129,8 +131,9 @@ def pinned(workload: Workload, options: Options) -> Iterator[tuple[Workload, Opt
     Idempotent: a copy is a regular file, pinned again as itself."""
     pins = Pinned()
     try:
-        image = pins.path(workload.image_path, "--image")
-        label = workload.image_label or (workload.image_path if image != workload.image_path else None)
+        given = None if workload.image_path is None else os.fspath(workload.image_path)
+        image = pins.path(given, "--image")
+        label = workload.image_label or (given if image != given else None)
         yield (replace(workload, image_path=image, image_label=label,
                        tokenizer=pins.path(workload.tokenizer, "--tokenizer")),
                replace(options, config=pins.path(options.config, "--config")))

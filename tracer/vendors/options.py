@@ -65,9 +65,9 @@ def resolve_vendor_dir(vendor_dir: str | None, trust_remote_code: bool) -> str |
     *.py and *.json files (its path names the repository and its commit, so the trace cache tells two repositories
     apart, and the analytic model reads the config of the code that runs). The hub is asked only after the
     --trust-remote-code check, once per process. A plain `ORG/NAME` that is no folder is an error: a typo must
-    not send a request."""
-    if vendor_dir is None:
-        return None
+    not send a request. Without --trust-remote-code it is left as given: the vendor adapter refuses it first."""
+    if vendor_dir is None or not trust_remote_code:
+        return vendor_dir
     if not vendor_dir.startswith(HUB):
         folder = Path(vendor_dir)
         if folder.is_dir():
@@ -75,9 +75,6 @@ def resolve_vendor_dir(vendor_dir: str | None, trust_remote_code: bool) -> str |
         hint = f" (to fetch it from the Hugging Face hub, pass --vendor-dir {HUB}{vendor_dir})" \
             if vendor_dir.count("/") == 1 else ""
         raise FlopdiffError(f"--vendor-dir {vendor_dir}: no such folder{hint}")
-    if not trust_remote_code:
-        raise FlopdiffError(f"--vendor-dir {vendor_dir}: loading DeepSeek-OCR imports and runs the Python files in "
-                            f"that folder (Hugging Face remote code); pass --trust-remote-code to allow it")
     return _snapshot(vendor_dir[len(HUB):])
 
 
