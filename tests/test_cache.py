@@ -6,6 +6,7 @@ import gzip
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -109,15 +110,18 @@ def test_no_cache_and_what_is_never_cached(cache_on, tmp_path, tiny_v2_config):
     assert not cache_on.exists() or not list(cache_on.glob("*.json.gz"))
 
 
-def test_prune_keeps_the_most_recently_used(tmp_path):
+def test_prune_keeps_the_most_recently_used_and_only_ever_prunes_flopdiffs_entries(tmp_path):
     import os
 
-    for i, size in enumerate((400, 400, 400)):
-        p = tmp_path / f"e{i}.json.gz"
-        p.write_bytes(b"x" * size)
-        os.utime(p, (i, i))
+    names = [f"{i}" * 64 + ".json.gz" for i in range(3)]
+    for i, name in enumerate(names):
+        p = tmp_path / name
+        p.write_bytes(b"x" * 400)
+        os.utime(p, (i + 10, i + 10))
+    (tmp_path / "notes.json.gz").write_bytes(b"a user's file" * 100)  # oldest of all, and not flopdiff's
+    os.utime(tmp_path / "notes.json.gz", (1, 1))
     cache.prune(tmp_path, limit=900)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e1.json.gz", "e2.json.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[1:], "notes.json.gz"])
 
 
 def test_a_warm_run_imports_neither_torch_nor_transformers(cache_on, tmp_path, tiny_v2_config):
@@ -130,3 +134,179 @@ def test_a_warm_run_imports_neither_torch_nor_transformers(cache_on, tmp_path, t
                          text=True, check=True).stdout.strip().splitlines()[-1]
     assert out == "0 []"
     assert (tmp_path / "cold" / "report.json").read_bytes() == (tmp_path / "warm" / "report.json").read_bytes()
+
+
+# ---- wrong numbers served with exit 0 (issue: cache keys), each against a --no-cache run of the same input --------
+
+def _png(path, wh):
+    from PIL import Image
+
+    Image.new("RGB", wh, "white").save(path)
+    return path
+
+
+def _bash(cmd: str, tmp_path) -> dict:
+    """`flopdiff` through bash (process substitution is bash's), its report.json."""
+    out = tmp_path / "bash-out"
+    subprocess.run(["bash", "-c", f"{sys.executable} -m tracer.diff {cmd} --quiet --out {out}"], check=True,
+                   capture_output=True)
+    return json.loads((out / "report.json").read_text())
+
+
+def _flops(doc: dict) -> list[int]:
+    return [s["flops_full"] for s in doc["stages"]]
+
+
+def test_a_piped_image_is_keyed_by_its_bytes_not_its_path(cache_on, tmp_path, tiny_v2_config):
+    """`--image <(cat sq640.png)` then `--image <(cat wide.png)`: both are /dev/fd/63; the second was served the
+    first page's trace (grid [1,1] for a 2000x700 page)."""
+    square, wide = _png(tmp_path / "sq640.png", (640, 640)), _png(tmp_path / "wide.png", (2000, 700))
+    args = f"--config {tiny_v2_config} --text-tokens 3 --decode-steps 1"
+    first = _bash(f"--image <(cat {square}) {args}", tmp_path)
+    piped = _bash(f"--image <(cat {wide}) {args}", tmp_path)
+    truth = _bash(f"--image {wide} {args} --no-cache", tmp_path)
+    assert first["workload"]["crop_grid_wh"] == [1, 1]
+    assert piped["workload"]["image_wh"] == [2000, 700] and piped["workload"]["crop_grid_wh"] == [3, 1]
+    assert _flops(piped) == _flops(truth) != _flops(first)
+    assert piped["workload"]["image_path"].startswith("/dev/fd/")  # named as given, not as flopdiff's copy
+    assert _bash(f"--image <(cat {wide}) {args}", tmp_path)["workload"] == piped["workload"]  # a hit, the same
+
+
+def test_a_piped_config_is_read_once_and_keyed_by_its_bytes(cache_on, tmp_path, tiny_v2_config):
+    """`--config <(cat a.json)` exited 2 (the pipe read twice) and stored an entry the next `<(cat b.json)` got."""
+    cfg = json.loads(open(tiny_v2_config).read())
+    cfg["text_config"]["num_hidden_layers"] = 3
+    cfg["text_config"]["mlp_layer_types"] = cfg["text_config"]["mlp_layer_types"] + ["sparse"]
+    other = tmp_path / "b.json"
+    other.write_text(json.dumps(cfg))
+    args = "--image-shape 640x640 --text-tokens 3 --decode-steps 1"
+    a = _bash(f"--config <(cat {tiny_v2_config}) {args}", tmp_path)
+    b = _bash(f"--config <(cat {other}) {args}", tmp_path)
+    assert _flops(a) == _flops(_bash(f"--config {tiny_v2_config} {args} --no-cache", tmp_path))
+    assert _flops(b) == _flops(_bash(f"--config {other} {args} --no-cache", tmp_path)) != _flops(a)
+    assert all(s["gap"] == 0 for s in b["stages"])  # the analytic model read the same (piped) config
+
+
+def test_the_key_hashes_files_in_chunks_and_only_what_the_vendor_loads(tmp_path, monkeypatch):
+    """A 4 GiB file beside the vendor code was read whole into memory for the key, on every run, hit or miss."""
+    from pathlib import Path
+
+    vendor = tmp_path / "vendor"
+    vendor.mkdir()
+    (vendor / "modeling.py").write_text("x = 1\n")
+    (vendor / "config.json").write_text("{}")
+    (vendor / "model.safetensors").write_bytes(b"weights")
+    (vendor / "sub").mkdir()
+    (vendor / "sub" / "other.py").write_text("y = 2\n")
+    before = cache._vendor_digest("deepseek-ocr", str(vendor))
+    (vendor / "model.safetensors").write_bytes(b"other weights")  # never loaded: never hashed
+    (vendor / "sub" / "other.py").write_text("y = 3\n")
+    assert cache._vendor_digest("deepseek-ocr", str(vendor)) == before
+    (vendor / "modeling.py").write_text("x = 2\n")
+    assert cache._vendor_digest("deepseek-ocr", str(vendor)) != before
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(AssertionError("read whole")))
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)  # sparse: 64 MiB of zeros, hashed 1 MiB at a time
+    assert cache._file_digest(str(big)) == __import__("hashlib").sha256(b"\0" * (64 << 20)).hexdigest()
+
+
+# ---- a cache that cannot be used is never a failure: one note line, and the run traces ------------------------
+
+def _entry_after_a_run(tiny) -> "Path":
+    _run(tiny)
+    (entry,) = cache.folder().glob("*.json.gz")
+    return entry
+
+
+def _damage_missing_fields(entry):
+    doc = json.loads(gzip.open(entry).read())
+    del doc["workload"]
+    entry.write_bytes(gzip.compress(json.dumps(doc).encode()))
+
+
+def _damage_nested(entry):
+    name = entry.name.removesuffix(".json.gz")
+    entry.write_bytes(gzip.compress(b"[" * 100_000 + b"]" * 100_000))
+    return name
+
+
+def _damage_wrong_type(entry):
+    doc = json.loads(gzip.open(entry).read())
+    doc["stages"][0]["flops_full"] = "many"  # passes the entry's field check; the diff cannot use it
+    entry.write_bytes(gzip.compress(json.dumps(doc).encode()))
+
+
+def _damage_folder(entry):
+    entry.unlink()
+    entry.mkdir()
+    (entry / "x").write_text("x")
+
+
+def _damage_bomb(entry):
+    with gzip.open(entry, "wb", compresslevel=9) as f:  # about 200 KB inflating to 200 MB: past the limit
+        block = b"0" * (1 << 20)
+        for _ in range(200):
+            f.write(block)
+
+
+@pytest.mark.parametrize("damage, says", [
+    (_damage_missing_fields, "is unreadable (ValueError: incomplete: workload"),
+    (_damage_nested, "is unreadable (RecursionError"),
+    (_damage_wrong_type, "could not be used (TypeError"),
+    (_damage_folder, "is unreadable (ValueError: not a file)"),
+    (_damage_bomb, "is unreadable (ValueError: inflates past"),
+], ids=["missing fields", "deeply nested", "a field of the wrong type", "a folder at the entry", "gzip bomb"])
+def test_a_damaged_entry_is_one_note_then_traced_and_rebuilt(damage, says, cache_on, tiny_v2_config, capsys):
+    entry = _entry_after_a_run(tiny_v2_config)
+    cold = _run(tiny_v2_config)
+    damage(entry)
+    capsys.readouterr()
+    again = _run(tiny_v2_config)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not again.cached and len(err) == 1 and says in err[0] and "tracing again" in err[0], err
+    assert again.to_json() == cold.to_json()
+    assert entry.is_file() and _run(tiny_v2_config).cached  # rebuilt, and used
+
+
+def test_a_cache_folder_that_cannot_be_read_is_a_note_not_a_traceback(cache_on, tiny_v2_config, capsys,
+                                                                      monkeypatch):
+    """No permission on the folder (root reads everything: the refusal a user gets is planted on its stat)."""
+    from pathlib import Path
+
+    real = Path.stat
+
+    def refused(self, *args, **kwargs):
+        if str(self).startswith(str(cache_on)):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "stat", refused)
+    result = _run(tiny_v2_config)
+    err = capsys.readouterr().err
+    assert not result.cached and "cannot be read (Permission denied); tracing without it" in err
+    assert result.stages and "Traceback" not in err
+
+
+def test_a_read_only_cache_with_a_valid_entry_serves_it(cache_on, tmp_path, tiny_v2_config, capsys):
+    """A read-only file system (root writes through file modes: a tmpfs remounted read-only is what a user has)."""
+    cache_on.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(cache_on)], check=True)
+    try:
+        cold = _run(tiny_v2_config)
+        subprocess.run(["mount", "-o", "remount,ro", str(cache_on)], check=True)
+        capsys.readouterr()
+        warm = _run(tiny_v2_config)
+        assert warm.cached and warm.to_json() == cold.to_json()
+        assert capsys.readouterr().err == ""
+    finally:
+        subprocess.run(["umount", str(cache_on)], check=True)
+
+
+def test_a_killed_stores_temporary_file_goes_at_the_next_store(cache_on, tiny_v2_config):
+    cache_on.mkdir()
+    dead = cache_on / f".{'a' * 64}-99999999-xyz"  # a SIGKILL during a store leaves such a file (pid gone)
+    dead.write_bytes(b"")
+    mine = cache_on / "keep-me.txt"
+    mine.write_text("a user's file")
+    _run(tiny_v2_config)
+    assert not dead.exists() and mine.exists()
