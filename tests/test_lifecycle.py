@@ -177,3 +177,91 @@ def test_output_set_names_are_the_files_a_run_writes(tmp_path):
     assert written <= OUTPUT_NAMES and "report.json" in written
     assert main(["--quiet", "--decode-steps", "0", "--out", str(tmp_path / "o")]) == 0  # a second run replaces it
     assert json.loads((tmp_path / "o" / "report.json").read_text())["workload"]["decode_steps"] == 0
+
+
+# ---- --out where a container or a user puts it: a mount point, a symlink, a full disk; two first commits --------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A fresh tmpfs mounted in the test's folder (CI and the tests run as root); unmounted after."""
+    mounted = []
+
+    def mount(path: Path, size: str = "64m") -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounted.append(path)
+        return path
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _cli(*argv: str, tmpdir: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
+    return subprocess.run([sys.executable, "-m", "tracer.diff", "--quiet", "--image-shape", "640x640",
+                           "--decode-steps", "0", *argv], cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def test_out_a_mount_point_is_replaced_entry_by_entry(tmp_path, tmpfs):
+    """`-v host:/out`: the mount point cannot be renamed (EBUSY) and its parent is another file system."""
+    out = tmpfs(tmp_path / "out")
+    (out / "ncu.csv").write_text("an older run's file")  # flopdiff's, not written by this run: goes
+    first = _cli("--out", str(out))
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json"]
+    doc = json.loads((out / "report.json").read_text())
+    assert _cli("--out", str(out), "--decode-steps", "1").returncode == 0
+    assert json.loads((out / "report.json").read_text())["workload"]["decode_steps"] == 1 != \
+        doc["workload"]["decode_steps"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json"]  # no staging left inside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nor beside
+
+
+def test_out_a_symlink_writes_at_its_target_and_keeps_the_link(tmp_path):
+    target = tmp_path / "target"
+    old = _old_set(target)
+    (tmp_path / "link").symlink_to(target)
+    proc = _cli("--out", str(tmp_path / "link"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "link").is_symlink() and os.readlink(tmp_path / "link") == str(target)
+    assert (target / "report.json").read_bytes() != old["report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]  # no `.link.flopdiff-staging-*`
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_a_full_file_system_is_one_line_and_keeps_the_old_set(command, tmp_path, tmpfs, tiny_v2_config):
+    disk = tmpfs(tmp_path / "disk", size="64k")  # a report.html alone is larger
+    out = disk / "out"
+    old = _old_set(out)
+    argv = ["--out", str(out), "--config", tiny_v2_config]
+    if command == "sweep":
+        proc = subprocess.run([sys.executable, "-m", "tracer.diff", "sweep", "640x640", "--quiet", *argv], cwd=ROOT,
+                              capture_output=True, text=True)
+    else:
+        proc = _cli(*argv)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"--out {out}: cannot write" in lines[0] and "No space left on device" in lines[0]
+    assert "free some space there or choose another folder (the previous output set was kept)" in lines[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    assert sorted(p.name for p in disk.iterdir()) == ["out"]  # the staging folder went
+
+
+COMMIT_SCRIPT = """
+import sys
+from tracer.lifecycle import OutputSet
+with OutputSet(sys.argv[1]) as outputs:
+    outputs.write("report.json", sys.argv[2])
+"""
+
+
+def test_two_first_commits_to_one_new_out_both_succeed(tmp_path):
+    """Both see no --out, both rename their staging folder to it: the second failed with ENOTEMPTY (4 of 60)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for round_ in range(30):
+        out = tmp_path / f"r{round_}" / "out"
+        procs = [subprocess.Popen([sys.executable, "-c", COMMIT_SCRIPT, str(out), f"run {i}"], env=env,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        assert [p.wait() for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+        assert (out / "report.json").read_text() in ("run 0", "run 1")
+        assert sorted(p.name for p in out.parent.iterdir()) == ["out"], round_

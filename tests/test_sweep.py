@@ -103,3 +103,172 @@ def test_max_gap_over_the_set_names_the_worst_pages(tmp_path, capsys, tiny_v2_co
                  "--max-gap", "1", "--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and "2 pages exceed --max-gap 1: 1000x1400 (" in err
+
+
+# ---- processes: whatever ends a sweep, no process stays, nothing is left in TMPDIR ----------------------------
+
+def _left_in(tmpdir) -> list[str]:
+    """What a run left in its TMPDIR, less torch's own persistent compile cache (`torchinductor_<user>`, which
+    importing torch._dynamo creates on purpose, as ~/.cache would be)."""
+    import getpass
+
+    return sorted(p.name for p in tmpdir.iterdir() if p.name != f"torchinductor_{getpass.getuser()}")
+
+
+def _descendants(pid: int) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            found += [kid, *_descendants(kid)]
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _gone(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _until(condition, seconds: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+SHAPES = ["640x640", "1000x1400", "2000x700", "700x2000", "1400x1000", "3000x1000", "1000x3000", "2400x1600"]
+
+
+def _started_sweep(tmp_path, *extra: str):
+    """A sweep of 8 workload keys of the published config (seconds each) in its own TMPDIR, once its workers run."""
+    import os
+    import subprocess
+    import sys
+
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.csv").write_text("the previous set")
+    proc = subprocess.Popen([sys.executable, "-m", "tracer.diff", "sweep", *SHAPES, "--quiet", "--jobs", "2",
+                             "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmpdir), "FLOPDIFF_CACHE": "off"})
+    workers = lambda: [p for p in _descendants(proc.pid) if "spawn_main" in _cmdline(p)
+                       and "resource_tracker" not in _cmdline(p)]
+    assert _until(lambda: len(workers()) == 2, 120), "no workers started"
+    return proc, workers(), tmpdir, out
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_a_killed_sweep_leaves_no_process_and_nothing_in_tmpdir(sig, tmp_path):
+    """kill -9 left the forkserver, the resource tracker and both workers (1.3 GB) running for good; SIGINT and
+    SIGTERM waited 9-15 s while every pending key was traced; `pymp-*` folders stayed in TMPDIR."""
+    import signal
+    import time
+
+    proc, workers, tmpdir, out = _started_sweep(tmp_path)
+    everyone = [proc.pid, *_descendants(proc.pid)]
+    sent = time.monotonic()
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert _until(lambda: all(_gone(p) for p in everyone), 30), [(p, _cmdline(p)) for p in everyone if not _gone(p)]
+    assert _left_in(tmpdir) == []
+    assert (out / "sweep.csv").read_text() == "the previous set"
+    if sig != "SIGKILL":
+        assert proc.returncode == 128 + getattr(signal, sig) and err.strip().splitlines() == [
+            f"flopdiff: interrupted ({sig}); the output folder was left as it was"], err
+        assert took < 10, f"{took:.1f} s: the pending keys were waited for (8 keys of seconds each)"
+        assert [p.name for p in tmp_path.iterdir() if "staging" in p.name] == []
+
+
+def test_a_worker_killed_is_one_line_exit_3_and_the_old_set(tmp_path):
+    import signal
+
+    proc, workers, tmpdir, out = _started_sweep(tmp_path)
+    os_kill = __import__("os").kill
+    os_kill(workers[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 3 and len(lines) == 1 and "a worker process died" in lines[0], err
+    assert "Traceback" not in err and (out / "sweep.csv").read_text() == "the previous set"
+    assert _left_in(tmpdir) == []
+
+
+def test_a_finished_sweep_leaves_nothing_in_tmpdir(tmp_path, tiny_v2_config):
+    import os
+    import subprocess
+    import sys
+
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "tracer.diff", "sweep", "640x640", "2000x700", "--quiet",
+                           "--config", tiny_v2_config, "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, env={**os.environ, "TMPDIR": str(tmpdir), "FLOPDIFF_CACHE": "off"})
+    assert proc.returncode == 0, proc.stderr
+    assert _left_in(tmpdir) == []  # no pymp-*
+
+
+# ---- what file names can hold: the CSV, the terminal and folders that cannot be listed --------------------------
+
+def test_file_names_reach_the_csv_as_cells_and_the_terminal_escaped(tmp_path, capsys, monkeypatch, tiny_v2_config):
+    """A carriage return split a row in two when read back; `=...` went raw into a spreadsheet cell; an escape
+    sequence in a name went raw to the terminal. Swept from inside the folder, the paths are the bare names."""
+    from PIL import Image
+
+    names = ["a\rb.png", "c\nd.png", "=HYPERLINK(1).png", "+1.png", "-1.png", "@x.png", 'plain, "quoted".png']
+    for name in names:
+        Image.new("1", (640, 640), 1).save(tmp_path / name, format="PNG")
+    (tmp_path / "\x1b[2Jbad.png").write_text("not an image")  # a name that clears the screen
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", ".", "--config", tiny_v2_config, "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "unreadable: \\x1b[2Jbad.png: cannot read it as an image" in err
+    rows = list(csv.DictReader((tmp_path / "out" / "sweep.csv").open(newline="")))
+    assert sorted(r["path"] for r in rows) == sorted(("'" + n) if n[0] in "=+-@" else n for n in names)
+    assert all(r["width"] == "640" for r in rows)
+
+
+def test_a_sub_folder_that_cannot_be_listed_is_listed_as_unreadable(tmp_path, capsys, monkeypatch, tiny_v2_config):
+    """Root lists every folder: the refusal a user gets is planted on os.scandir for one sub-folder."""
+    import os
+
+    from PIL import Image
+
+    (tmp_path / "c" / "locked").mkdir(parents=True)
+    Image.new("1", (640, 640), 1).save(tmp_path / "c" / "page.png")
+    real = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "out"
+    assert main(["sweep", str(tmp_path / "c"), "--config", tiny_v2_config, "--out", str(out), "--quiet"]) == 0
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["pages"] == 1 and doc["unreadable"] == [
+        {"path": str(tmp_path / "c" / "locked"), "why": "cannot list it (Permission denied)"}]
+    assert f"unreadable: {tmp_path / 'c' / 'locked'}: cannot list it" in capsys.readouterr().err
