@@ -131,3 +131,25 @@ def test_real_capture_keeps_no_activation_alive(real_run):
                 if isinstance(v, torch.Tensor)]
         assert vals and all(v.device.type == "meta" for v in vals if v.is_floating_point())
         assert all(v.numel() <= 4096 for v in vals if v.device.type != "meta")
+
+
+def test_exif_orientation_is_the_page_the_vendor_loads(tmp_path, tiny_v2_config):
+    """An orientation-6 photo stored 1000x1400 is a 1400x1000 page to transformers' loader (exif_transpose):
+    flopdiff reported grid [2,3] where the vendor makes 3x2."""
+    import json
+
+    from PIL import Image
+
+    from tracer.diff import main
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (1000, 1400), "white").save(tmp_path / "photo.jpg", exif=exif)
+    docs = []
+    for name, source in (("photo", ["--image", str(tmp_path / "photo.jpg")]), ("upright", ["--image-shape", "1400x1000"])):
+        assert main(["--quiet", "--config", tiny_v2_config, "--decode-steps", "0", *source,
+                     "--out", str(tmp_path / name)]) == 0
+        docs.append(json.loads((tmp_path / name / "report.json").read_text()))
+    photo, upright = docs
+    assert photo["workload"]["image_wh"] == [1400, 1000] and photo["workload"]["crop_grid_wh"] == [3, 2]
+    assert photo["stages"] == upright["stages"]

@@ -403,3 +403,82 @@ def test_v1_prompt_with_a_tokenizer(v1_dir, tmp_path, pages):
     assert doc["workload"]["image_tokens"] == ref["image_tokens"]
     assert doc["workload"]["prompt_len"] == ref["prompt_len"] - 9 + 3
     assert all(s["gap"] == 0 for s in doc["stages"]) and doc["unknown_ops"] == []
+
+
+# ---- the traced model's config is the analytic model's; hub repositories; EXIF orientation (wrong numbers, exit 0) ---
+
+def _vendor_copy(v1_dir: str, folder: Path, layers: int) -> str:
+    """The vendor folder with its own config.json changed to `layers` decoder layers."""
+    import shutil
+
+    shutil.copytree(v1_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    for c in (cfg, cfg["language_config"]):
+        c["num_hidden_layers"] = layers
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return str(folder)
+
+
+V1_ARGS = ["--model", "deepseek-ocr", "--trust-remote-code", "--text-tokens", "9", "--decode-steps", "1", "--quiet"]
+
+
+def _report(tmp_path: Path, name: str, *argv: str) -> dict:
+    out = tmp_path / name
+    assert main([*V1_ARGS, *argv, "--out", str(out)]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_v1_the_vendor_folders_config_drives_the_analytic_model(v1_dir, tmp_path):
+    """A vendor folder with 6 decoder layers gave `--analytic aligned` a prefill gap of -399,871,912,704 (the
+    analytic model read the bundled 12-layer config)."""
+    six = _vendor_copy(v1_dir, tmp_path / "six", 6)
+    doc = _report(tmp_path, "o", "--vendor-dir", six, "--image-shape", "1000x1400")
+    assert [s["gap"] for s in doc["stages"]] == [0, 0, 0]
+    assert doc["stages"][1]["flops_full"] == 4_168_508_156_672  # the 6-layer model's prefill, measured (issue)
+
+
+def test_v1_hub_repositories_never_share_a_cache_entry(v1_dir, tmp_path, monkeypatch):
+    """`hub:orgA/ocr` then `hub:orgB/ocr` (6 layers): the key ignored the repository and served orgA's trace."""
+    import huggingface_hub
+
+    snapshots = {"orgA/ocr": _vendor_copy(v1_dir, tmp_path / "hub" / "orgA" / "snapshots" / "c1", 12),
+                 "orgB/ocr": _vendor_copy(v1_dir, tmp_path / "hub" / "orgB" / "snapshots" / "c2", 6)}
+    asked = []
+
+    def snapshot_download(repo, allow_patterns=None):  # the hub, played by local folders (no network here)
+        asked.append((repo, tuple(allow_patterns)))
+        return snapshots[repo]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("FLOPDIFF_CACHE", "on")
+    monkeypatch.setenv("FLOPDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    a = _report(tmp_path, "a", "--vendor-dir", "hub:orgA/ocr", "--image-shape", "1000x1400")
+    b = _report(tmp_path, "b", "--vendor-dir", "hub:orgB/ocr", "--image-shape", "1000x1400")
+    assert a["stages"][1]["flops_full"] == 4_568_380_069_376 and b["stages"][1]["flops_full"] == 4_168_508_156_672
+    assert [s["gap"] for s in a["stages"] + b["stages"]] == [0] * 6
+    assert len(list((tmp_path / "cache").glob("*.json.gz"))) == 2
+    assert {r for r, _ in asked} == {"orgA/ocr", "orgB/ocr"} and all(p == ("*.py", "*.json") for _, p in asked)
+
+
+def _rotated_jpeg(path: Path) -> Path:
+    """A phone photo stored 1000x1400 with EXIF orientation 6: a 1400x1000 page once turned upright."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (1000, 1400), "white").save(path, exif=exif)
+    return path
+
+
+def test_v1_exif_orientation_is_the_page_the_vendor_loads(v1_dir, tmp_path):
+    """The single run exited 2 ("903 image tokens ... the vendor preprocessing made 893"); the sweep reported the
+    stored 1000x1400 page (prefill 4,568,380,069,376 for the vendor's 4,555,782,396,416)."""
+    photo = _rotated_jpeg(tmp_path / "photo.jpg")
+    doc = _report(tmp_path, "o", "--vendor-dir", v1_dir, "--image", str(photo))
+    upright = _report(tmp_path, "u", "--vendor-dir", v1_dir, "--image-shape", "1400x1000")
+    assert doc["workload"]["image_wh"] == [1400, 1000] and doc["stages"] == upright["stages"]
+    assert doc["stages"][1]["flops_full"] == 4_555_782_396_416
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(photo), "--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code",
+                 "--text-tokens", "9", "--decode-steps", "1", "--quiet", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "sweep.json").read_text())["rows"]
+    assert (row["width"], row["height"], row["prefill_full"]) == (1400, 1000, 4_555_782_396_416)

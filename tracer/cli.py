@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tracer import flags, sweep
-from tracer.errors import Aborted, FlopdiffError
+from tracer.errors import Aborted, FlopdiffError, describe
 from tracer.lifecycle import Interrupted, OutputSet, signals_as_exceptions
 from tracer.pipeline import Options, check, pinned, real_run_warning, run
 from tracer.tables import terminal
@@ -124,25 +124,13 @@ def guarded(command: Callable[[], int]) -> int:
         print(f"flopdiff: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return INTERNAL_ERROR
     except Exception as exc:  # a bug or the machine, never the input: one line, and a code no gate reads as a gap
-        print(f"flopdiff: internal error: {internal(exc)}", file=sys.stderr)
+        print(f"flopdiff: internal error: {describe(exc)}", file=sys.stderr)
         if os.environ.get("FLOPDIFF_TRACEBACK"):
             traceback.print_exception(exc)
         return INTERNAL_ERROR
     finally:
         if collecting:
             gc.enable()
-
-
-def internal(exc: BaseException) -> str:
-    """An unexpected exception in one line: its type, message and the innermost flopdiff frame (else the innermost)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if f"{os.sep}tracer{os.sep}" in f.filename or f"{os.sep}analytic{os.sep}" in f.filename
-            or f"{os.sep}mapping{os.sep}" in f.filename]
-    where = (ours or frames or [None])[-1]
-    at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
-    message = " ".join(str(exc).split())[:300]
-    return (f"{exc.__class__.__name__}{': ' + message if message else ''}{at}; this is a flopdiff bug or a machine "
-            f"fault, not your input: please report it with the command line (FLOPDIFF_TRACEBACK=1 shows the traceback)")
 
 
 def cli() -> None:

@@ -1,5 +1,12 @@
-"""flopdiff's exceptions: bad user input (the CLI prints its message as one line and exits 2), and the counter's
-"cannot count this node" signal."""
+"""flopdiff's exceptions: bad user input (the CLI prints its message as one line and exits 2), a run aborted for a
+reason outside its input (one line, exit 3), the counter's "cannot count this node" signal; and how any other
+exception is told in one line (exit 3: a crash must never read as a gap to a CI gate)."""
+
+import os
+import traceback
+from pathlib import Path
+
+OURS = tuple(f"{os.sep}{package}{os.sep}" for package in ("tracer", "analytic", "mapping"))
 
 
 class FlopdiffError(Exception):
@@ -14,3 +21,14 @@ class CannotCount(Exception):
 class Aborted(Exception):
     """The run cannot finish for a reason outside its input (a worker process killed): its message is one line, the
     exit status the internal-error code (3), and nothing is written."""
+
+
+def describe(exc: BaseException) -> str:
+    """An unexpected exception in one line: its type, message and the innermost flopdiff frame (else the innermost),
+    and what to do."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = ([f for f in frames if any(p in f.filename for p in OURS)] or frames or [None])[-1]
+    at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+    message = " ".join(str(exc).split())[:300]
+    return (f"{exc.__class__.__name__}{': ' + message if message else ''}{at}; this is a flopdiff bug or a machine "
+            f"fault, not your input: please report it with the command line (FLOPDIFF_TRACEBACK=1 shows the traceback)")
