@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from tracer import flags, sweep
 from tracer.errors import Aborted, FlopdiffError, describe
@@ -76,7 +77,7 @@ def _run_command(args: argparse.Namespace, workload: Workload, options: Options)
                 nonlocal label, t
                 phases.append((label, time.perf_counter() - t))
                 label, t = next_label, time.perf_counter()
-                spinner.update(next_label)
+                spinner.update(Text(next_label))  # as it is: a label may hold a user's path (no markup)
 
             result = run(workload, options, progress)
             progress("writing the reports")
