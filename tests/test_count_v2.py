@@ -153,3 +153,30 @@ def test_exif_orientation_is_the_page_the_vendor_loads(tmp_path, tiny_v2_config)
     photo, upright = docs
     assert photo["workload"]["image_wh"] == [1400, 1000] and photo["workload"]["crop_grid_wh"] == [3, 2]
     assert photo["stages"] == upright["stages"]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_pngs_orientation_is_read_from_its_header_wherever_the_exif_chunk_is(where, tmp_path):
+    """PIL finds an eXIf chunk after the image data only by decoding the whole image (what exif_transpose does);
+    flopdiff walks the chunk headers instead and must agree with it."""
+    from PIL import Image, ImageOps
+
+    from tracer.workload import image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (100, 300), "white").save(tmp_path / "p.png", exif=exif)
+    raw = (tmp_path / "p.png").read_bytes()
+    chunks, i = [], 8
+    while i < len(raw):
+        n = int.from_bytes(raw[i:i + 4], "big")
+        chunks.append(raw[i:i + 12 + n])
+        i += 12 + n
+    if where == "after":  # eXIf moved between the last IDAT and IEND
+        ex = [c for c in chunks if c[4:8] == b"eXIf"]
+        rest = [c for c in chunks if c[4:8] != b"eXIf"]
+        (tmp_path / "p.png").write_bytes(raw[:8] + b"".join(rest[:-1]) + ex[0] + rest[-1])
+    with Image.open(tmp_path / "p.png") as im:
+        assert ("exif" in im.info) == (where == "before")
+        assert ImageOps.exif_transpose(im).size == (300, 100)
+    assert image_size(tmp_path / "p.png", "--image p.png") == (300, 100)
