@@ -14,6 +14,7 @@ import sys
 from analytic.api import evaluate, variant
 from tracer import flags
 from tracer.errors import FlopdiffError
+from tracer.vendors.options import text_tokens as default_text_tokens
 from tracer.workload import Workload, load_image, parse_image_shape, validate
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     preset_flag = flags.typed(argv, ("--analytic", *ALIASES["--analytic"]))
     try:
         variant(args.analytic, preset_flag)  # the flags as the user typed them, before the API's checks
-        text_tokens = flags.text_tokens(args.model, args.text_tokens)
+        text_tokens = default_text_tokens(args.model, args.text_tokens)
         validate(Workload(model=args.model, base_size=args.base_size, tile_size=args.tile_size,
                           text_tokens=text_tokens, decode_steps=args.decode_steps))
         knobs = dict(base_size=args.base_size, tile_size=args.tile_size, crop_mode=args.crop_mode,

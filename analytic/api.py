@@ -19,6 +19,7 @@ from analytic.layers import Policy
 from analytic.models import BUILDERS, ModelTree, Shape, Variant
 from tracer.configfile import read_json
 from tracer.errors import FlopdiffError
+from tracer.workload import Workload
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 DATA = Path(__file__).resolve().parent.parent / "tracer" / "data"
@@ -101,6 +102,23 @@ def mode_knobs(model: str, mode: str | None = None, overrides: list[str] | None 
     if mode not in m.modes:
         raise FlopdiffError(f"{flag} {mode!r}: {model} has the modes {', '.join(m.modes)}")
     return m.modes[mode]
+
+
+def resolution_knobs(model: str, resolution: str | None, given: dict[str, Any], flag: str = "--resolution") -> dict[str, Any]:
+    """base_size, tile_size and crop_mode as given (`given`, None where not), else the `resolution` mode's (None: the
+    vendor's default stays None)."""
+    if not resolution:
+        return given
+    mode = mode_knobs(model, resolution, flag=flag)
+    return {k: getattr(mode, k) if v is None else v for k, v in given.items()}
+
+
+def request_shape(workload: Workload) -> Shape:
+    """The analytic model's view of a request before any preprocessing (its knobs; the vendor defaults for the rest):
+    what the checks before a trace, the real-mode estimate and the sweep's pages read."""
+    return shape_for(workload.model, workload.image_wh, base_size=workload.base_size, tile_size=workload.tile_size,
+                     crop_mode=workload.crop_mode, text_tokens=workload.text_tokens or 0,
+                     decode_steps=workload.decode_steps)
 
 
 def shape_for(model: str, image_wh: tuple[int, int], mode: str | None = None, base_size: int | None = None,

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tracer.capture import capture
-from tracer.meta_capture import CPU_OUTPUT_DTYPES, MetaCapture, MetaKernels, to_meta
+from tracer.meta_capture import CPU_OUTPUT_DTYPES, MetaCapture, MetaKernels
+from tracer.vendors.base import to_meta
 
 
 def _inputs(op):

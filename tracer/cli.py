@@ -21,6 +21,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from analytic.api import resolution_knobs
 from tracer import flags, sweep
 from tracer.errors import Aborted, FlopdiffError, describe
 from tracer.lifecycle import Interrupted, OutputSet, signals_as_exceptions
@@ -33,6 +34,7 @@ STARTED = time.perf_counter()  # this module's import: the process's imports bef
 DEFAULT = Workload()
 SAME_NAME_BUILD = ("vendor_dir", "trust_remote_code", "device")
 INTERNAL_ERROR = 3
+KNOBS = ("base_size", "tile_size", "crop_mode")  # the view knobs --resolution sets unless given
 SAME_NAME = ("config", "mode", "analytic", "mapping", "causal_halving", "policy", "graph", "ncu", "nvtx_module",
              "explain", "sequential", "allow_long", "max_gap")
 
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
-    knobs = flags.view_knobs(args)
+    knobs = resolution_knobs(args.model, args.resolution, {k: getattr(args, k) for k in KNOBS})
     crop_mode = DEFAULT.crop_mode if knobs["crop_mode"] is None else knobs["crop_mode"]
     return Workload(model=args.model, image_wh=DEFAULT.image_wh if args.image else parse_image_shape(args.image_shape),
                     image_path=args.image, base_size=knobs["base_size"], tile_size=knobs["tile_size"],

@@ -1,14 +1,12 @@
 """The command-line flags as data: one row per flag, its names and argparse keywords, each with a help text.
 flopdiff (tracer.cli) and `python -m analytic` build their parsers from these tables, so a flag that means the same
-thing has one name, one help and one default in both (`WORKLOAD`, `ANALYTIC`). Torch-free: `python -m analytic`
-imports it. A default is shown once: the help says it in words, or the formatter appends the value."""
+thing has one name, one help and one default in both (`WORKLOAD`, `ANALYTIC`). Data and argparse only: it imports
+nothing else of flopdiff (`python -m analytic` imports it). A default is shown once: the help says it in words, or the formatter appends the value."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
-
-from analytic.api import mode_knobs
 
 Row = tuple[tuple[str, ...], dict[str, Any]]
 
@@ -16,9 +14,6 @@ MODELS = ("deepseek-ocr", "deepseek-ocr-2")
 DEFAULT_MODEL = "deepseek-ocr-2"
 DEFAULT_SHAPE = "1000x1400"
 DEFAULT_DECODE_STEPS = 1
-# prompt text tokens when --text-tokens is not given: deepseek-ocr-2's default prompt text; deepseek-ocr asks for
-# it in flopdiff (no tokenizer ships with its code) and the analytic side takes the model card's prompt, 9 tokens
-DEFAULT_TEXT_TOKENS = {"deepseek-ocr-2": 4, "deepseek-ocr": 9}
 
 
 class Help(argparse.HelpFormatter):
@@ -108,20 +103,6 @@ def parser(prog: str, description: str, *tables: list[Row], aliases: dict[str, t
         for names, kwargs in table:
             p.add_argument(*names, *(aliases or {}).get(names[0], ()), **kwargs)
     return p
-
-
-def view_knobs(args: argparse.Namespace) -> dict[str, Any]:
-    """--base-size, --tile-size and --crop-mode as given, else the --resolution mode's (None: the vendor's default)."""
-    given = {"base_size": args.base_size, "tile_size": args.tile_size, "crop_mode": args.crop_mode}
-    if not args.resolution:
-        return given
-    mode = mode_knobs(args.model, args.resolution, flag="--resolution")
-    return {k: getattr(mode, k) if v is None else v for k, v in given.items()}
-
-
-def text_tokens(model: str, given: int | None) -> int | None:
-    """--text-tokens, else what flopdiff measures for the model by default (DEFAULT_TEXT_TOKENS)."""
-    return DEFAULT_TEXT_TOKENS.get(model) if given is None else given
 
 
 def pick(table: list[Row], *names: str) -> list[Row]:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from analytic.api import build, evaluate_tree, policy, shape_for, variant
+from analytic.api import build, evaluate_tree, policy, variant
 from analytic.layers import Policy
 from analytic.models import ModelTree, Shape
 from mapping.engine import Mapping, coverage, flop_bearing, map_nodes
@@ -23,7 +23,6 @@ from mapping.table import check_layers, load_table
 from tracer.causes import cause, formula
 from tracer.errors import FlopdiffError
 from tracer.paths import STAGES
-from tracer.workload import Workload
 
 REASONS = {
     "missing": "not in the analytic model",
@@ -64,14 +63,6 @@ def shape_of(workload: dict[str, Any]) -> Shape:
     text = w["prompt_len"] - 1 - w["image_tokens"]  # BOS + image tokens + text, as the vendor lays them out
     return Shape(w["image_wh"][0], w["image_wh"][1], w["base_size"], w["tile_size"], w["crop_mode"], text,
                  w["decode_steps"])
-
-
-def request_shape(workload: Workload) -> Shape:
-    """The analytic model's view of a request before any preprocessing (its knobs; the vendor defaults for the rest):
-    what the checks before a trace, the real-mode estimate and the sweep's pages read."""
-    return shape_for(workload.model, workload.image_wh, base_size=workload.base_size, tile_size=workload.tile_size,
-                     crop_mode=workload.crop_mode, text_tokens=workload.text_tokens or 0,
-                     decode_steps=workload.decode_steps)
 
 
 def analytic_for(model: str, shape: Shape, preset: str, causal_halving: bool = False, config: str | None = None,

@@ -189,17 +189,6 @@ def active_kernels() -> "MetaKernels | None":
     return _ACTIVE[-1].kernels if _ACTIVE else None
 
 
-def to_meta(x):
-    """Tensors (inside lists, tuples and dicts) as meta tensors of the same shape, stride and dtype."""
-    if isinstance(x, torch.Tensor):
-        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_meta(v) for v in x)
-    if isinstance(x, dict):
-        return {k: to_meta(v) for k, v in x.items()}
-    return x
-
-
 # ---- the meta kernels' answers, memoized ------------------------------------------------------------------------
 
 _SCALARS = (int, float, bool, str, torch.dtype, torch.device, torch.layout, torch.memory_format, type(None))

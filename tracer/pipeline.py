@@ -28,12 +28,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from analytic.api import build, policy, variant
+from analytic.api import build, policy, request_shape, variant
 from mapping.table import load_table
 from tracer import cache
 from tracer.errors import FlopdiffError
 from tracer.explain import check_id, explain
-from tracer.gaps import analytic_for, catalogue, map_report, request_shape, shape_of, with_diff
+from tracer.gaps import analytic_for, catalogue, map_report, shape_of, with_diff
 from tracer.inputs import Pinned
 from tracer.result import Result, check_max_gap
 from tracer.vendors import BuildOptions, check_model
@@ -151,10 +151,10 @@ def _layer_ids(workload: Workload, options: Options) -> set[str]:
 
 
 def real_run_warning(workload: Workload, options: Options) -> str | None:
-    """What `--mode real` on the CPU is about to cost (an upper bound, tracer.trace.real_run_estimate); None else."""
+    """What `--mode real` on the CPU is about to cost (an upper bound, tracer.estimate.real_run_estimate); None else."""
     if options.mode != "real" or options.build.device != "cpu":
         return None
-    from tracer.trace import real_run_estimate
+    from tracer.estimate import real_run_estimate
 
     return real_run_estimate(workload, _analytic_config(options))
 

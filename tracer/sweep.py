@@ -42,16 +42,16 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from analytic.api import build
+from analytic.api import build, request_shape, resolution_knobs
 from tracer import flags
 from tracer.errors import Aborted, FlopdiffError
-from tracer.gaps import analytic_for, request_shape
+from tracer.gaps import analytic_for
 from tracer.html import script_safe
 from tracer.tables import terminal
 from tracer.lifecycle import OutputSet, die_with_parent
 from tracer.pipeline import Options, check, pinned, run
 from tracer.vendors import BuildOptions, parse_impl
-from tracer.vendors.options import attention_parts
+from tracer.vendors.options import attention_parts, text_tokens as default_text_tokens
 from tracer.workload import IMAGE_SUFFIXES, Workload, image_size, parse_image_shape
 
 SHAPE = re.compile(r"^\d+[xX]\d+$")
@@ -216,8 +216,10 @@ def main(argv: list[str]) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = args.model
-    text_tokens = flags.text_tokens(model, args.text_tokens)
-    knobs = {**flags.view_knobs(args), "text_tokens": text_tokens, "decode_steps": args.decode_steps}
+    text_tokens = default_text_tokens(model, args.text_tokens)
+    given = {"base_size": args.base_size, "tile_size": args.tile_size, "crop_mode": args.crop_mode}
+    knobs = {**resolution_knobs(model, args.resolution, given), "text_tokens": text_tokens,
+             "decode_steps": args.decode_steps}
     build_options = BuildOptions(attn=parse_impl(args.attn, "--attn") if args.attn else None,
                                  experts=parse_impl(args.experts, "--experts") if args.experts else None,
                                  vendor_dir=args.vendor_dir, trust_remote_code=args.trust_remote_code)

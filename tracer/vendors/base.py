@@ -53,6 +53,17 @@ class Vendor(Protocol):
     def attention(self, options: BuildOptions) -> dict[str, str]: ...
 
 
+def to_meta(x):
+    """The vendor inputs as meta tensors (tracer.capture's meta capture): tensors (inside lists, tuples and dicts) of the same shape, stride and dtype."""
+    if isinstance(x, torch.Tensor):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_meta(v) for v in x)
+    if isinstance(x, dict):
+        return {k: to_meta(v) for k, v in x.items()}
+    return x
+
+
 # ---- the decode protocol's state: what a decode step reads of the forward before it -------------------------
 
 EMPTY = types.SimpleNamespace(cache=None, past_key_values=None)  # no cache: a decode step's one-token forward

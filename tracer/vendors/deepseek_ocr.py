@@ -31,8 +31,7 @@ import torch
 from tracer.configfile import check_config, dig, read_json
 from tracer.errors import FlopdiffError
 from tracer.lifecycle import scratch
-from tracer.meta_capture import to_meta
-from tracer.vendors.base import Prepared
+from tracer.vendors.base import Prepared, to_meta
 from tracer.vendors.options import DEFAULT_EXPERTS, BuildOptions, attention_parts, resolve_vendor_dir
 from tracer.vendors.deepseek_ocr_shims import (EVEN_SPLIT_NOTE, RealSums, cuda_identity, even_split_moe_infer,
                                                 meta_autocast, quiet_transformers)

@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 
-from tracer import flags
 from tracer.configfile import check_config, read_json
 from tracer.errors import FlopdiffError
-from tracer.meta_capture import to_meta
-from tracer.vendors.base import Prepared, cache_of
+from tracer.vendors.base import Prepared, cache_of, to_meta
 from tracer.vendors.options import DEFAULT_EXPERTS as DEFAULTS, BuildOptions, attention_parts, implementations
+from tracer.vendors.options import DEFAULT_TEXT_TOKENS as MODEL_TEXT_TOKENS
 from tracer.workload import Derived, Workload, load_image
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"
@@ -63,7 +62,7 @@ SHIMS = {"TRANSFORMERS_DISABLE_TORCH_CHECK": "1"}
 DEFAULT_EXPERTS = DEFAULTS["deepseek-ocr-2"]
 EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' experts implementations (eager: --mode real only)
 META_ATTN, META_EXPERTS = {"sdpa", "eager"}, {"grouped_mm", "batched_mm"}  # what fake mode runs on meta tensors
-DEFAULT_TEXT_TOKENS = flags.DEFAULT_TEXT_TOKENS["deepseek-ocr-2"]  # when neither --text-tokens nor --tokenizer
+DEFAULT_TEXT_TOKENS = MODEL_TEXT_TOKENS["deepseek-ocr-2"]  # when neither --text-tokens nor --tokenizer
 TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value
 
 
