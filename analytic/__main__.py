@@ -1,6 +1,6 @@
 """The analytic model for one workload (a table, or JSON with --json), or a CSV sweep over page shapes and modes.
 
-`python -m analytic` takes flopdiff's workload and analytic flags (tracer.flags: the same names, helps and defaults;
+`python -m analytic` takes flopdiff's workload and analytic flags (tracer.core.flags: the same names, helps and defaults;
 `--mode` and `--preset`, this command's older spellings, still work)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import json
 import sys
 
 from analytic.api import evaluate, variant
-from tracer import flags
-from tracer.errors import FlopdiffError
+from tracer.core import flags
+from tracer.core.errors import FlopdiffError
 from tracer.vendors.options import text_tokens as default_text_tokens
-from tracer.workload import Workload, load_image, parse_image_shape, validate
+from tracer.core.workload import Workload, load_image, parse_image_shape, validate
 
 
 # flopdiff's names for the same things; the older spellings of this command still work

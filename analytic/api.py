@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 from analytic.layers import Policy
 from analytic.models import BUILDERS, ModelTree, Shape, Variant
-from tracer.configfile import read_json
-from tracer.errors import FlopdiffError
-from tracer.workload import Workload
+from tracer.core.configfile import read_json
+from tracer.core.errors import FlopdiffError
+from tracer.core.workload import Workload
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 DATA = Path(__file__).resolve().parent.parent / "tracer" / "data"

@@ -1,6 +1,6 @@
 """Analytic layers: one small class per kind, each a pure function of its shapes.
 
-Conventions (shared with `tracer.formulas`):
+Conventions (shared with `tracer.count.formulas`):
   * tensor-core FLOPs: 1 multiply-add = 2 FLOPs; attention = Q K^T + P V over the (query, key) pairs
     kept (dense unless `Policy.causal_halving`); relative-position and RoPE matmuls are real matmuls;
   * CUDA-core FLOPs (a separate column, never mixed in): per element, LayerNorm/RMSNorm 4 (mean,
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-from tracer.conventions import attention_pairs
+from tracer.core.conventions import attention_pairs
 
 #: ops FlopCounterMode cannot count, per device (torch 2.4 - 2.14): flex is a higher-order op it does not count,
 #: "python" a kernel launched from Python (an attention plugin), which issues no op at all

@@ -15,9 +15,9 @@ from typing import Any
 
 from analytic.layers import Attention, Block, Conv2d, Elementwise, Experts, KVCache, Layer, Linear, RelPos, Rope
 from analytic.shapes import Views, v1_views, v2_views
-from tracer.configfile import dig
-from tracer.errors import FlopdiffError
-from tracer.workload import MAX_PIXELS, MAX_SIDE
+from tracer.core.configfile import dig
+from tracer.core.errors import FlopdiffError
+from tracer.core.workload import MAX_PIXELS, MAX_SIDE
 
 # Numbers the vendor code fixes outside config.json (v1: deepencoder.py build_sam_vit_b / build_clip_l;
 # v2: transformers DeepseekOcr2SamVisionConfig defaults, checked against transformers in the tests).

@@ -29,7 +29,7 @@ def flopcounter_flex() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from tracer.vendors import BuildOptions, get_vendor
-    from tracer.workload import Workload
+    from tracer.core.workload import Workload
 
     opts = BuildOptions(attn={"text_config": "flex_attention", "vision_config": "sdpa"}, mode="real", device="cuda")
     vendor = get_vendor("deepseek-ocr-2")

@@ -1,5 +1,5 @@
 """Benchmark on a CUDA machine with Nsight Compute: hardware FLOPs of three reference kernels beside flopdiff's
-formula counts, through flopdiff's own capture, counting and ncu parsing (`tracer.ncu`).
+formula counts, through flopdiff's own capture, counting and ncu parsing (`tracer.cuda.ncu`).
 
     python benchmarks/bench_ncu.py
 
@@ -22,9 +22,9 @@ from rich.table import Table
 PROBE = """
 import json, sys, torch
 import torch.nn.functional as F
-from tracer.capture import capture
-from tracer.count import count_graph
-from tracer.conventions import Conventions
+from tracer.capture.recorder import capture
+from tracer.count.counter import count_graph
+from tracer.core.conventions import Conventions
 torch.manual_seed(0)
 dev, bf = "cuda", torch.bfloat16
 a = torch.randn(4096, 4096, device=dev, dtype=bf); b = torch.randn(4096, 4096, device=dev, dtype=bf)
@@ -46,7 +46,7 @@ print("FLOPDIFF " + json.dumps(rows))
 
 
 def main() -> None:
-    from tracer.ncu import METRICS, parse_csv
+    from tracer.cuda.ncu import METRICS, parse_csv
 
     ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
     proc = subprocess.run([ncu, "--csv", "--page", "raw", "--metrics", ",".join(METRICS), "--clock-control", "none",

@@ -21,7 +21,7 @@ REAL = """
 import json, sys, torch
 from torch.utils.flop_counter import FlopCounterMode
 from tracer.vendors import BuildOptions, get_vendor
-from tracer.workload import Workload
+from tracer.core.workload import Workload
 opts = BuildOptions(vendor_dir={dir!r}, trust_remote_code=True, mode="real")
 vendor = get_vendor("deepseek-ocr")
 config = vendor.load_config(None, opts)

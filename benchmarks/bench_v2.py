@@ -17,7 +17,7 @@ REAL = """
 import json, sys, torch
 from torch.utils.flop_counter import FlopCounterMode
 from tracer.vendors import BuildOptions, get_vendor
-from tracer.workload import Workload
+from tracer.core.workload import Workload
 vendor = get_vendor("deepseek-ocr-2")
 config = vendor.load_config(None, BuildOptions(mode="real"))
 prepared = vendor.prepare(Workload(image_wh=(1000, 1400), text_tokens=4, decode_steps=1), config)

@@ -16,7 +16,7 @@ python - <<'PY'
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from flash_attention_triton import flash_attention_v2
-from tracer.instruments import _range
+from tracer.capture.instruments import _range
 q = torch.randn(1, 10, 1024, 128, device="cuda", dtype=torch.float16)
 flash_attention_v2(q, q, q); torch.cuda.synchronize()  # compile first
 with FlopCounterMode(display=False) as fc:

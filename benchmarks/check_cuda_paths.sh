@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA paths after a change to the capture's instruments (run on the GPU machine, v2 wheels as in
-# check_gpu_fake_mode.sh): real mode with kernel attribution (tracer.instruments.ProfilerRanges) and --ncu on one
+# check_gpu_fake_mode.sh): real mode with kernel attribution (tracer.capture.instruments.ProfilerRanges) and --ncu on one
 # decoder layer (NvtxRanges in the child run). Prints exit codes, kernel totals and the ncu pairing.
 #   WHEELS_V2=DIR bash benchmarks/check_cuda_paths.sh OUTDIR
 set -uo pipefail

@@ -31,7 +31,7 @@ IMPORTS = {
             "from torch._subclasses.fake_tensor import FakeTensorMode; FakeTensorMode()"),
            ("transformers and DeepSeek-OCR-2's classes",
             "from tracer.vendors.deepseek_ocr2 import _transformers_classes; _transformers_classes()"),
-           ("flopdiff's tracing modules", "import tracer.trace, tracer.count, tracer.report")],
+           ("flopdiff's tracing modules", "import tracer.capture.trace, tracer.count.counter, tracer.count.records")],
     "v1": [("flopdiff's command line (tables, mapping, jinja2, rich)", "import tracer.cli"),
            ("torch", "import torch"),
            ("torch._dynamo (transformers, torchvision and FakeTensorMode() import it)",
@@ -39,7 +39,7 @@ IMPORTS = {
            ("torchvision, transformers and the vendor code",
             "from tracer.vendors import BuildOptions, get_vendor; get_vendor('deepseek-ocr').load_config(None, "
             "BuildOptions(vendor_dir=os.environ['FLOPDIFF_DSOCR_V1_DIR'], trust_remote_code=True))"),
-           ("flopdiff's tracing modules", "import tracer.trace, tracer.count, tracer.report")],
+           ("flopdiff's tracing modules", "import tracer.capture.trace, tracer.count.counter, tracer.count.records")],
 }
 WORKLOADS = {
     "v2": ["--image-shape", "1000x1400", "--text-tokens", "4", "--decode-steps", "1"],

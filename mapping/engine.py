@@ -16,8 +16,8 @@ from typing import Any
 import networkx as nx
 
 from mapping.table import CallName, Rule, Table
-from tracer.errors import FlopdiffError
-from tracer.paths import split_path
+from tracer.core.errors import FlopdiffError
+from tracer.core.modulepaths import split_path
 
 def flop_bearing(node: dict[str, Any]) -> bool:
     return node["flops_full"] > 0 or node["status"] == "unknown"

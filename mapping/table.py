@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from tracer.errors import FlopdiffError
+from tracer.core.errors import FlopdiffError
 
 TABLES = Path(__file__).resolve().parent / "tables"
 _FIELD = re.compile(r"\{(\w+)\}")

@@ -101,7 +101,7 @@ def worker_claims_first(monkeypatch):
     import struct
     import time
 
-    import tracer.decode_worker as worker
+    import tracer.capture.decode_worker as worker
 
     original_init, original_low = worker._Claims.__init__, worker._Claims.low
 

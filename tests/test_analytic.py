@@ -77,9 +77,9 @@ def test_v2_aligned_reproduces_reference(shared_reference):
 @pytest.mark.parametrize("wh", [(1000, 1400), (2000, 700), (800, 800), (3000, 3000), (500, 1600)])
 @pytest.mark.v2
 def test_v2_aligned_equals_traced_full_and_torch(wh):
-    from tracer.count import count_graph, totals
-    from tracer.trace import trace
-    from tracer.workload import Workload
+    from tracer.count.counter import count_graph, totals
+    from tracer.capture.trace import trace
+    from tracer.core.workload import Workload
 
     tr = trace(Workload(image_wh=wh, text_tokens=7, decode_steps=2))
     shape = shape_for("deepseek-ocr-2", wh, text_tokens=7, decode_steps=2)

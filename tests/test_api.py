@@ -33,7 +33,7 @@ def test_readme_python_api_example_runs(capsys):
 def test_typed_views_agree_with_the_tables(tiny_v2_config):
     """gap_groups, unseen and coverage are the rows the terminal prints, typed; a seed-naive run has named groups."""
     from tracer.pipeline import Options, run
-    from tracer.workload import Workload
+    from tracer.core.workload import Workload
 
     result = run(Workload(image_wh=(1000, 800), text_tokens=3, decode_steps=1),
                  Options(config=tiny_v2_config, analytic="seed-naive"))

@@ -14,10 +14,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from tracer.attention import boundary
-from tracer.capture import capture
-from tracer.count import count_graph, totals
-from tracer.conventions import Conventions
+from tracer.capture.attention import boundary
+from tracer.capture.recorder import capture
+from tracer.count.counter import count_graph, totals
+from tracer.core.conventions import Conventions
 from tracer.vendors import flash_attn_standin as standin
 
 # flash-attn 2.8.3, flash_attn/flash_attn_interface.py: torch.library.custom_op("flash_attn::...", mutates_args=())
@@ -220,7 +220,7 @@ def test_boundary_causal_halving_follows_the_module():
 def _v2(attn, workload=None, config=None, mode="fake", plugins=(), policy="full"):
     from tracer.pipeline import Options, run
     from tracer.vendors import BuildOptions, parse_impl
-    from tracer.workload import Workload
+    from tracer.core.workload import Workload
 
     workload = workload or Workload(image_wh=(1000, 1400), text_tokens=9, decode_steps=10)
     return run(workload, Options(build=BuildOptions(attn=parse_impl(attn, "--attn"), attn_plugins=plugins),
@@ -273,7 +273,8 @@ def test_v2_each_fa2_node_carries_its_layers_eager_matmuls(v2_runs):
 
 @pytest.mark.v2
 def test_v2_aligned_analytic_holds_for_both_policies_with_flash_attention_2(v2_runs):
-    from tracer.gaps import analytic_of, map_report, with_diff
+    from tracer.compare.analytic import analytic_of, map_report
+    from tracer.compare.diff import with_diff
 
     report = v2_runs["fa2"].report
     for policy in ("full", "torch"):
@@ -290,7 +291,7 @@ def test_v2_aligned_analytic_holds_for_both_policies_with_flash_attention_2(v2_r
 def test_v2_plugin_in_real_mode_is_counted_on_its_boundary(tiny_v2_config):
     """A kernel the dispatcher never sees (NumPy), registered through --attn-plugin and run for real: each text
     attention call carries the formula, and the stages equal the SDPA run's."""
-    from tracer.workload import Workload
+    from tracer.core.workload import Workload
 
     workload = Workload(image_wh=(640, 640), text_tokens=3, decode_steps=2)
     plugin = _v2("text_config=numpy_attention,vision_config=sdpa", workload, tiny_v2_config, "real",
@@ -337,8 +338,9 @@ def h200_triton():
     """flopdiff's own H200 recording (benchmarks/check_attention_plugin.sh): DeepSeek-OCR-2 640x640 real mode on
     CUDA, the text attention flash-attention-triton's Triton FlashAttention-2 through --attn-plugin; attributed again
     here from its kernel records and nodes."""
-    from tracer.gaps import analytic_of, map_report, with_diff
-    from tracer.kernels import attribute
+    from tracer.compare.analytic import analytic_of, map_report
+    from tracer.compare.diff import with_diff
+    from tracer.cuda.kernels import attribute
 
     rec = json.loads(gzip.open(H200_TRITON).read())
     report = {"model": rec["model"], "workload": rec["workload"], "options": rec["options"],

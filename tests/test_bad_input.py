@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tracer.diff import main
-from tracer.errors import FlopdiffError
+from tracer.core.errors import FlopdiffError
 
 V2_CONFIG = Path(__file__).resolve().parent.parent / "tracer" / "data" / "deepseek-ocr-2" / "config.json"
 
@@ -143,10 +143,10 @@ def _scratch() -> set[str]:
 
 @pytest.mark.parametrize("case, argv, says", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_nothing_written(case, argv, says, tmp_path, capsys, monkeypatch, no_network):
-    import tracer.inputs
+    import tracer.core.inputs
 
-    monkeypatch.setattr(tracer.inputs, "STREAM_LIMIT", 1 << 20)  # /dev/zero refused after 1 MiB, not 512
-    monkeypatch.setattr(tracer.inputs, "STREAM_IDLE_S", 0.3)  # a FIFO nobody writes to: refused after 0.3 s, not 10
+    monkeypatch.setattr(tracer.core.inputs, "STREAM_LIMIT", 1 << 20)  # /dev/zero refused after 1 MiB, not 512
+    monkeypatch.setattr(tracer.core.inputs, "STREAM_IDLE_S", 0.3)  # a FIFO nobody writes to: refused after 0.3 s, not 10
     _fixtures(tmp_path)
     monkeypatch.chdir(tmp_path)
     args = []
@@ -218,8 +218,7 @@ def test_python_api_refuses_bad_values_by_parameter_name_before_any_work(field, 
     from dataclasses import replace
 
     from tracer.pipeline import Options, check
-    from tracer.vendors import BuildOptions
-    from tracer.workload import Workload
+    from tracer.core.workload import Workload
 
     workload, options = Workload(), Options()
     if field.startswith("build."):
@@ -239,7 +238,7 @@ def test_python_api_takes_a_pathlib_image(tmp_path, tiny_v2_config):
     from PIL import Image
 
     from tracer.pipeline import Options, run
-    from tracer.workload import Workload
+    from tracer.core.workload import Workload
 
     Image.new("RGB", (2000, 700), "white").save(tmp_path / "wide.png")
     result = run(Workload(image_path=tmp_path / "wide.png", text_tokens=3, decode_steps=0),

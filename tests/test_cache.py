@@ -1,4 +1,4 @@
-"""The trace cache (tracer.cache): a warm run serves the counted trace with byte-identical reports; any part of the
+"""The trace cache (tracer.core.cache): a warm run serves the counted trace with byte-identical reports; any part of the
 key changed is a miss; an unreadable entry is a miss with one note line and is rebuilt; two runs writing one entry
 at once both finish with the same report and a readable entry; --no-cache bypasses it."""
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tracer import cache
+from tracer.core import cache
 from tracer.diff import main
 from tracer.pipeline import Options, run
-from tracer.workload import Workload
+from tracer.core.workload import Workload
 
 pytestmark = pytest.mark.v2
 

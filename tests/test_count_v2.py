@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tracer.capture import capture
-from tracer.count import count_graph, totals
-from tracer.trace import trace
+from tracer.capture.recorder import capture
+from tracer.count.counter import count_graph, totals
+from tracer.capture.trace import trace
 from tracer.vendors import BuildOptions, get_vendor
-from tracer.workload import Workload
+from tracer.core.workload import Workload
 
 WORKLOAD = Workload(image_wh=(1000, 1400), text_tokens=5, decode_steps=2)  # 2x3 tiles + global view
 
@@ -161,7 +161,7 @@ def test_a_pngs_orientation_is_read_from_its_header_wherever_the_exif_chunk_is(w
     flopdiff walks the chunk headers instead and must agree with it."""
     from PIL import Image, ImageOps
 
-    from tracer.workload import image_size
+    from tracer.core.workload import image_size
 
     exif = Image.Exif()
     exif[0x0112] = 6

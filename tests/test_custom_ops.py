@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tracer.capture import capture
-from tracer.count import count_graph, may_carry_flops, totals
-from tracer.conventions import Conventions
+from tracer.capture.recorder import capture
+from tracer.count.counter import count_graph, may_carry_flops, totals
+from tracer.core.conventions import Conventions
 
 pytestmark = pytest.mark.v2
 
@@ -120,8 +120,8 @@ def test_flex_attention_text_model_on_cpu_fake_mode(tmp_path, tiny_v2_config, ca
 
 
 def test_formula_that_cannot_count_is_unknown_and_a_broken_one_names_its_node(monkeypatch):
-    from tracer.errors import CannotCount
-    from tracer.formulas import FORMULAS
+    from tracer.core.errors import CannotCount
+    from tracer.count.formulas import FORMULAS
 
     def cannot(*args, **kwargs):
         raise CannotCount("values needed")
@@ -140,7 +140,7 @@ def test_formula_that_cannot_count_is_unknown_and_a_broken_one_names_its_node(mo
 
 
 def test_a_formula_table_refuses_a_second_formula_for_a_name():
-    from tracer.registry import FormulaTable
+    from tracer.core.registry import FormulaTable
 
     table = FormulaTable("test")
     table.register("a::b")(lambda: 1)

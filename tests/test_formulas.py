@@ -1,10 +1,10 @@
-"""Each formula of tracer.formulas against numbers derived by hand."""
+"""Each formula of tracer.count.formulas against numbers derived by hand."""
 
 import pytest
 import torch
 
-from tracer.conventions import Conventions, attention_pairs
-from tracer.formulas import FORMULAS
+from tracer.core.conventions import Conventions, attention_pairs
+from tracer.count.formulas import FORMULAS
 
 DENSE = Conventions()
 HALVED = Conventions(causal_halving=True)

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from tracer.html import render_html
+from tracer.render.html import render_html
 
 PLANTED = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 
@@ -95,7 +95,8 @@ def test_natural_sort_and_unmapped_section(page, page_file):
 
 @pytest.fixture(scope="module")
 def naive_file(v2_page, tmp_path_factory):
-    from tracer.gaps import analytic_of, map_report, with_diff
+    from tracer.compare.analytic import analytic_of, map_report
+    from tracer.compare.diff import with_diff
 
     an = analytic_of(v2_page, "seed-naive")
     doc = with_diff(v2_page, an, map_report(v2_page, an))
@@ -152,8 +153,10 @@ def test_kernels_section_of_a_cuda_report(browser, tmp_path):
     import json
     from pathlib import Path
 
-    from tracer.gaps import analytic_of, map_report, with_diff
-    from tracer.kernels import attribute
+    from tracer.compare.analytic import analytic_of, map_report
+
+    from tracer.compare.diff import with_diff
+    from tracer.cuda.kernels import attribute
 
     doc = json.loads(gzip.open(Path(__file__).parent / "data" / "cuda" / "v2-640x640-h200.json.gz").read())
     report = {"model": doc["model"], "workload": doc["workload"], "notes": [], "unknown_ops": [],

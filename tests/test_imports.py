@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_analytic_and_mapping_import_no_torch():
     code = ("import sys, analytic.api, analytic.__main__, analytic.models, mapping.engine, mapping.table, "
-            "tracer.conventions; bad = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
+            "tracer.core.conventions; bad = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

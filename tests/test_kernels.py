@@ -12,9 +12,9 @@ import pytest
 
 from mapping.engine import map_nodes
 from mapping.table import load_table
-from tracer.instruments import MODULE_RANGE, OP_RANGE, ProfilerRanges, kernel_records
-from tracer.gaps import analytic_of, catalogue, present_views
-from tracer.kernels import OUTSIDE, attribute, counted
+from tracer.capture.instruments import MODULE_RANGE, OP_RANGE, ProfilerRanges, kernel_records
+from tracer.compare.analytic import analytic_of, catalogue, present_views
+from tracer.cuda.kernels import OUTSIDE, attribute, counted
 from tracer.result import Kernel, Result
 
 DATA = Path(__file__).resolve().parent / "data" / "cuda" / "v2-640x640-h200.json.gz"
@@ -100,14 +100,14 @@ def test_kernel_flops_add_up_to_the_stage_totals(h200):
     ("A10", 72, 1695, (8, 6), 125.0),          # NVIDIA A10 datasheet: 125 TFLOPS dense BF16
 ])
 def test_peak_rate_formula_matches_the_datasheets(card, sms, mhz, cc, datasheet):
-    from tracer.kernels import peak_bf16_tflops
+    from tracer.cuda.kernels import peak_bf16_tflops
 
     assert peak_bf16_tflops(sms, mhz, cc) == pytest.approx(datasheet, abs=0.15), card
     assert peak_bf16_tflops(sms, mhz, (7, 5)) is None and peak_bf16_tflops(sms, 0, cc) is None
 
 
 def test_achieved_rate_against_the_card_peak(h200):
-    from tracer.kernels import peak_bf16_tflops
+    from tracer.cuda.kernels import peak_bf16_tflops
 
     report, doc, _ = h200
     dev = doc["device"]
@@ -208,7 +208,7 @@ def test_a_kernel_the_profiler_also_hangs_on_a_nested_event_is_one_launch():
 
 
 def test_cpu_records_take_each_aten_event_s_self_time():
-    from tracer.instruments import cpu_records
+    from tracer.capture.instruments import cpu_records
 
     raw = RawEvents()
     raw.enter(f"{MODULE_RANGE}model.mlp")
@@ -247,7 +247,7 @@ def test_flash_attn_ops_map_to_the_attention_layer_and_carry_their_kernels(model
 
 @pytest.fixture(scope="module")
 def ncu_layer():
-    from tracer.ncu import join, parse_csv
+    from tracer.cuda.ncu import join, parse_csv
 
     d = json.loads(gzip.open(DATA.parent / "ncu-v2-1000x1400-layers1-h200.json.gz").read())
     rows = parse_csv(d["ncu_csv"])
@@ -312,7 +312,7 @@ def test_ncu_join_shows_padding_and_causal_tiles(ncu_layer):
 
 
 def test_ncu_child_command_line_drops_ncu_graph_and_out():
-    from tracer.ncu import _strip
+    from tracer.cuda.ncu import _strip
 
     argv = ["--device", "cuda", "--ncu", "model.layers.1", "--graph=onnx", "--out", "x", "--quiet"]
     assert _strip(_strip(_strip(argv, "--ncu"), "--graph"), "--out") == ["--device", "cuda", "--quiet"]
@@ -323,12 +323,13 @@ def test_a_real_cpu_profile_drives_the_attribution_end_to_end(tiny_v2_config):
     """torch.profiler on this CPU, live (no recording): flopdiff's op and module ranges come back in the profiler's
     own event tree, each aten op's self time stands for a kernel, and the attribution puts all of it on nodes and
     named layers, with every node's FLOPs on exactly one record (what runs on a GPU, minus the GPU)."""
-    from tracer.count import count_graph
-    from tracer.gaps import map_report, with_diff
-    from tracer.kernels import attribute_kernels
-    from tracer.report import build_report
-    from tracer.trace import trace
-    from tracer.workload import Workload
+    from tracer.count.counter import count_graph
+    from tracer.compare.analytic import map_report
+    from tracer.compare.diff import with_diff
+    from tracer.cuda.kernels import attribute_kernels
+    from tracer.count.records import build_report
+    from tracer.capture.trace import trace
+    from tracer.core.workload import Workload
 
     tr = trace(Workload(image_wh=(1000, 800), text_tokens=3, decode_steps=2), config_path=tiny_v2_config,
                mode="real", instrument=ProfilerRanges())
@@ -363,8 +364,8 @@ def test_raw_event_records_equal_torch_s_own_event_tree_on_a_live_profile():
     a small model under the recorder with ProfilerRanges, nested modules and decomposed ops included."""
     import torch
 
-    from tracer.capture import capture
-    from tracer.instruments import cpu_records
+    from tracer.capture.recorder import capture
+    from tracer.capture.instruments import cpu_records
 
     kept = {}
 

@@ -1,5 +1,5 @@
 """Whatever ends a run, it leaves its complete output set or the previous one, no process and no scratch folder
-(tracer.lifecycle): kills of the real command line while its decode worker runs, and a kill injected at every
+(tracer.core.lifecycle): kills of the real command line while its decode worker runs, and a kill injected at every
 step of writing and committing an output set."""
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.lifecycle import OUTPUT_NAMES, OutputSet
+from tracer.core.lifecycle import OUTPUT_NAMES, OutputSet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def _old_set(out: Path) -> dict[str, bytes]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_killed_run_leaves_no_worker_no_scratch_and_the_old_set(sig, tmp_path):
-    from tracer.forking import available
+    from tracer.core.forking import available
 
     if not available():
         pytest.skip("the decode worker needs fork() and a second CPU; this machine has one")
@@ -95,8 +95,8 @@ def test_killed_run_leaves_no_worker_no_scratch_and_the_old_set(sig, tmp_path):
 WRITE_SCRIPT = """
 import os, sys
 from pathlib import Path
-from tracer import lifecycle
-from tracer.lifecycle import OutputSet
+from tracer.core import lifecycle
+from tracer.core.lifecycle import OutputSet
 
 out, kill_at = sys.argv[1], int(sys.argv[2])
 steps = [0]
@@ -154,7 +154,7 @@ def test_output_set_is_old_or_new_at_every_kill_point(tmp_path):
 def test_an_unwritable_output_place_is_one_line(tmp_path, monkeypatch, capsys):
     """A folder without write permission (root, who runs the tests here and in CI, writes anywhere: the refusal
     the system gives a user is planted where the staging folder is made)."""
-    import tracer.lifecycle as lifecycle
+    import tracer.core.lifecycle as lifecycle
     from tracer.diff import main
 
     def refuse(*args, **kwargs):
@@ -249,7 +249,7 @@ def test_a_full_file_system_is_one_line_and_keeps_the_old_set(command, tmp_path,
 
 COMMIT_SCRIPT = """
 import sys
-from tracer.lifecycle import OutputSet
+from tracer.core.lifecycle import OutputSet
 with OutputSet(sys.argv[1]) as outputs:
     outputs.write("report.json", sys.argv[2])
 """

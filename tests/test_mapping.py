@@ -6,10 +6,12 @@ import json
 
 import pytest
 
-from tracer.paths import split_path
+from tracer.core.modulepaths import split_path
 from mapping.table import compile_pattern, load_table
 from tracer.diff import main
-from tracer.gaps import analytic_of, gap_groups, group_members, map_report, with_diff
+from tracer.compare.analytic import analytic_of, map_report
+from tracer.compare.diff import with_diff
+from tracer.compare.groups import gap_groups, group_members
 
 
 @pytest.mark.parametrize("pattern, path, groups", [

@@ -1,4 +1,4 @@
-"""Meta capture's CPU semantics (tracer.meta_capture), against the CPU kernels and FakeTensorMode themselves: the
+"""Meta capture's CPU semantics (tracer.capture.meta), against the CPU kernels and FakeTensorMode themselves: the
 output dtypes of CPU_OUTPUT_DTYPES, and each call of CPU_CHOICES (scaled_dot_product_attention's backend and
 boolean mask, `t[i] = number`, `torch.tensor`, the device Python code reads); the memoized meta kernels against the
 kernels; the fallback to FakeTensorMode. Whole models node for node: tests/test_v1.py (DeepSeek-OCR) and below
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from tracer.capture import capture
-from tracer.meta_capture import CPU_OUTPUT_DTYPES, MetaCapture, MetaKernels
+from tracer.capture.recorder import capture
+from tracer.capture.meta import CPU_OUTPUT_DTYPES, MetaCapture, MetaKernels
 from tracer.vendors.base import to_meta
 
 
@@ -132,11 +132,11 @@ def test_v2_meta_capture_records_the_fake_tensor_graph_node_for_node(shape, opti
     """Fake mode runs DeepSeek-OCR-2 on meta tensors; FakeTensorMode (`meta=False`) is the reference: the same
     report rows, every field (name, op, module call, source lines, input and output shapes and dtypes, FLOPs,
     status), for the prefill, vision and each decode step."""
-    from tracer.count import count_graph
-    from tracer.report import build_report
-    from tracer.trace import trace
+    from tracer.count.counter import count_graph
+    from tracer.count.records import build_report
+    from tracer.capture.trace import trace
     from tracer.vendors import BuildOptions, get_vendor
-    from tracer.workload import Workload, parse_image_shape
+    from tracer.core.workload import Workload, parse_image_shape
 
     workload = Workload(image_wh=parse_image_shape(shape), text_tokens=4, decode_steps=2)
     build = BuildOptions(**options)
@@ -158,11 +158,11 @@ def test_v2_meta_capture_records_the_fake_tensor_graph_node_for_node(shape, opti
 
 @pytest.mark.v2
 @pytest.mark.parametrize("options", [{"attn": "flex_attention"}, {"attn": {"text_config": "flash_attention_2"}},
-                                     {"experts": "eager"}, {"attn_plugins": ("mine=tracer.attention:sdpa",)}])
+                                     {"experts": "eager"}, {"attn_plugins": ("mine=tracer.capture.attention:sdpa",)}])
 def test_v2_stays_on_fake_tensors_where_meta_is_not_checked(options):
     from tracer.vendors import BuildOptions, get_vendor
     from tracer.vendors.base import Prepared
-    from tracer.workload import Derived
+    from tracer.core.workload import Derived
 
     prepared = Prepared({"input_ids": torch.zeros(1, 4, dtype=torch.long)}, Derived.__new__(Derived))
     assert get_vendor("deepseek-ocr-2").meta_inputs(prepared, BuildOptions(**options)) is None
@@ -192,7 +192,7 @@ aten = torch.ops.aten
 ])
 @torch.no_grad()  # as a capture runs (with autograd on, nothing is memoized)
 def test_memoized_meta_kernels_answer_as_the_kernels(func, args):
-    """A memoized op (tracer.meta_capture.MetaKernels) returns what its meta kernel returns: the first call runs the
+    """A memoized op (tracer.capture.meta.MetaKernels) returns what its meta kernel returns: the first call runs the
     kernel, the next ones make the outputs from the memo; the same shapes, strides, dtypes and container."""
     kernels = MetaKernels()
     expected = _signature(func(*args()))
@@ -245,11 +245,11 @@ def test_mutating_and_aliasing_ops_are_not_memoized(func, args):
 def test_a_failed_meta_capture_falls_back_to_fake_tensors(tiny_v2_config, monkeypatch, capsys):
     """A vendor path meta tensors cannot take (here: every `torch.tensor` call raises, as a future vendor's value
     read would) costs a second capture, never the run: one note line, and the FakeTensorMode report."""
-    from tracer import meta_capture
-    from tracer.count import count_graph
-    from tracer.report import build_report
-    from tracer.trace import trace
-    from tracer.workload import Workload
+    from tracer.capture import meta as meta_capture
+    from tracer.count.counter import count_graph
+    from tracer.count.records import build_report
+    from tracer.capture.trace import trace
+    from tracer.core.workload import Workload
 
     def refused(func, args, kwargs):
         raise RuntimeError("Cannot copy out of meta tensor; no data!")

@@ -11,7 +11,7 @@ import types
 import pytest
 
 from tracer.diff import main
-from tracer.overlay import GAP_COLORS, OVERCOUNT, UNMAPPED, gap_color
+from tracer.render.model_explorer import GAP_COLORS, OVERCOUNT, UNMAPPED, gap_color
 
 pytestmark = pytest.mark.v2
 

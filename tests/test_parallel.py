@@ -1,4 +1,4 @@
-"""The forked decode worker (tracer.decode_worker): same report as capturing every step here, checked and fallen
+"""The forked decode worker (tracer.capture.decode_worker): same report as capturing every step here, checked and fallen
 back from when its synthesized cache or the worker itself is wrong; the graph codec round trip."""
 
 import struct
@@ -8,11 +8,12 @@ from dataclasses import replace
 
 import pytest
 
-import tracer.decode_worker as worker_module
-from tracer import forking, graph_codec
+import tracer.capture.decode_worker as worker_module
+from tracer.capture import graph_codec
+from tracer.core import forking
 from tracer.pipeline import Options, run
-from tracer.report import node_record
-from tracer.workload import Workload
+from tracer.count.records import node_record
+from tracer.core.workload import Workload
 
 WORKLOAD = Workload(image_wh=(640, 640), text_tokens=2, decode_steps=6)
 
@@ -127,8 +128,8 @@ def test_failing_worker_falls_back(tiny_v2_config, sequential, worker_claims_fir
 
 
 def test_codec_round_trip(tiny_v2_config):
-    from tracer.count import count_graph
-    from tracer.trace import trace
+    from tracer.count.counter import count_graph
+    from tracer.capture.trace import trace
 
     tr = trace(Workload(image_wh=(640, 640), text_tokens=2, decode_steps=1), config_path=tiny_v2_config)
     for sg in tr.stages["prefill"] + tr.stages["decode"]:

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from tracer.count import count_graph, totals
-from tracer.trace import trace
-from tracer.workload import Workload
+from tracer.count.counter import count_graph, totals
+from tracer.capture.trace import trace
+from tracer.core.workload import Workload
 
 pytestmark = pytest.mark.v2
 

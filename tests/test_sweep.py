@@ -192,7 +192,7 @@ def test_a_killed_sweep_leaves_no_process_and_nothing_in_tmpdir(sig, tmp_path):
             f"flopdiff: interrupted ({sig}); the output folder was left as it was"], err
         assert took < 10, f"{took:.1f} s: the pending keys were waited for (8 keys of seconds each)"
     else:  # nothing runs after a SIGKILL: its staging folder, named after the dead process, goes at the next run
-        from tracer.lifecycle import OutputSet
+        from tracer.core.lifecycle import OutputSet
 
         OutputSet(out).discard()
     assert [p.name for p in tmp_path.iterdir() if "staging" in p.name] == []

@@ -250,12 +250,12 @@ def test_v1_onnx_prefill_equals_fx_per_stage_and_module(reduced, v1_dir, tmp_pat
 
 
 def test_v1_decode_worker_gives_the_sequential_report(v1_dir, worker_claims_first):
-    """The forked decode worker (tracer.decode_worker) on the real vendor model: its legacy tuple cache is synthesized,
+    """The forked decode worker (tracer.capture.decode_worker) on the real vendor model: its legacy tuple cache is synthesized,
     checked after step 0, and every report byte equals capturing all steps in one process."""
-    from tracer.forking import available
+    from tracer.core.forking import available
     from tracer.pipeline import Options, run
     from tracer.vendors import BuildOptions
-    from tracer.workload import Workload
+    from tracer.core.workload import Workload
 
     if not available():
         pytest.skip("the decode worker needs fork() and a second CPU; this machine has one")
@@ -286,14 +286,14 @@ def _stub_folder(tmp_path, modeling_text="", config=True):
 @pytest.mark.parametrize("shape, extra", [("1000x1400", {}), ("600x500", {}),
                                           ("640x640", {"crop_mode": False, "base_size": 640})])
 def test_v1_meta_capture_records_the_fake_tensor_graph_node_for_node(v1_dir, shape, extra, capsys):
-    """Fake mode runs v1 on meta tensors (tracer.meta_capture); FakeTensorMode (`meta=False`) is the reference: the
+    """Fake mode runs v1 on meta tensors (tracer.capture.meta); FakeTensorMode (`meta=False`) is the reference: the
     same report rows, every field (name, op, module call, source lines, input and output shapes and dtypes, FLOPs,
     status), for the prefill, vision and each decode step, on tiles, a global view alone and a no-crop page."""
-    from tracer.count import count_graph
-    from tracer.report import build_report
-    from tracer.trace import trace
+    from tracer.count.counter import count_graph
+    from tracer.count.records import build_report
+    from tracer.capture.trace import trace
     from tracer.vendors import BuildOptions
-    from tracer.workload import Workload, parse_image_shape
+    from tracer.core.workload import Workload, parse_image_shape
 
     workload = Workload(model="deepseek-ocr", image_wh=parse_image_shape(shape), text_tokens=9, decode_steps=3,
                         **extra)

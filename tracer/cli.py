@@ -1,6 +1,6 @@
 """flopdiff command line (`flopdiff`, `python -m tracer.diff`; `flopdiff sweep PATH...` over a corpus: tracer.sweep):
 parse, run the pipeline (tracer.pipeline), print, write
-the output set (replaced whole: tracer.lifecycle), exit: 0; 1 when a stage's gap exceeds --max-gap; 2 for bad input (one
+the output set (replaced whole: tracer.core.lifecycle), exit: 0; 1 when a stage's gap exceeds --max-gap; 2 for bad input (one
 line, nothing written); 3 for an internal error (one line naming where it happened: a crash must never read as a gap
 to a CI gate; FLOPDIFF_TRACEBACK=1 prints the whole traceback too); 128 + the signal after SIGINT / SIGTERM (one line,
 the output folder left as it was)."""
@@ -22,13 +22,14 @@ from rich.console import Console
 from rich.text import Text
 
 from analytic.api import resolution_knobs
-from tracer import flags, sweep
-from tracer.errors import Aborted, FlopdiffError, describe
-from tracer.lifecycle import Interrupted, OutputSet, signals_as_exceptions
+from tracer import sweep
+from tracer.core import flags
+from tracer.core.errors import Aborted, FlopdiffError, describe
+from tracer.core.lifecycle import Interrupted, OutputSet, signals_as_exceptions
 from tracer.pipeline import Options, check, pinned, real_run_warning, run
-from tracer.tables import terminal
+from tracer.render.tables import terminal
 from tracer.vendors import BuildOptions, parse_impl
-from tracer.workload import Workload, parse_image_shape
+from tracer.core.workload import Workload, parse_image_shape
 
 STARTED = time.perf_counter()  # this module's import: the process's imports before it are not counted
 DEFAULT = Workload()

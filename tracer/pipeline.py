@@ -2,7 +2,7 @@
 (tracer.cli), the tests and the benchmarks use it; so can a notebook:
 
     from tracer.pipeline import Options, run
-    from tracer.workload import Workload
+    from tracer.core.workload import Workload
 
     result = run(Workload(image_wh=(1000, 1400), text_tokens=9, decode_steps=2), Options(analytic="seed-naive"))
     for stage in result.stages:
@@ -11,11 +11,11 @@
     rows = result.records("nodes")          # list of dicts; result.dataframe("nodes") with pandas installed
     html = result.to_html()                 # the self-contained page; result.to_json() is report.json
 
-The pipeline: check the inputs (before any trace) -> trace every stage weight-free (tracer.trace) -> count FLOPs
-per node under both policies (tracer.count) -> the report document (tracer.report) -> the analytic model for the
+The pipeline: check the inputs (before any trace) -> trace every stage weight-free (tracer.capture.trace) -> count FLOPs
+per node under both policies (tracer.count.counter) -> the report document (tracer.count.records) -> the analytic model for the
 same workload (analytic) -> map every FLOP-bearing node to an analytic layer (mapping) -> gaps per stage and layer
-(tracer.gaps) -> on CUDA, kernels (tracer.kernels) and Nsight Compute (tracer.ncu) -> optionally the ONNX graph
-(tracer.onnx_graph) -> optionally one layer or node explained (tracer.explain).
+(tracer.compare) -> on CUDA, kernels (tracer.cuda.kernels) and Nsight Compute (tracer.cuda.ncu) -> optionally the ONNX graph
+(tracer.onnx.graph) -> optionally one layer or node explained (tracer.compare.explain).
 """
 
 from __future__ import annotations
@@ -30,18 +30,19 @@ from typing import Any
 
 from analytic.api import build, policy, request_shape, variant
 from mapping.table import load_table
-from tracer import cache
-from tracer.errors import FlopdiffError
-from tracer.explain import check_id, explain
-from tracer.gaps import analytic_for, catalogue, map_report, shape_of, with_diff
-from tracer.inputs import Pinned
+from tracer.core import cache
+from tracer.core.errors import FlopdiffError
+from tracer.compare.explain import check_id, explain
+from tracer.compare.analytic import analytic_for, catalogue, map_report, shape_of
+from tracer.compare.diff import with_diff
+from tracer.core.inputs import Pinned
 from tracer.result import Result, check_max_gap
 from tracer.vendors import BuildOptions, check_model
 from tracer.vendors.options import DEFAULT_EXPERTS, attention_parts, implementations, resolve_vendor_dir
-from tracer.workload import Workload, validate
+from tracer.core.workload import Workload, validate
 
 # The modules that import torch (tracing, counting, kernels, ONNX, attention plugins) are imported where a run needs
-# them, not here: a run served from the trace cache (tracer.cache) never imports torch or transformers.
+# them, not here: a run served from the trace cache (tracer.core.cache) never imports torch or transformers.
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Options:
     sequential: bool = False            # no decode worker process
     allow_long: bool = False            # run captures estimated at more than about five minutes
     max_gap: float | None = None        # the gate Result.over applies (a percentage; checked up front)
-    cache: bool = True                  # serve and keep counted traces (tracer.cache; FLOPDIFF_CACHE=off: never)
+    cache: bool = True                  # serve and keep counted traces (tracer.core.cache; FLOPDIFF_CACHE=off: never)
     keep_graphs: bool = False           # keep the traced fx graphs (Model Explorer files); else a stage counted
     #                                     where it was captured holds its report rows (`StageGraph.rows`), no graph
 
@@ -99,7 +100,7 @@ def check(workload: Workload, options: Options) -> Workload:
         raise FlopdiffError(f"--ncu {options.ncu}: needs --device cuda --mode real")
     check_model(workload.model)
     if options.graph == "onnx":
-        from tracer.onnx_graph import check_onnx
+        from tracer.onnx.graph import check_onnx
         from tracer.vendors import get_vendor
 
         check_onnx(get_vendor(workload.model), options.build)
@@ -107,7 +108,7 @@ def check(workload: Workload, options: Options) -> Workload:
     variant(options.analytic, "--analytic")
     policy(options.policy)
     if options.build.attn_plugins or "flash_attention_2" in implementations(options.build.attn):
-        from tracer.attention import check as attention_check
+        from tracer.capture.attention import check as attention_check
 
         attention_check(replace(options.build, mode=options.mode))  # plugins import, real FA2 has its package
     load_table(options.mapping or workload.model)
@@ -127,7 +128,7 @@ def _analytic_config(options: Options) -> str | None:
 @contextmanager
 def pinned(workload: Workload, options: Options) -> Iterator[tuple[Workload, Options]]:
     """The workload and options with every input that can be read once only (a pipe, a FIFO) copied, so that the
-    checks, the trace cache's key and the vendor all read the same bytes (tracer.inputs); the copies go on exit.
+    checks, the trace cache's key and the vendor all read the same bytes (tracer.core.inputs); the copies go on exit.
     Idempotent: a copy is a regular file, pinned again as itself."""
     pins = Pinned()
     try:
@@ -151,10 +152,10 @@ def _layer_ids(workload: Workload, options: Options) -> set[str]:
 
 
 def real_run_warning(workload: Workload, options: Options) -> str | None:
-    """What `--mode real` on the CPU is about to cost (an upper bound, tracer.estimate.real_run_estimate); None else."""
+    """What `--mode real` on the CPU is about to cost (an upper bound, tracer.capture.estimate.real_run_estimate); None else."""
     if options.mode != "real" or options.build.device != "cpu":
         return None
-    from tracer.estimate import real_run_estimate
+    from tracer.capture.estimate import real_run_estimate
 
     return real_run_estimate(workload, _analytic_config(options))
 
@@ -203,19 +204,19 @@ def _diffed(workload: Workload, options: Options, build: BuildOptions, report: d
     report = with_diff(report, analytic, mapping)
     ncu_csv = None
     if options.build.device == "cuda":
-        from tracer.kernels import attribute_kernels
+        from tracer.cuda.kernels import attribute_kernels
 
         progress("attributing kernels")
         report = {**report, **attribute_kernels(tr, report, mapping.matcher)}
     if options.ncu:
-        from tracer.ncu import join as ncu_join, run_ncu
+        from tracer.cuda.ncu import join as ncu_join, run_ncu
 
         progress(f"Nsight Compute on the kernels inside {options.ncu} (runs flopdiff again)")
         rows, ncu_csv = run_ncu(list(options.ncu_argv), options.ncu)
         report = {**report, "ncu": ncu_join(report, options.ncu, rows)}
     result = Result(report, tr, analytic, mapping, ncu_csv=ncu_csv, cached=tr is None)
     if options.graph == "onnx":
-        from tracer.onnx_graph import run_onnx
+        from tracer.onnx.graph import run_onnx
 
         progress("exporting the prefill and decode step 0 to ONNX (no weights) and counting their nodes")
         result.onnx_report, result.onnx_protos = run_onnx(tr, report, analytic, options.mapping)
@@ -226,11 +227,11 @@ def _diffed(workload: Workload, options: Options, build: BuildOptions, report: d
 
 def _traced(workload: Workload, options: Options, progress: Callable[[str], None]) -> tuple[dict[str, Any], Any]:
     """Trace every stage and count every node: the report document before the diff, and the trace."""
-    from tracer.conventions import Conventions
-    from tracer.count import count_graph
-    from tracer.instruments import NvtxRanges
-    from tracer.report import as_rows, build_report
-    from tracer.trace import trace
+    from tracer.core.conventions import Conventions
+    from tracer.count.counter import count_graph
+    from tracer.capture.instruments import NvtxRanges
+    from tracer.count.records import as_rows, build_report
+    from tracer.capture.trace import trace
 
     conventions = Conventions(causal_halving=options.causal_halving)
     # graphs are counted where they are captured, as report rows (the decode worker's steps, and this process's own

@@ -14,13 +14,13 @@ from typing import Any
 
 from rich.text import Text
 
-from tracer.errors import FlopdiffError
-from tracer.forking import forked
-from tracer.html import render_html
-from tracer.lifecycle import OutputSet
-from tracer.overlay import ME_GRAPH, ME_OVERLAY, graph_collection, overlay
-from tracer.document import dumps
-from tracer.tables import (consistency_table, gap_table, kernel_table, ncu_table, stage_table, unmapped_table,
+from tracer.core.errors import FlopdiffError
+from tracer.core.forking import forked
+from tracer.render.html import render_html
+from tracer.core.lifecycle import OutputSet
+from tracer.render.model_explorer import ME_GRAPH, ME_OVERLAY, graph_collection, overlay
+from tracer.count.document import dumps
+from tracer.render.tables import (consistency_table, gap_table, kernel_table, ncu_table, stage_table, unmapped_table,
                            unseen_table)
 
 
@@ -57,7 +57,7 @@ class Layer:
     nodes: list[str]
     formula: str | None = None  # the analytic formula with its numbers
     rules: list[str] | None = None  # the mapping rules that joined its nodes to it
-    cause: str | None = None    # why it differs, when flopdiff can name it (tracer.causes)
+    cause: str | None = None    # why it differs, when flopdiff can name it (tracer.compare.causes)
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class Kernel:
 
 @dataclass(frozen=True)
 class GapGroup:
-    """A stage's gap by where it comes from and why (tracer.gaps.gap_groups: `group` is what --explain takes)."""
+    """A stage's gap by where it comes from and why (tracer.compare.groups.gap_groups: `group` is what --explain takes)."""
 
     stage: str
     group: str
@@ -157,7 +157,7 @@ class Result:
     onnx_protos: dict[str, Any] | None = None
     ncu_csv: str | None = None
     detail: Any = None  # the --explain text (a rich renderable)
-    cached: bool = False  # the counted trace came from the cache (tracer.cache); `trace` is None then
+    cached: bool = False  # the counted trace came from the cache (tracer.core.cache); `trace` is None then
 
     stages = _view(Stage, "stages")
     layers = _view(Layer, "layers")
@@ -236,7 +236,7 @@ class Result:
             outputs.write("ncu.csv", self.ncu_csv)
             names.append("ncu.csv")
         if self.onnx_report is not None:
-            from tracer.onnx_graph import save as save_onnx  # torch and onnx: only a run that exported has them
+            from tracer.onnx.graph import save as save_onnx  # torch and onnx: only a run that exported has them
 
             save_onnx(self.onnx_protos, outputs)
             outputs.write("report-onnx.json", dumps(self.onnx_report))

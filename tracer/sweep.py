@@ -43,16 +43,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from analytic.api import build, request_shape, resolution_knobs
-from tracer import flags
-from tracer.errors import Aborted, FlopdiffError
-from tracer.gaps import analytic_for
-from tracer.html import script_safe
-from tracer.tables import terminal
-from tracer.lifecycle import OutputSet, die_with_parent
+from tracer.core import flags
+from tracer.core.errors import Aborted, FlopdiffError
+from tracer.compare.analytic import analytic_for
+from tracer.render.html import script_safe
+from tracer.render.tables import terminal
+from tracer.core.lifecycle import OutputSet, die_with_parent
 from tracer.pipeline import Options, check, pinned, run
 from tracer.vendors import BuildOptions, parse_impl
 from tracer.vendors.options import attention_parts, text_tokens as default_text_tokens
-from tracer.workload import IMAGE_SUFFIXES, Workload, image_size, parse_image_shape
+from tracer.core.workload import IMAGE_SUFFIXES, Workload, image_size, parse_image_shape
 
 SHAPE = re.compile(r"^\d+[xX]\d+$")
 STAGES = ("vision", "prefill", "decode")

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tracer.errors import FlopdiffError
+from tracer.core.errors import FlopdiffError
 from tracer.vendors.options import BuildOptions, parse_impl
 
-if TYPE_CHECKING:  # the protocol's module imports torch: the registry stays torch-free (tracer.cache)
+if TYPE_CHECKING:  # the protocol's module imports torch: the registry stays torch-free (tracer.core.cache)
     from tracer.vendors.base import Vendor
 
 __all__ = ["VENDORS", "BuildOptions", "check_model", "get_vendor", "parse_impl"]

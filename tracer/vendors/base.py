@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from tracer.vendors.options import BuildOptions
-from tracer.workload import Derived, Workload
+from tracer.core.workload import Derived, Workload
 
 SEQ_DIM = -2  # transformers' cache layout: (batch, heads, positions, head_dim)
 
@@ -43,10 +43,10 @@ class Vendor(Protocol):
     def shims(self) -> AbstractContextManager[None]: ...
     def prefill(self, model: torch.nn.Module, prepared: Prepared) -> Callable[[], Any]: ...
     # `previous`: the forward output before, read through its `cache` or `past_key_values`; with both None it
-    # is a one-token forward without cache (the decode worker's template, tracer.decode_worker)
+    # is a one-token forward without cache (the decode worker's template, tracer.capture.decode_worker)
     def decode(self, model: torch.nn.Module, previous: Any, step: int) -> Callable[[], Any]: ...
     def source_roots(self) -> list[str]: ...
-    # fake mode on meta tensors (tracer.meta_capture): the inputs as that capture needs them, or None when this
+    # fake mode on meta tensors (tracer.capture.meta): the inputs as that capture needs them, or None when this
     # build stays on FakeTensorMode
     def meta_inputs(self, prepared: Prepared, options: BuildOptions) -> Prepared | None: ...
     # the attention implementation of each analytic part the options choose ({"decoder": ..., "vision": ...})
@@ -54,7 +54,7 @@ class Vendor(Protocol):
 
 
 def to_meta(x):
-    """The vendor inputs as meta tensors (tracer.capture's meta capture): tensors (inside lists, tuples and dicts) of the same shape, stride and dtype."""
+    """The vendor inputs as meta tensors (tracer.capture.recorder's meta capture): tensors (inside lists, tuples and dicts) of the same shape, stride and dtype."""
     if isinstance(x, torch.Tensor):
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
     if isinstance(x, (list, tuple)):

@@ -28,14 +28,14 @@ from unittest import mock
 
 import torch
 
-from tracer.configfile import check_config, dig, read_json
-from tracer.errors import FlopdiffError
-from tracer.lifecycle import scratch
+from tracer.core.configfile import check_config, dig, read_json
+from tracer.core.errors import FlopdiffError
+from tracer.core.lifecycle import scratch
 from tracer.vendors.base import Prepared, to_meta
 from tracer.vendors.options import DEFAULT_EXPERTS, BuildOptions, attention_parts, resolve_vendor_dir
 from tracer.vendors.deepseek_ocr_shims import (EVEN_SPLIT_NOTE, RealSums, cuda_identity, even_split_moe_infer,
                                                 meta_autocast, quiet_transformers)
-from tracer.workload import Derived, Workload, load_image
+from tracer.core.workload import Derived, Workload, load_image
 
 VENDOR_FILES = ("modeling_deepseekocr.py", "modeling_deepseekv2.py", "deepencoder.py",
                 "configuration_deepseek_v2.py", "conversation.py")
@@ -43,7 +43,7 @@ REQUIRED_KEYS = ("language_config.hidden_size", "language_config.num_hidden_laye
                  "language_config.n_routed_experts", "language_config.num_experts_per_tok",
                  "vision_config.width.sam_vit_b", "vision_config.width.clip-l-14-224", "projector_config.n_embed")
 # The kinds of value those keys (and the others the decoder reads) must hold, and the relations the vendor code
-# assumes (tracer.configfile): a config breaking one is refused before the vendor code runs, by key and value.
+# assumes (tracer.core.configfile): a config breaking one is refused before the vendor code runs, by key and value.
 CONFIG_KINDS = {
     **{f"language_config.{k}": "positive" for k in (
         "hidden_size", "num_hidden_layers", "vocab_size", "n_routed_experts", "num_experts_per_tok",

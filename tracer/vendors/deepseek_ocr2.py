@@ -23,16 +23,16 @@ from typing import Any
 
 import torch
 
-from tracer.configfile import check_config, read_json
-from tracer.errors import FlopdiffError
+from tracer.core.configfile import check_config, read_json
+from tracer.core.errors import FlopdiffError
 from tracer.vendors.base import Prepared, cache_of, to_meta
 from tracer.vendors.options import DEFAULT_EXPERTS as DEFAULTS, BuildOptions, attention_parts, implementations
 from tracer.vendors.options import DEFAULT_TEXT_TOKENS as MODEL_TEXT_TOKENS
-from tracer.workload import Derived, Workload, load_image
+from tracer.core.workload import Derived, Workload, load_image
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"
 
-# Keys the model and the analytic overlay read, with the kind of value each must hold (tracer.configfile), and
+# Keys the model and the analytic overlay read, with the kind of value each must hold (tracer.core.configfile), and
 # the relations between them the model assumes: a config breaking one is refused up front, by key and value.
 CONFIG_KINDS = {
     "image_token_id": "count",

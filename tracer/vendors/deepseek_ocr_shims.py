@@ -13,7 +13,7 @@ while capturing or preprocessing), each with its reason (`SHIMS`):
   * `crop_grid_list` (fake mode): the forward reads the crop grid (`images_spatial_crop`) as integers to
     shape the tile features; it gets the same values as a host list instead of a tensor.
   * `meta_autocast` (fake mode, ONNX): the decoder's rotary embedding (transformers 4.46 Llama code) switches
-    autocast off on its input's device, which torch refuses for meta tensors (a meta capture, tracer.meta_capture,
+    autocast off on its input's device, which torch refuses for meta tensors (a meta capture, tracer.capture.meta,
     and the ONNX exporter's); `torch.autocast(device_type="meta")` becomes a no-op. It changes no op.
   * `even_split_moe` (fake mode): `moe_infer` copies per-expert token counts to the host (`.cpu().numpy()`)
     and loops over the experts that got tokens. The shim issues the same per-expert ops for an even split of

@@ -22,7 +22,7 @@ All of it holds only inside `flash_attention_2()`, which the tracer enters aroun
 library is destroyed and every name restored on the way out. When the real flash-attn imports, the stand-in stays out:
 the real package is used as it is. FlopCounterMode counts these ops 0 (flash-attn registers no FLOP formula
 and torch's `flop_registry` has none for them), which is what it reports for a real flash-attn run; flopdiff's
-formulas (tracer.formulas) count them under policy `full`.
+formulas (tracer.count.formulas) count them under policy `full`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from unittest import mock
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
-from tracer.errors import FlopdiffError
+from tracer.core.errors import FlopdiffError
 
 VERSION = "2.8.3"  # the flash-attn release whose op schemas and entry-point signatures these are
 CHECKS = ("is_flash_attn_2_available", "is_flash_attn_greater_or_equal_2_10", "is_flash_attn_greater_or_equal")

@@ -1,5 +1,5 @@
 """The build options and the facts about each model that need no vendor code, torch-free: the command line, the
-sweep and a run served from the trace cache (tracer.cache) read them without importing torch or transformers."""
+sweep and a run served from the trace cache (tracer.core.cache) read them without importing torch or transformers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracer.errors import FlopdiffError
+from tracer.core.errors import FlopdiffError
 
 # prompt text tokens when --text-tokens is not given: deepseek-ocr-2's default prompt text; deepseek-ocr asks for
 # it in flopdiff (no tokenizer ships with its code) and the analytic side takes the model card's prompt, 9 tokens
@@ -29,7 +29,7 @@ def parse_impl(text: str, flag: str) -> str | dict[str, str]:
 class BuildOptions:
     """How to load and instantiate the vendor model. `attn` / `experts` take one value or {sub_config: value}
     (None: the vendor's default). `mode`: "fake" (no weights, no compute) or "real" (random weights).
-    `attn_plugins`: user attention functions (tracer.attention), each usable by its name in `attn`."""
+    `attn_plugins`: user attention functions (tracer.capture.attention), each usable by its name in `attn`."""
 
     attn: str | dict[str, str] | None = None
     experts: str | dict[str, str] | None = None

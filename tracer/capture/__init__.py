@@ -1,0 +1,1 @@
+"""Tracing: the vendor model run weight-free (meta tensors or FakeTensorMode) under a recorder that writes every aten op as an fx node with its shapes, module call and source line; the decode worker; the real-mode estimate."""

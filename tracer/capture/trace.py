@@ -1,0 +1,255 @@
+"""Trace a workload: build the vendor model without weights and capture every stage as an fx graph.
+
+Stages: `prefill` (the first forward, vision included, logits for the last position as `generate`
+does), `vision` (the prefill nodes under the vendor's vision modules: vision tower + projector) and
+`decode` (one graph per one-token step on the KV cache, KV length growing; in fake mode with 2+ CPUs the
+later steps come from a forked worker, `tracer.capture.decode_worker`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from unittest import mock
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from tracer.capture.attention import runtime as attention_runtime
+from tracer.capture.recorder import StageGraph, capture, subgraph
+from tracer.capture.decode_worker import DecodeWorker, note_fallback, worker_allowed
+from tracer.core.errors import FlopdiffError
+from tracer.capture.instruments import Instrument, ProfilerRanges
+from tracer.capture.meta import MetaCapture
+from tracer.core.modulepaths import STAGES, under
+from tracer.vendors import BuildOptions, get_vendor
+from tracer.vendors.base import Prepared
+from tracer.core.workload import Workload, validate
+
+
+@dataclass
+class Trace:
+    workload: Workload
+    prepared: Prepared
+    options: BuildOptions
+    stages: dict[str, list[StageGraph]] = field(default_factory=dict)
+    config: Any = None
+    worker_steps: list[int] = field(default_factory=list)  # decode steps the forked worker captured
+
+    def graphs(self):
+        for name in STAGES:
+            yield from self.stages.get(name, [])
+
+
+def _under(prefixes: tuple[str, ...]) -> Callable:
+    def keep(node) -> bool:
+        return any(under(p, prefixes) for p in node.meta.get("nn_module_stack", {}))
+    return keep
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Fake weights are never read: skip torch.nn.init's random fills and transformers' per-module initialization
+    (`PreTrainedModel._initialize_weights`, which `post_init` applies to every module: its normal_/zero_ fills were
+    40% of building v1 under fake tensors) while building. Shapes, dtypes and tied weights are unchanged."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    with contextlib.ExitStack() as stack:
+        for name in _INIT_FUNCTIONS:
+            if hasattr(torch.nn.init, name):
+                stack.enter_context(mock.patch.object(torch.nn.init, name, lambda tensor, *a, **k: tensor))
+        stack.enter_context(mock.patch.object(PreTrainedModel, "_initialize_weights", lambda self, *a, **k: None))
+        yield
+
+
+@contextlib.contextmanager
+def _capturing(fake, device, vendor):
+    with fake, device, torch.no_grad(), vendor.shims():
+        yield
+
+
+def _to_device(x: Any, device: str) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+# Capturing one decoder layer for one token costs about 12.5 ms on a 2-core machine (v2, 0.15 s per 12-layer
+# decode step); the prefill costs about as much as PREFILL_STEPS decode steps. Past MAX_LAYER_STEPS (about five
+# minutes) a run needs `allow_long` (--allow-long): a typo such as --decode-steps 100000 must not run for hours.
+SECONDS_PER_LAYER_STEP = 0.0125
+PREFILL_STEPS = 10
+MAX_LAYER_STEPS = 24_000
+
+
+def check_size(workload: Workload, max_positions: int, layers: int, allow_long: bool,
+               prompt_len: int | None = None) -> None:
+    """The model's position limit (a hard one) and the capture's cost (a soft one), before any capture."""
+    steps = workload.decode_steps
+    known = prompt_len if prompt_len is not None else (workload.text_tokens or 0) + 1
+    if known + steps > max_positions:
+        what = f"a prompt of {prompt_len} tokens" if prompt_len is not None else f"at least {known} prompt tokens"
+        raise FlopdiffError(f"--text-tokens/--decode-steps: {what} plus {steps} decode steps exceed the model's "
+                            f"{max_positions} positions (max_position_embeddings)")
+    work = layers * (steps + PREFILL_STEPS)
+    if work > MAX_LAYER_STEPS and not allow_long:
+        minutes = work * SECONDS_PER_LAYER_STEP / 60
+        raise FlopdiffError(f"--decode-steps {steps}: capturing {steps} steps of a {layers}-layer decoder takes about "
+                            f"{minutes:.0f} min on 2 cores; pass --allow-long to run it anyway")
+
+
+def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_path: str | None = None,
+          progress: Callable[[str], None] = lambda msg: None, mode: str = "fake", parallel: bool = True,
+          allow_long: bool = False, instrument: Instrument | None = None,
+          rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None, meta: bool = True) -> Trace:
+    """`mode="fake"`: no weights, no compute (meta tensors where the vendor allows, tracer.capture.meta; else, and
+    when a meta capture fails, with one note line, FakeTensorMode; `meta=False`: FakeTensorMode always, the tests'
+    reference). `mode="real"`: random weights, real compute (slow at full size; the tests use it on reduced configs to
+    check fake against real). `parallel` (fake mode, CPU, 2+ CPUs): a forked worker captures decode steps from the
+    last one down (tracer.capture.decode_worker).
+    `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`).
+    `instrument` (real mode; tracer.capture.instruments): told of every module call and op; on CUDA the default is
+    ProfilerRanges (every kernel recorded with its node). `rows` (tracer.count.records.as_rows): graphs counted and turned into
+    report rows where they were captured: the decode worker's steps, and this process's while it waits for them."""
+    workload = validate(workload)
+    vendor = get_vendor(workload.model)
+    options = dataclasses.replace(options, mode=mode, experts=options.experts or vendor.default_experts)
+    config = vendor.load_config(config_path, options)
+    max_positions, layers = vendor.limits(config)
+    check_size(workload, max_positions, layers, allow_long)
+    progress("preprocessing")
+    prepared = vendor.prepare(workload, config)
+    check_size(workload, max_positions, layers, allow_long, prepared.derived.prompt_len)
+    roots = vendor.source_roots()
+    cuda = options.device == "cuda"
+    if cuda:
+        if mode != "real":
+            raise FlopdiffError("--device cuda: needs --mode real (fake tensors run no kernels to attribute)")
+        if not torch.cuda.is_available():
+            raise FlopdiffError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+        prepared.inputs = _to_device(prepared.inputs, "cuda")
+    if instrument is None and cuda:
+        instrument = ProfilerRanges()
+    if instrument is not None and mode != "real":
+        raise FlopdiffError("profiling needs --mode real (fake tensors run no kernels)")
+    new_trace = functools.partial(Trace, workload, prepared, options, config=config)  # each attempt starts anew
+    run = functools.partial(_build_and_capture, new_trace, vendor, roots, parallel, instrument, progress, rows)
+    # fake mode runs on meta tensors where the vendor allows it (tracer.capture.meta: the same graph, faster)
+    captured = vendor.meta_inputs(prepared, options) if mode == "fake" and not cuda and meta else None
+    if captured is not None:
+        try:
+            return run(MetaCapture(), captured)
+        except FlopdiffError:
+            raise
+        except Exception as exc:  # a vendor path meta tensors cannot take: FakeTensorMode records the same graph
+            print(f"flopdiff: note: the capture on meta tensors failed ({exc.__class__.__name__}: "
+                  f"{' '.join(str(exc).split())[:200]}); capturing under FakeTensorMode instead", file=sys.stderr)
+    return run(FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else contextlib.nullcontext(), prepared)
+
+
+def _build_and_capture(new_trace: Callable[[], Trace], vendor: Any, roots: list[str], parallel: bool,
+                       instrument: Instrument | None, progress: Callable[[str], None],
+                       rows: Callable[[list[StageGraph]], list[StageGraph]] | None, fake: Any,
+                       inputs: Prepared) -> Trace:
+    """Build the model under `fake` (a meta capture, FakeTensorMode, or nothing in real mode) and capture every stage
+    from `inputs` into a new trace."""
+    result = new_trace()
+    mode, cuda = result.options.mode, result.options.device == "cuda"
+    device = torch.device("cuda") if cuda else contextlib.nullcontext()
+    progress(f"building the model ({mode} weights)")
+    if mode == "real":
+        # seeded random weights: the same MoE routing on every run, so that --ncu's second run under Nsight
+        # Compute launches the kernels the recorded run launched, and real-mode reports are reproducible
+        torch.manual_seed(0)
+    with attention_runtime(result.options):  # flash-attn or its stand-in, plugins, attention boundary nodes
+        with fake, device, (_no_init() if mode == "fake" else contextlib.nullcontext()):
+            model = vendor.build(result.config, result.options)
+        _capture_stages(result, inputs, vendor, model, roots, fake, device, parallel, instrument, progress, rows)
+    return result
+
+
+def _capture_stages(result: Trace, inputs: Prepared, vendor: Any, model: torch.nn.Module, roots: list[str], fake: Any,
+                    device: Any, parallel: bool, instrument: Instrument | None, progress: Callable[[str], None],
+                    rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None) -> None:
+    """The prefill (from `inputs`: the prepared inputs as the capture needs them), then the decode steps (the later
+    ones in a forked worker when it may), into `result.stages`."""
+    mode, cuda = result.options.mode, result.options.device == "cuda"
+    steps, prompt_len = result.workload.decode_steps, result.prepared.derived.prompt_len
+    worker = None
+    try:
+        with _capturing(fake, device, vendor):
+            if parallel and mode == "fake" and not cuda and steps >= 1 and worker_allowed(result.options.attn):
+                worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps, rows)
+            progress("prefill")
+            prefill, out = capture(vendor.prefill(model, inputs), model, "prefill", vendor_roots=roots,
+                                   instrument=instrument)
+            started = time.perf_counter()
+            decode, out, k = capture_decode(vendor, model, out, steps, prompt_len, roots, worker, progress,
+                                            instrument)
+            if k == 0 and steps and worker is not None and not worker.step0_taken(out, model):
+                # the worker took every step, but its step 0 did not read the prefill's cache: step 0 here
+                progress(f"decode step 1/{steps}")
+                sg, out = capture(vendor.decode(model, out, 0), model, "decode", vendor_roots=roots, step=0,
+                                  kv_len=prompt_len, instrument=instrument)
+                decode, k = [sg], 1
+                if not worker.failure:
+                    worker.check(out, model)
+            per_step = (time.perf_counter() - started) / max(k, 1)
+        vision = subgraph(prefill, "vision", _under(vendor.vision_modules))
+        if k < steps:  # the worker's share: from its files, or captured here when it could not deliver
+            waiting = f"decode steps {k + 1}-{steps}/{steps} (worker process)"
+            if rows is not None and not worker.failure:  # while the worker finishes: this process's graphs as rows
+                progress(f"{waiting}, counting this process's graphs meanwhile")
+                vision, prefill, *decode = rows([vision, prefill, *decode])
+            progress(waiting)
+            got = worker.collect(k, timeout=60 + 20 * per_step)
+            if got is None:
+                with _capturing(fake, device, vendor):
+                    got, _, _ = capture_decode(vendor, model, out, steps, prompt_len, roots, None, progress, first=k)
+            else:
+                result.worker_steps = [sg.step for sg in got]
+            decode += got
+        if worker is not None and worker.failure:
+            note_fallback(worker)
+    finally:
+        if worker is not None:
+            worker.close()
+    result.stages = {"vision": [vision], "prefill": [prefill], "decode": decode}
+
+
+def capture_decode(vendor: Any, model: torch.nn.Module, previous: Any, steps: int, prompt_len: int,
+                   roots: list[str], worker: DecodeWorker | None, progress: Callable[[str], None],
+                   instrument: Instrument | None = None, first: int = 0) -> tuple[list[StageGraph], Any, int]:
+    """This process's share of the decode steps, from the real cache: every step from `first` without a
+    worker, else steps from 0 until the worker's claims meet them. Returns the graphs, the last output and
+    the next step (where the worker's steps begin)."""
+    graphs = []
+    k = first
+    while k < steps:
+        if worker is not None and not worker.failure:
+            claimed = worker.claims.low()
+            if claimed is None:
+                break
+            assert claimed == k
+        progress(f"decode step {k + 1}/{steps}")
+        sg, previous = capture(vendor.decode(model, previous, k), model, "decode", vendor_roots=roots, step=k,
+                               kv_len=prompt_len + k, instrument=instrument)
+        graphs.append(sg)
+        if k == 0 and worker is not None and not worker.failure:
+            worker.check(previous, model)
+        k += 1
+    return graphs, previous, k

@@ -1,0 +1,95 @@
+"""The diff: the analytic model beside the traced counts, per stage and per analytic layer.
+
+Inputs are the report's node records (already counted), the node -> layer mapping and the analytic model
+evaluated for the same workload. gap = measured - analytic (positive: the analytic model undercounts);
+gap % is relative to the measured count (100% when the analytic model misses a layer entirely: `gap_pct`, the
+one home of that percentage). Each layer carries why it differs: the analytic model lacks it, it has no graph
+node, or the formulas disagree."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from analytic.api import variant
+from analytic.models import ModelTree
+from mapping.engine import Mapping, coverage, flop_bearing
+from tracer.compare.analytic import Analytic
+from tracer.compare.causes import cause, formula
+from tracer.compare.groups import gap_groups
+from tracer.compare.unseen import unseen_ops
+
+
+def gap_pct(gap: int, full: int) -> float:
+    if full:
+        return 100.0 * gap / full
+    return 0.0 if gap == 0 else -100.0
+
+
+def _row(base: dict[str, Any], analytic: int, torch_: int, full: int, measured: str = "flops_full") -> dict[str, Any]:
+    counts = {"flops_torch": torch_, "flops_full": full}
+    gap = counts[measured] - analytic
+    return {**base, "flops_analytic": analytic, **counts, "gap": gap, "gap_pct": round(gap_pct(gap, counts[measured]), 4)}
+
+
+def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[str, Any]:
+    """The report composed with its diff (the input is left as it was): `flops_analytic`, gap and coverage per
+    stage, `layer` (or `unmapped`) per node, then `analytic`, `layers` (each with its formula and, when flopdiff can
+    name it, the cause of its gap), `coverage`, `gap_groups` (per stage, tracer.compare.groups.gap_groups) and `unseen` (per
+    stage and op, what FlopCounterMode cannot see). The gap compares the analytic count with the measured one of
+    its policy (full, or torch: FlopCounterMode's)."""
+    measured = an.measured
+    counting, preset = an.counting(), variant(an.preset)
+    leaves: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for stage, blocks in an.tree.stages.items():
+        for b in blocks:
+            for leaf in b.leaves():
+                leaves[(stage, leaf.id)].append(leaf)
+    nodes = []
+    per_layer: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for n in report["nodes"]:
+        n = {**n, "layer": mapping.layer_of.get(n["id"])}
+        if n["layer"] is not None:
+            per_layer[(n["stage"], n["layer"])].append(n)
+        elif n["id"] in mapping.unmapped:
+            n["unmapped"] = mapping.unmapped[n["id"]]
+        nodes.append(n)
+    present = {s["name"] for s in report["stages"]}
+    analytic = {(row["stage"], row["id"]): row["flops"] for row in an.doc["layers"] if row["stage"] in present}
+    layers = []
+    for key in sorted(set(per_layer) | {k for k, v in analytic.items() if v}, key=_order(an.aligned)):
+        stage, lid = key
+        mapped = per_layer.get(key, [])
+        row = _row({"id": lid, "stage": stage}, analytic.get(key, 0), sum(n["flops_torch"] for n in mapped),
+                   sum(n["flops_full"] for n in mapped), measured)
+        row["reason"] = ("missing" if key not in analytic else "no_nodes" if not mapped
+                         else "formula" if row["gap"] else None)
+        row["nodes"] = [n["id"] for n in mapped]
+        row["formula"] = formula(leaves[key], counting)
+        row["rules"] = sorted({r for r in map(mapping.rule_of, mapped) if r})
+        row["cause"] = cause(stage, lid, row["reason"], preset, leaves[key], mapped, counting, measured)
+        layers.append(row)
+    stage_analytic = {s["name"]: s["flops"] for s in an.doc["stages"]}
+    by_stage: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for n in nodes:
+        by_stage[n["stage"]].append(n)
+    stages = [{**s, **_row({}, stage_analytic.get(s["name"], 0), s["flops_torch"], s["flops_full"], measured),
+               "coverage": coverage(by_stage[s["name"]], mapping)} for s in report["stages"]]
+    doc = {**report, "stages": stages, "nodes": nodes,
+           "analytic": {"preset": an.preset, "policy": an.policy, "causal_halving": an.causal_halving,
+                        **({"attention": an.attention} if an.attention else {})},
+           "layers": layers, "coverage": coverage(nodes, mapping)}
+    doc["gap_groups"] = [{"stage": s["name"], **g} for s in stages for g in gap_groups(doc, s["name"])]
+    doc["unseen"] = unseen_ops(doc)
+    return doc
+
+
+def _order(tree: ModelTree):
+    """Layers in model order (stage, then the aligned tree's leaf order); unknown ids last."""
+    stages = list(tree.stages)
+    rank = {(s, leaf.id): i for s, blocks in tree.stages.items() for b in blocks for i, leaf in enumerate(b.leaves())}
+    return lambda key: (stages.index(key[0]) if key[0] in stages else len(stages), rank.get(key, 1 << 30), key[1])
+
+
+def flop_nodes(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [n for n in report["nodes"] if flop_bearing(n)]

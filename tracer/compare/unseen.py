@@ -1,0 +1,22 @@
+"""What FlopCounterMode cannot see: per stage and op, the FLOPs only policy `full` counts (each stage's own nodes:
+prefill's include vision's)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from tracer.core.modulepaths import STAGES
+
+
+def unseen_ops(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per stage and op, the FLOPs only policy `full` counts (what FlopCounterMode misses), stage order then most."""
+    by: Counter = Counter()
+    calls: Counter = Counter()
+    for n in report["nodes"]:
+        gap = n["flops_full"] - n["flops_torch"]
+        if gap:
+            by[(n["stage"], n["op"])] += gap
+            calls[(n["stage"], n["op"])] += 1
+    return [{"stage": stage, "op": op, "nodes": calls[(stage, op)], "flops": flops}
+            for (stage, op), flops in sorted(by.items(), key=lambda kv: (STAGES.index(kv[0][0]), -kv[1]))]

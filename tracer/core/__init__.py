@@ -1,0 +1,1 @@
+"""The ground floor: errors, config files, the workload, inputs, output sets and processes, conventions, module-call paths, the flag tables and the trace cache. No torch; imports nothing of flopdiff outside tracer.core."""

@@ -1,0 +1,140 @@
+"""The terminal tables (rich), one home for all of them: stages, where the gap comes from, what FlopCounterMode cannot
+see, unmapped nodes, kernels (CUDA), Nsight Compute, ONNX consistency. Each reads the report document only."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from tracer.compare.unseen import unseen_ops
+
+
+class _Terminal(Console):
+    """A reader that stops reading (`flopdiff ... | head -3`) ends the terminal output, not the run: rich's default
+    exits with 1 there, which reads as a gap and wrote no report. Later output goes to /dev/null."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def terminal() -> Console:
+    """Standard output for the tables: piped, 140 columns (full numbers, no ellipsis); no markup, so that paths and
+    vendor strings print as they are (`--out 'o[/bold]'` raised a MarkupError, `o[red]x` printed `ox`)."""
+    return _Terminal(width=None if sys.stdout.isatty() else 140, markup=False)
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def _measured(report: dict[str, Any]) -> str:
+    """The count the analytic one is diffed against (--policy): full, or torch."""
+    return report["analytic"].get("policy", "full")
+
+
+def stage_table(report: dict[str, Any]):
+    preset, measured = report["analytic"]["preset"], _measured(report)
+    table = Table(title=f"{report['model']}: FLOPs per stage (analytic: {preset}, policy {measured})",
+                  title_justify="left")
+    table.caption = ("torch = what FlopCounterMode counts; full = torch + what it cannot see; "
+                     f"gap = {measured} - analytic (% of {measured})")
+    for col in ("stage", "analytic", "torch", "full", "gap", "gap %", "mapped nodes", "unknown ops"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in report["stages"]:
+        c = s["coverage"]
+        table.add_row(s["name"], _fmt(s["flops_analytic"]), _fmt(s["flops_torch"]), _fmt(s["flops_full"]),
+                      _fmt(s["gap"]), f"{s['gap_pct']:.2f}", f"{c['mapped']}/{c['nodes_with_flops']}",
+                      str(s["unknown_ops"]))
+    return table
+
+
+def gap_table(report: dict[str, Any], top: int = 12):
+    """Where each stage's gap comes from: honest groups of layers (tracer.compare.groups.gap_groups), largest first, each with
+    the id --explain takes, why, how many analytic layers and the cause when flopdiff can name it."""
+    if not report["gap_groups"]:
+        return f"where the gap comes from: no gap on any layer ({_measured(report)} = analytic everywhere)"
+    table = Table(title=f"where the gap comes from ({_measured(report)} - analytic; prefill includes vision)",
+                  title_justify="left")
+    for col in ("stage", "group (--explain ID)", "why", "layers", "gap FLOPs", "% of stage", "cause"):
+        table.add_column(col, justify="right" if col in ("layers", "gap FLOPs", "% of stage") else "left",
+                         overflow="fold", no_wrap=col.startswith("group"))
+    gaps = {s["name"]: s["gap"] for s in report["stages"]}
+    shown: dict[str, int] = {}
+    for g in report["gap_groups"]:
+        if shown.setdefault(g["stage"], 0) >= top:
+            continue
+        shown[g["stage"]] += 1
+        share = f"{100 * g['gap'] / gaps[g['stage']]:.1f}" if gaps[g["stage"]] else "-"
+        table.add_row(g["stage"], Text(g["group"]), g["why"], str(g["layers"]), _fmt(g["gap"]), share,
+                      Text(g["cause"] or ""))
+    return table
+
+
+def unmapped_table(report: dict[str, Any], top: int = 20):
+    rows = [n for n in report["nodes"] if n.get("unmapped")]
+    table = Table(title=f"FLOP-bearing nodes with no analytic layer ({len(rows)})", title_justify="left")
+    for col in ("node", "op", "module", "full", "why"):
+        table.add_column(col, justify="right" if col == "full" else "left", overflow="fold")
+    for n in sorted(rows, key=lambda n: -n["flops_full"])[:top]:
+        table.add_row(Text(n["id"]), Text(n["op"]), Text(n["module"]), _fmt(n["flops_full"]), Text(n["unmapped"]))
+    return table
+
+
+def unseen_table(report: dict[str, Any]):
+    """Per stage and op: the FLOPs only policy `full` counts (what FlopCounterMode misses)."""
+    table = Table(title="unseen by FlopCounterMode, by op", title_justify="left")
+    for col in ("stage", "op", "nodes", "FLOPs"):
+        table.add_column(col, justify="right" if col in ("nodes", "FLOPs") else "left")
+    for row in unseen_ops(report):
+        table.add_row(row["stage"], row["op"], str(row["nodes"]), _fmt(row["flops"]))
+    return table
+
+
+def kernel_table(report: dict[str, Any], top: int = 15):
+    dev = report.get("device") or {}
+    t = Table(title=f"kernels on {dev.get('name', 'CUDA')} (sorted by FLOPs FlopCounterMode misses)", title_justify="left")
+    t.caption = (f"{len(report['kernels'])} kernel names, {report['kernel_time']['total_us'] / 1e3:.1f} ms of kernel time, "
+                 f"{report['kernel_time']['outside_model_us'] / 1e3:.2f} ms outside the model")
+    numeric = ("calls", "time ms", "FLOPs prefill", "FLOPs decode")
+    for col in ("kernel", *numeric, "counted by FlopCounterMode", "ops", "layers"):
+        t.add_column(col, overflow="fold", justify="right" if col in numeric else "left")
+    for k in report["kernels"][:top]:
+        layers, stage = k["layers"], k["flops_full_by_stage"]
+        t.add_row(Text(k["kernel"][:80]), str(k["calls"]), f"{k['time_us'] / 1e3:.3f}", f"{stage.get('prefill', 0):,}",
+                  f"{stage.get('decode', 0):,}",
+                  k["counted_by_flopcountermode"], Text(", ".join(k["ops"])[:60]),
+                  Text(f"{layers[0]} (+{len(layers) - 1})" if len(layers) > 1 else layers[0]))
+    return t
+
+
+def ncu_table(report: dict[str, Any]):
+    n = report["ncu"]
+    t = Table(title=f"Nsight Compute inside {n['module']}: hardware FLOPs beside the formula", title_justify="left")
+    t.caption = (f"ratio = tensor-core FLOPs counted by the hardware / formula FLOPs (tile padding, whole diagonal "
+                 f"tiles); {n['paired']} launches paired of {n['profiled']} profiled / {n['recorded']} recorded")
+    for col in ("kernel", "launches", "formula (full)", "hardware tensor", "hardware CUDA-core", "ratio"):
+        t.add_column(col, overflow="fold", justify="left" if col == "kernel" else "right")
+    for k in n["kernels"]:
+        t.add_row(Text(k["kernel"][:90]), str(k["launches"]), f"{k['flops_full']:,}", f"{k['tensor_flops']:,}",
+                  f"{k['cuda_core_flops']:,}", "-" if k["ratio"] is None else f"{k['ratio']:.4f}")
+    return t
+
+
+def consistency_table(rep: dict[str, Any]):
+    t = Table(title="ONNX graph vs fx graph (full FLOPs)", title_justify="left")
+    t.caption = (f"{len(rep['consistency']['layers_differing'])} analytic layers differ; ONNX nodes with FLOPs mapped: "
+                 f"{rep['coverage']['mapped']}/{rep['coverage']['nodes_with_flops']}, unknown ops: "
+                 f"{sum(u['count'] for u in rep['unknown_ops'])}")
+    for col in ("stage", "ONNX", "fx", "difference"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for s in rep["consistency"]["stages"]:
+        t.add_row(s["name"], f"{s['flops_onnx']:,}", f"{s['flops_fx']:,}", f"{s['difference']:,}")
+    return t
