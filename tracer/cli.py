@@ -58,7 +58,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
     build = BuildOptions(attn=parse_impl(args.attn, "--attn") if args.attn else None,
                          experts=parse_impl(args.experts, "--experts") if args.experts else None,
                          attn_plugins=tuple(args.attn_plugin), **{k: getattr(args, k) for k in SAME_NAME_BUILD})
-    return Options(build=build, ncu_argv=tuple(args.argv), cache=not args.no_cache, keep_graphs=args.model_explorer,
+    return Options(build=build, ncu_argv=tuple(args.argv), keep_graphs=args.model_explorer,
+                   **({"cache": False} if args.no_cache else {}),
                    **{k: getattr(args, k) for k in SAME_NAME})
 
 

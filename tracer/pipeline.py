@@ -64,7 +64,8 @@ class Options:
     sequential: bool = False            # no decode worker process
     allow_long: bool = False            # run captures estimated at more than about five minutes
     max_gap: float | None = None        # the gate Result.over applies (a percentage; checked up front)
-    cache: bool = True                  # serve and keep counted traces (tracer.core.cache; FLOPDIFF_CACHE=off: never)
+    # serve and keep counted traces (tracer.core.cache); the one switch, its default from the environment
+    cache: bool = field(default_factory=cache.wanted_by_default)
     keep_graphs: bool = False           # keep the traced fx graphs (Model Explorer files); else a stage counted
     #                                     where it was captured holds its report rows (`StageGraph.rows`), no graph
 

@@ -46,6 +46,7 @@ from analytic.api import build, request_shape, resolution_knobs
 from tracer.core import flags
 from tracer.core.errors import Aborted, FlopdiffError
 from tracer.compare.analytic import analytic_for
+from tracer.compare.diff import gap_pct
 from tracer.render.html import script_safe
 from tracer.render.tables import terminal
 from tracer.core.lifecycle import OutputSet, die_with_parent
@@ -176,7 +177,7 @@ def page_rows(pages: list[Page], keys: dict[str, list[Page]], traced: dict[str, 
             gap = measured - analytic.get(s["name"], 0)
             row.update({f"{s['name']}_analytic": analytic.get(s["name"], 0), f"{s['name']}_torch": s["flops_torch"],
                         f"{s['name']}_full": s["flops_full"], f"{s['name']}_gap": gap,
-                        f"{s['name']}_gap_pct": round(100 * gap / measured, 4) if measured else 0.0})
+                        f"{s['name']}_gap_pct": round(gap_pct(gap, measured), 4)})
         rows.append(row)
         advance()
     return rows

@@ -70,10 +70,16 @@ def folder() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "flopdiff"
 
 
+def wanted_by_default() -> bool:
+    """The default of the one switch (`Options.cache`): on, unless the environment says `FLOPDIFF_CACHE=off` (the
+    test suite's setting, so that its runs trace)."""
+    return os.environ.get("FLOPDIFF_CACHE", "on") != "off"
+
+
 def usable(mode: str, device: str, graph: str, plugins: tuple[str, ...], needs_graphs: bool, ncu: bool,
            wanted: bool) -> bool:
     """Whether this run may read and write the cache (see the module's docstring for what is not cached)."""
-    return (wanted and os.environ.get("FLOPDIFF_CACHE", "on") != "off" and mode == "fake" and device == "cpu"
+    return (wanted and mode == "fake" and device == "cpu"
             and graph == "fx" and not plugins and not needs_graphs and not ncu)
 
 

@@ -29,6 +29,13 @@ class Prepared:
 
 
 class Vendor(Protocol):
+    """A model family's adapter, called by tracer.capture.trace in this order, once per run: `load_config` (which
+    may keep what it loaded: the v1 adapter imports the vendor folder there and keeps the package, the folder and
+    the options), `limits`, `prepare` (keeps what the forward's shims need: v1's image gate), `build`, then inside
+    `shims()` `prefill` and each `decode`; `meta_inputs` after `prepare`, `attention` and `source_roots` at any time
+    after `load_config`. An adapter is one object per process (tracer.vendors' registry), so a second run in the
+    same process starts again at `load_config`, which replaces all it keeps."""
+
     name: str
     #: module paths whose nodes form the `vision` stage (vision tower + projector)
     vision_modules: tuple[str, ...]

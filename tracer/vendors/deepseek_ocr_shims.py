@@ -1,5 +1,5 @@
 """The shims that run DeepSeek-OCR (v1)'s remote code weight-free (tracer.vendors.deepseek_ocr applies them only
-while capturing or preprocessing), each with its reason (`SHIMS`):
+while capturing or preprocessing), each with its reason:
   * `cuda_identity`: infer() and `DeepseekOCRModel.forward` call `.cuda()` (the image mask before
     `masked_scatter_`); unless the capture runs on the GPU (`--device cuda`), the tensor stays where it is.
     Moves no data that FLOPs depend on. Applied in both modes whenever the capture device is not CUDA,
@@ -34,15 +34,6 @@ from transformers.utils import logging as hf_logging
 
 EVEN_SPLIT_NOTE = ("experts: fake mode routes tokens x top-k evenly over the experts (moe_infer shim); per-layer "
                    "FLOPs equal the real routing's, the experts listed as nodes may differ")
-
-SHIMS = {
-    "cuda_identity": "Tensor.cuda() is the identity unless capturing on CUDA (the vendor moves the image mask to the GPU)",
-    "image_gate": "torch.sum of the prepared images is taken on the real tensors (the vision gate's .item())",
-    "crop_grid_list": "images_spatial_crop goes in as a host list of ints (the forward sizes views with it)",
-    "even_split_moe": "moe_infer issues its per-expert ops for an even split of tokens x top-k (no host copy)",
-    "meta_autocast": "torch.autocast(device_type='meta') is a no-op (the rotary embedding switches autocast off)",
-}
-
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
