@@ -14,9 +14,8 @@ import sys
 from analytic.api import evaluate, variant
 from tracer.core import flags
 from tracer.core.errors import FlopdiffError
-from tracer.vendors.options import text_tokens as default_text_tokens
 from tracer.core.workload import Workload, load_image, parse_image_shape, validate
-
+from tracer.vendors.options import text_tokens as default_text_tokens
 
 # flopdiff's names for the same things; the older spellings of this command still work
 ALIASES = {"--resolution": ("--mode",), "--analytic": ("--preset",)}

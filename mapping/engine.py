@@ -19,6 +19,7 @@ from mapping.table import CallName, Rule, Table
 from tracer.core.errors import FlopdiffError
 from tracer.core.modulepaths import split_path
 
+
 def flop_bearing(node: dict[str, Any]) -> bool:
     return node["flops_full"] > 0 or node["status"] == "unknown"
 

@@ -26,10 +26,10 @@ from tracer import sweep
 from tracer.core import flags
 from tracer.core.errors import Aborted, FlopdiffError, describe
 from tracer.core.lifecycle import Interrupted, OutputSet, signals_as_exceptions
+from tracer.core.workload import Workload, parse_image_shape
 from tracer.pipeline import Options, check, pinned, real_run_warning, run
 from tracer.render.tables import terminal
 from tracer.vendors import BuildOptions, parse_impl
-from tracer.core.workload import Workload, parse_image_shape
 
 STARTED = time.perf_counter()  # this module's import: the process's imports before it are not counted
 DEFAULT = Workload()

@@ -30,16 +30,16 @@ from typing import Any
 
 from analytic.api import build, policy, request_shape, variant
 from mapping.table import load_table
+from tracer.compare.analytic import analytic_for, catalogue, map_report, shape_of
+from tracer.compare.diff import check_max_gap, with_diff
+from tracer.compare.explain import check_id, explain
 from tracer.core import cache
 from tracer.core.errors import FlopdiffError
-from tracer.compare.explain import check_id, explain
-from tracer.compare.analytic import analytic_for, catalogue, map_report, shape_of
-from tracer.compare.diff import with_diff
 from tracer.core.inputs import Pinned
-from tracer.result import Result, check_max_gap
+from tracer.core.workload import Workload, validate
+from tracer.result import Result
 from tracer.vendors import BuildOptions, check_model
 from tracer.vendors.options import DEFAULT_EXPERTS, attention_parts, implementations, resolve_vendor_dir
-from tracer.core.workload import Workload, validate
 
 # The modules that import torch (tracing, counting, kernels, ONNX, attention plugins) are imported where a run needs
 # them, not here: a run served from the trace cache (tracer.core.cache) never imports torch or transformers.
@@ -210,7 +210,8 @@ def _diffed(workload: Workload, options: Options, build: BuildOptions, report: d
         progress("attributing kernels")
         report = {**report, **attribute_kernels(tr, report, mapping.matcher)}
     if options.ncu:
-        from tracer.cuda.ncu import join as ncu_join, run_ncu
+        from tracer.cuda.ncu import join as ncu_join
+        from tracer.cuda.ncu import run_ncu
 
         progress(f"Nsight Compute on the kernels inside {options.ncu} (runs flopdiff again)")
         rows, ncu_csv = run_ncu(list(options.ncu_argv), options.ncu)
@@ -228,11 +229,11 @@ def _diffed(workload: Workload, options: Options, build: BuildOptions, report: d
 
 def _traced(workload: Workload, options: Options, progress: Callable[[str], None]) -> tuple[dict[str, Any], Any]:
     """Trace every stage and count every node: the report document before the diff, and the trace."""
+    from tracer.capture.instruments import NvtxRanges
+    from tracer.capture.trace import trace
     from tracer.core.conventions import Conventions
     from tracer.count.counter import count_graph
-    from tracer.capture.instruments import NvtxRanges
     from tracer.count.records import as_rows, build_report
-    from tracer.capture.trace import trace
 
     conventions = Conventions(causal_halving=options.causal_halving)
     # graphs are counted where they are captured, as report rows (the decode worker's steps, and this process's own

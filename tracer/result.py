@@ -8,27 +8,17 @@ views built on demand, so the two can never disagree.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from rich.text import Text
-
+from tracer.compare.diff import check_max_gap
 from tracer.core.errors import FlopdiffError
 from tracer.core.forking import forked
-from tracer.render.html import render_html
 from tracer.core.lifecycle import OutputSet
-from tracer.render.model_explorer import ME_GRAPH, ME_OVERLAY, graph_collection, overlay
 from tracer.count.document import dumps
-from tracer.render.tables import (consistency_table, gap_table, kernel_table, ncu_table, stage_table, unmapped_table,
-                           unseen_table)
-
-
-def check_max_gap(max_gap: float | None) -> float | None:
-    """A --max-gap percentage (None: no gate)."""
-    if max_gap is not None and not (math.isfinite(max_gap) and max_gap >= 0):
-        raise FlopdiffError(f"--max-gap {max_gap}: must be a number, 0 or more (percent of the full count)")
-    return max_gap
+from tracer.render.html import render_html
+from tracer.render.model_explorer import ME_GRAPH, ME_OVERLAY, graph_collection, overlay
+from tracer.render.tables import terminal_tables
 
 
 @dataclass(frozen=True)
@@ -203,22 +193,7 @@ class Result:
 
     def tables(self) -> list[Any]:
         """The terminal tables (rich renderables), in the order the command line prints them."""
-        report = self.report
-        out: list[Any] = [stage_table(report), gap_table(report), unseen_table(report)]
-        if report.get("kernels"):
-            out.append(kernel_table(report))
-        if report.get("ncu"):
-            out.append(ncu_table(report))
-        if self.onnx_report is not None:
-            out.append(consistency_table(self.onnx_report))
-        if report["coverage"]["unmapped"]:
-            out.append(unmapped_table(report))
-        if report["unknown_ops"]:
-            out.append(Text.assemble(("ops that may carry FLOPs and have no formula: ", "bold red"),
-                                     ", ".join(f"{u['op']} x{u['count']}" for u in report["unknown_ops"])))
-        if self.detail is not None:
-            out.append(self.detail)
-        return out
+        return terminal_tables(self.report, self.onnx_report, self.detail)
 
     def write(self, outputs: OutputSet, only_flops: bool = False, model_explorer: bool = False) -> list[str]:
         """The output files into `outputs` (staged: the caller commits or discards); the names written. What a user

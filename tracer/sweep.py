@@ -29,12 +29,12 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from multiprocessing import get_context
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +43,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from analytic.api import build, request_shape, resolution_knobs
-from tracer.core import flags
-from tracer.core.errors import Aborted, FlopdiffError
 from tracer.compare.analytic import analytic_for
 from tracer.compare.diff import gap_pct
+from tracer.core import flags
+from tracer.core.errors import Aborted, FlopdiffError
+from tracer.core.lifecycle import OutputSet, die_with_parent
+from tracer.core.workload import IMAGE_SUFFIXES, Workload, image_size, parse_image_shape
+from tracer.pipeline import Options, check, pinned, run
 from tracer.render.html import script_safe
 from tracer.render.tables import terminal
-from tracer.core.lifecycle import OutputSet, die_with_parent
-from tracer.pipeline import Options, check, pinned, run
 from tracer.vendors import BuildOptions, parse_impl
-from tracer.vendors.options import attention_parts, text_tokens as default_text_tokens
-from tracer.core.workload import IMAGE_SUFFIXES, Workload, image_size, parse_image_shape
+from tracer.vendors.options import attention_parts
+from tracer.vendors.options import text_tokens as default_text_tokens
 
 SHAPE = re.compile(r"^\d+[xX]\d+$")
 STAGES = ("vision", "prefill", "decode")

@@ -38,8 +38,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from tracer.capture.recorder import active_recorder
 from tracer.core.errors import FlopdiffError
-from tracer.vendors.options import BuildOptions, implementations
 from tracer.vendors.flash_attn_standin import check_real_mode, flash_attention_2, rebind
+from tracer.vendors.options import BuildOptions, implementations
 
 PREFIX = "attention::"
 

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
+from tracer.capture.graph_codec import from_bytes, to_bytes
 from tracer.capture.recorder import StageGraph, capture
 from tracer.core.forking import available, fork_child
-from tracer.capture.graph_codec import from_bytes, to_bytes
 from tracer.core.lifecycle import temp_folder
 from tracer.vendors.base import EMPTY, cache_of, synthesized_state
 

@@ -22,15 +22,15 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tracer.capture.attention import runtime as attention_runtime
-from tracer.capture.recorder import StageGraph, capture, subgraph
 from tracer.capture.decode_worker import DecodeWorker, note_fallback, worker_allowed
-from tracer.core.errors import FlopdiffError
 from tracer.capture.instruments import Instrument, ProfilerRanges
 from tracer.capture.meta import MetaCapture
+from tracer.capture.recorder import StageGraph, capture, subgraph
+from tracer.core.errors import FlopdiffError
 from tracer.core.modulepaths import STAGES, under
+from tracer.core.workload import Workload, validate
 from tracer.vendors import BuildOptions, get_vendor
 from tracer.vendors.base import Prepared
-from tracer.core.workload import Workload, validate
 
 
 @dataclass

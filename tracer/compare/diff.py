@@ -8,6 +8,7 @@ node, or the formulas disagree."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -18,6 +19,14 @@ from tracer.compare.analytic import Analytic
 from tracer.compare.causes import cause, formula
 from tracer.compare.groups import gap_groups
 from tracer.compare.unseen import unseen_ops
+from tracer.core.errors import FlopdiffError
+
+
+def check_max_gap(max_gap: float | None) -> float | None:
+    """A --max-gap percentage (None: no gate)."""
+    if max_gap is not None and not (math.isfinite(max_gap) and max_gap >= 0):
+        raise FlopdiffError(f"--max-gap {max_gap}: must be a number, 0 or more (percent of the full count)")
+    return max_gap
 
 
 def gap_pct(gap: int, full: int) -> float:

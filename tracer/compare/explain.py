@@ -14,9 +14,9 @@ from rich.table import Table
 from rich.text import Text
 
 from mapping.engine import Mapping
-from tracer.core.errors import FlopdiffError
 from tracer.compare.analytic import Analytic
 from tracer.compare.groups import REASONS, group_members
+from tracer.core.errors import FlopdiffError
 
 
 def _layer_line(row: dict[str, Any]) -> str:

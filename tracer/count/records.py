@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from tracer.capture.recorder import StageGraph
+from tracer.capture.trace import Trace
 from tracer.core.conventions import Conventions
+from tracer.core.modulepaths import STAGES, node_id
 from tracer.count.counter import Totals, count_graph, totals
 from tracer.count.document import SCHEMA
-from tracer.core.modulepaths import STAGES, node_id
-from tracer.capture.trace import Trace
 
 
 def _tensors(v) -> list[torch.Tensor]:

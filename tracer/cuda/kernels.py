@@ -23,8 +23,8 @@ import torch
 
 from mapping.engine import Matcher
 from tracer.capture.recorder import StageGraph
-from tracer.core.modulepaths import ROOT, node_id
 from tracer.capture.trace import Trace
+from tracer.core.modulepaths import ROOT, node_id
 
 OUTSIDE = "(outside the model)"
 TOP = "(the model's top-level forward)"  # work at the root module, outside every named submodule

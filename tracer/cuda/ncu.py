@@ -24,11 +24,11 @@ import subprocess
 import sys
 from typing import Any
 
-from tracer.core.errors import FlopdiffError
 from tracer.capture.instruments import NVTX_RANGE
-from tracer.cuda.kernels import compute_kernels
+from tracer.core.errors import FlopdiffError
 from tracer.core.lifecycle import scratch
 from tracer.core.modulepaths import plain_path, under
+from tracer.cuda.kernels import compute_kernels
 
 TENSOR = ("sm__ops_path_tensor_src_bf16_dst_fp32.sum", "sm__ops_path_tensor_src_fp16_dst_fp32.sum",
           "sm__ops_path_tensor_src_tf32_dst_fp32.sum")

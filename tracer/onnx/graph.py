@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from tracer.core.errors import FlopdiffError
 from tracer.compare.analytic import analytic_for, map_report
 from tracer.compare.diff import with_diff
+from tracer.core.errors import FlopdiffError
 from tracer.core.modulepaths import call_path_of, plain_path, under
 from tracer.core.registry import FormulaTable
 from tracer.count.document import SCHEMA

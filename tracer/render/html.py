@@ -21,7 +21,6 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 from tracer.compare.diff import flop_nodes
-
 from tracer.compare.groups import REASONS
 from tracer.render.model_explorer import GAP_COLORS, OVERCOUNT
 

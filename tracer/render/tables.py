@@ -138,3 +138,22 @@ def consistency_table(rep: dict[str, Any]):
     for s in rep["consistency"]["stages"]:
         t.add_row(s["name"], f"{s['flops_onnx']:,}", f"{s['flops_fx']:,}", f"{s['difference']:,}")
     return t
+
+
+def terminal_tables(report: dict[str, Any], onnx_report: dict[str, Any] | None = None, detail: Any = None) -> list[Any]:
+    """Every table of a run's report, in the order the command line prints them (`detail`: an --explain answer)."""
+    out: list[Any] = [stage_table(report), gap_table(report), unseen_table(report)]
+    if report.get("kernels"):
+        out.append(kernel_table(report))
+    if report.get("ncu"):
+        out.append(ncu_table(report))
+    if onnx_report is not None:
+        out.append(consistency_table(onnx_report))
+    if report["coverage"]["unmapped"]:
+        out.append(unmapped_table(report))
+    if report["unknown_ops"]:
+        out.append(Text.assemble(("ops that may carry FLOPs and have no formula: ", "bold red"),
+                                 ", ".join(f"{u['op']} x{u['count']}" for u in report["unknown_ops"])))
+    if detail is not None:
+        out.append(detail)
+    return out

@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
-from tracer.vendors.options import BuildOptions
 from tracer.core.workload import Derived, Workload
+from tracer.vendors.options import BuildOptions
 
 SEQ_DIM = -2  # transformers' cache layout: (batch, heads, positions, head_dim)
 

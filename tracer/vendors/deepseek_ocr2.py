@@ -25,10 +25,11 @@ import torch
 
 from tracer.core.configfile import check_config, read_json
 from tracer.core.errors import FlopdiffError
-from tracer.vendors.base import Prepared, cache_of, to_meta
-from tracer.vendors.options import DEFAULT_EXPERTS as DEFAULTS, BuildOptions, attention_parts, implementations
-from tracer.vendors.options import DEFAULT_TEXT_TOKENS as MODEL_TEXT_TOKENS
 from tracer.core.workload import Derived, Workload, load_image
+from tracer.vendors.base import Prepared, cache_of, to_meta
+from tracer.vendors.options import DEFAULT_EXPERTS as DEFAULTS
+from tracer.vendors.options import DEFAULT_TEXT_TOKENS as MODEL_TEXT_TOKENS
+from tracer.vendors.options import BuildOptions, attention_parts, implementations
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"
 
