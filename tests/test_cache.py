@@ -85,10 +85,10 @@ def test_an_unreadable_entry_is_a_miss_with_a_note_and_is_rebuilt(damage, cache_
     (entry,) = cache_on.glob("*.json.gz")
     data = entry.read_bytes()
     entry.write_bytes(b"not gzip at all" if damage == "garbage" else data[: len(data) // 2])
-    capsys.readouterr()
     again = _run(tiny_v2_config)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = again.notes
     assert not again.cached and len(err) == 1 and "is unreadable" in err[0] and "tracing again" in err[0]
+    assert capsys.readouterr().err == ""  # the library prints nothing: the command line prints the notes
     assert again.to_json() == cold.to_json()
     assert json.loads(gzip.open(entry).read())["model"] == "deepseek-ocr-2"  # a complete entry again
     assert _run(tiny_v2_config).cached  # rebuilt
@@ -261,9 +261,8 @@ def test_a_damaged_entry_is_one_note_then_traced_and_rebuilt(damage, says, cache
     entry = _entry_after_a_run(tiny_v2_config)
     cold = _run(tiny_v2_config)
     damage(entry)
-    capsys.readouterr()
     again = _run(tiny_v2_config)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = again.notes
     assert not again.cached and len(err) == 1 and says in err[0] and "tracing again" in err[0], err
     assert again.to_json() == cold.to_json()
     assert entry.is_file() and _run(tiny_v2_config).cached  # rebuilt, and used
@@ -282,9 +281,9 @@ def test_a_cache_folder_that_cannot_be_read_is_a_note_not_a_traceback(cache_on, 
         return real(self, *args, **kwargs)
     monkeypatch.setattr(Path, "stat", refused)
     result = _run(tiny_v2_config)
-    err = capsys.readouterr().err
-    assert not result.cached and "cannot be read (Permission denied); tracing without it" in err
-    assert result.stages and "Traceback" not in err
+    (note,) = result.notes
+    assert not result.cached and "cannot be read (Permission denied); tracing without it" in note
+    assert result.stages and capsys.readouterr().err == ""
 
 
 def test_a_read_only_cache_with_a_valid_entry_serves_it(cache_on, tmp_path, tiny_v2_config, capsys):
@@ -297,7 +296,7 @@ def test_a_read_only_cache_with_a_valid_entry_serves_it(cache_on, tmp_path, tiny
         capsys.readouterr()
         warm = _run(tiny_v2_config)
         assert warm.cached and warm.to_json() == cold.to_json()
-        assert capsys.readouterr().err == ""
+        assert warm.notes == [] and capsys.readouterr().err == ""
     finally:
         subprocess.run(["umount", str(cache_on)], check=True)
 
@@ -310,3 +309,13 @@ def test_a_killed_stores_temporary_file_goes_at_the_next_store(cache_on, tiny_v2
     mine.write_text("a user's file")
     _run(tiny_v2_config)
     assert not dead.exists() and mine.exists()
+
+
+def test_the_command_line_prints_the_notes_one_line_each(cache_on, tmp_path, tiny_v2_config, capsys):
+    assert main([*BASE, "--config", tiny_v2_config, "--out", str(tmp_path / "a")]) == 0
+    (entry,) = cache_on.glob("*.json.gz")
+    entry.write_bytes(b"not gzip at all")
+    capsys.readouterr()
+    assert main([*BASE, "--config", tiny_v2_config, "--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flopdiff: note: the cached trace ") and "tracing again" in err[0]

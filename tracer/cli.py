@@ -83,7 +83,8 @@ def _run_command(args: argparse.Namespace, workload: Workload, options: Options)
                 label, t = next_label, time.perf_counter()
                 spinner.update(Text(next_label))  # as it is: a label may hold a user's path (no markup)
 
-            result = run(workload, options, progress)
+            result = run(workload, options, progress, note=lambda text: print(f"flopdiff: note: {text}",
+                                                                             file=sys.stderr))
             progress("writing the reports")
         out = terminal()
         for table in result.tables():

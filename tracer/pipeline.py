@@ -166,31 +166,50 @@ def real_run_warning(workload: Workload, options: Options) -> str | None:
 DAMAGED = (KeyError, TypeError, ValueError, IndexError, AttributeError)
 
 
-def run(workload: Workload, options: Options = Options(), progress: Callable[[str], None] = lambda msg: None) -> Result:
-    """Trace, count, diff and (as asked) attribute kernels, run Nsight Compute, export ONNX, explain."""
+def run(workload: Workload, options: Options = Options(), progress: Callable[[str], None] = lambda msg: None,
+        note: Callable[[str], None] = lambda msg: None) -> Result:
+    """Trace, count, diff and (as asked) attribute kernels, run Nsight Compute, export ONNX, explain. `progress`: the
+    phase starting; `note`: one line the user should read about this run (a damaged cache entry, a fallback), as it
+    happens; both are also `Result.notes`. Nothing here prints."""
+    notes: list[str] = []
+
+    def noted(text: str) -> None:
+        notes.append(text)
+        note(text)
+
     with pinned(workload, options) as (workload, options):
-        workload = check(workload, options)
-        vendor_dir = resolve_vendor_dir(options.build.vendor_dir, options.build.trust_remote_code)
-        options = replace(options, build=replace(options.build, vendor_dir=vendor_dir))
-        build = replace(options.build, mode=options.mode,
-                        experts=options.build.experts or DEFAULT_EXPERTS.get(workload.model))
-        entry = None
-        if cache.usable(options.mode, build.device, options.graph, build.attn_plugins, options.keep_graphs,
-                        bool(options.ncu or options.nvtx_module), options.cache):
-            entry = cache.key(workload, build, options.config, options.causal_halving)
-        report = cache.load(entry) if entry else None
-        if report is not None:
-            progress("served from the trace cache (--no-cache traces again)")
-            # the entry is keyed by the image's bytes: this run names the image as it was given
-            report = {**report, "workload": {**report["workload"], "image_path": workload.image_name}}
-            try:
-                return _diffed(workload, options, build, report, None, progress)
-            except DAMAGED as exc:
-                cache.discard(entry, f"{exc.__class__.__name__}: {exc}")
-        report, tr = _traced(workload, options, progress)
-        if entry:
-            cache.store(entry, report)
-        return _diffed(workload, options, build, report, tr, progress)
+        result = _run(workload, options, progress, noted)
+    result.notes = notes
+    return result
+
+
+def _run(workload: Workload, options: Options, progress: Callable[[str], None],
+         note: Callable[[str], None]) -> Result:
+    """run() inside its pinned inputs."""
+    workload = check(workload, options)
+    vendor_dir = resolve_vendor_dir(options.build.vendor_dir, options.build.trust_remote_code)
+    options = replace(options, build=replace(options.build, vendor_dir=vendor_dir))
+    build = replace(options.build, mode=options.mode,
+                    experts=options.build.experts or DEFAULT_EXPERTS.get(workload.model))
+    entry = None
+    if cache.usable(options.mode, build.device, options.graph, build.attn_plugins, options.keep_graphs,
+                    bool(options.ncu or options.nvtx_module), options.cache):
+        entry = cache.key(workload, build, options.config, options.causal_halving)
+    report = cache.load(entry, note) if entry else None
+    if report is not None:
+        progress("served from the trace cache (--no-cache traces again)")
+        # the entry is keyed by the image's bytes: this run names the image as it was given
+        report = {**report, "workload": {**report["workload"], "image_path": workload.image_name}}
+        try:
+            return _diffed(workload, options, build, report, None, progress)
+        except DAMAGED as exc:
+            cache.discard(entry, f"{exc.__class__.__name__}: {exc}", note)
+    report, tr = _traced(workload, options, progress)
+    for text in tr.notes:
+        note(text)
+    if entry:
+        cache.store(entry, report, note)
+    return _diffed(workload, options, build, report, tr, progress)
 
 
 def _diffed(workload: Workload, options: Options, build: BuildOptions, report: dict[str, Any], tr: Any,

@@ -8,7 +8,7 @@ views built on demand, so the two can never disagree.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tracer.compare.diff import check_max_gap
@@ -148,6 +148,7 @@ class Result:
     ncu_csv: str | None = None
     detail: Any = None  # the --explain text (a rich renderable)
     cached: bool = False  # the counted trace came from the cache (tracer.core.cache); `trace` is None then
+    notes: list[str] = field(default_factory=list)  # what the user should read about this run (pipeline.run's note)
 
     stages = _view(Stage, "stages")
     layers = _view(Layer, "layers")

@@ -148,7 +148,7 @@ def _trace_key(key: str, page: Page, workload: Workload, options: Options) -> di
                                    for s in result.stages],
             "crop_grid_wh": result.report["workload"]["crop_grid_wh"],
             "image_tokens": result.report["workload"]["image_tokens"],
-            "json": result.to_json(only_flops=True), "html": result.to_html()}
+            "json": result.to_json(only_flops=True), "html": result.to_html(), "notes": result.notes}
 
 
 def _on(workload: Workload, page: Page) -> Workload:
@@ -288,6 +288,8 @@ def _trace_all(keys: dict[str, list[Page]], workload: Workload, options: Options
         for future in as_completed(pending):
             k = pending[future]
             traced[k] = future.result()
+            for text in traced[k]["notes"]:
+                print(f"flopdiff: note: {k}: {printable(text)}", file=sys.stderr)  # above the bar (rich redirects)
             done_pages += len(keys[k])
             bar.update(task, advance=1, description=f"{done_pages}/{sum(map(len, keys.values()))} pages")
     except BrokenProcessPool:

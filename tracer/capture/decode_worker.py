@@ -29,7 +29,6 @@ import pickle
 import shutil
 import signal
 import struct
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -273,6 +272,7 @@ def _died(status: int | None) -> str:
     return f"it was killed by signal {-status}" if status is not None and status < 0 else f"it exited with status {status}"
 
 
-def note_fallback(worker: DecodeWorker) -> None:
-    print(f"flopdiff: note: the decode worker process was not used ({' '.join(worker.failure.split())}); "
-          f"its steps were captured in this process", file=sys.stderr)
+def fallback_note(worker: DecodeWorker) -> str:
+    """The note a run gives when the worker could not be used (tracer.capture.trace adds it to the trace's notes)."""
+    return (f"the decode worker process was not used ({' '.join(worker.failure.split())}); its steps were captured "
+            f"in this process")

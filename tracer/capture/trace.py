@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tracer.capture.attention import runtime as attention_runtime
-from tracer.capture.decode_worker import DecodeWorker, note_fallback, worker_allowed
+from tracer.capture.decode_worker import DecodeWorker, fallback_note, worker_allowed
 from tracer.capture.instruments import Instrument, ProfilerRanges
 from tracer.capture.meta import MetaCapture
 from tracer.capture.recorder import StageGraph, capture, subgraph
@@ -41,6 +40,7 @@ class Trace:
     stages: dict[str, list[StageGraph]] = field(default_factory=dict)
     config: Any = None
     worker_steps: list[int] = field(default_factory=list)  # decode steps the forked worker captured
+    notes: list[str] = field(default_factory=list)  # how this capture went, for the user (not the document's)
 
     def graphs(self):
         for name in STAGES:
@@ -156,8 +156,11 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
         except FlopdiffError:
             raise
         except Exception as exc:  # a vendor path meta tensors cannot take: FakeTensorMode records the same graph
-            print(f"flopdiff: note: the capture on meta tensors failed ({exc.__class__.__name__}: "
-                  f"{' '.join(str(exc).split())[:200]}); capturing under FakeTensorMode instead", file=sys.stderr)
+            fallback = (f"the capture on meta tensors failed ({exc.__class__.__name__}: "
+                        f"{' '.join(str(exc).split())[:200]}); capturing under FakeTensorMode instead")
+            tr = run(FakeTensorMode(allow_non_fake_inputs=True), prepared)
+            tr.notes.insert(0, fallback)
+            return tr
     return run(FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else contextlib.nullcontext(), prepared)
 
 
@@ -224,7 +227,7 @@ def _capture_stages(result: Trace, inputs: Prepared, vendor: Any, model: torch.n
                 result.worker_steps = [sg.step for sg in got]
             decode += got
         if worker is not None and worker.failure:
-            note_fallback(worker)
+            result.notes.append(fallback_note(worker))
     finally:
         if worker is not None:
             worker.close()

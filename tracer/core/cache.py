@@ -37,9 +37,9 @@ import os
 import re
 import shutil
 import stat
-import sys
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +153,7 @@ def inflate_limit(stored: int) -> int:
     return (64 << 20) + 100 * stored
 
 
-def _note(text: str) -> None:
-    print(f"flopdiff: note: {text}", file=sys.stderr)
+Note = Callable[[str], None]  # where the cache's one-line notes go (the pipeline's note callback)
 
 
 def _remove(path: Path) -> None:
@@ -178,15 +177,15 @@ def _check_entry(doc: Any, name: str) -> None:
         raise ValueError(f"incomplete: {', '.join(wrong)}")
 
 
-def load(name: str) -> dict[str, Any] | None:
-    """The entry's report document, or None (absent; unusable: one note line, and the entry removed)."""
+def load(name: str, note: Note) -> dict[str, Any] | None:
+    """The entry's report document, or None (absent; unusable: one `note`, and the entry removed)."""
     path = folder() / f"{name}.json.gz"
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
     except OSError as exc:
-        _note(f"the trace cache {path.parent} cannot be read ({exc.strerror}); tracing without it")
+        note(f"the trace cache {path.parent} cannot be read ({exc.strerror}); tracing without it")
         return None
     try:
         if not stat.S_ISREG(st.st_mode):
@@ -199,7 +198,7 @@ def load(name: str) -> dict[str, Any] | None:
         doc = json.loads(data)
         _check_entry(doc, name)
     except (OSError, ValueError, EOFError, RecursionError, zlib.error) as exc:
-        _note(f"the cached trace {path} is unreadable ({exc.__class__.__name__}: {exc}); tracing again")
+        note(f"the cached trace {path} is unreadable ({exc.__class__.__name__}: {exc}); tracing again")
         _remove(path)
         return None
     try:
@@ -210,14 +209,14 @@ def load(name: str) -> dict[str, Any] | None:
     return doc
 
 
-def discard(name: str, why: str) -> None:
-    """Drop an entry whose document the run could not use (one note line): it is traced again."""
+def discard(name: str, why: str, note: Note) -> None:
+    """Drop an entry whose document the run could not use (one `note`): it is traced again."""
     path = folder() / f"{name}.json.gz"
-    _note(f"the cached trace {path} could not be used ({why}); tracing again")
+    note(f"the cached trace {path} could not be used ({why}); tracing again")
     _remove(path)
 
 
-def store(name: str, report: dict[str, Any]) -> None:
+def store(name: str, report: dict[str, Any], note: Note) -> None:
     """Write the entry whole (a temporary file renamed into place), then keep the folder under MAX_BYTES. A cache
     that cannot be written is no error: the run has its result."""
     target = folder()
@@ -234,7 +233,7 @@ def store(name: str, report: dict[str, Any]) -> None:
                 os.unlink(tmp)
         prune(target)
     except OSError as exc:
-        _note(f"could not write the trace cache in {target} ({exc.strerror or exc}); runs will trace again")
+        note(f"could not write the trace cache in {target} ({exc.strerror or exc}); runs will trace again")
 
 
 def prune(target: Path, limit: int = MAX_BYTES) -> None:
