@@ -54,3 +54,34 @@ def test_typed_views_agree_with_the_tables(tiny_v2_config):
     for name, stage in stages.items():
         assert sum(n.flops_full for n in nodes if n.stage == name) == stage.flops_full
     assert all(n.layer for n in nodes if n.flops_full and n.stage != "vision")
+
+
+@pytest.mark.parametrize("analytic, policy", [("aligned", "full"), ("seed-naive", "torch")])
+def test_every_row_of_a_report_is_in_the_one_schema(analytic, policy, tiny_v2_config):
+    """The writers (records, compare, kernels) and the typed views (tracer.result) share tracer.core.schema: a key
+    a writer adds or renames shows here, not as a silent None in a view."""
+    from tracer.core.schema import drift
+    from tracer.core.workload import Workload
+    from tracer.pipeline import Options, run
+
+    result = run(Workload(image_wh=(1000, 800), text_tokens=3, decode_steps=2),
+                 Options(config=tiny_v2_config, analytic=analytic, policy=policy))
+    assert drift(result.report) == []
+    assert all(result.report[key] for key in ("stages", "layers", "nodes", "unseen"))
+    assert bool(result.report["gap_groups"]) == (analytic == "seed-naive")  # aligned: no gap, no group
+
+
+def test_a_renamed_key_is_drift_and_the_view_says_which(tiny_v2_config):
+    from tracer.core.schema import drift
+    from tracer.core.workload import Workload
+    from tracer.pipeline import Options, run
+    from tracer.result import Result
+
+    report = run(Workload(image_wh=(640, 640), text_tokens=3, decode_steps=0),
+                 Options(config=tiny_v2_config)).report
+    stage = report["stages"][0]
+    renamed = {**report, "stages": [{("flops_fulll" if k == "flops_full" else k): v for k, v in stage.items()}]}
+    assert drift(renamed) == ["stages[0].flops_fulll: not in the schema (Stage)",
+                              "stages[0]: no flops_full (Stage requires it)"]
+    with pytest.raises(KeyError, match="Stage row without flops_full"):
+        Result(renamed, None, None, None).stages

@@ -39,6 +39,9 @@ def test_the_typed_kernel_view_carries_every_field_of_the_report(h200):
     report, _, _ = h200
     kernels = Result(report, None, None, None).kernels
     assert {f.name for f in fields(Kernel)} == set(report["kernels"][0])
+    from tracer.core.schema import drift
+
+    assert drift({"kernels": report["kernels"]}) == []  # every kernel row, in the one schema
     assert [(k.kernel, k.time_us, k.flops_full) for k in kernels] == \
         [(k["kernel"], k["time_us"], k["flops_full"]) for k in report["kernels"]]
 

@@ -8,10 +8,11 @@ views built on demand, so the two can never disagree.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from tracer.compare.diff import check_max_gap
+from tracer.core.schema import Coverage, GapGroup, Kernel, Layer, Node, Stage, Unseen, typed
 from tracer.core.errors import FlopdiffError
 from tracer.core.forking import forked
 from tracer.core.lifecycle import OutputSet
@@ -21,117 +22,9 @@ from tracer.render.model_explorer import ME_GRAPH, ME_OVERLAY, graph_collection,
 from tracer.render.tables import terminal_tables
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    flops_analytic: int
-    flops_torch: int
-    flops_full: int
-    gap: int
-    gap_pct: float
-    unknown_ops: int
-    coverage: dict[str, int]
-    steps: list[dict[str, int]] | None = None  # decode: kv_len and FLOPs per step
-
-
-@dataclass(frozen=True)
-class Layer:
-    id: str
-    stage: str
-    flops_analytic: int
-    flops_torch: int
-    flops_full: int
-    gap: int
-    gap_pct: float
-    reason: str | None
-    nodes: list[str]
-    formula: str | None = None  # the analytic formula with its numbers
-    rules: list[str] | None = None  # the mapping rules that joined its nodes to it
-    cause: str | None = None    # why it differs, when flopdiff can name it (tracer.compare.causes)
-
-
-@dataclass(frozen=True)
-class Node:
-    """One aten op (or custom op) of a stage graph, counted under both policies and mapped to a layer."""
-
-    id: str
-    stage: str
-    step: int | None
-    op: str
-    module: str
-    module_class: str
-    source: str
-    vendor_source: str
-    vendor_function: str
-    input_shapes: list[list[int]]
-    input_dtypes: list[str]
-    output_shapes: list[list[int]]
-    output_dtypes: list[str]
-    flops_torch: int
-    flops_full: int
-    status: str                 # formula, zero (no FLOPs by convention), unknown (FLOP-bearing, no formula), ...
-    note: str | None = None
-    layer: str | None = None    # the analytic layer it maps to
-    unmapped: str | None = None  # why no mapping rule took it
-    attention: dict[str, Any] | None = None  # an attention call's boundary node: layout, causal, window, scale
-    inner: int | None = None    # ... and how many nodes were recorded inside it
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """CUDA runs: one kernel name, its calls, time and FLOPs (its nodes' FLOPs on their compute kernel)."""
-
-    kernel: str
-    calls: int
-    time_us: float
-    flops_full: int
-    flops_torch: int
-    flops_full_by_stage: dict[str, int]
-    ops: list[str]
-    layers: list[str]
-    counted_by_flopcountermode: str  # yes, no, partly or "-" (no FLOPs)
-    unseen_flops: int
-
-
-@dataclass(frozen=True)
-class GapGroup:
-    """A stage's gap by where it comes from and why (tracer.compare.groups.gap_groups: `group` is what --explain takes)."""
-
-    stage: str
-    group: str
-    reason: str | None
-    why: str
-    layers: int          # how many analytic layers (`unit`)
-    unit: str
-    gap: int
-    cause: str | None    # the preset setting or formula symbol behind every layer of the group, when named
-
-
-@dataclass(frozen=True)
-class Unseen:
-    """FLOPs that only policy `full` counts (FlopCounterMode misses them), per stage and op."""
-
-    stage: str
-    op: str
-    nodes: int
-    flops: int
-
-
-@dataclass(frozen=True)
-class Coverage:
-    nodes_with_flops: int
-    mapped: int
-    unmapped: int
-    unmapped_flops: int
-
-
-def _typed(cls: type, row: dict[str, Any]) -> Any:
-    return cls(**{f.name: row.get(f.name) for f in fields(cls)})
-
-
 def _view(cls: type, key: str, doc: str | None = None) -> property:
     """A read-only typed view of one list of the report document: `cls` per row, built on demand."""
-    return property(lambda self: [_typed(cls, row) for row in self.report.get(key, [])], doc=doc or cls.__doc__)
+    return property(lambda self: [typed(cls, row) for row in self.report.get(key, [])], doc=doc or cls.__doc__)
 
 
 @dataclass
@@ -160,7 +53,7 @@ class Result:
 
     @property
     def coverage(self) -> Coverage:
-        return _typed(Coverage, self.report["coverage"])
+        return typed(Coverage, self.report["coverage"])
 
     @property
     def ncu(self) -> dict[str, Any] | None:
