@@ -73,7 +73,7 @@ def variant(preset: str, flag: str = "preset") -> Variant:
         raise FlopdiffError(f"{flag} {preset}: {exc}") from None
 
 
-def policy(name: str, device: str = "cpu", causal_halving: bool = False) -> Policy:
+def counting_policy(name: str, device: str = "cpu", causal_halving: bool = False) -> Policy:
     if name not in ("torch", "full"):
         raise FlopdiffError(f"--policy {name!r}: choose torch or full")
     return Policy(ignore_torch_unsupported_flops=name == "torch", device=device, causal_halving=causal_halving)
@@ -162,11 +162,11 @@ def weight_bytes(tree: ModelTree) -> int:
     for block in tree.stages["prefill"]:
         for leaf in block.leaves():
             key = leaf.id.replace(".tiles.", ".").replace(".global.", ".")
-            distinct[key] = leaf.cost(policy("full")).weight_bytes
+            distinct[key] = leaf.cost(counting_policy("full")).weight_bytes
     return sum(distinct.values())
 
 
 def evaluate(model: str, image_wh: tuple[int, int], preset: str = "aligned", policy_name: str = "full",
              config: str | None = None, **knobs: Any) -> dict[str, Any]:
     shape = shape_for(model, image_wh, **knobs)
-    return evaluate_tree(build(model, shape, preset, config), shape, policy(policy_name))
+    return evaluate_tree(build(model, shape, preset, config), shape, counting_policy(policy_name))

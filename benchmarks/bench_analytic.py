@@ -9,7 +9,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from analytic.api import build, policy, shape_for
+from analytic.api import build, counting_policy, shape_for
 from analytic.models import Shape
 
 
@@ -22,7 +22,7 @@ def main() -> None:
         base = shape_for(model, (1000, 1400), decode_steps=1)
         shapes = [Shape(rng.randint(200, 4000), rng.randint(200, 4000), base.base_size, base.tile_size, True, 9, 1)
                   for _ in range(300)]
-        full, torch_ = policy("full"), policy("torch")
+        full, torch_ = counting_policy("full"), counting_policy("torch")
         t0 = time.perf_counter()
         for s in shapes:
             tree = build(model, s)

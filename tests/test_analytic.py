@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from analytic.api import build, evaluate, policy, shape_for
+from analytic.api import build, evaluate, counting_policy, shape_for
 from analytic.layers import Policy
 from analytic.models import VENDOR_CONSTANTS
 from analytic.shapes import v1_views, v2_views
 
-FULL, TORCH = policy("full"), policy("torch")
+FULL, TORCH = counting_policy("full"), counting_policy("torch")
 
 
 def flops(blocks, pol):

@@ -273,12 +273,12 @@ def test_v2_each_fa2_node_carries_its_layers_eager_matmuls(v2_runs):
 
 @pytest.mark.v2
 def test_v2_aligned_analytic_holds_for_both_policies_with_flash_attention_2(v2_runs):
-    from tracer.compare.analytic import analytic_of, map_report
+    from tracer.compare.analytic import analytic_of_report, map_report
     from tracer.compare.diff import with_diff
 
     report = v2_runs["fa2"].report
     for policy in ("full", "torch"):
-        an = analytic_of(report, "aligned", policy_name=policy)
+        an = analytic_of_report(report, "aligned", policy_name=policy)
         doc = with_diff(report, an, map_report(report, an))
         assert [s["gap"] for s in doc["stages"]] == [0, 0, 0], policy
         assert all(r["gap"] == 0 for r in doc["layers"]), policy
@@ -338,7 +338,7 @@ def h200_triton():
     """flopdiff's own H200 recording (benchmarks/check_attention_plugin.sh): DeepSeek-OCR-2 640x640 real mode on
     CUDA, the text attention flash-attention-triton's Triton FlashAttention-2 through --attn-plugin; attributed again
     here from its kernel records and nodes."""
-    from tracer.compare.analytic import analytic_of, map_report
+    from tracer.compare.analytic import analytic_of_report, map_report
     from tracer.compare.diff import with_diff
     from tracer.cuda.kernels import attribute
 
@@ -346,7 +346,7 @@ def h200_triton():
     report = {"model": rec["model"], "workload": rec["workload"], "options": rec["options"],
               "analytic": rec["analytic"], "stages": rec["stages"],
               "nodes": [{**n, "layer": None} for n in rec["nodes"]]}
-    an = analytic_of(report, "aligned")
+    an = analytic_of_report(report, "aligned")
     report = with_diff(report, an, map_report(report, an))
     return rec, report, attribute(report, rec["kernel_records"], map_report(report, an).matcher, rec["device"])
 

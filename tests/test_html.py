@@ -95,10 +95,10 @@ def test_natural_sort_and_unmapped_section(page, page_file):
 
 @pytest.fixture(scope="module")
 def naive_file(v2_page, tmp_path_factory):
-    from tracer.compare.analytic import analytic_of, map_report
+    from tracer.compare.analytic import analytic_of_report, map_report
     from tracer.compare.diff import with_diff
 
-    an = analytic_of(v2_page, "seed-naive")
+    an = analytic_of_report(v2_page, "seed-naive")
     doc = with_diff(v2_page, an, map_report(v2_page, an))
     path = tmp_path_factory.mktemp("naive") / "report.html"
     path.write_text(render_html(doc))
@@ -153,7 +153,7 @@ def test_kernels_section_of_a_cuda_report(browser, tmp_path):
     import json
     from pathlib import Path
 
-    from tracer.compare.analytic import analytic_of, map_report
+    from tracer.compare.analytic import analytic_of_report, map_report
 
     from tracer.compare.diff import with_diff
     from tracer.cuda.kernels import attribute
@@ -163,7 +163,7 @@ def test_kernels_section_of_a_cuda_report(browser, tmp_path):
               "nodes": [{**n, "module_class": "", "source": "", "vendor_source": "", "input_shapes": [],
                          "input_dtypes": [], "output_shapes": [], "output_dtypes": []} for n in doc["nodes"]],
               "stages": [{**s, "unknown_ops": 0} for s in doc["stages"]]}
-    an = analytic_of(report, "aligned")
+    an = analytic_of_report(report, "aligned")
     mapping = map_report(report, an)
     report = with_diff(report, an, mapping)
     report.update(attribute(report, doc["kernel_records"], mapping.matcher, doc["device"]))

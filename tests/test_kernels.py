@@ -13,7 +13,7 @@ import pytest
 from mapping.engine import map_nodes
 from mapping.table import load_table
 from tracer.capture.instruments import MODULE_RANGE, OP_RANGE, ProfilerRanges, kernel_records
-from tracer.compare.analytic import analytic_of, catalogue, present_views
+from tracer.compare.analytic import analytic_of_report, catalogue, present_views
 from tracer.cuda.kernels import OUTSIDE, attribute, counted
 from tracer.result import Kernel, Result
 
@@ -27,7 +27,7 @@ def h200():
     device_layers = {n["id"]: n["layer"] for n in doc["nodes"]}
     for n in report["nodes"]:
         n["layer"] = None
-    an = analytic_of(report, "aligned")
+    an = analytic_of_report(report, "aligned")
     mapping = map_nodes(load_table("deepseek-ocr-2"), report["nodes"], present_views(report), catalogue(an.aligned))
     for n in report["nodes"]:
         n["layer"] = mapping.layer_of.get(n["id"])
@@ -340,7 +340,7 @@ def test_a_real_cpu_profile_drives_the_attribution_end_to_end(tiny_v2_config):
         if sg.selection is None:
             count_graph(sg)
     report = build_report(tr)
-    an = analytic_of(report, "aligned", config=tiny_v2_config)
+    an = analytic_of_report(report, "aligned", config=tiny_v2_config)
     mapping = map_report(report, an, None)
     report = with_diff(report, an, mapping)
     report = {**report, **attribute_kernels(tr, report, mapping.matcher)}

@@ -9,7 +9,7 @@ import pytest
 from tracer.core.modulepaths import split_path
 from mapping.table import compile_pattern, load_table
 from tracer.diff import main
-from tracer.compare.analytic import analytic_of, map_report
+from tracer.compare.analytic import analytic_of_report, map_report
 from tracer.compare.diff import with_diff
 from tracer.compare.groups import gap_groups, group_members
 
@@ -58,7 +58,7 @@ def test_v2_every_flop_node_mapped_and_aligned_gap_is_zero(v2_page):
 
 def test_v2_seed_naive_gap_attributed_to_named_layers(v2_page):
     before = copy.deepcopy(v2_page)
-    an = analytic_of(v2_page, "seed-naive")
+    an = analytic_of_report(v2_page, "seed-naive")
     doc = with_diff(v2_page, an, map_report(v2_page, an))
     assert v2_page == before  # the diff composes a new document; the aligned one stays as the fixture made it
     vision = next(s for s in doc["stages"] if s["name"] == "vision")

@@ -28,9 +28,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from analytic.api import build, policy, request_shape, variant
+from analytic.api import build, counting_policy, request_shape, variant
 from mapping.table import load_table
-from tracer.compare.analytic import analytic_for, catalogue, map_report, shape_of
+from tracer.compare.analytic import analytic_for, catalogue, map_report, report_shape
 from tracer.compare.diff import check_max_gap, with_diff
 from tracer.compare.explain import check_id, explain
 from tracer.core import cache
@@ -107,7 +107,7 @@ def check(workload: Workload, options: Options) -> Workload:
         check_onnx(get_vendor(workload.model), options.build)
     check_max_gap(options.max_gap)
     variant(options.analytic, "--analytic")
-    policy(options.policy)
+    counting_policy(options.policy)
     if options.build.attn_plugins or "flash_attention_2" in implementations(options.build.attn):
         from tracer.capture.attention import check as attention_check
 
@@ -217,7 +217,7 @@ def _diffed(workload: Workload, options: Options, build: BuildOptions, report: d
     """The counted document diffed against the analytic model, mapped, and (as asked) kernels, Nsight Compute,
     ONNX and one id explained: the run's result."""
     progress(f"analytic model ({options.analytic}) and mapping")
-    analytic = analytic_for(workload.model, shape_of(report["workload"]), options.analytic, options.causal_halving,
+    analytic = analytic_for(workload.model, report_shape(report["workload"]), options.analytic, options.causal_halving,
                             _analytic_config(options), report["workload"]["image_tokens"], options.policy,
                             options.build.device, attention_parts(workload.model, build))
     mapping = map_report(report, analytic, options.mapping)

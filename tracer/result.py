@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracer.compare.diff import check_max_gap
-from tracer.core.schema import Coverage, GapGroup, Kernel, Layer, Node, Stage, Unseen, typed
 from tracer.core.errors import FlopdiffError
 from tracer.core.forking import forked
 from tracer.core.lifecycle import OutputSet
+from tracer.core.schema import Coverage, GapGroup, Kernel, LayerDiff, Node, Stage, Unseen, typed
 from tracer.count.document import dumps
 from tracer.render.html import render_html
 from tracer.render.model_explorer import ME_GRAPH, ME_OVERLAY, graph_collection, overlay
@@ -44,7 +44,7 @@ class Result:
     notes: list[str] = field(default_factory=list)  # what the user should read about this run (pipeline.run's note)
 
     stages = _view(Stage, "stages")
-    layers = _view(Layer, "layers")
+    layers = _view(LayerDiff, "layers")
     nodes = _view(Node, "nodes")
     gap_groups = _view(GapGroup, "gap_groups")
     unseen = _view(Unseen, "unseen")

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from analytic.api import build, evaluate_tree, policy, request_shape, weight_bytes
+from analytic.api import build, counting_policy, evaluate_tree, request_shape, weight_bytes
 from tracer.core.workload import Workload
 
 
@@ -33,7 +33,7 @@ def real_run_estimate(workload: Workload, config: str | None) -> str:
     measured fill rate), computing every stage's analytic FLOPs (its measured bf16 matmul rate), and memory."""
     shape = request_shape(workload)
     tree = build(workload.model, shape, "aligned", config)
-    doc = evaluate_tree(tree, shape, policy("full"))
+    doc = evaluate_tree(tree, shape, counting_policy("full"))
     flops = sum(s["flops"] for s in doc["stages"] if s["name"] != "vision")  # prefill includes vision
     weights = weight_bytes(tree)
     a = torch.ones(1024, 1024, dtype=torch.bfloat16)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from analytic.api import build, evaluate_tree, policy
+from analytic.api import build, counting_policy, evaluate_tree
 from analytic.layers import Policy
 from analytic.models import ModelTree, Shape
 from mapping.engine import Mapping, map_nodes
@@ -34,7 +34,7 @@ class Analytic:
 
     def counting(self) -> Policy:
         """The analytic counting policy `doc` was evaluated under."""
-        return policy(self.policy, device=self.device, causal_halving=self.causal_halving)
+        return counting_policy(self.policy, device=self.device, causal_halving=self.causal_halving)
 
     @property
     def measured(self) -> str:
@@ -42,7 +42,7 @@ class Analytic:
         return "flops_torch" if self.policy == "torch" else "flops_full"
 
 
-def shape_of(workload: dict[str, Any]) -> Shape:
+def report_shape(workload: dict[str, Any]) -> Shape:
     """The analytic model's view of a report's `workload` (what the vendor preprocessing derived)."""
     w = workload
     text = w["prompt_len"] - 1 - w["image_tokens"]  # BOS + image tokens + text, as the vendor lays them out
@@ -62,14 +62,14 @@ def analytic_for(model: str, shape: Shape, preset: str, causal_halving: bool = F
         raise FlopdiffError(f"analytic model of {model}: {aligned.views.image_tokens} image tokens for "
                             f"{shape.width}x{shape.height}, the vendor preprocessing made {image_tokens}; the "
                             f"analytic tiling needs fixing (please report)")
-    doc = evaluate_tree(tree, shape, policy(policy_name, device=device, causal_halving=causal_halving))
+    doc = evaluate_tree(tree, shape, counting_policy(policy_name, device=device, causal_halving=causal_halving))
     return Analytic(preset, shape, tree, aligned, doc, config, causal_halving, policy_name, attention, device)
 
 
-def analytic_of(report: dict[str, Any], preset: str, causal_halving: bool = False,
+def analytic_of_report(report: dict[str, Any], preset: str, causal_halving: bool = False,
                 config: str | None = None, policy_name: str = "full") -> Analytic:
     """analytic_for a report document's model, workload, device and attention (recorded reports, the tests)."""
-    return analytic_for(report["model"], shape_of(report["workload"]), preset, causal_halving, config,
+    return analytic_for(report["model"], report_shape(report["workload"]), preset, causal_halving, config,
                         report["workload"]["image_tokens"], policy_name, report.get("options", {}).get("device", "cpu"),
                         report.get("analytic", {}).get("attention"))
 

@@ -24,7 +24,9 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Layer:
+class LayerDiff:
+    """One analytic layer of a stage beside the graph nodes mapped to it: the gap, why, and its formula."""
+
     id: str
     stage: str
     flops_analytic: int
@@ -115,7 +117,7 @@ class Coverage:
 
 
 # the document's lists of rows, by key
-ROWS: dict[str, type] = {"stages": Stage, "layers": Layer, "nodes": Node, "gap_groups": GapGroup, "unseen": Unseen,
+ROWS: dict[str, type] = {"stages": Stage, "layers": LayerDiff, "nodes": Node, "gap_groups": GapGroup, "unseen": Unseen,
                          "kernels": Kernel}
 
 
