@@ -16,7 +16,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from analytic.layers import Policy
-from analytic.models import BUILDERS, ModelTree, Shape, Variant
+from analytic.models import BUILDERS
+from analytic.request import ModelTree, Shape, Variant
 from tracer.core.configfile import read_json
 from tracer.core.errors import FlopdiffError
 from tracer.core.workload import Workload

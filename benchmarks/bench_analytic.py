@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from analytic.api import build, counting_policy, shape_for
-from analytic.models import Shape
+from analytic.request import Shape
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from analytic.api import build, evaluate, counting_policy, shape_for
 from analytic.layers import Policy
-from analytic.models import VENDOR_CONSTANTS
+from analytic.blocks import VENDOR_CONSTANTS
 from analytic.shapes import v1_views, v2_views
 
 FULL, TORCH = counting_policy("full"), counting_policy("torch")

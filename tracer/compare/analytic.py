@@ -10,7 +10,7 @@ from typing import Any
 
 from analytic.api import build, counting_policy, evaluate_tree
 from analytic.layers import Policy
-from analytic.models import ModelTree, Shape
+from analytic.request import ModelTree, Shape
 from mapping.engine import Mapping, map_nodes
 from mapping.table import check_layers, load_table
 from tracer.core.errors import FlopdiffError

@@ -1,7 +1,7 @@
 """Why a layer differs, when flopdiff can name it, and the formula behind its analytic count.
 
 Two kinds of cause, each a fact checked against the run, never a guess:
-  * a preset setting that leaves the layer out or changes it (`analytic.models.VARIANT_EFFECTS`: single_view,
+  * a preset setting that leaves the layer out or changes it (`analytic.request.VARIANT_EFFECTS`: single_view,
     clip_layers, projector_tokens, decode_kv_growth), when the preset differs from the vendor-exact one there;
   * a formula symbol that disagrees with the shapes of the nodes mapped to the layer: one symbol of the analytic
     layer, set to a dimension those nodes carry, makes the formula equal to the traced count (`s_k = 1126 in the
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from analytic.layers import Layer, Policy
-from analytic.models import Variant, variant_cause
+from analytic.request import Variant, variant_cause
 
 SYMBOL_FIELDS_SKIPPED = ("id", "dtype_bytes", "children", "op", "causal")
 

@@ -13,7 +13,7 @@ from collections import defaultdict
 from typing import Any
 
 from analytic.api import variant
-from analytic.models import ModelTree
+from analytic.request import ModelTree
 from mapping.engine import Mapping, coverage, flop_bearing
 from tracer.compare.analytic import Analytic
 from tracer.compare.causes import cause, formula

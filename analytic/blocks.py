@@ -1,0 +1,207 @@
+"""The blocks both models are made of, each a function of config numbers: SAM, CLIP and the Qwen2-style encoder on
+the vision side, the DeepSeek-V2 decoder (dense and MoE layers, KV cache, lm_head), and the stage layout. Numbers the
+vendor code fixes outside config.json are in `VENDOR_CONSTANTS`, each with the file that fixes it. Stages: `vision`
+(every view through the vision encoders and the projector), `prefill` (vision + the decoder over the prompt +
+lm_head), `decode` (one Block per one-token step, KV length growing)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from analytic.layers import Attention, Block, Conv2d, Elementwise, Experts, KVCache, Layer, Linear, RelPos, Rope
+from analytic.request import ModelTree, Variant
+from analytic.shapes import Views
+from tracer.core.configfile import dig
+from tracer.core.errors import FlopdiffError
+
+# Numbers the vendor code fixes outside config.json (v1: deepencoder.py build_sam_vit_b / build_clip_l;
+# v2: transformers DeepseekOcr2SamVisionConfig defaults, checked against transformers in the tests).
+VENDOR_CONSTANTS = {
+    "deepseek-ocr": {"patch": 16, "window": 14, "sam_mlp_ratio": 4, "neck": 256, "clip_ffn": 4096, "downsample": 4},
+    "deepseek-ocr-2": {"patch": 16, "window": 14, "sam_mlp_ratio": 4.0, "neck": 256, "downsample": 4},
+}
+
+
+def config_value(cfg: dict, dotted: str, where: str) -> Any:
+    try:
+        return dig(cfg, dotted)
+    except KeyError:
+        raise FlopdiffError(f"{where}: missing key {dotted!r}") from None
+
+
+def _shared(builder):
+    """Memoize a block builder on its arguments: a sweep over page shapes rebuilds the same few vision blocks
+    (a tile count, a view size) thousands of times. Blocks are never mutated after building."""
+    cache: dict[str, Block] = {}
+
+    @functools.wraps(builder)
+    def build(*args, **kwargs) -> Block:
+        key = repr((args, sorted(kwargs.items())))
+        if key not in cache:
+            if len(cache) >= 1024:  # bounded: an odd sweep of custom view sizes must not grow without end
+                cache.clear()
+            cache[key] = builder(*args, **kwargs)
+        return cache[key]
+
+    return build
+
+
+# The op that carries an attention implementation's matmuls (Layer.op: what policy `torch` asks FlopCounterMode
+# about). Any other name is a function registered by a plugin: a kernel launched from Python, which it never sees.
+ATTENTION_OPS = {"eager": "bmm", "sdpa": "sdpa", "flash_attention_2": "flash_attn", "flex_attention": "flex"}
+
+
+def attention_op(implementation: str) -> str:
+    return ATTENTION_OPS.get(implementation, "python")
+
+
+@_shared
+def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, global_idx: list[int],
+        mlp: int, neck: int, down: list[int], c: dict, attn_op: str = "sdpa") -> Block:
+    """SAM ViT-B over `views` images of `px` pixels: windowed blocks pad the grid to a multiple of the
+    window (padded tokens cost FLOPs), global blocks attend over the whole grid."""
+    g = px // c["patch"]
+    win = c["window"]
+    d = width // heads
+    kids: list[Layer] = [Conv2d(f"{prefix}.patch_embed", batch=views, c_in=3, c_out=width, kernel=c["patch"], out_hw=(g, g))]
+    for i in range(layers):
+        p = f"{prefix}.blocks.{i}"
+        if i in global_idx:
+            batch, side = views, g
+        else:
+            gp = -(-g // win) * win
+            batch, side = views * (gp // win) ** 2, win
+        tokens = batch * side * side
+        kids.append(Block(p, children=[
+            Elementwise(f"{p}.norm1", elements=views * g * g * width, per_element=4),
+            Linear(f"{p}.qkv", op="addmm", tokens=tokens, d_in=width, d_out=3 * width),
+            RelPos(f"{p}.rel_pos", batch_heads=batch * heads, h=side, w=side, d=d),
+            Attention(f"{p}.attn", op=attn_op, batch=batch, heads=heads, s_q=side * side, s_k=side * side, d=d, d_v=d),
+            Linear(f"{p}.proj", op="addmm", tokens=tokens, d_in=width, d_out=width),
+            Elementwise(f"{p}.norm2", elements=views * g * g * width, per_element=4),
+            Linear(f"{p}.mlp.lin1", op="addmm", tokens=views * g * g, d_in=width, d_out=mlp),
+            Elementwise(f"{p}.mlp.act", elements=views * g * g * mlp, per_element=8),
+            Linear(f"{p}.mlp.lin2", op="addmm", tokens=views * g * g, d_in=mlp, d_out=width),
+        ]))
+    kids += [Conv2d(f"{prefix}.neck.conv1", batch=views, c_in=width, c_out=neck, kernel=1, out_hw=(g, g)),
+             Conv2d(f"{prefix}.neck.conv2", batch=views, c_in=neck, c_out=neck, kernel=3, out_hw=(g, g)),
+             Conv2d(f"{prefix}.net_2", batch=views, c_in=neck, c_out=down[0], kernel=3, out_hw=(g // 2, g // 2)),
+             Conv2d(f"{prefix}.net_3", batch=views, c_in=down[0], c_out=down[1], kernel=3, out_hw=(g // 4, g // 4))]
+    return Block(prefix, children=kids)
+
+
+@_shared
+def clip(prefix: str, views: int, tokens: int, width: int, layers: int, heads: int, ffn: int) -> Block:
+    """v1's CLIP-L on SAM features (its patch embedding replaced), class token included in `tokens`."""
+    t = views * tokens
+    d = width // heads
+    return Block(prefix, children=[Block(f"{prefix}.layers.{i}", children=[
+        Linear(f"{prefix}.layers.{i}.qkv", op="addmm", tokens=t, d_in=width, d_out=3 * width),
+        Attention(f"{prefix}.layers.{i}.attn", batch=views, heads=heads, s_q=tokens, s_k=tokens, d=d, d_v=d),
+        Linear(f"{prefix}.layers.{i}.out_proj", op="addmm", tokens=t, d_in=width, d_out=width),
+        Linear(f"{prefix}.layers.{i}.mlp.fc1", op="addmm", tokens=t, d_in=width, d_out=ffn),
+        Linear(f"{prefix}.layers.{i}.mlp.fc2", op="addmm", tokens=t, d_in=ffn, d_out=width),
+    ]) for i in range(layers)])
+
+
+@_shared
+def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, layers: int | None = None,
+                  attn_op: str = "sdpa") -> Block:
+    """v2's Qwen2-style encoder over n SAM tokens + n learned queries (image tokens both ways, queries
+    causal: counted dense, the mask is data to SDPA)."""
+    s, h = 2 * n, enc["hidden_size"]
+    heads, kv, inter = enc["num_attention_heads"], enc["num_key_value_heads"], enc["intermediate_size"]
+    t = views * s
+    kids: list[Layer] = []  # RoPE angles: a broadcast multiply in transformers 5, no matmul
+    for i in range(layers or enc["num_hidden_layers"]):
+        p = f"{prefix}.layers.{i}"
+        kids.append(Block(p, children=[
+            Linear(f"{p}.q_proj", op="addmm", tokens=t, d_in=h, d_out=heads * head_dim),
+            Linear(f"{p}.k_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim),
+            Linear(f"{p}.v_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim),
+            Attention(f"{p}.attn", op=attn_op, batch=views, heads=heads, s_q=s, s_k=s, d=head_dim, d_v=head_dim,
+                      causal=False),
+            Linear(f"{p}.o_proj", tokens=t, d_in=heads * head_dim, d_out=h),
+            Linear(f"{p}.mlp.gate_proj", tokens=t, d_in=h, d_out=inter),
+            Linear(f"{p}.mlp.up_proj", tokens=t, d_in=h, d_out=inter),
+            Linear(f"{p}.mlp.down_proj", tokens=t, d_in=inter, d_out=h),
+        ]))
+    return Block(prefix, children=kids)
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dense_inter: int
+    moe_inter: int
+    experts: int
+    top_k: int
+    shared: int
+    vocab: int
+    dense_layers: tuple[bool, ...]   # per layer: dense MLP (True) or MoE (False)
+    rope_per_layer: bool              # v1 (LlamaAttention 4.46) computes RoPE angles as a bmm in every layer;
+                                      # transformers 5 (v2) uses a broadcast multiply: no matmul
+    attn_op: str                      # "bmm" (eager) or "sdpa"
+    experts_op: str                   # "mm" (v1 per-expert loop) or "grouped_mm"
+
+
+def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) -> Block:
+    """The decoder over `new` tokens attending to `kv_len` positions (cache included), lm_head on `logits`."""
+    h, hd = spec.hidden, spec.head_dim
+    kids: list[Layer] = []
+    for i, dense in enumerate(spec.dense_layers):
+        p = f"{prefix}.layers.{i}"
+        layer: list[Layer] = [
+            Linear(f"{p}.q_proj", tokens=new, d_in=h, d_out=spec.heads * hd),
+            Linear(f"{p}.k_proj", tokens=new, d_in=h, d_out=spec.kv_heads * hd),
+            Linear(f"{p}.v_proj", tokens=new, d_in=h, d_out=spec.kv_heads * hd),
+            Attention(f"{p}.attn", op=spec.attn_op, heads=spec.heads, s_q=new, s_k=kv_len, d=hd, d_v=hd, causal=True),
+            Linear(f"{p}.o_proj", tokens=new, d_in=spec.heads * hd, d_out=h),
+            KVCache(f"{p}.kv_cache", positions=kv_len, kv_heads=spec.kv_heads, d=hd),
+        ]
+        if spec.rope_per_layer:
+            layer.insert(3, Rope(f"{p}.rope", positions=new, half_dim=hd // 2))
+        if dense:
+            layer += [Linear(f"{p}.mlp.{n}", tokens=new, d_in=a, d_out=b) for n, a, b in
+                      (("gate_proj", h, spec.dense_inter), ("up_proj", h, spec.dense_inter), ("down_proj", spec.dense_inter, h))]
+        else:
+            si = spec.moe_inter * spec.shared
+            layer += [Linear(f"{p}.mlp.gate", tokens=new, d_in=h, d_out=spec.experts),
+                      Experts(f"{p}.mlp.experts", op=spec.experts_op, routed_rows=new * spec.top_k, d=h,
+                              inter=spec.moe_inter, n_experts=spec.experts)]
+            layer += [Linear(f"{p}.mlp.shared_experts.{n}", tokens=new, d_in=a, d_out=b) for n, a, b in
+                      (("gate_proj", h, si), ("up_proj", h, si), ("down_proj", si, h))]
+        kids.append(Block(p, children=layer))
+    kids.append(Linear("lm_head", tokens=logits, d_in=h, d_out=spec.vocab))
+    return Block(prefix, children=kids)
+
+
+def stage_blocks(model: str, views: Views, vision: Block, spec: DecoderSpec, prompt_len: int, steps: int,
+            all_logits: bool, variant: Variant) -> ModelTree:
+    tree = ModelTree(model, views, prompt_len)
+    tree.stages["vision"] = [vision]
+    tree.stages["prefill"] = [Block("prefill", children=[vision, decoder(spec, "decoder", prompt_len, prompt_len,
+                                                                         prompt_len if all_logits else 1)])]
+    grow = 1 if variant.decode_kv_growth else 0
+    tree.stages["decode"] = [decoder(spec, "decoder", 1, prompt_len + grow * (k + 1), 1) for k in range(steps)]
+    return tree
+
+
+def decoder_spec(lang: dict, where: str, **kw) -> DecoderSpec:
+    get = lambda k: config_value(lang, k, where)  # noqa: E731
+    n = get("num_hidden_layers")
+    if "mlp_layer_types" in lang:
+        dense = tuple(t == "dense" for t in lang["mlp_layer_types"])
+    else:
+        dense = tuple(i < get("first_k_dense_replace") for i in range(n))
+    heads = get("num_attention_heads")
+    return DecoderSpec(hidden=get("hidden_size"), heads=heads, kv_heads=get("num_key_value_heads"),
+                       head_dim=lang.get("head_dim") or get("hidden_size") // heads,
+                       dense_inter=get("intermediate_size"), moe_inter=get("moe_intermediate_size"),
+                       experts=get("n_routed_experts"), top_k=get("num_experts_per_tok"), shared=get("n_shared_experts"),
+                       vocab=get("vocab_size"), dense_layers=dense, **kw)

@@ -1,0 +1,39 @@
+"""DeepSeek-OCR-2's layer tree per stage, from its config.json and a workload (SAM ViT-B + the Qwen2-style encoder
+with learned queries per view, the projector, the DeepSeek-V2 decoder)."""
+
+from __future__ import annotations
+
+from analytic.blocks import VENDOR_CONSTANTS, attention_op, config_value, decoder_spec, qwen2_encoder, sam, stage_blocks
+from analytic.layers import Block, Layer, Linear
+from analytic.request import ModelTree, Shape, Variant
+from analytic.shapes import v2_views
+
+
+def build_v2(cfg: dict, shape: Shape, where: str = "config", variant: Variant = Variant(),
+             attention: dict[str, str] | None = None, experts_op: str = "grouped_mm") -> ModelTree:
+    """`attention`: the implementations of the decoder and the vision tower (SAM and encoder; default sdpa)."""
+    c = VENDOR_CONSTANTS["deepseek-ocr-2"]
+    s = config_value(cfg, "vision_config.sam_config", where)
+    enc = config_value(cfg, "vision_config.encoder_config", where)
+    views = v2_views(shape.width, shape.height, shape.base_size, shape.tile_size, shape.crop_mode, c["patch"], c["downsample"])
+    text = config_value(cfg, "text_config", where)
+    vision_op = attention_op((attention or {}).get("vision", "sdpa"))
+
+    def view(name: str, count: int, px: int) -> list[Layer]:
+        n = (px // c["patch"] // 4) ** 2
+        return [sam(f"vision.{name}.sam", count, px, config_value(s, "hidden_size", where), config_value(s, "num_hidden_layers", where),
+                    s.get("num_attention_heads", 12), config_value(s, "global_attn_indexes", where),
+                    s.get("mlp_dim") or int(config_value(s, "hidden_size", where) * s.get("mlp_ratio", c["sam_mlp_ratio"])),
+                    s.get("output_channels", c["neck"]), config_value(s, "downsample_channels", where), c, vision_op),
+                qwen2_encoder(f"vision.{name}.encoder", count, n, enc, enc.get("head_dim") or enc["hidden_size"] // enc["num_attention_heads"],
+                              variant.clip_layers, vision_op),
+                Linear(f"vision.{name}.projector", op="addmm", tokens=count * (variant.projector_tokens or n), d_in=enc["hidden_size"],
+                       d_out=config_value(text, "hidden_size", where))]
+
+    kids = view("global", 1, views.global_px)
+    if views.tiles and not variant.single_view:
+        kids += view("tiles", views.tiles, views.tile_px)
+    spec = decoder_spec(text, where, rope_per_layer=False, attn_op=attention_op((attention or {}).get("decoder", "sdpa")),
+                         experts_op=experts_op)
+    return stage_blocks("deepseek-ocr-2", views, Block("vision", children=kids), spec,
+                   1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=False, variant=variant)
