@@ -1,9 +1,8 @@
 """flopdiff command line (`flopdiff`, `python -m tracer.diff`; `flopdiff sweep PATH...` over a corpus: tracer.sweep):
-parse, run the pipeline (tracer.pipeline), print, write
-the output set (replaced whole: tracer.core.lifecycle), exit: 0; 1 when a stage's gap exceeds --max-gap; 2 for bad input (one
-line, nothing written); 3 for an internal error (one line naming where it happened: a crash must never read as a gap
-to a CI gate; FLOPDIFF_TRACEBACK=1 prints the whole traceback too); 128 + the signal after SIGINT / SIGTERM (one line,
-the output folder left as it was)."""
+parse, run the pipeline (tracer.pipeline), print, write the output set (replaced whole: tracer.core.lifecycle), exit:
+0; 1 when a stage's gap exceeds --max-gap; 2 for bad input (one line, nothing written); 3 for an internal error (one
+line naming where it happened: a crash must never read as a gap to a CI gate; FLOPDIFF_TRACEBACK=1 prints the whole
+traceback too); 128 + the signal after SIGINT / SIGTERM (one line, the output folder left as it was)."""
 
 from __future__ import annotations
 
@@ -83,8 +82,7 @@ def _run_command(args: argparse.Namespace, workload: Workload, options: Options)
                 label, t = next_label, time.perf_counter()
                 spinner.update(Text(next_label))  # as it is: a label may hold a user's path (no markup)
 
-            result = run(workload, options, progress, note=lambda text: print(f"flopdiff: note: {text}",
-                                                                             file=sys.stderr))
+            result = run(workload, options, progress, note=lambda t: print(f"flopdiff: note: {t}", file=sys.stderr))
             progress("writing the reports")
         out = terminal()
         for table in result.tables():
