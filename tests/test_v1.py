@@ -337,6 +337,25 @@ def test_v1_bad_input_one_line_exit_2(case, argv, names, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["truncated.png", "empty.png", "garbage.png", "folder", "missing.png"])
+def test_v1_a_bad_image_is_one_line_before_the_vendor_loads_it(name, v1_dir, tmp_path, capsys):
+    """The vendor's own `load_pil_images` gave a 40-line traceback and exit 1 for each of these; flopdiff reads and
+    checks the page itself, and hands the vendor a PNG of what it read."""
+    from PIL import Image
+
+    Image.new("RGB", (640, 640), (12, 34, 56)).save(tmp_path / "whole.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "whole.png").read_bytes()[:300])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "folder").mkdir()
+    out = tmp_path / "out"
+    code, _, err = _run(["--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code", "--text-tokens", "9",
+                         "--quiet", "--image", str(tmp_path / name), "--out", str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"flopdiff: error: --image {tmp_path / name}: "), err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_v1_missing_text_tokens_without_tokenizer(v1_dir, tmp_path, capsys):
     code, _, err = _run(["--model", "deepseek-ocr", "--vendor-dir", v1_dir, "--trust-remote-code", "--quiet",
                          "--out", str(tmp_path / "o")], capsys)
