@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tracer.diff import main
-from tracer.onnx.graph import conv_flop, einsum_flop, gemm_flop, matmul_flop
+from tracer.onnx.formulas import conv_flop, einsum_flop, gemm_flop, matmul_flop
 
 pytest.importorskip("onnxscript", reason="pip install -e '.[onnx]' (the test extra has it)")
 
@@ -138,7 +138,9 @@ def test_onnx_counter_equals_flopcountermode_on_tiny_exports(case):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tracer.onnx.graph import _export, onnx_nodes
+    from tracer.onnx.export import _export
+
+    from tracer.onnx.nodes import onnx_nodes
 
     fn, shapes, reference = TINY[case]
     args = tuple(torch.randn(s) for s in shapes)
@@ -168,7 +170,7 @@ def test_onnx_einsum_formula_by_hand_with_ellipsis_and_broadcast():
 def test_onnx_control_flow_and_unknown_rank_are_unknown_never_zero():
     from onnx import helper
 
-    from tracer.onnx.graph import onnx_nodes
+    from tracer.onnx.nodes import onnx_nodes
 
     body = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "then", [],
                              [helper.make_tensor_value_info("y", 1, None)])
@@ -183,7 +185,7 @@ def test_onnx_control_flow_and_unknown_rank_are_unknown_never_zero():
 def test_onnx_local_function_is_inlined_and_counted():
     from onnx import helper
 
-    from tracer.onnx.graph import onnx_nodes
+    from tracer.onnx.nodes import onnx_nodes
 
     fn = helper.make_function("local", "Mm", ["a", "b"], ["y"], [helper.make_node("MatMul", ["a", "b"], ["y"])],
                               [helper.make_opsetid("", 18)])

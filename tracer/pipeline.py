@@ -15,7 +15,7 @@ The pipeline: check the inputs (before any trace) -> trace every stage weight-fr
 per node under both policies (tracer.count.counter) -> the report document (tracer.count.records) -> the analytic model for the
 same workload (analytic) -> map every FLOP-bearing node to an analytic layer (mapping) -> gaps per stage and layer
 (tracer.compare) -> on CUDA, kernels (tracer.cuda.kernels) and Nsight Compute (tracer.cuda.ncu) -> optionally the ONNX graph
-(tracer.onnx.graph) -> optionally one layer or node explained (tracer.compare.explain).
+(tracer.onnx) -> optionally one layer or node explained (tracer.compare.explain).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def check(workload: Workload, options: Options) -> Workload:
         raise FlopdiffError(f"--ncu {options.ncu}: needs --device cuda --mode real")
     check_model(workload.model)
     if options.graph == "onnx":
-        from tracer.onnx.graph import check_onnx
+        from tracer.onnx.export import check_onnx
         from tracer.vendors import get_vendor
 
         check_onnx(get_vendor(workload.model), options.build)
@@ -237,7 +237,7 @@ def _diffed(workload: Workload, options: Options, build: BuildOptions, report: d
         report = {**report, "ncu": ncu_join(report, options.ncu, rows)}
     result = Result(report, tr, analytic, mapping, ncu_csv=ncu_csv, cached=tr is None)
     if options.graph == "onnx":
-        from tracer.onnx.graph import run_onnx
+        from tracer.onnx.report import run_onnx
 
         progress("exporting the prefill and decode step 0 to ONNX (no weights) and counting their nodes")
         result.onnx_report, result.onnx_protos = run_onnx(tr, report, analytic, options.mapping)

@@ -105,7 +105,7 @@ class Result:
             outputs.write("ncu.csv", self.ncu_csv)
             names.append("ncu.csv")
         if self.onnx_report is not None:
-            from tracer.onnx.graph import save as save_onnx  # torch and onnx: only a run that exported has them
+            from tracer.onnx.report import save as save_onnx  # torch and onnx: only a run that exported has them
 
             save_onnx(self.onnx_protos, outputs)
             outputs.write("report-onnx.json", dumps(self.onnx_report))

@@ -1,6 +1,6 @@
 """One way to keep FLOP formulas: a table from an op's name to a small pure function, filled by a decorator, as
 `torch.utils.flop_counter` keeps its own. The fx counter (`tracer.count.formulas`, keyed by qualified aten/custom op name)
-and the ONNX counter (`tracer.onnx.graph`, keyed by ONNX op type) each hold one; a second formula for a name is a
+and the ONNX counter (`tracer.onnx.formulas`, keyed by ONNX op type) each hold one; a second formula for a name is a
 mistake caught at import."""
 
 from __future__ import annotations
