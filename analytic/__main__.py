@@ -1,7 +1,9 @@
 """The analytic model for one workload (a table, or JSON with --json), or a CSV sweep over page shapes and modes.
 
 `python -m analytic` takes flopdiff's workload and analytic flags (tracer.core.flags: the same names, helps and defaults;
-`--mode` and `--preset`, this command's older spellings, still work)."""
+`--preset`, this command's older spelling, still works; `--mode`, which meant the resolution here and means fake or
+real in flopdiff, is refused with the flag to use). `key=value` overrides act or are refused (analytic.api
+split_overrides: defaults.yaml keys, preset keys, policy.causal_halving)."""
 
 from __future__ import annotations
 
@@ -15,14 +17,20 @@ from analytic.api import evaluate, variant
 from tracer.core import flags
 from tracer.core.errors import FlopdiffError
 from tracer.core.workload import Workload, load_image, parse_image_shape, validate
-from tracer.vendors.options import text_tokens as default_text_tokens
 
 # flopdiff's names for the same things; the older spellings of this command still work
-ALIASES = {"--resolution": ("--mode",), "--analytic": ("--preset",)}
+ALIASES = {"--analytic": ("--preset",)}
+
+
+class _Retired(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} means fake or real in flopdiff; the vendor resolution mode here is --resolution "
+                     f"(e.g. --resolution {values})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = flags.parser("python -m analytic", __doc__.splitlines()[0], flags.WORKLOAD, flags.ANALYTIC, aliases=ALIASES)
+    p.add_argument("--mode", action=_Retired, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the evaluated model as JSON instead of a table")
     p.add_argument("--sweep", nargs="+", metavar="WxH", help="CSV of the stage FLOPs over these page shapes")
     p.add_argument("--sweep-modes", nargs="+", default=[None], metavar="MODE",
@@ -37,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     preset_flag = flags.typed(argv, ("--analytic", *ALIASES["--analytic"]))
     try:
         variant(args.analytic, preset_flag)  # the flags as the user typed them, before the API's checks
-        text_tokens = default_text_tokens(args.model, args.text_tokens)
         validate(Workload(model=args.model, base_size=args.base_size, tile_size=args.tile_size,
-                          text_tokens=text_tokens, decode_steps=args.decode_steps))
+                          text_tokens=args.text_tokens, decode_steps=args.decode_steps))
+        # a flag given wins; else defaults.yaml with its overrides (`workload.decode_steps=5` acts)
+        steps = args.decode_steps if any(a.split("=")[0] == "--decode-steps" for a in argv) else None
         knobs = dict(base_size=args.base_size, tile_size=args.tile_size, crop_mode=args.crop_mode,
-                     text_tokens=text_tokens, decode_steps=args.decode_steps, overrides=args.override)
+                     text_tokens=args.text_tokens, decode_steps=steps, overrides=args.override)
         if args.sweep:
             buf = io.StringIO()
             out = csv.writer(buf)

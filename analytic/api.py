@@ -9,6 +9,7 @@ layers [{id, stage, flops}] (prefill includes vision, decode sums the steps).
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,28 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.yaml") if p.stem != "defaults")
 
 
-def compose(model: str, overrides: list[str] | None = None) -> Any:
-    """defaults.yaml + the CLI/API `key=value` overrides (OmegaConf dotlist), read-only."""
+POLICY_KEYS = {"policy.causal_halving": "causal_halving"}  # the override keys that set the counting policy
+
+
+def split_overrides(overrides: list[str] | None) -> tuple[tuple[str, ...], dict[str, Any], dict[str, Any]]:
+    """`key=value` overrides in three parts, by what each key sets: defaults.yaml (a dotted path into it: checked
+    when composed), the preset (a Variant field: `clip_layers=2`), the counting policy (`policy.causal_halving`).
+    Values are YAML (`true`, `2`, `null`)."""
+    yaml, preset, pol = [], {}, {}
+    for item in overrides or ():
+        key, eq, _ = item.partition("=")
+        if not eq or not key:
+            raise FlopdiffError(f"override {item!r}: expected key=value (e.g. workload.decode_steps=5, clip_layers=2)")
+        if key in Variant.__dataclass_fields__ or key in POLICY_KEYS:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={item.split('=', 1)[1]}"]))["v"]
+            (preset if key in Variant.__dataclass_fields__ else pol)[POLICY_KEYS.get(key, key)] = value
+        else:
+            yaml.append(item)
+    return tuple(yaml), preset, pol
+
+
+def compose(model: str, overrides: list[str] | tuple[str, ...] | None = None) -> Any:
+    """defaults.yaml + its `key=value` overrides (OmegaConf dotlist; an unknown key is refused), read-only."""
     cfg = _composed(tuple(overrides or ()))
     if model not in cfg.models:
         raise FlopdiffError(f"--model {model!r}: unknown model; choose one of {', '.join(cfg.models)}")
@@ -43,10 +64,17 @@ def _composed(overrides: tuple[str, ...]) -> Any:
     """Parsed and merged once per process and overrides: a sweep of 2,000 pages composed it 8,000 times, 96% of a
     warm sweep's 63 s. Read-only, since every caller shares it."""
     base = OmegaConf.load(PRESETS / "defaults.yaml")
-    try:
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
-    except Exception as exc:  # OmegaConf raises several types for a malformed dotlist
-        raise FlopdiffError(f"override {list(overrides)}: {exc}") from None
+    OmegaConf.set_struct(base, True)  # an override must name a key the file has
+    for item in overrides:
+        try:
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+        except Exception as exc:  # OmegaConf raises several types: unknown key, wrong type, malformed
+            reason = str(exc).splitlines()[0]
+            raise FlopdiffError(f"override {item}: {reason}; the keys are those of analytic/presets/defaults.yaml "
+                                f"(workload.decode_steps, workload.text_tokens, models.MODEL.modes.MODE.base_size, "
+                                f"...), a preset key ({', '.join(Variant.__dataclass_fields__)}) or "
+                                f"{', '.join(POLICY_KEYS)}") from None
+    cfg = base
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -81,12 +109,27 @@ def counting_policy(name: str, device: str = "cpu", causal_halving: bool = False
 
 
 def build(model: str, shape: Shape, preset: str = "aligned", config: str | None = None,
-          attention: dict[str, str] | None = None) -> ModelTree:
+          attention: dict[str, str] | None = None, changes: dict[str, Any] | None = None) -> ModelTree:
     """`attention`: the implementation per part ({"decoder": ..., "vision": ...}; None: the vendor defaults), which
-    says which op carries each attention's matmuls (what policy torch counts)."""
+    says which op carries each attention's matmuls (what policy torch counts); `changes`: preset fields overridden
+    (`clip_layers=2`)."""
     path = Path(config) if config else DATA / model / "config.json"
-    return BUILDERS[model](_config(str(path)), shape, where=f"--config {path}", variant=variant(preset),
-                           attention=attention)
+    chosen = variant(preset)
+    if changes:
+        try:
+            chosen = dataclasses.replace(chosen, **changes)
+        except FlopdiffError as exc:
+            raise FlopdiffError(f"override {exc}") from None
+    return BUILDERS[model](_config(str(path)), shape, where=f"--config {path}", variant=chosen, attention=attention)
+
+
+def model_text_tokens(model: str, given: int | None = None, overrides: tuple[str, ...] = ()) -> int:
+    """`given`, else the workload's default text tokens for the model (defaults.yaml: `workload.text_tokens`, else
+    `models.MODEL.text_tokens`): flopdiff's --text-tokens default too."""
+    if given is not None:
+        return given
+    cfg = compose(model, overrides)
+    return cfg.workload.text_tokens if cfg.workload.text_tokens is not None else cfg.models[model].text_tokens
 
 
 @lru_cache(maxsize=16)
@@ -118,7 +161,7 @@ def request_shape(workload: Workload) -> Shape:
     """The analytic model's view of a request before any preprocessing (its knobs; the vendor defaults for the rest):
     what the checks before a trace, the real-mode estimate and the sweep's pages read."""
     return shape_for(workload.model, workload.image_wh, base_size=workload.base_size, tile_size=workload.tile_size,
-                     crop_mode=workload.crop_mode, text_tokens=workload.text_tokens or 0,
+                     crop_mode=workload.crop_mode, text_tokens=model_text_tokens(workload.model, workload.text_tokens),
                      decode_steps=workload.decode_steps)
 
 
@@ -127,12 +170,13 @@ def shape_for(model: str, image_wh: tuple[int, int], mode: str | None = None, ba
               decode_steps: int | None = None, overrides: list[str] | None = None) -> Shape:
     if not (isinstance(image_wh, (tuple, list)) and len(image_wh) == 2):
         raise FlopdiffError(f"image_wh {image_wh!r}: must be (width, height)")
-    knobs = mode_knobs(model, mode, overrides)
-    w = compose(model, overrides).workload
+    yaml = split_overrides(overrides)[0]
+    knobs = mode_knobs(model, mode, list(yaml))
+    w = compose(model, yaml).workload
     return Shape(image_wh[0], image_wh[1], knobs.base_size if base_size is None else base_size,
                  knobs.tile_size if tile_size is None else tile_size,
                  knobs.crop_mode if crop_mode is None else crop_mode,
-                 w.text_tokens if text_tokens is None else text_tokens,
+                 model_text_tokens(model, text_tokens, yaml),
                  w.decode_steps if decode_steps is None else decode_steps)
 
 
@@ -169,5 +213,9 @@ def weight_bytes(tree: ModelTree) -> int:
 
 def evaluate(model: str, image_wh: tuple[int, int], preset: str = "aligned", policy_name: str = "full",
              config: str | None = None, **knobs: Any) -> dict[str, Any]:
+    """The analytic model of one workload as a document; `knobs`: shape_for's, `overrides` included (each acts:
+    defaults.yaml keys on the workload, preset keys on the preset, policy keys on the counting)."""
     shape = shape_for(model, image_wh, **knobs)
-    return evaluate_tree(build(model, shape, preset, config), shape, counting_policy(policy_name))
+    _, preset_changes, policy_changes = split_overrides(knobs.get("overrides"))
+    return evaluate_tree(build(model, shape, preset, config, changes=preset_changes), shape,
+                         counting_policy(policy_name, **policy_changes))

@@ -12,6 +12,11 @@ cd "$(dirname "$0")/.."
 V1_PACKAGES=(torch==2.14.1 torchvision==0.29.1 'transformers==4.46.3' 'tokenizers==0.20.3' addict easydict einops)
 start=$SECONDS
 rc=0
+# the page tests drive a real headless Chromium: without one they would skip and the run would look green
+if [ -z "${FLOPDIFF_CHROMIUM:-}" ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  echo "tests/run_all.sh: the HTML tests need Chromium: apt-get install chromium (or set FLOPDIFF_CHROMIUM=PATH)"
+  exit 1
+fi
 # Model Explorer's own dataclasses check its files (tests/test_model_explorer.py): the package's 2 MB of schema and
 # server code, without the 150 MB of server dependencies it declares
 .venv/bin/pip show -q ai-edge-model-explorer dacite >/dev/null 2>&1 \

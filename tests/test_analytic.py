@@ -179,6 +179,10 @@ def test_bad_input_names_it(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--policy", "both"])
     assert exc.value.code == 2 and "--policy: invalid choice: 'both'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # flopdiff's --mode is fake/real: this command's old alias is gone
+        main(["--mode", "gundam"])
+    assert exc.value.code == 2 and "the vendor resolution mode here is --resolution (e.g. --resolution gundam)" \
+        in capsys.readouterr().err
 
 
 def test_analytic_and_flopdiff_share_flag_names_helps_and_defaults():
@@ -194,7 +198,8 @@ def test_analytic_and_flopdiff_share_flag_names_helps_and_defaults():
     ours = actions(flopdiff_parser())
     for theirs in (actions(analytic_parser()), actions(sweep_parser())):
         for flag in set(ours) & set(theirs):
-            if flag not in ("--max-gap", "--out"):  # a sweep's gate is per page, its folder another default
+            # a sweep's gate is per page, its folder another default; --mode: refused by the analytic command
+            if flag not in ("--max-gap", "--out", "--mode"):
                 assert (ours[flag].help, ours[flag].default) == (theirs[flag].help, theirs[flag].default), flag
     theirs = actions(analytic_parser())
     assert {"--image-shape", "--text-tokens", "--decode-steps", "--resolution", "--analytic", "--policy"} <= set(theirs)
@@ -215,3 +220,57 @@ def test_cli_image_file_is_its_size(tmp_path, capsys):
     from_file = json.loads(capsys.readouterr().out)
     assert main(["--model", "deepseek-ocr", "--image-shape", "1000x1400", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == from_file and from_file["workload"]["image_wh"] == [1000, 1400]
+
+
+def _analytic_json(argv, capsys):
+    from analytic.__main__ import main
+
+    code = main(["--json", *argv])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+@pytest.mark.parametrize("override", ["foo=bar", "clip_layer=4", "workload.decode_step=5", "models.nope.x=1",
+                                      "policy.causal=true", "=5", "decode_steps"])
+def test_an_unknown_override_is_refused_by_name(override, capsys):
+    """`foo=bar`, `clip_layers=2`, `workload.decode_steps=5` exited 0 with unchanged numbers."""
+    code, _, err = _analytic_json([override], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"override {override}" in lines[0].replace("'", ""), err
+
+
+@pytest.mark.parametrize("override, flags", [
+    ("workload.decode_steps=5", ["--decode-steps", "5"]),
+    ("workload.text_tokens=20", ["--text-tokens", "20"]),
+    ("models.deepseek-ocr-2.modes.default.base_size=768", ["--base-size", "768"]),
+    ("clip_layers=2", ["--analytic", "{preset}"]),
+])
+def test_a_known_override_acts_as_its_flag_does(override, flags, tmp_path, capsys):
+    (tmp_path / "p.yaml").write_text("clip_layers: 2\n")
+    flags = [f.format(preset=tmp_path / "p.yaml") for f in flags]
+    base = ["--image-shape", "1000x1400"]
+    _, plain, _ = _analytic_json(base, capsys)
+    code, over, err = _analytic_json([*base, override], capsys)
+    _, flagged, _ = _analytic_json([*base, *flags], capsys)
+    assert code == 0, err
+    assert over["stages"] == flagged["stages"] != plain["stages"]
+    assert over["workload"] == flagged["workload"]
+
+
+def test_policy_causal_halving_override_halves_causal_attention(capsys):
+    from analytic.api import build, evaluate_tree
+
+    code, over, _ = _analytic_json(["policy.causal_halving=true"], capsys)
+    shape = shape_for("deepseek-ocr-2", (1000, 1400))
+    halved = evaluate_tree(build("deepseek-ocr-2", shape), shape, counting_policy("full", causal_halving=True))
+    _, plain, _ = _analytic_json([], capsys)
+    assert code == 0 and over["stages"] == halved["stages"] != plain["stages"]
+
+
+def test_the_analytic_defaults_are_flopdiffs(capsys):
+    """defaults.yaml said 9 text tokens and 10 decode steps while flopdiff's defaults are 4 (v2; 9 for v1, the model
+    card's prompt) and 1: the workload `python -m analytic` evaluates by default is the one flopdiff traces."""
+    _, v2, _ = _analytic_json([], capsys)
+    assert (v2["workload"]["prompt_len"], v2["workload"]["decode_steps"]) == (1 + 1121 + 4, 1)
+    _, v1, _ = _analytic_json(["--model", "deepseek-ocr"], capsys)
+    assert v1["workload"]["prompt_len"] - 1 - v1["workload"]["image_tokens"] == 9

@@ -32,8 +32,6 @@ LAYERS = [
 ]
 TORCH_FREE = ("tracer.core", "tracer.compare", "tracer.render", "analytic", "mapping", "tracer.vendors.options",
               "tracer.pipeline", "tracer.result")
-# the command of the analytic package may also read the per-model facts (torch-free, beside the adapters)
-LIBRARY_EXCEPTIONS = {"analytic.__main__": ("tracer.vendors.options",)}
 
 
 def layer_of(module: str) -> int:
@@ -56,8 +54,7 @@ def violations(edges: dict[str, set[str]]) -> list[str]:
             if a.startswith("tracer.core") and not b.startswith("tracer.core"):
                 found.append(f"{a} -> {b}: tracer.core imports nothing of flopdiff outside itself")
             library = a.split(".")[0] in ("analytic", "mapping")
-            if library and b.startswith("tracer") and not b.startswith("tracer.core") \
-                    and b not in LIBRARY_EXCEPTIONS.get(a, ()):
+            if library and b.startswith("tracer") and not b.startswith("tracer.core"):
                 found.append(f"{a} -> {b}: analytic/ and mapping/ import only tracer.core")
     return found
 

@@ -118,6 +118,25 @@ def test_every_group_of_the_seed_naive_run_explains(tmp_path, capsys, tiny_v2_co
     assert code == 2 and "nearest: decoder.layers.0.attn" in err
 
 
+def test_explain_of_any_subtree_sums_its_layers_gaps_and_prints_only_the_answer(tmp_path, capsys, tiny_v2_config):
+    """`--explain vision` said "no gap in this run" on a seed-naive run whose vision gap is 82%: any prefix of the layer
+    tree explains (its gap per stage, the groups inside it); a typo of a subtree is offered the subtree."""
+    base = ["--config", tiny_v2_config, "--image-shape", "1000x800", "--text-tokens", "3", "--decode-steps", "2",
+            "--analytic", "seed-naive", "--quiet"]
+    code, _, _ = _run([*base, "--out", str(tmp_path / "o")], capsys)
+    doc = json.loads((tmp_path / "o" / "report.json").read_text())
+    vision_gap = sum(r["gap"] for r in doc["layers"] if r["stage"] == "vision" and r["id"].startswith("vision."))
+    stage = next(s for s in doc["stages"] if s["name"] == "vision")
+    assert vision_gap == stage["gap"] > 0
+    code, out, err = _run([*base, "--explain", "vision"], capsys)
+    first = out.splitlines()[0]
+    assert code == 0 and first.startswith("vision [vision]: ") and f"gap {vision_gap:,} FLOPs" in first, out
+    assert f"({100 * vision_gap / stage['flops_full']:.2f}% of the stage's count)" in first
+    assert "group vision.tiles:" in out and "FLOPs per stage" not in out  # the groups inside; no summary reprinted
+    code, _, err = _run([*base, "--explain", "vision.tile"], capsys)
+    assert code == 2 and "nearest: vision.tiles" in err, err
+
+
 def _run(argv, capsys):
     code = main(argv)
     return code, *capsys.readouterr()

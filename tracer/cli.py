@@ -40,7 +40,8 @@ SAME_NAME = ("config", "mode", "analytic", "mapping", "causal_halving", "policy"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return flags.parser("flopdiff", __doc__.splitlines()[0], flags.WORKLOAD, flags.ANALYTIC, flags.FLOPDIFF)
+    return flags.parser("flopdiff", flags.DESCRIPTION, flags.WORKLOAD, flags.ANALYTIC, flags.FLOPDIFF,
+                        usage=flags.USAGE, epilog="flopdiff sweep --help: the flags of a corpus run")
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
@@ -85,7 +86,7 @@ def _run_command(args: argparse.Namespace, workload: Workload, options: Options)
             result = run(workload, options, progress, note=lambda t: print(f"flopdiff: note: {t}", file=sys.stderr))
             progress("writing the reports")
         out = terminal()
-        for table in result.tables():
+        for table in [result.detail] if args.explain else result.tables():  # --explain: the answer alone
             out.print(table)
         if outputs is not None:
             names = result.write(outputs, only_flops=args.json_nodes == "flops", model_explorer=args.model_explorer)

@@ -42,7 +42,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from analytic.api import build, request_shape, resolution_knobs
+from analytic.api import build, model_text_tokens, request_shape, resolution_knobs
 from tracer.compare.analytic import analytic_for
 from tracer.compare.diff import gap_pct
 from tracer.core import flags
@@ -54,7 +54,6 @@ from tracer.render.html import script_safe
 from tracer.render.tables import terminal
 from tracer.vendors import BuildOptions, parse_impl
 from tracer.vendors.options import attention_parts
-from tracer.vendors.options import text_tokens as default_text_tokens
 
 SHAPE = re.compile(r"^\d+[xX]\d+$")
 STAGES = ("vision", "prefill", "decode")
@@ -204,7 +203,8 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return flags.parser("flopdiff sweep", __doc__.splitlines()[0], SWEEP, flags.WORKLOAD, flags.ANALYTIC, image=False)
+    return flags.parser("flopdiff sweep", "A corpus of pages (image files, folders, WxH), each workload key traced once, "
+                        "with plots and one row per page.", SWEEP, flags.WORKLOAD, flags.ANALYTIC, image=False)
 
 
 def main(argv: list[str]) -> int:
@@ -218,7 +218,7 @@ def main(argv: list[str]) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = args.model
-    text_tokens = default_text_tokens(model, args.text_tokens)
+    text_tokens = model_text_tokens(model, args.text_tokens)
     given = {"base_size": args.base_size, "tile_size": args.tile_size, "crop_mode": args.crop_mode}
     knobs = {**resolution_knobs(model, args.resolution, given), "text_tokens": text_tokens,
              "decode_steps": args.decode_steps}

@@ -80,25 +80,36 @@ GROUP_LAYERS_SHOWN = 12
 
 
 def explain_group(report: dict[str, Any], label: str) -> Group:
-    """A gap group: one line per stage it appears in, then its layers (the first GROUP_LAYERS_SHOWN)."""
-    parts: list[Any] = []
-    for g in (g for g in report["gap_groups"] if g["group"] == label):
-        parts.append(Text(f"{label} [{g['stage']}]: {g['layers']} {g['unit']}, gap {g['gap']:,} FLOPs "
-                          f"({g['why']})", style="bold"))
-        if g["cause"]:
-            parts.append(Text(f"  cause: {g['cause']}"))
+    """A gap group, or any prefix of the layer tree (`vision`, `vision.tiles.sam`): per stage the gap of the layers it
+    covers (FLOPs, % of the stage's measured count), the gap groups inside it with why and their cause, then its
+    layers with a gap (the first GROUP_LAYERS_SHOWN; report.json's `layers` has them all)."""
     members = set(group_members(label, [r["id"] for r in report["layers"]]))
-    stages = {g["stage"] for g in report["gap_groups"] if g["group"] == label}
-    rows = [r for r in report["layers"] if r["id"] in members and (not stages or r["stage"] in stages and r["gap"])]
-    if not parts:
+    rows = [r for r in report["layers"] if r["id"] in members]
+    measured = {s["name"]: s["flops_full"] if report["analytic"].get("policy", "full") == "full" else s["flops_torch"]
+                for s in report["stages"]}
+    parts: list[Any] = []
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        here = [r for r in rows if r["stage"] == stage]
+        gap = sum(r["gap"] for r in here)
+        share = f"{100 * gap / measured[stage]:.2f}% of the stage's count" if measured.get(stage) else "-"
+        parts.append(Text(f"{label} [{stage}]: {len(here)} analytic layers, gap {gap:,} FLOPs ({share})",
+                          style="bold"))
+        stage_ids = [r["id"] for r in report["layers"] if r["stage"] == stage]
+        for g in report["gap_groups"]:
+            covered = set(group_members(g["group"], stage_ids))  # the group's layers: inside the label's subtree?
+            if g["stage"] == stage and covered and covered <= members:
+                cause = f"; cause: {g['cause']}" if g["cause"] else ""
+                parts.append(Text(f"  group {g['group']}: {g['layers']} {g['unit']}, gap {g['gap']:,} ({g['why']})"
+                                  f"{cause}"))
+    in_vision = {r["id"] for r in rows if r["stage"] == "vision"}  # prefill holds vision's layers again: list them once
+    gapped = [r for r in rows if r["gap"] and not (r["stage"] == "prefill" and r["id"] in in_vision)]
+    if not gapped:
         parts.append(Text(f"{label}: no gap in this run ({len(rows)} analytic layers)", style="bold"))
-    for row in rows[:GROUP_LAYERS_SHOWN]:
+    for row in gapped[:GROUP_LAYERS_SHOWN]:
         parts.append(Text("  " + _layer_line(row)))
-        if row.get("cause") and row["cause"] not in {g["cause"] for g in report["gap_groups"]}:
-            parts.append(Text(f"    cause: {row['cause']}"))
-    if len(rows) > GROUP_LAYERS_SHOWN:
-        parts.append(Text(f"  ... and {len(rows) - GROUP_LAYERS_SHOWN} more layer rows (--explain one of them: its "
-                          f"formula and nodes)"))
+    if len(gapped) > GROUP_LAYERS_SHOWN:
+        parts.append(Text(f"  ... and {len(gapped) - GROUP_LAYERS_SHOWN} more layers with a gap: --explain one of them "
+                          f"(its formula and nodes), or report.json's `layers` for every row"))
     return Group(*parts)
 
 
@@ -121,7 +132,9 @@ def check_id(ident: str, layer_ids: set[str]) -> None:
     can only be checked after the trace). A wrong id fails here, with the nearest ids."""
     if NODE_ID.match(ident) or ident in layer_ids or group_members(ident, sorted(layer_ids)):
         return
-    near = difflib.get_close_matches(ident, sorted(layer_ids), n=3, cutoff=0.5)
+    # the subtrees are ids too (`vision.tiles`): a typo of one must be offered it, not only leaf ids
+    prefixes = {".".join(i.split(".")[:k]) for i in layer_ids for k in range(1, i.count(".") + 1)}
+    near = difflib.get_close_matches(ident, sorted(layer_ids | prefixes), n=3, cutoff=0.5)
     raise FlopdiffError(f"--explain {ident}: no analytic layer or gap group has that id for this workload; nearest: "
                         f"{', '.join(near) or 'decoder.layers.0.attn'} (groups: decoder.layers.*.attn, "
                         f"vision.global.encoder.layers.4-23; node ids: prefill/mm_12)")

@@ -6,6 +6,7 @@ nothing else of flopdiff (`python -m analytic` imports it). A default is shown o
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 from typing import Any
 
 Row = tuple[tuple[str, ...], dict[str, Any]]
@@ -14,6 +15,10 @@ MODELS = ("deepseek-ocr", "deepseek-ocr-2")
 DEFAULT_MODEL = "deepseek-ocr-2"
 DEFAULT_SHAPE = "1000x1400"
 DEFAULT_DECODE_STEPS = 1
+DESCRIPTION = ("Where the FLOPs of a vendor vision-language model go, node by node: traced weight-free, counted as "
+               "FlopCounterMode counts and in full, and diffed against an analytic model.")
+USAGE = ("flopdiff [FLAGS]                  one workload (an image or its size)\n"
+         "       flopdiff sweep PATH... [FLAGS]  a corpus of pages")
 
 
 class Help(argparse.HelpFormatter):
@@ -91,11 +96,20 @@ FLOPDIFF: list[Row] = [
 ]
 
 
+def version() -> str:
+    """flopdiff's installed version (its distribution's metadata)."""
+    try:
+        return importlib.metadata.version("flopdiff")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def parser(prog: str, description: str, *tables: list[Row], aliases: dict[str, tuple[str, ...]] | None = None,
-           image: bool = True) -> argparse.ArgumentParser:
-    """A parser with the image group (unless `image` is False), then the tables' flags in order (`aliases`: older
-    spellings of a flag)."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=Help)
+           image: bool = True, usage: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A parser with --version and the image group (unless `image` is False), then the tables' flags in order
+    (`aliases`: older spellings of a flag)."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=Help, usage=usage, epilog=epilog)
+    p.add_argument("--version", action="version", version=f"flopdiff {version()}")
     group = p.add_mutually_exclusive_group() if image else None
     for names, kwargs in IMAGE if image else ():
         group.add_argument(*names, **kwargs)

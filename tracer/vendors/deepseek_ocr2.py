@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
+from analytic.api import model_text_tokens
 from tracer.core.configfile import check_config, read_json
 from tracer.core.errors import FlopdiffError
 from tracer.core.workload import Derived, Workload, load_image
 from tracer.vendors.base import Prepared, cache_of, to_meta
 from tracer.vendors.options import DEFAULT_EXPERTS as DEFAULTS
-from tracer.vendors.options import DEFAULT_TEXT_TOKENS as MODEL_TEXT_TOKENS
 from tracer.vendors.options import BuildOptions, attention_parts, implementations
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"
@@ -63,7 +63,6 @@ SHIMS = {"TRANSFORMERS_DISABLE_TORCH_CHECK": "1"}
 DEFAULT_EXPERTS = DEFAULTS["deepseek-ocr-2"]
 EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' experts implementations (eager: --mode real only)
 META_ATTN, META_EXPERTS = {"sdpa", "eager"}, {"grouped_mm", "batched_mm"}  # what fake mode runs on meta tensors
-DEFAULT_TEXT_TOKENS = MODEL_TEXT_TOKENS["deepseek-ocr-2"]  # when neither --text-tokens nor --tokenizer
 TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value
 
 
@@ -114,7 +113,7 @@ class DeepseekOcr2Vendor:
         if workload.tokenizer:
             before, after = _tokenize_prompt(workload)
         else:
-            n = DEFAULT_TEXT_TOKENS if workload.text_tokens is None else workload.text_tokens
+            n = model_text_tokens(self.name, workload.text_tokens)
             before, after = [], [TEXT_PLACEHOLDER_ID] * n
         ids = [bos] + before + [image_id] * image_tokens + after
         inputs = {

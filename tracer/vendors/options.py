@@ -9,9 +9,6 @@ from pathlib import Path
 
 from tracer.core.errors import FlopdiffError
 
-# prompt text tokens when --text-tokens is not given: deepseek-ocr-2's default prompt text; deepseek-ocr asks for
-# it in flopdiff (no tokenizer ships with its code) and the analytic side takes the model card's prompt, 9 tokens
-DEFAULT_TEXT_TOKENS = {"deepseek-ocr-2": 4, "deepseek-ocr": 9}
 HUB = "hub:"  # --vendor-dir hub:ORG/NAME: the only way flopdiff reaches the network (code and config, no weights)
 
 
@@ -43,11 +40,6 @@ class BuildOptions:
 
 #: the experts implementation when --experts is not given (None: the model has no such choice)
 DEFAULT_EXPERTS = {"deepseek-ocr": None, "deepseek-ocr-2": "grouped_mm"}
-
-
-def text_tokens(model: str, given: int | None) -> int | None:
-    """--text-tokens, else what flopdiff measures for the model by default (DEFAULT_TEXT_TOKENS)."""
-    return DEFAULT_TEXT_TOKENS.get(model) if given is None else given
 
 
 def implementations(attn: str | dict[str, str] | None) -> set[str]:
