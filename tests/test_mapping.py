@@ -257,3 +257,25 @@ def test_model_explorer_graph_and_overlay_agree(tmp_path, capsys, tiny_v2_config
     assert qkv["namespace"] == "model/vision_tower/sam_encoder/layers/0/attn/qkv"
     assert {a["key"]: a["value"] for a in qkv["attrs"]}["layer"] == "vision.global.sam.blocks.0.qkv"
     assert qkv["incomingEdges"]  # reads the layer norm's output
+
+
+def test_gap_groups_show_their_share_of_the_gap_and_of_the_stage(tiny_v2_config):
+    """"% of stage" was a share of the stage's *gap* (100.0 for a decode gap that is 0.01% of the stage): both now,
+    named for what they are."""
+    from rich.console import Console
+
+    from tracer.core.workload import Workload
+    from tracer.pipeline import Options, run
+
+    result = run(Workload(image_wh=(1000, 800), text_tokens=3, decode_steps=2),
+                 Options(config=tiny_v2_config, analytic="seed-naive"))
+    console = Console(record=True, width=400)
+    console.print(result.tables()[1])
+    text = console.export_text()
+    assert "% of gap" in text and "% of stage" in text
+    stages = {s.name: s for s in result.stages}
+    for g in result.gap_groups:
+        row = next(line for line in text.splitlines() if f" {g.group} " in line and line.split()[1] == g.stage)
+        of_gap = f"{100 * g.gap / stages[g.stage].gap:.1f}" if stages[g.stage].gap else "-"
+        of_stage = f"{100 * g.gap / stages[g.stage].flops_full:.2f}"
+        assert f" {of_gap} " in row and f" {of_stage} " in row, (row, of_gap, of_stage)

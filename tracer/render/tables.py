@@ -63,17 +63,19 @@ def gap_table(report: dict[str, Any], top: int = 12):
         return f"where the gap comes from: no gap on any layer ({_measured(report)} = analytic everywhere)"
     table = Table(title=f"where the gap comes from ({_measured(report)} - analytic; prefill includes vision)",
                   title_justify="left")
-    for col in ("stage", "group (--explain ID)", "why", "layers", "gap FLOPs", "% of stage", "cause"):
-        table.add_column(col, justify="right" if col in ("layers", "gap FLOPs", "% of stage") else "left",
+    for col in ("stage", "group (--explain ID)", "why", "layers", "gap FLOPs", "% of gap", "% of stage", "cause"):
+        table.add_column(col, justify="right" if col in ("layers", "gap FLOPs", "% of gap", "% of stage") else "left",
                          overflow="fold", no_wrap=col.startswith("group"))
     gaps = {s["name"]: s["gap"] for s in report["stages"]}
+    counts = {s["name"]: s[f"flops_{_measured(report)}"] for s in report["stages"]}  # the stage's measured count
     shown: dict[str, int] = {}
     for g in report["gap_groups"]:
         if shown.setdefault(g["stage"], 0) >= top:
             continue
         shown[g["stage"]] += 1
         share = f"{100 * g['gap'] / gaps[g['stage']]:.1f}" if gaps[g["stage"]] else "-"
-        table.add_row(g["stage"], Text(g["group"]), g["why"], str(g["layers"]), _fmt(g["gap"]), share,
+        of_stage = f"{100 * g['gap'] / counts[g['stage']]:.2f}" if counts[g["stage"]] else "-"
+        table.add_row(g["stage"], Text(g["group"]), g["why"], str(g["layers"]), _fmt(g["gap"]), share, of_stage,
                       Text(g["cause"] or ""))
     return table
 
