@@ -279,3 +279,46 @@ def test_gap_groups_show_their_share_of_the_gap_and_of_the_stage(tiny_v2_config)
         of_gap = f"{100 * g.gap / stages[g.stage].gap:.1f}" if stages[g.stage].gap else "-"
         of_stage = f"{100 * g.gap / stages[g.stage].flops_full:.2f}"
         assert f" {of_gap} " in row and f" {of_stage} " in row, (row, of_gap, of_stage)
+
+
+@pytest.mark.parametrize("width", [80, 100, 120, 140])
+def test_no_number_is_cut_at_any_terminal_width(width, tiny_v2_config):
+    """Below about 140 columns the tables cut numbers (`1,042,...`) or wrapped them over lines: under 140 the counts
+    are compact (`4.69 T`), and every number and group id is whole at any width."""
+    from rich.console import Console
+
+    from tracer.core.workload import Workload
+    from tracer.pipeline import Options, run
+    from tracer.render.tables import COMPACT_BELOW, _fmt
+
+    result = run(Workload(image_wh=(1000, 800), text_tokens=3, decode_steps=2),
+                 Options(config=tiny_v2_config, analytic="seed-naive"))
+    compact = width < COMPACT_BELOW
+    console = Console(record=True, width=width)
+    for table in result.tables(width):
+        console.print(table)
+    text = console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= width  # nothing cut at the right either
+    lines = text.splitlines()
+    for s in result.stages:
+        row = next(line for line in lines if line.startswith(f"│ {s.name} "))
+        for n in (s.flops_analytic, s.flops_torch, s.flops_full, s.gap):
+            assert f" {_fmt(n, compact)} " in row, (row, _fmt(n, compact))
+    rows = _table_rows(text.split("where the gap comes from")[1].split("unseen by FlopCounterMode")[0])
+    for g in result.gap_groups:  # each group whole (folded over lines in a narrow terminal), beside its gap
+        assert [g.stage, g.group, _fmt(g.gap, compact)] in [[r[0], r[1], r[r.index(_fmt(g.gap, compact))]]
+                                                               for r in rows if _fmt(g.gap, compact) in r], g.group
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """A rich table's body rows, each cell's folded lines joined back together."""
+    rows: list[list[str]] = []
+    for line in text.splitlines():
+        if not line.startswith("│"):
+            continue
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        if cells[0]:
+            rows.append(cells)
+        else:
+            rows[-1] = [a + b for a, b in zip(rows[-1], cells)]
+    return rows

@@ -86,7 +86,7 @@ def _run_command(args: argparse.Namespace, workload: Workload, options: Options)
             result = run(workload, options, progress, note=lambda t: print(f"flopdiff: note: {t}", file=sys.stderr))
             progress("writing the reports")
         out = terminal()
-        for table in [result.detail] if args.explain else result.tables():  # --explain: the answer alone
+        for table in [result.detail] if args.explain else result.tables(out.width):  # --explain: the answer alone
             out.print(table)
         if outputs is not None:
             names = result.write(outputs, only_flops=args.json_nodes == "flops", model_explorer=args.model_explorer)

@@ -85,9 +85,10 @@ class Result:
     def to_html(self) -> str:
         return render_html(self.report)
 
-    def tables(self) -> list[Any]:
-        """The terminal tables (rich renderables), in the order the command line prints them."""
-        return terminal_tables(self.report, self.onnx_report, self.detail)
+    def tables(self, width: int | None = None) -> list[Any]:
+        """The terminal tables (rich renderables), in the order the command line prints them (`width`: a terminal's
+        columns: a narrow one gets compact numbers and fewer columns, never a cut number)."""
+        return terminal_tables(self.report, self.onnx_report, self.detail, width)
 
     def write(self, outputs: OutputSet, only_flops: bool = False, model_explorer: bool = False) -> list[str]:
         """The output files into `outputs` (staged: the caller commits or discards); the names written. What a user

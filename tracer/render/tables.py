@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -31,8 +32,32 @@ def terminal() -> Console:
     return _Terminal(width=None if sys.stdout.isatty() else 140, markup=False)
 
 
-def _fmt(n: int) -> str:
-    return f"{n:,}"
+COMPACT_BELOW = 140  # columns: a narrower terminal gets compact numbers (the full tables need about 140)
+SI = (("P", 10**15), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3))
+
+
+def _fmt(n: int, compact: bool = False) -> str:
+    """A count in full (`4,692,268,548,096`), or compact for a narrow terminal (`4.69 T`): never cut or wrapped
+    (report.json keeps every digit)."""
+    if not compact:
+        return f"{n:,}"
+    for unit, scale in SI:
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def _number_column(table: Table, name: str) -> None:
+    table.add_column(name, justify="right", no_wrap=True)
+
+
+def _pinned(table: Table) -> Table:
+    """Numbers never cut: each number column at least as wide as its widest cell (a narrow terminal squeezes the
+    text columns instead; they fold)."""
+    for col in table.columns:
+        if col.no_wrap:
+            col.min_width = max([len(str(col.header))] + [len(str(cell)) for cell in col.cells])
+    return table
 
 
 def _measured(report: dict[str, Any]) -> str:
@@ -40,32 +65,76 @@ def _measured(report: dict[str, Any]) -> str:
     return report["analytic"].get("policy", "full")
 
 
-def stage_table(report: dict[str, Any]):
+def _fitted(build: Callable[[set[str]], Table], droppable: tuple[str, ...], width: int | None) -> Table:
+    """The table `build` makes, less the `droppable` columns in that order until it fits `width` (None: all)."""
+    dropped: set[str] = set()
+    table = build(dropped)
+    for col in droppable:
+        if width is None or _needed(table) <= width:
+            break
+        dropped.add(col)
+        table = build(dropped)
+    return table
+
+
+MIN_TEXT = 10  # columns: the narrowest a folded text column stays readable at
+
+
+def _needed(table: Table) -> int:
+    """The columns `table` needs: its number columns whole (their pinned widths), its text columns folded to at least
+    MIN_TEXT (or their own minimum), plus padding and borders."""
+    return 1 + sum((col.min_width or 0) + 3 if col.no_wrap else max(col.min_width or 0, MIN_TEXT) + 3
+                   for col in table.columns)
+
+
+def stage_table(report: dict[str, Any], compact: bool = False, width: int | None = None) -> Table:
+    """FLOPs per stage; a narrow terminal drops `unknown ops`, then `mapped nodes` (an unknown op still gets its red
+    line below the tables)."""
+    return _fitted(lambda drop: _stage_table(report, compact, drop), ("unknown ops", "mapped nodes"), width)
+
+
+def _stage_table(report: dict[str, Any], compact: bool, drop: set[str]) -> Table:
     preset, measured = report["analytic"]["preset"], _measured(report)
     table = Table(title=f"{report['model']}: FLOPs per stage (analytic: {preset}, policy {measured})",
                   title_justify="left")
     table.caption = ("torch = what FlopCounterMode counts; full = torch + what it cannot see; "
                      f"gap = {measured} - analytic (% of {measured})")
-    for col in ("stage", "analytic", "torch", "full", "gap", "gap %", "mapped nodes", "unknown ops"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+    if compact:
+        table.caption += "; k M G T P = 10^3 ... 10^15 FLOPs (report.json has every digit)"
+    table.add_column("stage", min_width=7)
+    columns = [c for c in ("analytic", "torch", "full", "gap", "gap %", "mapped nodes", "unknown ops") if c not in drop]
+    for col in columns:
+        _number_column(table, col)
     for s in report["stages"]:
         c = s["coverage"]
-        table.add_row(s["name"], _fmt(s["flops_analytic"]), _fmt(s["flops_torch"]), _fmt(s["flops_full"]),
-                      _fmt(s["gap"]), f"{s['gap_pct']:.2f}", f"{c['mapped']}/{c['nodes_with_flops']}",
-                      str(s["unknown_ops"]))
-    return table
+        cells = {"analytic": _fmt(s["flops_analytic"], compact), "torch": _fmt(s["flops_torch"], compact),
+                 "full": _fmt(s["flops_full"], compact), "gap": _fmt(s["gap"], compact), "gap %": f"{s['gap_pct']:.2f}",
+                 "mapped nodes": f"{c['mapped']}/{c['nodes_with_flops']}", "unknown ops": str(s["unknown_ops"])}
+        table.add_row(s["name"], *(cells[col] for col in columns))
+    return _pinned(table)
 
 
-def gap_table(report: dict[str, Any], top: int = 12):
-    """Where each stage's gap comes from: honest groups of layers (tracer.compare.groups.gap_groups), largest first, each with
-    the id --explain takes, why, how many analytic layers and the cause when flopdiff can name it."""
+def gap_table(report: dict[str, Any], top: int = 12, compact: bool = False, width: int | None = None) -> Table | str:
+    """Where each stage's gap comes from: honest groups of layers (tracer.compare.groups.gap_groups), largest first,
+    each with the id --explain takes, why, how many analytic layers and the cause when flopdiff can name it. A narrow
+    terminal drops `why`, `layers`, then `% of gap` (the cause says more; --explain ID says all)."""
     if not report["gap_groups"]:
         return f"where the gap comes from: no gap on any layer ({_measured(report)} = analytic everywhere)"
+    return _fitted(lambda drop: _gap_table(report, top, compact, drop), ("why", "layers", "% of gap"), width)
+
+
+def _gap_table(report: dict[str, Any], top: int, compact: bool, drop: set[str]) -> Table:
     table = Table(title=f"where the gap comes from ({_measured(report)} - analytic; prefill includes vision)",
                   title_justify="left")
-    for col in ("stage", "group (--explain ID)", "why", "layers", "gap FLOPs", "% of gap", "% of stage", "cause"):
-        table.add_column(col, justify="right" if col in ("layers", "gap FLOPs", "% of gap", "% of stage") else "left",
-                         overflow="fold", no_wrap=col.startswith("group"))
+    columns = [c for c in ("stage", "group (--explain ID)", "why", "layers", "gap FLOPs", "% of gap", "% of stage",
+                           "cause") if c not in drop]
+    for col in columns:
+        if col in ("layers", "gap FLOPs", "% of gap", "% of stage"):
+            _number_column(table, col)
+            continue
+        # group ids fold (every character shown) rather than push the numbers off a narrow terminal
+        table.add_column(col, justify="left", min_width={"stage": 7, "group (--explain ID)": 16}.get(col),
+                         overflow="fold", no_wrap=col.startswith("group") and not compact)
     gaps = {s["name"]: s["gap"] for s in report["stages"]}
     counts = {s["name"]: s[f"flops_{_measured(report)}"] for s in report["stages"]}  # the stage's measured count
     shown: dict[str, int] = {}
@@ -75,9 +144,11 @@ def gap_table(report: dict[str, Any], top: int = 12):
         shown[g["stage"]] += 1
         share = f"{100 * g['gap'] / gaps[g['stage']]:.1f}" if gaps[g["stage"]] else "-"
         of_stage = f"{100 * g['gap'] / counts[g['stage']]:.2f}" if counts[g["stage"]] else "-"
-        table.add_row(g["stage"], Text(g["group"]), g["why"], str(g["layers"]), _fmt(g["gap"]), share, of_stage,
-                      Text(g["cause"] or ""))
-    return table
+        cells = {"stage": g["stage"], "group (--explain ID)": Text(g["group"]), "why": g["why"],
+                 "layers": str(g["layers"]), "gap FLOPs": _fmt(g["gap"], compact), "% of gap": share,
+                 "% of stage": of_stage, "cause": Text(g["cause"] or "")}
+        table.add_row(*(cells[c] for c in columns))
+    return _pinned(table)
 
 
 def unmapped_table(report: dict[str, Any], top: int = 20):
@@ -90,14 +161,18 @@ def unmapped_table(report: dict[str, Any], top: int = 20):
     return table
 
 
-def unseen_table(report: dict[str, Any]):
-    """Per stage and op: the FLOPs only policy `full` counts (what FlopCounterMode misses)."""
+def unseen_table(report: dict[str, Any], compact: bool = False):
+    """Per stage and op: the FLOPs only policy `full` counts (what FlopCounterMode misses); vision's rows are inside
+    prefill's, and say so."""
     table = Table(title="unseen by FlopCounterMode, by op", title_justify="left")
-    for col in ("stage", "op", "nodes", "FLOPs"):
-        table.add_column(col, justify="right" if col in ("nodes", "FLOPs") else "left")
+    table.add_column("stage", min_width=7)
+    table.add_column("op", overflow="fold")
+    for col in ("nodes", "FLOPs"):
+        _number_column(table, col)
     for row in unseen_ops(report):
-        table.add_row(row["stage"], row["op"], str(row["nodes"]), _fmt(row["flops"]))
-    return table
+        stage = "vision (in prefill)" if row["stage"] == "vision" else row["stage"]
+        table.add_row(stage, row["op"], str(row["nodes"]), _fmt(row["flops"], compact))
+    return _pinned(table)
 
 
 def kernel_table(report: dict[str, Any], top: int = 15):
@@ -142,9 +217,14 @@ def consistency_table(rep: dict[str, Any]):
     return t
 
 
-def terminal_tables(report: dict[str, Any], onnx_report: dict[str, Any] | None = None, detail: Any = None) -> list[Any]:
-    """Every table of a run's report, in the order the command line prints them (`detail`: an --explain answer)."""
-    out: list[Any] = [stage_table(report), gap_table(report), unseen_table(report)]
+def terminal_tables(report: dict[str, Any], onnx_report: dict[str, Any] | None = None, detail: Any = None,
+                    width: int | None = None) -> list[Any]:
+    """Every table of a run's report, in the order the command line prints them (`detail`: an --explain answer;
+    `width`: the terminal's columns: under COMPACT_BELOW numbers in SI units, and the tables drop columns by
+    priority until they fit; None: every column, every digit)."""
+    compact = width is not None and width < COMPACT_BELOW
+    out: list[Any] = [stage_table(report, compact, width), gap_table(report, compact=compact, width=width),
+                      unseen_table(report, compact)]
     if report.get("kernels"):
         out.append(kernel_table(report))
     if report.get("ncu"):
