@@ -265,3 +265,30 @@ def test_two_first_commits_to_one_new_out_both_succeed(tmp_path):
         assert [p.wait() for p in procs] == [0, 0], [p.stderr.read() for p in procs]
         assert (out / "report.json").read_text() in ("run 0", "run 1")
         assert sorted(p.name for p in out.parent.iterdir()) == ["out"], round_
+
+
+def test_without_an_atomic_exchange_a_failed_commit_keeps_the_old_set(tmp_path, monkeypatch):
+    """Where renameat2 cannot exchange, the old set moves aside before the new one moves in: if that second rename
+    fails, the old set goes back, whole, and the error names --out."""
+    import tracer.core.lifecycle as lifecycle
+    from tracer.core.errors import FlopdiffError
+
+    out = tmp_path / "out"
+    old = _old_set(out)
+    monkeypatch.setattr(lifecycle, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    outputs = OutputSet(out)
+
+    def rename(src, dst):  # the new set's move into place fails; every other rename happens
+        if Path(src) == outputs.staging:
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+    outputs.write("report.json", "new")
+    monkeypatch.setattr(lifecycle.os, "rename", rename)
+    with pytest.raises(FlopdiffError, match="cannot replace the output set"):
+        outputs.commit()
+    monkeypatch.setattr(lifecycle.os, "rename", real_rename)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    outputs.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -23,7 +23,7 @@ from rich.text import Text
 from analytic.api import resolution_knobs
 from tracer import sweep
 from tracer.core import flags
-from tracer.core.errors import Aborted, FlopdiffError, describe
+from tracer.core.errors import Aborted, FlopdiffError, describe, one_line
 from tracer.core.lifecycle import Interrupted, OutputSet, signals_as_exceptions
 from tracer.core.workload import Workload, parse_image_shape
 from tracer.pipeline import Options, check, pinned, real_run_warning, run
@@ -83,7 +83,8 @@ def _run_command(args: argparse.Namespace, workload: Workload, options: Options)
                 label, t = next_label, time.perf_counter()
                 spinner.update(Text(next_label))  # as it is: a label may hold a user's path (no markup)
 
-            result = run(workload, options, progress, note=lambda t: print(f"flopdiff: note: {t}", file=sys.stderr))
+            result = run(workload, options, progress, note=lambda t: print(f"flopdiff: note: {one_line(t)}",
+                                                                         file=sys.stderr))
             progress("writing the reports")
         out = terminal()
         for table in [result.detail] if args.explain else result.tables(out.width):  # --explain: the answer alone
@@ -117,17 +118,14 @@ def guarded(command: Callable[[], int]) -> int:
     try:
         with signals_as_exceptions():
             return command()
-    except FlopdiffError as exc:
-        print(f"flopdiff: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
-        return 2
+    except (FlopdiffError, Aborted) as exc:  # the input, or a run aborted from outside (a worker killed)
+        print(f"flopdiff: error: {one_line(str(exc))}", file=sys.stderr)  # always one line
+        return 2 if isinstance(exc, FlopdiffError) else INTERNAL_ERROR
     except (KeyboardInterrupt, Interrupted) as exc:  # the run cleaned up on the way out: say so in one line
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         print(f"flopdiff: interrupted ({signal.Signals(signum).name}); the output folder was left as it was",
               file=sys.stderr)
         return 128 + signum
-    except Aborted as exc:
-        print(f"flopdiff: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return INTERNAL_ERROR
     except Exception as exc:  # a bug or the machine, never the input: one line, and a code no gate reads as a gap
         print(f"flopdiff: internal error: {describe(exc)}", file=sys.stderr)
         if os.environ.get("FLOPDIFF_TRACEBACK"):

@@ -46,7 +46,7 @@ from analytic.api import build, model_text_tokens, request_shape, resolution_kno
 from tracer.compare.analytic import analytic_for
 from tracer.compare.diff import gap_pct
 from tracer.core import flags
-from tracer.core.errors import Aborted, FlopdiffError
+from tracer.core.errors import Aborted, FlopdiffError, printable
 from tracer.core.lifecycle import OutputSet, die_with_parent
 from tracer.core.workload import IMAGE_SUFFIXES, Workload, image_size, parse_image_shape
 from tracer.pipeline import Options, check, pinned, run
@@ -76,13 +76,7 @@ class Page:
     height: int
 
 
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 FORMULA = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting with these as a formula
-
-
-def printable(text: str) -> str:
-    """`text` with control characters escaped (\\x1b...): a file name must not move the cursor or clear the screen."""
-    return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def _images(folder: Path, unreadable: list[dict[str, str]]) -> list[Path]:

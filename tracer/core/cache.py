@@ -35,7 +35,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import stat
 import tempfile
 import zlib
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from tracer.core.inputs import digest
-from tracer.core.lifecycle import sweep_dead
+from tracer.core.lifecycle import remove, sweep_dead
 from tracer.core.workload import Workload
 
 FORMAT = 1
@@ -156,17 +155,6 @@ def inflate_limit(stored: int) -> int:
 Note = Callable[[str], None]  # where the cache's one-line notes go (the pipeline's note callback)
 
 
-def _remove(path: Path) -> None:
-    """Remove an entry that cannot be used (a folder in its place included); a read-only cache keeps it."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
 def _check_entry(doc: Any, name: str) -> None:
     """ValueError unless `doc` is a complete entry of this key (its fields present, of their types)."""
     if not isinstance(doc, dict) or doc.get("cache_key") != name:
@@ -199,7 +187,7 @@ def load(name: str, note: Note) -> dict[str, Any] | None:
         _check_entry(doc, name)
     except (OSError, ValueError, EOFError, RecursionError, zlib.error) as exc:
         note(f"the cached trace {path} is unreadable ({exc.__class__.__name__}: {exc}); tracing again")
-        _remove(path)
+        remove(path)
         return None
     try:
         os.utime(path)  # recently used: pruned last (a read-only cache keeps its order)
@@ -213,7 +201,7 @@ def discard(name: str, why: str, note: Note) -> None:
     """Drop an entry whose document the run could not use (one `note`): it is traced again."""
     path = folder() / f"{name}.json.gz"
     note(f"the cached trace {path} could not be used ({why}); tracing again")
-    _remove(path)
+    remove(path)
 
 
 def store(name: str, report: dict[str, Any], note: Note) -> None:

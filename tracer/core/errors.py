@@ -3,9 +3,11 @@ reason outside its input (one line, exit 3), the counter's "cannot count this no
 exception is told in one line (exit 3: a crash must never read as a gap to a CI gate)."""
 
 import os
+import re
 import traceback
 from pathlib import Path
 
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 OURS = tuple(f"{os.sep}{package}{os.sep}" for package in ("tracer", "analytic", "mapping"))
 
 
@@ -23,12 +25,23 @@ class Aborted(Exception):
     exit status the internal-error code (3), and nothing is written."""
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped (`\\x1b`): a file name or a vendor string reaching the terminal must
+    not move the cursor or clear the screen."""
+    return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def one_line(text: str) -> str:
+    """A message as the one line the command line prints: whitespace collapsed, control characters escaped."""
+    return printable(" ".join(text.split()))
+
+
 def describe(exc: BaseException) -> str:
     """An unexpected exception in one line: its type, message and the innermost flopdiff frame (else the innermost),
     and what to do."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = ([f for f in frames if any(p in f.filename for p in OURS)] or frames or [None])[-1]
     at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
-    message = " ".join(str(exc).split())[:300]
+    message = one_line(str(exc))[:300]
     return (f"{exc.__class__.__name__}{': ' + message if message else ''}{at}; this is a flopdiff bug or a machine "
             f"fault, not your input: please report it with the command line (FLOPDIFF_TRACEBACK=1 shows the traceback)")

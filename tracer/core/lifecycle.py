@@ -77,13 +77,19 @@ def sweep_dead(folder: Path, prefix: str) -> None:
     for entry in entries:
         m = pattern.match(entry.name)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                try:
-                    entry.unlink()
-                except OSError:
-                    pass
+            remove(entry)
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a folder (a symlink as a link), as far as the file system allows: a read-only place keeps
+    it, and that is no error."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def sweep_scratch() -> None:
@@ -269,8 +275,11 @@ class OutputSet:
                     continue
                 try:
                     os.rename(self.staging, self.out)
-                finally:
+                except OSError:  # the previous set back where it was; if even that fails it stays aside, whole
+                    os.rename(old / "old", self.out)
                     shutil.rmtree(old, ignore_errors=True)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)  # now the old set
                 return
             try:
                 os.rename(self.staging, self.out)
