@@ -10,8 +10,8 @@ Conventions (shared with `tracer.count.formulas`):
     KV cache = keys and values of every cached position.
 
 `Policy.ignore_torch_unsupported_flops` (CLI `--policy torch`) counts what FlopCounterMode counts on the
-workload's device: a layer says which aten op carries its matmul (`op`), and the policy drops ops torch
-has no formula for (SDPA on CPU, grouped GEMM, flash-attn).
+workload's device: a layer says which op carries its matmul (`op`, `tracer.core.conventions.CARRIERS`), and the
+policy drops those torch's registry has no formula for (SDPA on CPU, grouped GEMM, flash-attn, flex).
 """
 
 from __future__ import annotations
@@ -20,14 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-from tracer.core.conventions import attention_pairs
-
-#: ops FlopCounterMode cannot count, per device (torch 2.4 - 2.14): flex is a higher-order op it does not count,
-#: "python" a kernel launched from Python (an attention plugin), which issues no op at all
-TORCH_BLIND = {
-    "cpu": {"sdpa", "grouped_mm", "flash_attn", "flex", "python"},
-    "cuda": {"grouped_mm", "flash_attn", "flex", "python"},
-}
+from tracer.core.conventions import attention_pairs, torch_counts
 
 
 @dataclass(frozen=True)
@@ -40,7 +33,7 @@ class Policy:
     causal_halving: bool = False
 
     def counts(self, op: str) -> bool:
-        return not (self.ignore_torch_unsupported_flops and op in TORCH_BLIND[self.device])
+        return not self.ignore_torch_unsupported_flops or torch_counts(op, self.device)
 
 
 @dataclass

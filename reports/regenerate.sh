@@ -28,6 +28,22 @@ if [ $v1 = 1 ]; then
   run "$V1_PYTHON" deepseek-ocr v1-fa2 aligned --vendor-dir "$FLOPDIFF_DSOCR_V1_DIR" --trust-remote-code \
       --attn flash_attention_2
 fi
+# the versions that made them: tests/test_reports.py holds them byte-identical under these versions, and equal but for
+# the vendor's line numbers (`.py:183`) under others (a new transformers moves its lines)
+made_with() {  # model python
+  "$2" - "$1" <<'PY'
+import json, sys, torch, transformers
+path = "reports/made-with.json"
+try:
+    known = json.load(open(path))
+except FileNotFoundError:
+    known = {}
+known[sys.argv[1]] = {"torch": torch.__version__, "transformers": transformers.__version__}
+open(path, "w").write(json.dumps(dict(sorted(known.items())), indent=1) + "\n")
+PY
+}
+made_with deepseek-ocr-2 .venv/bin/python
+if [ $v1 = 1 ]; then made_with deepseek-ocr "$V1_PYTHON"; fi
 # a sweep over the generated corpus (200 pages of 27 document shapes): its page, CSV and JSON (keys/ is not kept);
 # run from the corpus's parent so that the pages' paths (`corpus/page-...`) do not depend on the temporary folder
 root=$PWD

@@ -45,9 +45,19 @@ def page(browser, page_file):
 SHOWN = ("prefill", "decode")  # vision is shown inside prefill, its layers counted once
 
 
+def _rows_stand_for(page) -> int:
+    """Layers the tables stand for: a single layer row each, a fold its data-layers."""
+    folds = page.locator("table.layers tr.fold")
+    return page.locator("table.layers tr.layer").count() + sum(int(folds.nth(i).get_attribute("data-layers"))
+                                                                for i in range(folds.count()))
+
+
 def test_page_loads_with_every_layer_and_stage(page, page_file):
     doc = page_file[1]
-    assert page.locator("table.layers tr.layer").count() == sum(1 for r in doc["layers"] if r["stage"] in SHOWN)
+    total = sum(1 for r in doc["layers"] if r["stage"] in SHOWN)
+    # layers of one pattern, why and cause folded: every layer is in one row, in far fewer rows
+    assert _rows_stand_for(page) == total
+    assert page.locator("table.layers tbody tr").count() < total / 5
     assert page.locator("#stages tbody tr").count() == 3
     assert page.locator("#stages tbody tr").first.inner_text().startswith("vision (part of prefill)")
     assert page.locator("tr.node").count() == 0  # node rows are built on demand
@@ -77,15 +87,22 @@ def test_search_filters_layer_rows(page, page_file):
     assert page.locator("table.layers tr.layer").count() == expected == 2 * 11  # prefill + decode, 11 MoE layers
     total = sum(1 for r in doc["layers"] if r["stage"] in SHOWN)
     assert f"of {total} layers" in page.locator("#count").inner_text()  # vision's layers once
+    assert page.locator("table.layers tr.member").count() == expected  # the folds opened onto the matches
     page.fill("#search", "")
     page.wait_for_function("!document.getElementById('count').textContent.includes('match')")
-    assert page.locator("table.layers tr.layer").count() == total
+    assert _rows_stand_for(page) == total and page.locator("table.layers tr.member").count() == 0  # folded again
 
 
 def test_natural_sort_and_unmapped_section(page, page_file):
     page.locator("table.layers[data-stage=decode] th", has_text="layer").click()
-    ids = page.locator("table.layers[data-stage=decode] tr.layer td:first-child").all_inner_texts()
+    fold = page.locator("table.layers[data-stage=decode] tr.fold", has_text="decoder.layers.*.attn")
+    assert fold.get_attribute("aria-expanded") == "false" and "(12 layers)" in fold.inner_text()
+    fold.click()
+    ids = page.locator("table.layers[data-stage=decode] tr.member td:first-child").all_inner_texts()
     assert ids.index("decoder.layers.2.attn") < ids.index("decoder.layers.10.attn")
+    assert len([i for i in ids if i.endswith(".attn")]) == 12
+    fold.click()
+    assert page.locator("table.layers[data-stage=decode] tr.member").count() == 0
     unmapped = page.locator("#unmapped-nodes tbody tr")
     assert unmapped.count() == 1 and "planted " + PLANTED in unmapped.first.inner_text()
     assert page.locator("#notes").inner_text().endswith("note " + PLANTED)
@@ -116,16 +133,29 @@ def test_seed_naive_page_explains_at_both_widths(browser, naive_file, width, hei
     overflow = "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
     # the gap groups first, with their causes, largest first
     groups = pg.locator("#group-table tbody tr")
-    assert groups.count() == sum(1 for g in doc["gap_groups"] if g["stage"] in SHOWN)
+    # every group once: vision's (inside prefill) are not repeated under prefill
+    assert groups.count() == len(doc["gap_groups"]) == len({(g["group"], g["reason"]) for g in doc["gap_groups"]})
+    assert groups.first.inner_text().startswith("vision (in prefill)")
     assert "vision.tiles" in groups.first.inner_text() and "single_view: true" in groups.first.inner_text()
     assert "unseen-table" in pg.content()
-    # the largest gap first in the tables; a detail opened by keyboard keeps the page within the window
-    first = pg.locator("table.layers[data-stage=prefill] tr.layer").first
-    assert first.inner_text().startswith("vision.tiles.")
+    # the largest gap first in the tables; a fold and a detail opened by keyboard keep the page within the window
+    first = pg.locator("table.layers[data-stage=prefill] tbody tr").first
+    assert first.inner_text().startswith("vision.tiles.") and "fold" in first.get_attribute("class")
     first.focus()
+    pg.keyboard.press("Enter")
+    member = pg.locator("table.layers[data-stage=prefill] tr.member").first
+    member.focus()
     pg.keyboard.press("Enter")
     assert pg.locator("table.layers[data-stage=prefill] tr.detail").count() == 1
     assert pg.evaluate(overflow)
+    # the node table fits the window: its module and vendor source columns are on screen, names unbroken
+    node = pg.locator("table.layers[data-stage=prefill] tr.node").first
+    for col in (2, 3):
+        box = node.locator("td").nth(col).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width
+    module = node.locator("td").nth(2).inner_text()
+    assert module in {n["module"] for n in doc["nodes"]}
+    pg.keyboard.press("Enter")
     # a click on a chart block zooms and filters the tables to it
     pg.locator("#chart g.block", has_text="tiles").first.click()
     visible = pg.locator("table.layers tr.layer td:first-child").all_inner_texts()
@@ -137,11 +167,13 @@ def test_seed_naive_page_explains_at_both_widths(browser, naive_file, width, hei
     pg.wait_for_function("document.getElementById('count').textContent.includes('match')")
     missing = sum(1 for r in doc["layers"] if r["stage"] in SHOWN and r["reason"] == "missing")
     assert pg.locator("table.layers tr.layer").count() == missing > 0
-    # a group row filters to its layers
+    # a group row filters to its layers, and the page shows the notice saying so
     pg.fill("#search", "")
     groups.nth(1).click()
     rows = pg.locator("table.layers tr.layer td:first-child").all_inner_texts()
     assert rows and all(r.startswith("vision.global.encoder.layers.") for r in rows)
+    notice = pg.locator("#count").bounding_box()
+    assert 0 <= notice["y"] < height and "in group" in pg.locator("#count").inner_text()
     assert pg.evaluate(overflow) and errors == []
     pg.close()
 

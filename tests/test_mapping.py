@@ -91,15 +91,31 @@ def test_v2_seed_naive_gap_attributed_to_named_layers(v2_page):
     ([f"dec.layers.{i}.{p}" for i in range(3) for p in ("attn", "mlp")], [1, 0, 1, 0, 1, 0], ["dec.layers.*.attn"]),
     # two separate runs of indices
     ([f"dec.layers.{i}.attn" for i in range(6)], [1, 1, 0, 1, 0, 0], ["dec.layers.0-1,3"]),
+    # a layer with nothing to count on either side (None: analytic 0, measured 0; SDPA under policy torch on CPU)
+    # does not split its subtree into one group per sibling
+    (["v.tiles.a.0.x", "v.tiles.a.0.attn", "v.tiles.a.1.x", "v.tiles.a.1.attn", "v.tiles.b", "v.global.a"],
+     [1, None, 1, None, 1, 0], ["v.tiles"]),
 ])
 def test_gap_groups_are_honest(ids, gaps, groups):
-    report = {"layers": [{"id": i, "stage": "s", "gap": g, "reason": "missing" if g else None, "cause": None}
-                         for i, g in zip(ids, gaps)]}
+    report = {"layers": [{"id": i, "stage": "s", "gap": g or 0, "flops_analytic": 0 if g is None else 5,
+                          "reason": "missing" if g else None, "cause": None} for i, g in zip(ids, gaps)]}
     got = gap_groups(report, "s")
     assert [g["group"] for g in got] == groups
-    for g in got:  # what --explain takes covers exactly the layers counted
+    for g in got:  # what --explain takes covers the layers counted, and those with nothing to count
         members = [r for r in report["layers"] if r["id"] in group_members(g["group"], ids)]
-        assert len(members) == g["layers"] and all(r["gap"] for r in members)
+        assert len([r for r in members if r["gap"]]) == g["layers"]
+        assert all(r["gap"] or not r["flops_analytic"] for r in members)
+
+
+def test_prefills_groups_leave_out_vision_which_has_its_own(v2_page):
+    an = analytic_of_report(v2_page, "seed-naive")
+    doc = with_diff(v2_page, an, map_report(v2_page, an))
+    prefill = [g for g in doc["gap_groups"] if g["stage"] == "prefill"]
+    vision = [g for g in doc["gap_groups"] if g["stage"] == "vision"]
+    assert vision and not any(g["group"].startswith("vision") for g in prefill)
+    vision_gap = next(s["gap"] for s in doc["stages"] if s["name"] == "vision")
+    prefill_gap = next(s["gap"] for s in doc["stages"] if s["name"] == "prefill")
+    assert sum(g["gap"] for g in vision) + sum(g["gap"] for g in prefill) == prefill_gap and vision_gap
 
 
 def test_every_group_of_the_seed_naive_run_explains(tmp_path, capsys, tiny_v2_config):
@@ -131,8 +147,11 @@ def test_explain_of_any_subtree_sums_its_layers_gaps_and_prints_only_the_answer(
     code, out, err = _run([*base, "--explain", "vision"], capsys)
     first = out.splitlines()[0]
     assert code == 0 and first.startswith("vision [vision]: ") and f"gap {vision_gap:,} FLOPs" in first, out
-    assert f"({100 * vision_gap / stage['flops_full']:.2f}% of the stage's count)" in first
+    prefill = next(s for s in doc["stages"] if s["name"] == "prefill")
+    assert (f"({100 * vision_gap / stage['flops_full']:.2f}% of the stage's count, "
+            f"{100 * vision_gap / prefill['flops_full']:.2f}% of prefill's (vision is part of prefill))") in first
     assert "group vision.tiles:" in out and "FLOPs per stage" not in out  # the groups inside; no summary reprinted
+    assert "[prefill]" not in out  # vision's layers, once: not again as prefill's
     code, _, err = _run([*base, "--explain", "vision.tile"], capsys)
     assert code == 2 and "nearest: vision.tiles" in err, err
 

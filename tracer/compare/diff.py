@@ -44,9 +44,9 @@ def _row(base: dict[str, Any], analytic: int, torch_: int, full: int, measured: 
 def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[str, Any]:
     """The report composed with its diff (the input is left as it was): `flops_analytic`, gap and coverage per
     stage, `layer` (or `unmapped`) per node, then `analytic`, `layers` (each with its formula and, when flopdiff can
-    name it, the cause of its gap), `coverage`, `gap_groups` (per stage, tracer.compare.groups.gap_groups) and `unseen` (per
-    stage and op, what FlopCounterMode cannot see). The gap compares the analytic count with the measured one of
-    its policy (full, or torch: FlopCounterMode's)."""
+    name it, the cause of its gap), `coverage`, `gap_groups` (per stage, tracer.compare.groups.gap_groups; prefill's
+    leave out the vision layers, which are vision's groups) and `unseen` (per stage and op, what FlopCounterMode cannot
+    see). The gap compares the analytic count with the measured one of its policy (full, or torch: FlopCounterMode's)."""
     measured = an.measured
     counting, preset = an.counting(), variant(an.preset)
     leaves: dict[tuple[str, str], list[Any]] = defaultdict(list)
@@ -88,7 +88,10 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
            "analytic": {"preset": an.preset, "policy": an.policy, "causal_halving": an.causal_halving,
                         **({"attention": an.attention} if an.attention else {})},
            "layers": layers, "coverage": coverage(nodes, mapping)}
-    doc["gap_groups"] = [{"stage": s["name"], **g} for s in stages for g in gap_groups(doc, s["name"])]
+    # prefill runs the vision tower again: its layers are grouped once, as vision's
+    vision = frozenset(r["id"] for r in layers if r["stage"] == "vision")
+    doc["gap_groups"] = [{"stage": s["name"], **g} for s in stages
+                         for g in gap_groups(doc, s["name"], vision if s["name"] == "prefill" else frozenset())]
     doc["unseen"] = unseen_ops(doc)
     return doc
 

@@ -88,10 +88,15 @@ def explain_group(report: dict[str, Any], label: str) -> Group:
     measured = {s["name"]: s["flops_full"] if report["analytic"].get("policy", "full") == "full" else s["flops_torch"]
                 for s in report["stages"]}
     parts: list[Any] = []
+    in_vision = {r["id"] for r in rows if r["stage"] == "vision"}  # prefill holds vision's layers again: list them once
     for stage in dict.fromkeys(r["stage"] for r in rows):
-        here = [r for r in rows if r["stage"] == stage]
+        here = [r for r in rows if r["stage"] == stage and not (stage == "prefill" and r["id"] in in_vision)]
+        if not here:
+            continue
         gap = sum(r["gap"] for r in here)
         share = f"{100 * gap / measured[stage]:.2f}% of the stage's count" if measured.get(stage) else "-"
+        if stage == "vision" and measured.get("prefill"):
+            share += f", {100 * gap / measured['prefill']:.2f}% of prefill's (vision is part of prefill)"
         parts.append(Text(f"{label} [{stage}]: {len(here)} analytic layers, gap {gap:,} FLOPs ({share})",
                           style="bold"))
         stage_ids = [r["id"] for r in report["layers"] if r["stage"] == stage]
@@ -101,7 +106,6 @@ def explain_group(report: dict[str, Any], label: str) -> Group:
                 cause = f"; cause: {g['cause']}" if g["cause"] else ""
                 parts.append(Text(f"  group {g['group']}: {g['layers']} {g['unit']}, gap {g['gap']:,} ({g['why']})"
                                   f"{cause}"))
-    in_vision = {r["id"] for r in rows if r["stage"] == "vision"}  # prefill holds vision's layers again: list them once
     gapped = [r for r in rows if r["gap"] and not (r["stage"] == "prefill" and r["id"] in in_vision)]
     if not gapped:
         parts.append(Text(f"{label}: no gap in this run ({len(rows)} analytic layers)", style="bold"))

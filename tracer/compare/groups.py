@@ -15,15 +15,16 @@ REASONS = {
 }
 
 
-def gap_groups(report: dict[str, Any], stage: str) -> list[dict[str, Any]]:
-    """A stage's gap by where it comes from and why, in honest groups of analytic layers, largest first.
+def gap_groups(report: dict[str, Any], stage: str, leave_out: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """A stage's gap by where it comes from and why, in honest groups of analytic layers, largest first; the layers
+    `leave_out` names are not grouped (prefill's vision layers, grouped once as vision's).
 
     A group is a maximal subtree of layer ids whose every layer has a gap for the same reason (all of
     `vision.tiles.sam`, not just its blocks); subtrees that differ only in one index merge into a range
     (`vision.global.encoder.layers.4-23`, `decoder.layers.*.attn` when every index is there). Its id is what
     `--explain` takes. Each carries the count of layers (the unit), the gap, and the cause named on its layers
-    when they all share one."""
-    rows = [r for r in report["layers"] if r["stage"] == stage]
+    when they all share one. A layer with nothing to count on either side does not break a group (`_empty`)."""
+    rows = [r for r in report["layers"] if r["stage"] == stage and r["id"] not in leave_out]
     groups = _pure(rows, ())
     indices = _indices(rows)
     for pos in range(max((len(p) for p, _ in groups), default=0)):
@@ -43,11 +44,18 @@ def _components(layer_id: str) -> tuple[str, ...]:
     return tuple(layer_id.split("."))
 
 
+def _empty(row: dict[str, Any]) -> bool:
+    """A layer with nothing to count on either side (an attention under policy torch on CPU: FlopCounterMode and the
+    analytic model both say 0): it neither has a gap nor breaks a group of its neighbours' one."""
+    return not row["gap"] and not row["flops_analytic"]
+
+
 def _pure(rows: list[dict[str, Any]], prefix: tuple) -> list[tuple[tuple, list[dict[str, Any]]]]:
-    """The maximal prefixes under which every layer has a gap, all for one reason."""
+    """The maximal prefixes under which every layer has a gap, all for one reason (empty layers aside)."""
     n = len(prefix)
-    if prefix and all(r["gap"] for r in rows) and len({r["reason"] for r in rows}) == 1:
-        return [(prefix, rows)]
+    gapped = [r for r in rows if not _empty(r)]
+    if prefix and gapped and all(r["gap"] for r in gapped) and len({r["reason"] for r in gapped}) == 1:
+        return [(prefix, gapped)]
     children: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         parts = _components(r["id"])

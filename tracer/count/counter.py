@@ -26,7 +26,7 @@ from torch._ops import HigherOrderOperator
 from torch.utils.flop_counter import flop_registry
 
 from tracer.capture.recorder import StageGraph, boundary_call, op_name
-from tracer.core.conventions import Conventions
+from tracer.core.conventions import Conventions, flop_counter_counts
 from tracer.core.errors import CannotCount
 from tracer.count.formulas import FORMULAS, boundary_attention_flop
 
@@ -77,7 +77,7 @@ def count_node(node: torch.fx.Node, conv: Conventions) -> None:
     """Write flops_torch, flops_full, flop_status (and flop_note when unknown) into node.meta."""
     name = op_name(node.target)
     hop = isinstance(node.target, HigherOrderOperator)
-    in_torch = not hop and node.target._overloadpacket in flop_registry
+    in_torch = flop_counter_counts(name)
     ft = torch_flops(node)
     ours = FORMULAS.get(name)
     meta = node.meta

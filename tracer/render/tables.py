@@ -124,7 +124,8 @@ def gap_table(report: dict[str, Any], top: int = 12, compact: bool = False, widt
 
 
 def _gap_table(report: dict[str, Any], top: int, compact: bool, drop: set[str]) -> Table:
-    table = Table(title=f"where the gap comes from ({_measured(report)} - analytic; prefill includes vision)",
+    table = Table(title=f"where the gap comes from ({_measured(report)} - analytic; vision's groups are part of prefill's "
+                        "gap, listed once)",
                   title_justify="left")
     columns = [c for c in ("stage", "group (--explain ID)", "why", "layers", "gap FLOPs", "% of gap", "% of stage",
                            "cause") if c not in drop]

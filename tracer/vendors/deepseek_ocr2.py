@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,11 +132,12 @@ class DeepseekOcr2Vendor:
     def _image_tokens(processor_cls, ip, batch, global_px: int, tile: int) -> int:
         """The processor's own token layout, for the global view size the image processor produced."""
         defaults = inspect.signature(processor_cls.__init__).parameters
-        stand_in = types.SimpleNamespace(image_processor=ip, image_token="<image>",
-                                         patch_size=defaults["patch_size"].default,
-                                         downsample_ratio=defaults["downsample_ratio"].default)
-        text = processor_cls.replace_image_token(stand_in, dict(batch), 0, size={"height": global_px},
-                                                 tile_size=tile)
+        # an instance without __init__ (which wants a tokenizer): the methods stay the class's own, whichever of
+        # them replace_image_token calls (transformers 5.25 moved the count into _get_num_image_tokens)
+        processor = processor_cls.__new__(processor_cls)
+        vars(processor).update(image_processor=ip, image_token="<image>", patch_size=defaults["patch_size"].default,
+                               downsample_ratio=defaults["downsample_ratio"].default)
+        text = processor.replace_image_token(dict(batch), 0, size={"height": global_px}, tile_size=tile)
         return len(text) // len("<image>")
 
     def build(self, config: Any, options: BuildOptions) -> torch.nn.Module:
