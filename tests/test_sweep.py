@@ -10,6 +10,7 @@ import pytest
 from test_lifecycle import _until  # the suite's one wait-for-a-condition helper
 from tracer import corpus
 from tracer.diff import main
+from tracer.render.tables import _fmt
 
 pytestmark = pytest.mark.v2
 
@@ -80,12 +81,52 @@ def test_the_page_draws_its_plots_and_links_each_key(swept, browser):
     assert pg.locator("svg.hist").count() == 3 and pg.locator("svg.hist rect").count() >= 3
     assert pg.locator("#keys tbody tr").count() == doc["keys"]
     assert pg.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    # axes with ticks and units: powers of two on the aspect axis (log), SI counts on the FLOP axes
+    texts = lambda sel: pg.eval_on_selector_all(sel, "ts => ts.map(t => t.textContent)")  # noqa: E731 (SVG text)
+    xticks = texts("#scatter text.xtick")
+    assert "1" in xticks and len(xticks) >= 3 and all(t == "1" or "/" in t or t.isdigit() for t in xticks)
+    assert all(t[-1] in "kMGTP" for t in texts("#scatter text.ytick"))
+    assert pg.locator("svg.hist[data-stage=prefill] text.xtick").count() >= 3
+    # the points spread over the aspect axis (a linear one crowded most into its left 15%)
+    cx = [float(c) for c in pg.eval_on_selector_all("#scatter circle", "cs => cs.map(c => c.getAttribute('cx'))")]
+    assert (max(cx) - min(cx)) > 0.5 * 800 * 0.9
+    # a grid's colour is the grid's own, whichever grids a run has: GRIDS in the page, rebuilt here
+    grids = [f"{c}x{n // c}" for n in range(1, 13) for c in range(1, n + 1) if n % c == 0]
+    legend = pg.eval_on_selector_all("#scatter-legend span[style]", "ss => ss.map(s => [s.textContent, s.style.background])")
+    palette = pg.evaluate("PALETTE")
+    assert legend and all(colour == _rgb(palette[grids.index(g) % len(palette)]) for g, colour in legend)
+    # the aligned model: no list of 0.00 rows, a line saying no page has a gap
+    assert pg.locator("#worst").count() == 0 and "no page has a gap" in pg.content()
     key = doc["per_key"][0]["key"]
     pg.locator("#keys a", has_text=key).click()
     pg.wait_for_selector("#chart g.block")
     assert pg.url.endswith(f"keys/{key}/report.html") and "flopdiff: deepseek-ocr-2" in pg.title()
     assert errors == []
     pg.close()
+
+
+def _rgb(hex_colour: str) -> str:
+    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgb({r}, {g}, {b})"
+
+
+def test_the_terminal_says_how_the_counts_spread_and_which_pages_have_a_gap(tmp_path, capsys, tiny_v2_config):
+    corpus.write(tmp_path / "corpus", 12)
+    base = ["sweep", str(tmp_path / "corpus"), "600x500", "--config", tiny_v2_config, "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "a" / "sweep.json").read_text())["rows"]
+    prefill = sorted(r["prefill_full"] for r in rows)
+    line = next(x for x in out.splitlines() if x.startswith("│ prefill "))
+    cells = [c.strip() for c in line.split("│")[2:5]]  # min, median, max, compact
+    assert cells == [_fmt(prefill[0], True), _fmt(prefill[len(prefill) // 2], True), _fmt(prefill[-1], True)]
+    assert len(set(prefill)) > 1
+    assert "no page has a gap" in out and "pages with the largest gap" not in out
+    assert main([*base, "--analytic", "seed-naive", "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "pages with the largest gap" in out and "page-0000-" in out
+    line = next(x for x in out.splitlines() if x.startswith("│ vision "))
+    assert line.split("│")[5].strip() == "13"  # every page has a vision gap under the seed's model
 
 
 @pytest.mark.parametrize("argv, says", [

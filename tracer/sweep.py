@@ -51,7 +51,7 @@ from tracer.core.lifecycle import OutputSet, die_with_parent
 from tracer.core.workload import IMAGE_SUFFIXES, Workload, image_size, parse_image_shape
 from tracer.pipeline import Options, check, pinned, run
 from tracer.render.html import script_safe
-from tracer.render.tables import terminal
+from tracer.render.tables import sweep_tables, terminal
 from tracer.vendors import BuildOptions, parse_impl
 from tracer.vendors.options import attention_parts
 
@@ -247,7 +247,10 @@ def _sweep(args: argparse.Namespace) -> int:
         for k, t in traced.items():
             outputs.write(f"keys/{k}/report.json", t["json"])
             outputs.write(f"keys/{k}/report.html", t["html"])
-    terminal().print(f"sweep: {len(pages)} pages, {len(keys)} workload keys traced, {len(unreadable)} unreadable, "
+    console = terminal()
+    for table in sweep_tables(summary, worst(rows)):
+        console.print(table)
+    console.print(f"sweep: {len(pages)} pages, {len(keys)} workload keys traced, {len(unreadable)} unreadable, "
               f"{time.perf_counter() - started:.1f} s; wrote {Path(args.out)}/sweep.csv, sweep.json, sweep.html, keys/")
     for u in unreadable:
         print(f"flopdiff sweep: unreadable: {printable(u['path'])}: {printable(u['why'])}", file=sys.stderr)

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tracer.compare.unseen import unseen_ops
+from tracer.core.errors import printable
 
 
 class _Terminal(Console):
@@ -240,3 +241,37 @@ def terminal_tables(report: dict[str, Any], onnx_report: dict[str, Any] | None =
     if detail is not None:
         out.append(detail)
     return out
+
+
+SWEEP_STAGES = ("vision", "prefill", "decode")
+
+
+def sweep_tables(summary: dict[str, Any], worst: list[dict[str, Any]], top: int = 5) -> list[Table | str]:
+    """A sweep in the terminal: per stage the spread of the measured count over the pages (min, median, max) and how
+    many pages have a gap; then the pages with the largest gap (or a line saying no page has one). Counts are
+    compact (`4.69 T`): sweep.csv and sweep.json keep every digit."""
+    rows, measured = summary["rows"], summary["analytic"]["policy"]
+    stages = Table(title=f"{summary['model']}: {summary['pages']} pages, {summary['keys']} workload keys; analytic "
+                         f"{summary['analytic']['preset']}", title_justify="left")
+    stages.add_column("stage", min_width=7)
+    for col in (f"min {measured}", "median", "max", "pages with a gap", "worst |gap %|"):
+        _number_column(stages, col)
+    for s in SWEEP_STAGES:
+        counts = sorted(r[f"{s}_{measured}"] for r in rows)
+        gaps = [abs(r[f"{s}_gap_pct"]) for r in rows]
+        stages.add_row(s, _fmt(counts[0], True), _fmt(counts[len(counts) // 2], True), _fmt(counts[-1], True),
+                       f"{sum(1 for r in rows if r[f'{s}_gap']):,}", f"{max(gaps):.2f}")
+    gapped = [r for r in worst if any(r[f"{s}_gap"] for s in SWEEP_STAGES)][:top]
+    if not gapped:
+        return [_pinned(stages), f"no page has a gap: {measured} = analytic on every page, every stage"]
+    pages = Table(title=f"pages with the largest gap (sweep.html lists {len(worst)}; sweep.csv has every page)",
+                  title_justify="left")
+    pages.add_column("page", overflow="fold")
+    pages.add_column("size", no_wrap=True)
+    pages.add_column("crop grid", no_wrap=True)
+    for s in SWEEP_STAGES:
+        _number_column(pages, f"{s} gap %")
+    for r in gapped:
+        pages.add_row(Text(printable(r["path"])), f"{r['width']}x{r['height']}", r["crop_grid"],
+                      *(f"{r[f'{s}_gap_pct']:.2f}" for s in SWEEP_STAGES))
+    return [_pinned(stages), _pinned(pages)]
