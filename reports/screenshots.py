@@ -37,7 +37,10 @@ def main(folders: list[str]) -> None:
                 page.goto((folder / "report.html").resolve().as_uri())
                 page.wait_for_selector("#chart g.block")
                 page.screenshot(path=out / f"{folder.name}-{width}x{height}.png")
-                page.locator("table.layers tr.layer").first.click()
+                first = page.locator("table.layers tbody tr").first  # the largest gap: a fold of layers, or one layer
+                first.click()
+                if "fold" in (first.get_attribute("class") or ""):
+                    page.locator("table.layers tr.member").first.click()
                 page.locator("table.layers tr.detail").first.scroll_into_view_if_needed()
                 page.screenshot(path=out / f"{folder.name}-{width}x{height}-layer.png")
                 page.close()
