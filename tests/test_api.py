@@ -39,7 +39,9 @@ def test_typed_views_agree_with_the_tables(tiny_v2_config):
                  Options(config=tiny_v2_config, analytic="seed-naive"))
     stages = {s.name: s for s in result.stages}
     for name, stage in stages.items():
-        assert sum(g.gap for g in result.gap_groups if g.stage == name) == stage.gap
+        # prefill's groups leave out the vision layers, grouped once as vision's
+        within = ("vision", "prefill") if name == "prefill" else (name,)
+        assert sum(g.gap for g in result.gap_groups if g.stage in within) == stage.gap
     assert {g.reason for g in result.gap_groups} >= {"missing"}
     unseen = {(u.stage, u.op): u.flops for u in result.unseen}
     assert unseen[("prefill", "aten::_grouped_mm")] == sum(

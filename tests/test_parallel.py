@@ -38,7 +38,9 @@ def test_worker_steps_give_the_same_report(tiny_v2_config, sequential, worker_cl
     result = captured(tiny_v2_config)
     steps = result.trace.worker_steps
     assert steps and steps == list(range(6 - len(steps), 6))
-    assert 0 not in steps  # step 0 reads the prefill's own cache: always captured here
+    # step 0 reads the prefill's own cache: captured here, unless the worker took every step and its step 0 read
+    # exactly that cache (DecodeWorker.step0_taken; a loaded machine lets it get there first)
+    assert 0 not in steps or steps == list(range(6))
     assert result.to_json() == sequential
     assert result.notes == [] and capsys.readouterr().err == ""
 

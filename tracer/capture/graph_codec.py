@@ -74,12 +74,18 @@ def _dec(x: Any, nodes: list[torch.fx.Node]) -> Any:
 def to_bytes(sg: StageGraph) -> bytes:
     """A captured stage as bytes (the worker's side); a stage already turned into report rows, as its rows."""
     if sg.rows is not None:
-        return pickle.dumps(("rows", sg.stage, sg.step, sg.kv_len, sg.notes, sg.rows), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(("rows", sg.stage, sg.step, sg.kv_len, sg.notes, sg.rows, _extra(sg)),
+                            protocol=pickle.HIGHEST_PROTOCOL)
     index = {n: i for i, n in enumerate(sg.graph.nodes)}
     entries = [(n.op, n.name, _target(n.target), _enc(n.args, index), _enc(n.kwargs, index),
                 {k: (_enc(v, index) if k == "val" else v) for k, v in n.meta.items()})
                for n in sg.graph.nodes]
-    return pickle.dumps((sg.stage, sg.step, sg.kv_len, sg.notes, entries), protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((sg.stage, sg.step, sg.kv_len, sg.notes, entries, _extra(sg)), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _extra(sg: StageGraph) -> dict[str, Any]:
+    """What a stage carries beside its nodes (its storages' roles, the KV cache it returned, its memory)."""
+    return {"params": sg.params, "outputs": sg.outputs, "kv_layers": sg.kv_layers, "memory": sg.memory}
 
 
 def from_bytes(data: bytes) -> StageGraph:
@@ -87,9 +93,9 @@ def from_bytes(data: bytes) -> StageGraph:
     Call it outside any fake mode: the values are plain meta tensors."""
     decoded = pickle.loads(data)
     if decoded[0] == "rows":
-        _, stage, step, kv_len, notes, rows = decoded
-        return StageGraph(stage, None, step=step, kv_len=kv_len, notes=notes, rows=rows)
-    stage, step, kv_len, notes, entries = decoded
+        _, stage, step, kv_len, notes, rows, extra = decoded
+        return StageGraph(stage, None, step=step, kv_len=kv_len, notes=notes, rows=rows, **extra)
+    stage, step, kv_len, notes, entries, extra = decoded
     graph = torch.fx.Graph()
     nodes: list[torch.fx.Node] = []
     for op, name, target, args, kwargs, meta in entries:
@@ -105,4 +111,4 @@ def from_bytes(data: bytes) -> StageGraph:
             raise RuntimeError(f"graph codec: node {name!r} came back as {node.name!r}")
         node.meta = {k: (_dec(v, nodes) if k == "val" else v) for k, v in meta.items()}
         nodes.append(node)
-    return StageGraph(stage, graph, step=step, kv_len=kv_len, notes=notes)
+    return StageGraph(stage, graph, step=step, kv_len=kv_len, notes=notes, **extra)

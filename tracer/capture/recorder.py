@@ -16,6 +16,9 @@ Each call_function node's meta holds:
   vendor_source  first frame in the vendor's own files (e.g. modeling_deepseek_ocr2.py), `file:line`
   vendor_function  that frame's function (e.g. `get_decomposed_rel_pos`): mapping rules can tell apart two
                  matmuls of one module by the vendor function issuing them
+  storage        per tensor value (a list for a tuple of them): (storage id, byte offset, bytes the view spans,
+                 bytes of the storage); an output aliasing an input keeps its id (a view, an in-place op), any
+                 other output gets a new one: what tracer.count.memory reads bytes and liveness from
 
 A call of a Python-level function the tracer wraps (an attention implementation, tracer.capture.attention) is recorded as
 a boundary node of its own (`call_boundary`): placed after the ops it issued, with their names in `meta["inner"]`,
@@ -42,6 +45,10 @@ from torch.utils.flop_counter import flop_registry
 from tracer.capture.instruments import Instrument
 from tracer.capture.meta import CPU_OUTPUT_DTYPES, active_kernels, cpu_output_dtypes
 from tracer.capture.provenance import ModuleStack, SourceLocator, module_hooks
+from tracer.vendors.base import cache_of, cache_tensors
+
+# Views whose schema carries no alias annotation: their output is a view of the first argument all the same
+_UNANNOTATED_VIEWS = {torch.ops.aten._unsafe_view.default}
 
 # The ops FlopCounterMode passes through untouched (size and layout queries), and `prim::device`, which
 # only fake tensors send through the dispatcher: metadata queries, never graph nodes.
@@ -72,6 +79,10 @@ class StageGraph:
     kernels: list[dict] = field(default_factory=list)  # CUDA runs: one record per kernel launch
     selection: list[torch.fx.Node] | None = None  # a stage that is part of another's graph (vision of prefill)
     rows: list[dict] | None = None  # counted where it was captured: its report rows (then graph is None)
+    params: set[int] = field(default_factory=set)  # storage ids of the parameters and buffers it read
+    outputs: list[tuple] = field(default_factory=list)  # storage records of its outputs (live to its end)
+    kv_layers: list[int] | None = None  # bytes of the KV cache it returned, per layer (keys + values)
+    memory: dict | None = None  # its weight bytes and activation peak (tracer.count.memory.stage_memory)
 
     def call_nodes(self) -> Iterable[torch.fx.Node]:
         if self.selection is not None:
@@ -155,6 +166,9 @@ class GraphRecorder(TorchDispatchMode):
         # page in real mode on CPU went past 24 GiB)
         self._nodes: dict[int, tuple[torch.fx.Node, weakref.ref]] = {}
         self._first_op: torch.fx.Node | None = None
+        self._sids: dict[int, int] = {}  # a live storage's address -> its storage id
+        self._next_sid = 0
+        self.params: set[int] = set()  # storage ids of parameters and buffers
         self._open: list[list[str]] = []  # per open boundary call, the names of the nodes recorded inside it
 
     def _node_for(self, t: torch.Tensor) -> torch.fx.Node:
@@ -169,8 +183,34 @@ class GraphRecorder(TorchDispatchMode):
                 node = self.graph.placeholder(name.replace(".", "_"))
         node.meta["val"] = _kept(t)
         node.meta["tensor_name"] = name
+        node.meta["storage"] = self._storage(t, None)
+        if name != "input":
+            self.params.add(node.meta["storage"][0])
         self._nodes[id(t)] = (node, weakref.ref(t))
         return node
+
+    def _storage(self, t: torch.Tensor, inputs: set[int] | None) -> tuple[int, int, int, int]:
+        """`t`'s storage record. An output takes the id of the input storage it aliases; at any other address it
+        is a new storage, even where an address was seen before (a real run frees and reuses them). `inputs`:
+        the addresses of the op's inputs (None: a graph input, keyed by address alone: tied weights share one)."""
+        st = t.untyped_storage()
+        key = st._cdata
+        sid = self._sids.get(key)
+        if sid is None or (inputs is not None and key not in inputs):
+            sid = self._sids[key] = self._next_sid
+            self._next_sid += 1
+        item = t.element_size()
+        span = 0 if t.numel() == 0 else (1 + sum((n - 1) * st_ for n, st_ in zip(t.shape, t.stride()))) * item  # stride 0: once
+        return (sid, t.storage_offset() * item, span, st.nbytes())
+
+    def _view_of(self, source: torch.fx.Node, out: torch.Tensor) -> tuple[int, int, int, int]:
+        """The record of a view its schema does not annotate (`_unsafe_view`): its source's storage, whatever
+        tensor the op returned (a memoized meta kernel returns a fresh one: its address joins the source's id)."""
+        sid, _, _, size = source.meta["storage"]
+        self._sids[out.untyped_storage()._cdata] = sid
+        item = out.element_size()
+        span = 0 if out.numel() == 0 else (1 + sum((n - 1) * st for n, st in zip(out.shape, out.stride()))) * item
+        return (sid, out.storage_offset() * item, span, size)
 
     def _map(self, x):
         # A hand-rolled tree_map: ops' arguments are only tensors, scalars, lists, tuples and dicts.
@@ -201,14 +241,20 @@ class GraphRecorder(TorchDispatchMode):
                          seq=self._seq)
         self._seq += 1
         self._inside(node)
+        inputs = {t.untyped_storage()._cdata for t in _flat_tensors(args, kwargs)}
         if isinstance(out, torch.Tensor):
+            node.meta["storage"] = (self._view_of(node_args[0], out) if func in _UNANNOTATED_VIEWS
+                                    else self._storage(out, inputs))
             self._nodes[id(out)] = (node, weakref.ref(out))
         elif isinstance(out, (tuple, list)):
+            records = []
             for i, o in enumerate(out):
                 if isinstance(o, torch.Tensor):
                     item = self.graph.call_function(operator.getitem, (node, i))
-                    item.meta.update(node.meta, val=_kept(o))
+                    item.meta.update(node.meta, val=_kept(o), storage=self._storage(o, inputs))
+                    records.append(item.meta["storage"])
                     self._nodes[id(o)] = (item, weakref.ref(o))
+            node.meta["storage"] = records
 
     def _inside(self, node: torch.fx.Node) -> None:
         for names in self._open:
@@ -240,6 +286,8 @@ class GraphRecorder(TorchDispatchMode):
                          module_class=cls, source=source, vendor_source=vendor, vendor_function=function, op=op,
                          seq=seq, inner=inner, params=params)
         self._inside(node)
+        if primary is not None:
+            node.meta["storage"] = self._storage(primary, {t.untyped_storage()._cdata for t in tensors})
         if primary is not None:  # what follows reads the boundary's output, not its last inner op's
             self._nodes[id(primary)] = (node, weakref.ref(primary))
         return out
@@ -272,6 +320,38 @@ class GraphRecorder(TorchDispatchMode):
         return cpu_output_dtypes(func, args, out) if func in CPU_OUTPUT_DTYPES else out
 
 
+def _flat_tensors(args, kwargs) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+    walk(args)
+    walk(kwargs)
+    return out
+
+
+def _records_of(node: torch.fx.Node) -> list[tuple]:
+    rec = node.meta.get("storage")
+    return [] if rec is None else rec if isinstance(rec, list) else [rec]
+
+
+def kv_layers(cache: object) -> list[int] | None:
+    """Bytes of the KV cache a forward returned, per layer (its keys and values; v1's tuples, v2's cache object):
+    None when it returned none."""
+    if cache is None:
+        return None
+    tensors = cache_tensors(cache)
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    return [a + b for a, b in zip(sizes[::2], sizes[1::2])]
+
+
 def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, vendor_roots: Iterable[str] = (),
             step: int | None = None, kv_len: int | None = None,
             instrument: Instrument | None = None) -> tuple[StageGraph, object]:
@@ -288,7 +368,10 @@ def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, ven
             _ACTIVE.pop()
     outputs = [recorder._node_for(t) for t in result_tensors(result)]
     recorder.graph.output(tuple(outputs))
-    sg = StageGraph(stage, recorder.graph, step=step, kv_len=kv_len)
+    cache = cache_of(result)
+    kept = outputs + [recorder._node_for(t) for t in (cache_tensors(cache) if cache is not None else [])]
+    sg = StageGraph(stage, recorder.graph, step=step, kv_len=kv_len, params=recorder.params,
+                    outputs=[r for o in kept for r in _records_of(o)], kv_layers=kv_layers(cache))
     if instrument is not None:
         sg.kernels = instrument.records()
     return sg, result
@@ -344,4 +427,4 @@ def subgraph(source: StageGraph, stage: str, keep: Callable[[torch.fx.Node], boo
     vision stage is the prefill's vision nodes, and a copy of thousands of fx nodes costs real time)."""
     kept = [n for n in source.call_nodes() if keep(n)]
     return StageGraph(stage, source.graph, step=source.step, kv_len=source.kv_len, notes=list(source.notes),
-                      selection=kept)
+                      selection=kept, params=source.params)

@@ -86,3 +86,48 @@ def torch_counts(layer_op: str, device: str) -> bool:
         return True
     carriers = CARRIERS[layer_op]
     return any(flop_counter_counts(op) for op in carriers.get(device, carriers.get("*", ())))
+
+
+#: CUDA-core FLOPs, the column beside the tensor-core one, per element: one table for the analytic layers (by kind)
+#: and the trace (by aten op). The analytic kinds: a norm 4 per element (mean, variance, normalize, scale), softmax
+#: 3 (max-subtract, exp, divide), a SiLU-gated product 4 (SiLU 3, the product 1), GELU 8, a residual add 1.
+CUDA_CORE_PER_ELEMENT: dict[str, int] = {"norm": 4, "softmax": 3, "silu_gated": 4, "gelu": 8, "add": 1}
+
+#: The trace's side: per aten op, (FLOPs, per what) with "out" an output element and "in" an input element (a
+#: reduction reads every element once). An op not listed that may compute is reported as uncounted
+#: (`tracer.count.memory`), never taken as 0; DATA_MOVEMENT lists the ops that compute nothing.
+CUDA_CORE_OPS: dict[str, tuple[int, str]] = {
+    **{f"aten::{op}": (1, "out") for op in (
+        "add", "sub", "mul", "div", "neg", "rsqrt", "sqrt", "reciprocal", "pow", "exp", "log", "sin", "cos", "abs",
+        "eq", "ne", "lt", "le", "gt", "ge", "where", "maximum", "minimum", "clamp", "clamp_min", "clamp_max",
+        "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor", "logical_and", "logical_or", "logical_not",
+        "floor_divide", "remainder", "masked_fill", "add_", "mul_", "sub_", "div_", "masked_fill_", "floor", "ceil",
+        "round", "sign", "lerp", "addcmul", "rsub", "tanh", "erf")},
+    "aten::sigmoid": (3, "out"),   # exp, add, reciprocal
+    "aten::silu": (3, "out"),      # x * sigmoid(x), sigmoid's product counted in the 3 (with the gate's mul: 4)
+    "aten::gelu": (CUDA_CORE_PER_ELEMENT["gelu"], "out"),
+    "aten::_softmax": (CUDA_CORE_PER_ELEMENT["softmax"], "out"),
+    "aten::_log_softmax": (CUDA_CORE_PER_ELEMENT["softmax"], "out"),
+    "aten::native_layer_norm": (CUDA_CORE_PER_ELEMENT["norm"], "in"),
+    "aten::_fused_rms_norm": (CUDA_CORE_PER_ELEMENT["norm"], "in"),
+    **{f"aten::{op}": (1, "in") for op in ("sum", "mean", "cumsum", "amax", "amin", "max", "min", "argmax",
+                                           "argmin", "prod", "histc", "var", "std", "norm", "linalg_vector_norm")},
+    # interpolation: per output element, the taps' weighted sum (2 per tap)
+    "aten::upsample_linear1d": (3, "out"),
+    "aten::upsample_bilinear2d": (7, "out"),
+    "aten::upsample_bicubic2d": (31, "out"),
+    "aten::_upsample_bicubic2d_aa": (31, "out"),
+}
+
+#: Ops that move or make data and compute nothing (views, copies, casts, gathers, fills, selection by order).
+DATA_MOVEMENT: frozenset[str] = frozenset(f"aten::{op}" for op in (
+    "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand", "slice",
+    "select", "split", "split_with_sizes", "unbind", "cat", "stack", "clone", "_to_copy", "copy_", "detach", "alias",
+    "lift_fresh", "lift_fresh_copy", "constant_pad_nd", "index", "index_put_", "index_put", "index_select", "gather",
+    "scatter", "scatter_", "masked_scatter", "embedding", "arange", "full", "full_like", "zeros", "zeros_like",
+    "ones", "ones_like", "new_zeros", "new_ones", "new_empty", "new_full", "empty", "empty_like", "empty_strided",
+    "fill_", "zero_", "scalar_tensor", "contiguous", "repeat", "roll", "flip", "narrow", "as_strided", "unfold",
+    "sort", "topk", "nonzero", "_local_scalar_dense", "item", "resize_", "set_", "diagonal", "tril", "triu",
+    "bernoulli_", "uniform_", "normal_", "randn", "rand", "randint", "pixel_shuffle", "pixel_unshuffle",
+    "unflatten", "flatten", "movedim", "expand_as", "view_as", "type_as", "to", "_reshape_alias", "im2col", "col2im",
+    "masked_select", "repeat_interleave", "bucketize", "searchsorted", "one_hot", "isin"))

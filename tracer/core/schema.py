@@ -20,7 +20,16 @@ class Stage:
     gap_pct: float
     unknown_ops: int
     coverage: dict[str, int]
-    steps: list[dict[str, int]] | None = None  # decode: kv_len and FLOPs per step
+    bytes_read: int = 0         # its nodes' (tracer.count.memory: the unfused convention)
+    bytes_written: int = 0
+    weight_bytes: int = 0       # each parameter once per graph (a decode step's read at every step)
+    cuda_flops: int = 0
+    cuda_uncounted: int = 0     # nodes that may compute CUDA-core FLOPs and have no entry in the table
+    act_peak_bytes: int | None = None  # activation peak by liveness, and the node where it peaks
+    act_peak_node: str | None = None
+    kv_bytes: int | None = None  # the KV cache after the stage, and per layer
+    kv_layers: list[int] | None = None
+    steps: list[dict[str, int]] | None = None  # decode: kv_len, FLOPs and KV bytes per step
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,11 @@ class Node:
     flops_torch: int
     flops_full: int
     status: str                 # formula, zero (no FLOPs by convention), unknown (FLOP-bearing, no formula), ...
+    bytes_read: int             # tracer.count.memory: distinct input storages, the bytes their views span
+    bytes_written: int
+    weight_bytes: int           # the part of bytes_read that is parameters or buffers
+    cuda_flops: int             # CUDA-core FLOPs (tracer.core.conventions.CUDA_CORE_OPS)
+    cuda_status: str            # counted, free, uncounted (may compute, no entry: never a silent zero)
     note: str | None = None
     layer: str | None = None    # the analytic layer it maps to
     unmapped: str | None = None  # why no mapping rule took it

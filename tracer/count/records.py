@@ -17,6 +17,7 @@ from tracer.core.conventions import Conventions
 from tracer.core.modulepaths import STAGES, node_id
 from tracer.count.counter import Totals, count_graph, totals
 from tracer.count.document import SCHEMA
+from tracer.count.memory import node_memory, stage_memory
 
 
 def _tensors(v) -> list[torch.Tensor]:
@@ -35,7 +36,7 @@ def _shapes(values) -> tuple[list[list[int]], list[str]]:
     return [list(v.shape) for v in flat], [_DTYPE_NAMES[v.dtype] for v in flat]
 
 
-def node_record(sg: StageGraph, node) -> dict[str, Any]:
+def node_record(sg: StageGraph, node, memory: dict[str, Any] | None = None) -> dict[str, Any]:
     m = node.meta
     in_vals = [a.meta.get("val") for a in node.all_input_nodes]
     in_shapes, in_dtypes = _shapes(in_vals)
@@ -47,6 +48,7 @@ def node_record(sg: StageGraph, node) -> dict[str, Any]:
         "input_shapes": in_shapes, "input_dtypes": in_dtypes,
         "output_shapes": out_shapes, "output_dtypes": out_dtypes,
         "flops_torch": m["flops_torch"], "flops_full": m["flops_full"], "status": m["flop_status"],
+        **(memory if memory is not None else node_memory(node, sg.params)),
         **({"note": m["flop_note"]} if m.get("flop_note") else {}),
         **({"attention": m["params"], "inner": len(m["inner"])} if "params" in m else {}),
     }
@@ -60,18 +62,48 @@ def as_rows(graphs: list[StageGraph], conventions: Conventions) -> list[StageGra
     for sg in graphs:
         if sg.selection is None and sg.rows is None:
             count_graph(sg, conventions)
-    return [sg if sg.rows is not None else
-            StageGraph(sg.stage, None, step=sg.step, kv_len=sg.kv_len, notes=sg.notes,
-                       rows=[node_record(sg, node) for node in sg.op_nodes()])
-            for sg in graphs]
+    return [sg if sg.rows is not None else _as_rows(sg) for sg in graphs]
 
 
-def stage_record(name: str, graphs: list[StageGraph]) -> dict[str, Any]:
+def _as_rows(sg: StageGraph) -> StageGraph:
+    rows = graph_rows(sg)
+    return StageGraph(sg.stage, None, step=sg.step, kv_len=sg.kv_len, notes=sg.notes, rows=rows,
+                      kv_layers=sg.kv_layers, memory=sg.memory)
+
+
+def graph_rows(sg: StageGraph) -> list[dict[str, Any]]:
+    """A counted graph's report rows, and its stage memory into `sg.memory` (once)."""
+    nodes = list(sg.op_nodes())
+    per_node = {n.name: node_memory(n, sg.params) for n in nodes}
+    if sg.memory is None:
+        sg.memory = stage_memory(sg, nodes, per_node)
+    return [node_record(sg, n, per_node[n.name]) for n in nodes]
+
+
+MEMORY_SUMS = ("bytes_read", "bytes_written", "weight_bytes", "cuda_flops")  # per node; a stage's are their sums
+
+
+def stage_record(name: str, graphs: list[StageGraph], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stage's counts: FLOPs (both policies), the node columns summed (`weight_bytes` here: each parameter once
+    per graph, a decode step's read at every step), the activation peak (the largest of its graphs') and the KV
+    cache after it (bytes, per layer)."""
     t = totals(graphs)
     rec: dict[str, Any] = {"name": name, "flops_torch": t.flops_torch, "flops_full": t.flops_full,
                            "unknown_ops": sum(t.unknown.values())}
+    rec.update({k: sum(r[k] for r in rows) for k in MEMORY_SUMS})
+    rec["cuda_uncounted"] = sum(1 for r in rows if r["cuda_status"] == "uncounted")
+    memories = [g.memory for g in graphs if g.memory is not None]
+    if memories:
+        rec["weight_bytes"] = sum(m["weight_bytes"] for m in memories)
+        top = max(memories, key=lambda m: m["act_peak_bytes"])
+        rec["act_peak_bytes"] = top["act_peak_bytes"]
+        rec["act_peak_node"] = node_id(graphs[memories.index(top)], top["act_peak_node"]) if top["act_peak_node"] else None
+    kv = graphs[-1].kv_layers if graphs else None
+    if kv is not None:
+        rec["kv_bytes"], rec["kv_layers"] = sum(kv), kv
     if name == "decode":
-        rec["steps"] = [{"kv_len": g.kv_len, **_flops(totals([g]))} for g in graphs]
+        rec["steps"] = [{"kv_len": g.kv_len, **_flops(totals([g])),
+                         **({"kv_bytes": sum(g.kv_layers)} if g.kv_layers is not None else {})} for g in graphs]
     return rec
 
 
@@ -81,14 +113,16 @@ def _flops(t: Totals) -> dict[str, int]:
 
 def build_report(tr: Trace) -> dict[str, Any]:
     w, d = tr.workload, tr.prepared.derived
-    stages = [stage_record(name, tr.stages.get(name, [])) for name in STAGES]
     unknown: Counter = Counter()
     nodes = []
+    per_stage: dict[str, list[dict[str, Any]]] = {name: [] for name in STAGES}
     for sg in tr.graphs():
-        rows = sg.rows if sg.rows is not None else [node_record(sg, node) for node in sg.op_nodes()]
+        rows = sg.rows if sg.rows is not None else graph_rows(sg)
         nodes += rows
+        per_stage.setdefault(sg.stage, []).extend(rows)
         if sg.stage != "vision":  # vision nodes repeat prefill's
             unknown.update(r["op"] for r in rows if r["status"] == "unknown")
+    stages = [stage_record(name, tr.stages.get(name, []), per_stage[name]) for name in STAGES]
     return {
         "schema": SCHEMA,
         "model": w.model,

@@ -1,0 +1,176 @@
+"""Bytes, weights, the KV cache, the activation peak and CUDA-core FLOPs (tracer.count.memory), each against a count
+made independently of it: hand counts on small modules, the nn.Module's own parameters, the closed form of the KV
+cache from the config and the positions."""
+
+import pytest
+import torch
+
+from tracer.capture.recorder import capture
+from tracer.core.conventions import Conventions
+from tracer.count.counter import count_graph
+from tracer.count.records import graph_rows
+
+F32 = 4
+
+
+def _rows(fn, model=None):
+    model = model or torch.nn.Module()
+    sg, _ = capture(fn, model, "prefill")
+    count_graph(sg, Conventions())
+    return graph_rows(sg), sg
+
+
+def _one(rows, op):
+    (row,) = [r for r in rows if r["op"] == op]
+    return row
+
+
+def test_a_linear_reads_its_input_weight_and_bias_and_writes_its_output():
+    lin = torch.nn.Linear(8, 16)
+    x = torch.randn(4, 8)
+    rows, _ = _rows(lambda: lin(x), lin)
+    addmm = _one(rows, "aten::addmm")
+    assert addmm["bytes_read"] == (4 * 8 + 8 * 16 + 16) * F32
+    assert addmm["weight_bytes"] == (8 * 16 + 16) * F32
+    assert addmm["bytes_written"] == 4 * 16 * F32
+    assert _one(rows, "aten::t")["bytes_read"] == 0  # the transposed weight is a view: nothing moves
+
+
+def test_a_convolution():
+    conv = torch.nn.Conv2d(3, 8, kernel_size=3)
+    x = torch.randn(1, 3, 10, 10)
+    rows, _ = _rows(lambda: conv(x), conv)
+    row = _one(rows, "aten::convolution")
+    assert row["bytes_read"] == (3 * 10 * 10 + 8 * 3 * 3 * 3 + 8) * F32
+    assert row["bytes_written"] == 8 * 8 * 8 * F32 and row["weight_bytes"] == (8 * 3 * 3 * 3 + 8) * F32
+
+
+def test_a_strided_view_is_read_over_the_bytes_it_spans_and_an_expand_once():
+    x = torch.randn(8, 8)
+    rows, _ = _rows(lambda: x[:, ::2].clone())
+    clone = _one(rows, "aten::clone")
+    assert clone["bytes_read"] == (7 * 8 + 3 * 2 + 1) * F32  # rows 8 apart, every other column: 63 elements spanned
+    assert clone["bytes_written"] == 8 * 4 * F32
+    assert _one(rows, "aten::slice")["bytes_written"] == 0
+    y = torch.randn(1, 8)
+    rows, _ = _rows(lambda: y.expand(4, 8) + 1)
+    add = _one(rows, "aten::add")
+    assert add["bytes_read"] == 8 * F32 and add["bytes_written"] == 4 * 8 * F32  # the stride-0 rows once
+
+
+def test_an_in_place_add_reads_and_writes_its_target():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    rows, _ = _rows(lambda: a.add_(b))
+    row = _one(rows, "aten::add_")
+    assert row["bytes_read"] == 2 * 16 * F32 and row["bytes_written"] == 16 * F32
+
+
+def test_cuda_core_flops_per_element_as_the_analytic_conventions_say():
+    x = torch.randn(4, 16)
+    norm = torch.nn.LayerNorm(16)
+    rows, _ = _rows(lambda: norm(x), norm)
+    assert _one(rows, "aten::native_layer_norm")["cuda_flops"] == 4 * 64  # a norm: 4 per element
+    rows, _ = _rows(lambda: torch.softmax(x, -1))
+    assert _one(rows, "aten::_softmax")["cuda_flops"] == 3 * 64  # softmax: 3
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    rows, _ = _rows(lambda: torch.nn.functional.silu(a) * b)
+    assert sum(r["cuda_flops"] for r in rows) == 4 * 32  # a SiLU-gated product: 4
+    rows, _ = _rows(lambda: torch.nn.functional.gelu(a) + b)
+    assert [(r["op"], r["cuda_flops"]) for r in rows] == [("aten::gelu", 8 * 32), ("aten::add", 32)]
+    lin = torch.nn.Linear(8, 8)
+    rows, _ = _rows(lambda: lin(a), lin)
+    assert _one(rows, "aten::addmm")["cuda_flops"] == 0 and _one(rows, "aten::addmm")["cuda_status"] == "free"
+
+
+def test_an_op_that_computes_with_no_entry_is_uncounted_not_zero_in_silence():
+    x = torch.randn(4, 4)
+    rows, _ = _rows(lambda: torch.special.bessel_j0(x))
+    (row,) = rows
+    assert row["cuda_status"] == "uncounted" and row["cuda_flops"] == 0
+
+
+def test_the_activation_peak_follows_liveness():
+    """a and b (4 KiB each) live together while c is made (4 KiB more) at the add, beside the input x (4 KiB, held
+    by the caller for the whole stage): 16 KiB; then a and b die and the sum's output is 4 bytes."""
+    x = torch.randn(32, 32)
+
+    def fn():
+        a = x * 2
+        b = x * 3
+        c = a + b
+        return c.sum()
+
+    rows, sg = _rows(fn)
+    mem = sg.memory
+    kib = 32 * 32 * F32
+    assert mem["act_peak_bytes"] == 4 * kib and mem["act_peak_node"] == "add"
+    assert mem["weight_bytes"] == 0
+
+
+# ---- a whole model: DeepSeek-OCR-2 at reduced size, against its nn.Module and its config ---------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_v2_config):
+    from tracer.core.workload import Workload
+    from tracer.pipeline import Options, run
+
+    result = run(Workload(image_wh=(1000, 800), text_tokens=3, decode_steps=3), Options(config=tiny_v2_config))
+    return result.report, tiny_v2_config
+
+
+def _module(config_path):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(config_path)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # as the adapter builds it: bf16 weights (buffers keep their own dtype)
+    try:
+        with torch.device("meta"):
+            return transformers.DeepseekOcr2ForConditionalGeneration(config), config
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.mark.v2
+def test_kv_cache_bytes_are_the_closed_form_of_the_config_and_positions(tiny_run):
+    doc, path = tiny_run
+    _, config = _module(path)
+    text = config.text_config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_position = text.num_hidden_layers * 2 * heads * head_dim * 2  # keys and values, bf16
+    stages = {s["name"]: s for s in doc["stages"]}
+    prompt = doc["workload"]["prompt_len"]
+    assert stages["prefill"]["kv_bytes"] == per_position * prompt
+    assert [s["kv_bytes"] for s in stages["decode"]["steps"]] == [per_position * (prompt + k + 1) for k in range(3)]
+    assert stages["decode"]["kv_bytes"] == per_position * (prompt + 3)
+    assert stages["prefill"]["kv_layers"] == [per_position * prompt // text.num_hidden_layers] * text.num_hidden_layers
+
+
+@pytest.mark.v2
+def test_weight_bytes_per_stage_are_the_modules_own_parameters(tiny_run):
+    """Prefill reads every parameter and buffer once; a decode step every parameter of the language model but the experts no
+    token reaches: of each MoE layer's routed experts, min(tokens x top-k, experts) (one token: top-k), and of the
+    embedding table the row of its token."""
+    doc, path = tiny_run
+    model, config = _module(path)
+    text = config.text_config
+    stages = {s["name"]: s for s in doc["stages"]}
+    # transformers keeps a copy of RoPE's inverse frequencies (`original_inv_freq`, for dynamic RoPE) that no forward
+    # reads here: not a weight any stage runs
+    tensors = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if not n.endswith("original_inv_freq")]
+    every = sum(p.numel() * p.element_size() for _, p in tensors)
+    assert stages["prefill"]["weight_bytes"] == every
+    language = vision = experts = 0
+    for name, p in tensors:
+        if "vision" in name or "projector" in name or "view_separator" in name or "image_newline" in name:
+            vision += p.numel() * p.element_size()
+        elif name.endswith("embed_tokens.weight"):  # a gather: the one token's row
+            language += p.shape[1] * p.element_size()
+        elif ".experts." in name and p.dim() == 3:
+            experts += (p.numel() * p.element_size() * min(text.num_experts_per_tok, text.n_routed_experts)
+                        // text.n_routed_experts)
+        else:
+            language += p.numel() * p.element_size()
+    assert stages["decode"]["weight_bytes"] == 3 * (language + experts)

@@ -1,0 +1,228 @@
+"""Bytes and CUDA-core FLOPs: a pass over a captured graph that writes, per node, what it moves and what it computes
+beside its tensor-core FLOPs, and per stage the activation peak. No second capture and no real compute: it reads
+the storage records the recorder kept (`meta["storage"]`: storage id, byte offset, bytes the view spans, bytes of
+the storage, per tensor value; tracer.capture.recorder).
+
+Per node (the *unfused* convention: every aten op reads its inputs and writes its outputs, as the trace runs them):
+  bytes_read     the distinct input storages, each the union of the byte ranges its views span (an expanded,
+                 stride-0 dimension once); a gather (embedding, index, index_select) reads the rows it gathers
+                 and its indices, not the whole table
+  bytes_written  the outputs the same way; a view or reshape moves nothing (an output aliasing an input of an op
+                 that mutates nothing); an in-place op reads and writes its target
+  weight_bytes   the part of bytes_read that is parameters or buffers
+  cuda_flops     `tracer.core.conventions.CUDA_CORE_OPS` per element; attention kernels their softmax (3 per score);
+                 tensor-core ops 0 (their column is flops_full); an op that may compute and has no entry: 0 with
+                 cuda_status `uncounted`, listed, never a silent zero
+Per stage graph (`stage_memory`): weight_bytes with each parameter once, act_peak_bytes by liveness over the
+recorded order (a storage lives from the node that makes it to its last use; the stage's inputs, held by its caller,
+for the whole stage; its outputs, the KV cache among them, to the end; parameters are weights, not activations) and
+the node where it peaks.
+What the trace cannot know: fusion (a fusing runtime reads less), caches (L2 hits), the allocator (its blocks,
+rounding and caching: a real run's `max_memory_allocated` sits above the liveness peak).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+
+from tracer.capture.recorder import StageGraph
+from tracer.core.conventions import CUDA_CORE_OPS, DATA_MOVEMENT
+
+#: gathers: they read what they gather (their output's bytes) from the table, plus their other inputs whole
+_GATHERS = {"aten::embedding": 0, "aten::index": 0, "aten::index_select": 0, "aten::gather": 0}
+#: grouped GEMMs: of the grouped operand (one matrix per group: the experts' weights) a kernel reads the groups
+#: that have rows, at most one per row: min(rows, groups) of them (a one-token decode step touches its top-k)
+_GROUPED = {"aten::_grouped_mm": 1}
+_ATTENTION_KERNELS = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention",
+                      "flash_attn::", "higher_order::flex_attention", "attention::")
+_FREE_STATUS = ("torch", "formula", "group")  # tensor-core ops: their work is the other column
+
+
+def _records(node: torch.fx.Node) -> list[tuple[int, int, int, int]]:
+    rec = node.meta.get("storage")
+    if rec is None:
+        return []
+    return rec if isinstance(rec, list) else [rec]
+
+
+def _union(ranges: list[tuple[int, int]]) -> int:
+    total, end = 0, -1
+    for start, stop in sorted(ranges):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def _bytes(records: list[tuple[int, int, int, int]], only: set[int] | None = None) -> int:
+    per: dict[int, list[tuple[int, int]]] = {}
+    for sid, offset, span, _ in records:
+        if only is None or sid in only:
+            per.setdefault(sid, []).append((offset, offset + span))
+    return sum(_union(r) for r in per.values())
+
+
+def node_memory(node: torch.fx.Node, params: set[int]) -> dict[str, Any]:
+    """bytes_read, bytes_written, weight_bytes, cuda_flops and cuda_status of one op node (module docstring)."""
+    op = node.meta["op"]
+    ins = [r for a in node.all_input_nodes for r in _records(a)]
+    outs = _records(node)
+    if node.meta.get("inner"):  # an attention call whose ops were recorded inside it: they carry its traffic
+        read = written = weight = 0
+    else:
+        if _is_view(node):  # every output a view of an input: nothing moves
+            return {"bytes_read": 0, "bytes_written": 0, "weight_bytes": 0, "cuda_flops": 0, "cuda_status": "free"}
+        in_sids = {r[0] for r in ins}
+        written = _bytes(outs if _mutates(node) else [r for r in outs if r[0] not in in_sids])
+        if op in _GATHERS and node.all_input_nodes:
+            table = _records(node.all_input_nodes[0])
+            table_sids = {r[0] for r in table}
+            rest = [r for r in ins if r[0] not in table_sids]
+            read = written + _bytes(rest)
+            weight = min(written, _bytes(table, params))
+        else:
+            read = _bytes(ins)
+            weight = _bytes(ins, params)
+            if op in _GROUPED and len(node.all_input_nodes) > _GROUPED[op]:
+                read, weight = _grouped(node, read, weight, params)
+    flops, status = cuda_flops(node)
+    return {"bytes_read": read, "bytes_written": written, "weight_bytes": weight, "cuda_flops": flops,
+            "cuda_status": status}
+
+
+def _mutates(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    """Every output aliases an input, and the op writes nothing: a view or reshape."""
+    outs = _records(node)
+    in_sids = {r[0] for a in node.all_input_nodes for r in _records(a)}
+    return bool(outs) and not _mutates(node) and all(r[0] in in_sids for r in outs)
+
+
+def _grouped(node: torch.fx.Node, read: int, weight: int, params: set[int]) -> tuple[int, int]:
+    """read and weight bytes of a grouped GEMM less the groups no row reaches (module docstring)."""
+    grouped = node.all_input_nodes[_GROUPED[node.meta["op"]]]
+    rows_of = node.all_input_nodes[0].meta.get("val")
+    mat = grouped.meta.get("val")
+    if not isinstance(mat, torch.Tensor) or mat.dim() != 3 or not isinstance(rows_of, torch.Tensor):
+        return read, weight
+    groups, rows = mat.shape[0], rows_of.shape[0]
+    untouched = _bytes(_records(grouped)) * (groups - min(rows, groups)) // groups
+    in_params = _bytes(_records(grouped), params) > 0
+    return read - untouched, weight - (untouched if in_params else 0)
+
+
+def _numel(vals: Any) -> int:
+    if isinstance(vals, torch.Tensor):
+        return vals.numel()
+    if isinstance(vals, (list, tuple)):
+        return sum(_numel(v) for v in vals)
+    return 0
+
+
+def cuda_flops(node: torch.fx.Node) -> tuple[int, str]:
+    """CUDA-core FLOPs of one node and how they were known: `counted` (the table), `free` (computes nothing, or
+    its work is tensor-core), `uncounted` (may compute, no entry)."""
+    op, meta = node.meta["op"], node.meta
+    entry = CUDA_CORE_OPS.get(op)
+    if entry is not None:
+        per, basis = entry
+        elements = _numel(meta.get("val")) if basis == "out" else _numel(
+            node.all_input_nodes[0].meta.get("val") if node.all_input_nodes else None)
+        if basis == "out" and isinstance(meta.get("val"), (list, tuple)):  # layer norm: (out, mean, rstd)
+            elements = _numel(meta["val"][0])
+        return per * elements, "counted"
+    if op.startswith(_ATTENTION_KERNELS):
+        if meta.get("inner"):
+            return 0, "free"  # the ops inside carry it
+        return 3 * _scores(node), "counted"
+    if op in DATA_MOVEMENT or meta.get("flop_status") in _FREE_STATUS or node.target is operator.getitem:
+        return 0, "free"
+    return 0, "uncounted"
+
+
+def _scores(node: torch.fx.Node) -> int:
+    """(query, key) score elements of an attention kernel: batch x heads x s_q from its output, s_k from its key."""
+    out = node.meta.get("val")
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    args = [a.meta.get("val") for a in node.all_input_nodes[:3]]
+    if not isinstance(out, torch.Tensor) or len(args) < 2 or not isinstance(args[1], torch.Tensor) or out.dim() < 3:
+        return 0
+    s_k = args[1].shape[-2] if node.meta["op"].startswith(("aten::", "higher_order::")) else args[1].shape[1]
+    return out.numel() // out.shape[-1] * s_k
+
+
+def stage_memory(sg: StageGraph, nodes: list[torch.fx.Node], per_node: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A stage graph's weight bytes (each parameter once), activation peak by liveness and where it peaks."""
+    params = sg.params
+    weight = _bytes([r for n in nodes for r in _param_reads(n, params)])
+    size: dict[int, int] = {}
+    born: dict[int, int] = {}
+    last: dict[int, int] = {}
+    order = list(nodes)
+    for i, n in enumerate(order):
+        for r in _reads(n):
+            if r[0] not in params:
+                size[r[0]] = max(size.get(r[0], 0), r[3])
+                born.setdefault(r[0], -1)  # first seen as an input: alive from the start
+                last[r[0]] = i
+        for r in _records(n):
+            if r[0] not in params:
+                size[r[0]] = max(size.get(r[0], 0), r[3])
+                born.setdefault(r[0], i)
+                last[r[0]] = max(last.get(r[0], i), i)
+    end = len(order)
+    for r in sg.outputs:  # the stage's outputs (the KV cache among them) live to its end
+        if r[0] in last:
+            last[r[0]] = end - 1
+    for sid, b in born.items():  # so do its inputs: the caller holds them through the forward
+        if b < 0:
+            last[sid] = end - 1
+    delta = [0] * (end + 1)  # live bytes while node t runs: every storage with born <= t <= last
+    for sid, b in born.items():
+        delta[max(b, 0)] += size[sid]
+        delta[min(last[sid], end - 1) + 1] -= size[sid]
+    live, peak, at = 0, 0, -1
+    for t in range(end):
+        live += delta[t]
+        if live > peak:
+            peak, at = live, t
+    peak_node = order[at].name if 0 <= at < end else None
+    return {"weight_bytes": weight, "act_peak_bytes": peak, "act_peak_node": peak_node}
+
+
+def _param_reads(node: torch.fx.Node, params: set[int]) -> list[tuple[int, int, int, int]]:
+    """The parameter ranges a node reads, as node_memory counts them: a gather the rows it gathers (as many bytes
+    as it writes, from the table's start: which rows is data), a grouped GEMM the groups rows reach."""
+    op = node.meta["op"]
+    if node.meta.get("inner") or _is_view(node):
+        return []
+    if op in _GATHERS and node.all_input_nodes:
+        table = [r for r in _records(node.all_input_nodes[0]) if r[0] in params]
+        written = _bytes(_records(node))
+        return [(sid, off, min(span, written), size) for sid, off, span, size in table]
+    out = []
+    grouped = node.all_input_nodes[_GROUPED[op]] if op in _GROUPED and len(node.all_input_nodes) > _GROUPED[op] else None
+    for a in node.all_input_nodes:
+        for r in _records(a):
+            if r[0] not in params:
+                continue
+            if a is grouped:
+                mat, rows_of = a.meta.get("val"), node.all_input_nodes[0].meta.get("val")
+                if isinstance(mat, torch.Tensor) and mat.dim() == 3 and isinstance(rows_of, torch.Tensor):
+                    groups = mat.shape[0]
+                    r = (r[0], r[1], r[2] * min(rows_of.shape[0], groups) // groups, r[3])
+            out.append(r)
+    return out
+
+
+def _reads(node: torch.fx.Node) -> list[tuple[int, int, int, int]]:
+    return [r for a in node.all_input_nodes for r in _records(a)]
