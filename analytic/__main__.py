@@ -13,7 +13,7 @@ import io
 import json
 import sys
 
-from analytic.api import evaluate, variant
+from analytic.api import COLUMNS, evaluate, variant
 from tracer.core import flags
 from tracer.core.errors import FlopdiffError
 from tracer.core.workload import Workload, load_image, parse_image_shape, validate
@@ -37,6 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="... and these resolutions (default: the model's)")
     p.add_argument("override", nargs="*", help="key=value overrides of analytic/presets/defaults.yaml")
     return p
+
+
+HEADERS = ("tensor-core FLOPs", "CUDA-core FLOPs", "I/O", "weights", "activations", "KV cache")
+UNITS = ("", "", "B", "B", "B", "B")
+
+
+def _si(n: int, unit: str) -> str:
+    """4.69 T, 6.45 GB: the table's units (the JSON keeps every digit)."""
+    for prefix, scale in (("P", 10**15), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {prefix}{unit}"
+    return f"{n} {unit}".strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,11 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{args.model} analytic ({args.analytic}, policy {args.policy})", caption=json.dumps(doc["workload"]))
+    w = doc["workload"]
+    caption = (f"{w['image_wh'][0]}x{w['image_wh'][1]} px, base {w['base_size']}, tile {w['tile_size']}, crop mode "
+               f"{'on' if w['crop_mode'] else 'off'}, {w['views']} views (crop grid {w['crop_grid_wh'][0]}x"
+               f"{w['crop_grid_wh'][1]}), {w['image_tokens']} image tokens, prompt {w['prompt_len']}, "
+               f"{w['decode_steps']} decode step{'s' if w['decode_steps'] != 1 else ''}. I/O: fused (a layer's inputs, outputs and weights once); --json: "
+               "every digit")
+    t = Table(title=f"{args.model} analytic ({args.analytic}, policy {args.policy})", caption=caption,
+              title_justify="left", caption_justify="left")
     t.add_column("stage")
-    t.add_column("FLOPs", justify="right")
+    for label in HEADERS:
+        t.add_column(label, justify="right", no_wrap=True)
     for s in doc["stages"]:
-        t.add_row(s["name"], f"{s['flops']:,}")
+        t.add_row(s["name"], *(_si(s[c], unit) for c, unit in zip(COLUMNS, UNITS)))
     Console(width=max(120, Console().width)).print(t)
     return 0
 

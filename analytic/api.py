@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from analytic.layers import Policy
+from analytic.layers import Cost, Policy
 from analytic.models import BUILDERS
 from analytic.request import ModelTree, Shape, Variant
 from tracer.core.configfile import read_json
@@ -180,16 +180,30 @@ def shape_for(model: str, image_wh: tuple[int, int], mode: str | None = None, ba
                  w.decode_steps if decode_steps is None else decode_steps)
 
 
+#: the six columns of an analytic layer (analytic.layers.Cost), as report.json and `--json` name them
+COLUMNS = ("flops", "cuda_flops", "io_bytes", "weight_bytes", "act_bytes", "kv_bytes")
+
+
+def _columns(cost: Cost) -> dict[str, int]:
+    return dict(zip(COLUMNS, cost.astuple()))
+
+
 def evaluate_tree(tree: ModelTree, shape: Shape, pol: Policy) -> dict[str, Any]:
+    """Per stage and layer every column (`flops` is the tensor-core count; I/O the fused convention: a layer's
+    inputs, outputs and weights once; `kv_bytes` the cache after the stage)."""
     layers = []
     stages = []
     for name, blocks in tree.stages.items():
-        by_id: dict[str, int] = {}
+        by_id: dict[str, list[Cost]] = {}
         for block in blocks:
             for leaf in block.leaves():
-                by_id[leaf.id] = by_id.get(leaf.id, 0) + leaf.cost(pol).tc_flops
-        stages.append({"name": name, "flops": sum(b.cost(pol).tc_flops for b in blocks)})
-        layers += [{"id": k, "stage": name, "flops": v} for k, v in by_id.items()]
+                by_id.setdefault(leaf.id, []).append(leaf.cost(pol))
+        # the KV cache is a state, not a sum: the stage's (and a layer's) is the one after its last block (decode:
+        # the last step's), the other columns add up over the blocks
+        stages.append({"name": name, **_columns(Cost.total(b.cost(pol) for b in blocks)),
+                       "kv_bytes": blocks[-1].cost(pol).kv_bytes if blocks else 0})
+        layers += [{"id": k, "stage": name, **_columns(Cost.total(v)), "kv_bytes": v[-1].kv_bytes}
+                   for k, v in by_id.items()]
     v = tree.views
     return {
         "workload": {"image_wh": [shape.width, shape.height], "base_size": shape.base_size, "tile_size": shape.tile_size,

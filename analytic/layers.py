@@ -113,7 +113,8 @@ class Experts(Layer):
 
     def cost(self, policy: Policy) -> Cost:
         tc = 2 * self.routed_rows * self.d * 2 * self.inter + 2 * self.routed_rows * self.inter * self.d
-        w = self.n_experts * 3 * self.d * self.inter * self.dtype_bytes
+        # the experts a step touches: at most one per routed row (a one-token decode step reads its top-k, not all)
+        w = min(self.routed_rows, self.n_experts) * 3 * self.d * self.inter * self.dtype_bytes
         act = self.routed_rows * (self.d + 2 * self.inter) * self.dtype_bytes
         return Cost(tc if policy.counts(self.op) else 0, 4 * self.routed_rows * self.inter, act + w, w, act)
 

@@ -90,8 +90,9 @@ def test_an_op_that_computes_with_no_entry_is_uncounted_not_zero_in_silence():
 
 
 def test_the_activation_peak_follows_liveness():
-    """a and b (4 KiB each) live together while c is made (4 KiB more) at the add, beside the input x (4 KiB, held
-    by the caller for the whole stage): 16 KiB; then a and b die and the sum's output is 4 bytes."""
+    """x, a and b (4 KiB each) live while b is made (12 KiB at mul_1, x's last use); at the add x is dead and c is
+    made beside a and b (12 KiB again): the peak is 12 KiB, first reached at mul_1. A liveness that kept x (an input)
+    to the end would say 16 KiB, one that freed nothing 16 KiB and more."""
     x = torch.randn(32, 32)
 
     def fn():
@@ -103,7 +104,7 @@ def test_the_activation_peak_follows_liveness():
     rows, sg = _rows(fn)
     mem = sg.memory
     kib = 32 * 32 * F32
-    assert mem["act_peak_bytes"] == 4 * kib and mem["act_peak_node"] == "add"
+    assert mem["act_peak_bytes"] == 3 * kib and mem["act_peak_node"] == "mul_1"
     assert mem["weight_bytes"] == 0
 
 

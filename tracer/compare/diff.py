@@ -65,6 +65,7 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
         nodes.append(n)
     present = {s["name"] for s in report["stages"]}
     analytic = {(row["stage"], row["id"]): row["flops"] for row in an.doc["layers"] if row["stage"] in present}
+    columns = {(row["stage"], row["id"]): _analytic_columns(row) for row in an.doc["layers"]}
     layers = []
     for key in sorted(set(per_layer) | {k for k, v in analytic.items() if v}, key=_order(an.aligned)):
         stage, lid = key
@@ -77,13 +78,17 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
         row["formula"] = formula(leaves[key], counting)
         row["rules"] = sorted({r for r in map(mapping.rule_of, mapped) if r})
         row["cause"] = cause(stage, lid, row["reason"], preset, leaves[key], mapped, counting, measured)
+        row.update({k: sum(n.get(k, 0) for n in mapped) for k in TRACED_COLUMNS})
+        row.update(columns.get(key, _analytic_columns({})))
         layers.append(row)
     stage_analytic = {s["name"]: s["flops"] for s in an.doc["stages"]}
+    stage_columns = {s["name"]: _analytic_columns(s) for s in an.doc["stages"]}
     by_stage: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for n in nodes:
         by_stage[n["stage"]].append(n)
     stages = [{**s, **_row({}, stage_analytic.get(s["name"], 0), s["flops_torch"], s["flops_full"], measured),
-               "coverage": coverage(by_stage[s["name"]], mapping)} for s in report["stages"]]
+               "coverage": coverage(by_stage[s["name"]], mapping),
+               **stage_columns.get(s["name"], _analytic_columns({}))} for s in report["stages"]]
     doc = {**report, "stages": stages, "nodes": nodes,
            "analytic": {"preset": an.preset, "policy": an.policy, "causal_halving": an.causal_halving,
                         **({"attention": an.attention} if an.attention else {})},
@@ -94,6 +99,16 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
                          for g in gap_groups(doc, s["name"], vision if s["name"] == "prefill" else frozenset())]
     doc["unseen"] = unseen_ops(doc)
     return doc
+
+
+#: the node columns a layer sums (tracer.count.memory: the unfused convention)
+TRACED_COLUMNS = ("bytes_read", "bytes_written", "weight_bytes", "cuda_flops")
+#: the analytic model's other columns (analytic.api.COLUMNS beside `flops`), as `analytic_*` beside the traced ones
+ANALYTIC_COLUMNS = ("cuda_flops", "io_bytes", "weight_bytes", "act_bytes", "kv_bytes")
+
+
+def _analytic_columns(row: dict[str, Any]) -> dict[str, int]:
+    return {f"analytic_{c}": row.get(c, 0) for c in ANALYTIC_COLUMNS}
 
 
 def _order(tree: ModelTree):

@@ -29,6 +29,11 @@ class Stage:
     act_peak_node: str | None = None
     kv_bytes: int | None = None  # the KV cache after the stage, and per layer
     kv_layers: list[int] | None = None
+    analytic_cuda_flops: int = 0  # the analytic model's other columns (analytic.api.COLUMNS; I/O fused)
+    analytic_io_bytes: int = 0
+    analytic_weight_bytes: int = 0
+    analytic_act_bytes: int = 0
+    analytic_kv_bytes: int = 0
     steps: list[dict[str, int]] | None = None  # decode: kv_len, FLOPs and KV bytes per step
 
 
@@ -48,6 +53,15 @@ class LayerDiff:
     formula: str | None = None  # the analytic formula with its numbers
     rules: list[str] | None = None  # the mapping rules that joined its nodes to it
     cause: str | None = None    # why it differs, when flopdiff can name it (tracer.compare.causes)
+    bytes_read: int = 0         # its nodes' sums (tracer.count.memory: the unfused convention)
+    bytes_written: int = 0
+    weight_bytes: int = 0
+    cuda_flops: int = 0
+    analytic_cuda_flops: int = 0  # the analytic layer's other columns (analytic.layers.Cost; I/O fused)
+    analytic_io_bytes: int = 0
+    analytic_weight_bytes: int = 0
+    analytic_act_bytes: int = 0
+    analytic_kv_bytes: int = 0
 
 
 @dataclass(frozen=True)

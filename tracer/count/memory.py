@@ -14,9 +14,10 @@ Per node (the *unfused* convention: every aten op reads its inputs and writes it
                  tensor-core ops 0 (their column is flops_full); an op that may compute and has no entry: 0 with
                  cuda_status `uncounted`, listed, never a silent zero
 Per stage graph (`stage_memory`): weight_bytes with each parameter once, act_peak_bytes by liveness over the
-recorded order (a storage lives from the node that makes it to its last use; the stage's inputs, held by its caller,
-for the whole stage; its outputs, the KV cache among them, to the end; parameters are weights, not activations) and
-the node where it peaks.
+recorded order (a storage lives from the node that makes it, or from the start for an input, to its last use; the
+stage's outputs, the KV cache among them, to the end; parameters are weights, not activations) and the node where it
+peaks. An input dies at its last use: a decode step's old KV tensors are dropped once the cache holds the grown ones
+(transformers' caches reassign them), so old and new cache live together only while the new one is made.
 What the trace cannot know: fusion (a fusing runtime reads less), caches (L2 hits), the allocator (its blocks,
 rounding and caching: a real run's `max_memory_allocated` sits above the liveness peak).
 """
@@ -183,9 +184,6 @@ def stage_memory(sg: StageGraph, nodes: list[torch.fx.Node], per_node: dict[str,
     for r in sg.outputs:  # the stage's outputs (the KV cache among them) live to its end
         if r[0] in last:
             last[r[0]] = end - 1
-    for sid, b in born.items():  # so do its inputs: the caller holds them through the forward
-        if b < 0:
-            last[sid] = end - 1
     delta = [0] * (end + 1)  # live bytes while node t runs: every storage with born <= t <= last
     for sid, b in born.items():
         delta[max(b, 0)] += size[sid]

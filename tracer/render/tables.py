@@ -115,6 +115,46 @@ def _stage_table(report: dict[str, Any], compact: bool, drop: set[str]) -> Table
     return _pinned(table)
 
 
+def _si(n: int | None, unit: str = "B") -> str:
+    if n is None:
+        return "-"
+    for prefix, scale in SI:
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {prefix}{unit}"
+    return f"{n} {unit}"
+
+
+#: (column, traced key, analytic key, unit): the memory side of a stage, traced beside analytic
+MEMORY_COLUMNS = (
+    ("bytes read+written", ("bytes_read", "bytes_written"), "analytic_io_bytes", "B"),
+    ("weights", ("weight_bytes",), "analytic_weight_bytes", "B"),
+    ("activation peak", ("act_peak_bytes",), None, "B"),
+    ("KV cache", ("kv_bytes",), "analytic_kv_bytes", "B"),
+    ("CUDA-core FLOPs", ("cuda_flops",), "analytic_cuda_flops", ""),
+)
+
+
+def memory_table(report: dict[str, Any], width: int | None = None) -> Table:
+    """Bytes, weights, activation peak, KV cache and CUDA-core FLOPs per stage, traced (tracer.count.memory: every op
+    reads its inputs and writes its outputs) / analytic (I/O fused: a layer's inputs, outputs and weights once),
+    in SI units (report.json has every digit)."""
+    table = Table(title="bytes and CUDA-core FLOPs per stage: traced / analytic (traced I/O unfused, analytic fused)",
+                  title_justify="left")
+    table.add_column("stage", min_width=7)
+    for label, *_ in MEMORY_COLUMNS:
+        _number_column(table, label)
+    for s in report["stages"]:
+        cells = []
+        for _, keys, analytic, unit in MEMORY_COLUMNS:
+            traced = None if any(s.get(k) is None for k in keys) else sum(s[k] for k in keys)
+            cells.append(_si(traced, unit) + ("" if analytic is None else f" / {_si(s.get(analytic, 0), unit)}"))
+        table.add_row(s["name"], *cells)
+    uncounted = sum(s.get("cuda_uncounted", 0) for s in report["stages"] if s["name"] != "vision")
+    if uncounted:
+        table.caption = f"{uncounted} nodes may compute CUDA-core FLOPs and have no entry (cuda_status uncounted)"
+    return _pinned(table)
+
+
 def gap_table(report: dict[str, Any], top: int = 12, compact: bool = False, width: int | None = None) -> Table | str:
     """Where each stage's gap comes from: honest groups of layers (tracer.compare.groups.gap_groups), largest first,
     each with the id --explain takes, why, how many analytic layers and the cause when flopdiff can name it. A narrow
@@ -225,8 +265,8 @@ def terminal_tables(report: dict[str, Any], onnx_report: dict[str, Any] | None =
     `width`: the terminal's columns: under COMPACT_BELOW numbers in SI units, and the tables drop columns by
     priority until they fit; None: every column, every digit)."""
     compact = width is not None and width < COMPACT_BELOW
-    out: list[Any] = [stage_table(report, compact, width), gap_table(report, compact=compact, width=width),
-                      unseen_table(report, compact)]
+    out: list[Any] = [stage_table(report, compact, width), memory_table(report, width),
+                      gap_table(report, compact=compact, width=width), unseen_table(report, compact)]
     if report.get("kernels"):
         out.append(kernel_table(report))
     if report.get("ncu"):
