@@ -192,11 +192,11 @@ class GraphRecorder(TorchDispatchMode):
     def _storage(self, t: torch.Tensor, inputs: set[int] | None) -> tuple[int, int, int, int]:
         """`t`'s storage record. An output takes the id of the input storage it aliases; at any other address it
         is a new storage, even where an address was seen before (a real run frees and reuses them). `inputs`:
-        the addresses of the op's inputs (None: a graph input, keyed by address alone: tied weights share one)."""
+        the storage ids of the op's inputs (None: a graph input, keyed by address alone: tied weights share one)."""
         st = t.untyped_storage()
         key = st._cdata
         sid = self._sids.get(key)
-        if sid is None or (inputs is not None and key not in inputs):
+        if sid is None or (inputs is not None and sid not in inputs):
             sid = self._sids[key] = self._next_sid
             self._next_sid += 1
         item = t.element_size()
@@ -241,7 +241,7 @@ class GraphRecorder(TorchDispatchMode):
                          seq=self._seq)
         self._seq += 1
         self._inside(node)
-        inputs = {t.untyped_storage()._cdata for t in _flat_tensors(args, kwargs)}
+        inputs = {r[0] for a in node.all_input_nodes for r in _records_of(a)}
         if isinstance(out, torch.Tensor):
             node.meta["storage"] = (self._view_of(node_args[0], out) if func in _UNANNOTATED_VIEWS
                                     else self._storage(out, inputs))
@@ -287,7 +287,7 @@ class GraphRecorder(TorchDispatchMode):
                          seq=seq, inner=inner, params=params)
         self._inside(node)
         if primary is not None:
-            node.meta["storage"] = self._storage(primary, {t.untyped_storage()._cdata for t in tensors})
+            node.meta["storage"] = self._storage(primary, {r[0] for a in node.all_input_nodes for r in _records_of(a)})
         if primary is not None:  # what follows reads the boundary's output, not its last inner op's
             self._nodes[id(primary)] = (node, weakref.ref(primary))
         return out
@@ -318,23 +318,6 @@ class GraphRecorder(TorchDispatchMode):
                 out = func(*args, **kwargs)
         # on meta tensors, the few ops whose meta kernel answers another dtype than the CPU's (tracer.capture.meta)
         return cpu_output_dtypes(func, args, out) if func in CPU_OUTPUT_DTYPES else out
-
-
-def _flat_tensors(args, kwargs) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            out.append(x)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-    walk(args)
-    walk(kwargs)
-    return out
 
 
 def _records_of(node: torch.fx.Node) -> list[tuple]:

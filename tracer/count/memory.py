@@ -13,7 +13,7 @@ Per node (the *unfused* convention: every aten op reads its inputs and writes it
   cuda_flops     `tracer.core.conventions.CUDA_CORE_OPS` per element; attention kernels their softmax (3 per score);
                  tensor-core ops 0 (their column is flops_full); an op that may compute and has no entry: 0 with
                  cuda_status `uncounted`, listed, never a silent zero
-Per stage graph (`stage_memory`): weight_bytes with each parameter once, act_peak_bytes by liveness over the
+Per stage graph (`graph_memory`): weight_bytes with each parameter once, act_peak_bytes by liveness over the
 recorded order (a storage lives from the node that makes it, or from the start for an input, to its last use; the
 stage's outputs, the KV cache among them, to the end; parameters are weights, not activations) and the node where it
 peaks. An input dies at its last use: a decode step's old KV tensors are dropped once the cache holds the grown ones
@@ -61,6 +61,8 @@ def _union(ranges: list[tuple[int, int]]) -> int:
 
 
 def _bytes(records: list[tuple[int, int, int, int]], only: set[int] | None = None) -> int:
+    if only is None and len({r[0] for r in records}) == len(records):  # distinct storages: no union to take
+        return sum(r[2] for r in records)
     per: dict[int, list[tuple[int, int]]] = {}
     for sid, offset, span, _ in records:
         if only is None or sid in only:
@@ -68,32 +70,48 @@ def _bytes(records: list[tuple[int, int, int, int]], only: set[int] | None = Non
     return sum(_union(r) for r in per.values())
 
 
+_NOTHING = {"bytes_read": 0, "bytes_written": 0, "weight_bytes": 0, "cuda_flops": 0, "cuda_status": "free"}
+
+
 def node_memory(node: torch.fx.Node, params: set[int]) -> dict[str, Any]:
     """bytes_read, bytes_written, weight_bytes, cuda_flops and cuda_status of one op node (module docstring)."""
+    return _node_pass(node, params)[0]
+
+
+def _node_pass(node: torch.fx.Node, params: set[int]) -> tuple[dict[str, Any], list, list, list]:
+    """One node's columns, with what the stage's pass reuses: its input and output records and the parameter ranges
+    it reads (one pass over its records: a v1 page has 39k nodes; kept in the node, which vision and prefill share)."""
+    done = node.meta.get("memory_pass")
+    if done is None:
+        done = node.meta["memory_pass"] = _first_pass(node, params)
+    return done
+
+
+def _first_pass(node: torch.fx.Node, params: set[int]) -> tuple[dict[str, Any], list, list, list]:
     op = node.meta["op"]
     ins = [r for a in node.all_input_nodes for r in _records(a)]
     outs = _records(node)
     if node.meta.get("inner"):  # an attention call whose ops were recorded inside it: they carry its traffic
-        read = written = weight = 0
+        flops, status = cuda_flops(node)
+        return {**_NOTHING, "cuda_flops": flops, "cuda_status": status}, ins, outs, []
+    in_sids = {r[0] for r in ins}
+    mutates = _mutates(node)
+    if outs and not mutates and all(r[0] in in_sids for r in outs):  # a view or reshape: nothing moves
+        return _NOTHING, ins, outs, []
+    written = _bytes(outs if mutates else [r for r in outs if r[0] not in in_sids])
+    if op in _GATHERS and node.all_input_nodes:
+        table = _records(node.all_input_nodes[0])
+        table_sids = {r[0] for r in table}
+        read = written + _bytes([r for r in ins if r[0] not in table_sids])
+        param_reads = [(sid, off, min(span, written), size) for sid, off, span, size in table if sid in params]
     else:
-        if _is_view(node):  # every output a view of an input: nothing moves
-            return {"bytes_read": 0, "bytes_written": 0, "weight_bytes": 0, "cuda_flops": 0, "cuda_status": "free"}
-        in_sids = {r[0] for r in ins}
-        written = _bytes(outs if _mutates(node) else [r for r in outs if r[0] not in in_sids])
-        if op in _GATHERS and node.all_input_nodes:
-            table = _records(node.all_input_nodes[0])
-            table_sids = {r[0] for r in table}
-            rest = [r for r in ins if r[0] not in table_sids]
-            read = written + _bytes(rest)
-            weight = min(written, _bytes(table, params))
-        else:
-            read = _bytes(ins)
-            weight = _bytes(ins, params)
-            if op in _GROUPED and len(node.all_input_nodes) > _GROUPED[op]:
-                read, weight = _grouped(node, read, weight, params)
+        read = _bytes(ins)
+        param_reads = [r for r in ins if r[0] in params]
+        if op in _GROUPED and len(node.all_input_nodes) > _GROUPED[op]:
+            read, param_reads = _grouped(node, read, param_reads, params)
     flops, status = cuda_flops(node)
-    return {"bytes_read": read, "bytes_written": written, "weight_bytes": weight, "cuda_flops": flops,
-            "cuda_status": status}
+    return ({"bytes_read": read, "bytes_written": written, "weight_bytes": _bytes(param_reads), "cuda_flops": flops,
+             "cuda_status": status}, ins, outs, param_reads)
 
 
 def _mutates(node: torch.fx.Node) -> bool:
@@ -101,24 +119,20 @@ def _mutates(node: torch.fx.Node) -> bool:
     return bool(schema is not None and schema.is_mutable)
 
 
-def _is_view(node: torch.fx.Node) -> bool:
-    """Every output aliases an input, and the op writes nothing: a view or reshape."""
-    outs = _records(node)
-    in_sids = {r[0] for a in node.all_input_nodes for r in _records(a)}
-    return bool(outs) and not _mutates(node) and all(r[0] in in_sids for r in outs)
-
-
-def _grouped(node: torch.fx.Node, read: int, weight: int, params: set[int]) -> tuple[int, int]:
-    """read and weight bytes of a grouped GEMM less the groups no row reaches (module docstring)."""
+def _grouped(node: torch.fx.Node, read: int, param_reads: list, params: set[int]) -> tuple[int, list]:
+    """A grouped GEMM's read bytes and parameter ranges less the groups no row reaches (module docstring)."""
     grouped = node.all_input_nodes[_GROUPED[node.meta["op"]]]
     rows_of = node.all_input_nodes[0].meta.get("val")
     mat = grouped.meta.get("val")
     if not isinstance(mat, torch.Tensor) or mat.dim() != 3 or not isinstance(rows_of, torch.Tensor):
-        return read, weight
+        return read, param_reads
     groups, rows = mat.shape[0], rows_of.shape[0]
-    untouched = _bytes(_records(grouped)) * (groups - min(rows, groups)) // groups
-    in_params = _bytes(_records(grouped), params) > 0
-    return read - untouched, weight - (untouched if in_params else 0)
+    touched = min(rows, groups)
+    records = _records(grouped)
+    read -= _bytes(records) * (groups - touched) // groups
+    mine = {r[0] for r in records}
+    return read, [(sid, off, span * touched // groups, size) if sid in mine else (sid, off, span, size)
+                  for sid, off, span, size in param_reads]
 
 
 def _numel(vals: Any) -> int:
@@ -161,25 +175,32 @@ def _scores(node: torch.fx.Node) -> int:
     return out.numel() // out.shape[-1] * s_k
 
 
-def stage_memory(sg: StageGraph, nodes: list[torch.fx.Node], per_node: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """A stage graph's weight bytes (each parameter once), activation peak by liveness and where it peaks."""
+def graph_memory(sg: StageGraph, nodes: list[torch.fx.Node]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Every node's columns (by node name) and the stage graph's: weight bytes (each parameter once), the activation
+    peak by liveness and where it peaks."""
     params = sg.params
-    weight = _bytes([r for n in nodes for r in _param_reads(n, params)])
+    per_node: dict[str, dict[str, Any]] = {}
+    weight_reads: list = []
     size: dict[int, int] = {}
     born: dict[int, int] = {}
     last: dict[int, int] = {}
     order = list(nodes)
     for i, n in enumerate(order):
-        for r in _reads(n):
+        fields, ins, outs, param_reads = _node_pass(n, params)
+        per_node[n.name] = fields
+        weight_reads += param_reads
+        for r in ins:
             if r[0] not in params:
-                size[r[0]] = max(size.get(r[0], 0), r[3])
+                if r[3] >= size.get(r[0], 0):
+                    size[r[0]] = r[3]
                 born.setdefault(r[0], -1)  # first seen as an input: alive from the start
                 last[r[0]] = i
-        for r in _records(n):
+        for r in outs:
             if r[0] not in params:
-                size[r[0]] = max(size.get(r[0], 0), r[3])
+                if r[3] >= size.get(r[0], 0):
+                    size[r[0]] = r[3]
                 born.setdefault(r[0], i)
-                last[r[0]] = max(last.get(r[0], i), i)
+                last[r[0]] = i
     end = len(order)
     for r in sg.outputs:  # the stage's outputs (the KV cache among them) live to its end
         if r[0] in last:
@@ -194,33 +215,6 @@ def stage_memory(sg: StageGraph, nodes: list[torch.fx.Node], per_node: dict[str,
         if live > peak:
             peak, at = live, t
     peak_node = order[at].name if 0 <= at < end else None
-    return {"weight_bytes": weight, "act_peak_bytes": peak, "act_peak_node": peak_node}
+    return per_node, {"weight_bytes": _bytes(weight_reads), "act_peak_bytes": peak, "act_peak_node": peak_node}
 
 
-def _param_reads(node: torch.fx.Node, params: set[int]) -> list[tuple[int, int, int, int]]:
-    """The parameter ranges a node reads, as node_memory counts them: a gather the rows it gathers (as many bytes
-    as it writes, from the table's start: which rows is data), a grouped GEMM the groups rows reach."""
-    op = node.meta["op"]
-    if node.meta.get("inner") or _is_view(node):
-        return []
-    if op in _GATHERS and node.all_input_nodes:
-        table = [r for r in _records(node.all_input_nodes[0]) if r[0] in params]
-        written = _bytes(_records(node))
-        return [(sid, off, min(span, written), size) for sid, off, span, size in table]
-    out = []
-    grouped = node.all_input_nodes[_GROUPED[op]] if op in _GROUPED and len(node.all_input_nodes) > _GROUPED[op] else None
-    for a in node.all_input_nodes:
-        for r in _records(a):
-            if r[0] not in params:
-                continue
-            if a is grouped:
-                mat, rows_of = a.meta.get("val"), node.all_input_nodes[0].meta.get("val")
-                if isinstance(mat, torch.Tensor) and mat.dim() == 3 and isinstance(rows_of, torch.Tensor):
-                    groups = mat.shape[0]
-                    r = (r[0], r[1], r[2] * min(rows_of.shape[0], groups) // groups, r[3])
-            out.append(r)
-    return out
-
-
-def _reads(node: torch.fx.Node) -> list[tuple[int, int, int, int]]:
-    return [r for a in node.all_input_nodes for r in _records(a)]

@@ -17,7 +17,7 @@ from tracer.core.conventions import Conventions
 from tracer.core.modulepaths import STAGES, node_id
 from tracer.count.counter import Totals, count_graph, totals
 from tracer.count.document import SCHEMA
-from tracer.count.memory import node_memory, stage_memory
+from tracer.count.memory import graph_memory, node_memory
 
 
 def _tensors(v) -> list[torch.Tensor]:
@@ -74,9 +74,9 @@ def _as_rows(sg: StageGraph) -> StageGraph:
 def graph_rows(sg: StageGraph) -> list[dict[str, Any]]:
     """A counted graph's report rows, and its stage memory into `sg.memory` (once)."""
     nodes = list(sg.op_nodes())
-    per_node = {n.name: node_memory(n, sg.params) for n in nodes}
+    per_node, memory = graph_memory(sg, nodes)
     if sg.memory is None:
-        sg.memory = stage_memory(sg, nodes, per_node)
+        sg.memory = memory
     return [node_record(sg, n, per_node[n.name]) for n in nodes]
 
 
