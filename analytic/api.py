@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from analytic.layers import Cost, Policy
+from analytic.layers import Block, Cost, Policy
 from analytic.models import BUILDERS
 from analytic.request import ModelTree, Shape, Variant
 from tracer.core.configfile import read_json
@@ -190,7 +190,7 @@ def _columns(cost: Cost) -> dict[str, int]:
 
 def evaluate_tree(tree: ModelTree, shape: Shape, pol: Policy) -> dict[str, Any]:
     """Per stage and layer every column (`flops` is the tensor-core count; I/O the fused convention: a layer's
-    inputs, outputs and weights once; `kv_bytes` the cache after the stage)."""
+    inputs, outputs and weights once; a stage's `weight_bytes` each weight once; `kv_bytes` the cache after the stage)."""
     layers = []
     stages = []
     for name, blocks in tree.stages.items():
@@ -201,7 +201,8 @@ def evaluate_tree(tree: ModelTree, shape: Shape, pol: Policy) -> dict[str, Any]:
         # the KV cache is a state, not a sum: the stage's (and a layer's) is the one after its last block (decode:
         # the last step's), the other columns add up over the blocks
         stages.append({"name": name, **_columns(Cost.total(b.cost(pol) for b in blocks)),
-                       "kv_bytes": blocks[-1].cost(pol).kv_bytes if blocks else 0})
+                       "kv_bytes": blocks[-1].cost(pol).kv_bytes if blocks else 0,
+                       "weight_bytes": sum(_distinct_weights(b, pol) for b in blocks)})
         layers += [{"id": k, "stage": name, **_columns(Cost.total(v)), "kv_bytes": v[-1].kv_bytes}
                    for k, v in by_id.items()]
     v = tree.views
@@ -212,6 +213,15 @@ def evaluate_tree(tree: ModelTree, shape: Shape, pol: Policy) -> dict[str, Any]:
         "stages": stages,
         "layers": layers,
     }
+
+
+def _distinct_weights(block: Block, pol: Policy) -> int:
+    """A block's weights, each once: a layer run on several kinds of view (tiles, global) has one set of weights (a
+    stage's weights are what it reads, each parameter once: a decode step's block reads its own)."""
+    distinct: dict[str, int] = {}
+    for leaf in block.leaves():
+        distinct[leaf.id.replace(".tiles.", ".").replace(".global.", ".")] = leaf.cost(pol).weight_bytes
+    return sum(distinct.values())
 
 
 def weight_bytes(tree: ModelTree) -> int:

@@ -2,6 +2,8 @@
 made independently of it: hand counts on small modules, the nn.Module's own parameters, the closed form of the KV
 cache from the config and the positions."""
 
+import json
+
 import pytest
 import torch
 
@@ -175,3 +177,47 @@ def test_weight_bytes_per_stage_are_the_modules_own_parameters(tiny_run):
         else:
             language += p.numel() * p.element_size()
     assert stages["decode"]["weight_bytes"] == 3 * (language + experts)
+
+
+# ---- the metrics diffed per stage (tracer.compare.metrics) ----------------------------------------------------------
+
+@pytest.mark.v2
+def test_the_seed_models_frozen_kv_cache_is_a_kv_gap_with_its_cause(tiny_run, tmp_path, capsys):
+    """seed-naive's `decode_kv_growth: false` keeps the analytic cache at the prompt: after 3 steps the traced cache
+    holds 3 positions more, the gap is those 3 positions' keys and values, named by the preset setting; `--max-gap
+    kv=0` exits 1 on it and holds (exit 0) on the aligned model."""
+    from tracer.diff import main
+
+    doc, path = tiny_run
+    _, config = _module(path)
+    text = config.text_config
+    per_position = text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * 2 if getattr(
+        text, "head_dim", None) else text.num_hidden_layers * 2 * text.hidden_size * 2
+    base = ["--config", path, "--image-shape", "1000x800", "--text-tokens", "3", "--decode-steps", "3", "--quiet"]
+    assert main([*base, "--analytic", "seed-naive", "--max-gap", "kv=0", "--out", str(tmp_path / "n")]) == 1
+    err = capsys.readouterr().err
+    assert "stage decode: kv gap " in err and "exceeds --max-gap kv=0" in err
+    naive = {s["name"]: s for s in json.loads((tmp_path / "n" / "report.json").read_text())["stages"]}
+    kv = naive["decode"]["metrics"]["kv"]
+    assert kv["gap"] == 3 * per_position
+    assert kv["cause"] == "preset decode_kv_growth: false (KV cache not grown per decode step)"
+    assert naive["prefill"]["metrics"]["kv"]["gap"] == 0
+    assert main([*base, "--max-gap", "kv=0,tc_flops=0", "--out", str(tmp_path / "a")]) == 0
+    aligned = {s["name"]: s for s in json.loads((tmp_path / "a" / "report.json").read_text())["stages"]}
+    assert aligned["decode"]["metrics"]["kv"] == {"traced": kv["traced"], "analytic": kv["traced"], "gap": 0,
+                                                   "gap_pct": 0.0, "cause": None}
+    assert "gap_pct" not in aligned["prefill"]["metrics"]["bytes"]  # shown, not diffed: the conventions differ
+
+
+@pytest.mark.parametrize("gate, says", [
+    ("bytes=1", "bytes is shown, not diffed"),
+    ("foo=1", "expected PCT or METRIC=PCT"),
+    ("kv=-1", "must be a number, 0 or more"),
+    ("kv=x", "must be a number, 0 or more"),
+])
+def test_a_bad_gate_is_one_line_before_anything_runs(gate, says, capsys):
+    from tracer.diff import main
+
+    assert main(["--max-gap", gate, "--image-shape", "640x640"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]

@@ -96,8 +96,9 @@ def _run_command(args: argparse.Namespace, workload: Workload, options: Options)
     if args.timings:
         print("flopdiff: seconds per phase: " + "; ".join(f"{n} {s:.2f}" for n, s in phases), file=sys.stderr)
     over = result.over(options.max_gap)
-    for s in over:
-        print(f"flopdiff: stage {s.name}: gap {s.gap_pct:.2f}% exceeds --max-gap {args.max_gap}", file=sys.stderr)
+    for s, metric, gap in over:
+        what = "gap" if metric == "tc_flops" else f"{metric} gap"
+        print(f"flopdiff: stage {s.name}: {what} {gap:.2f}% exceeds --max-gap {args.max_gap}", file=sys.stderr)
     return 1 if over else 0
 
 

@@ -31,7 +31,8 @@ from typing import Any
 from analytic.api import build, counting_policy, request_shape, variant
 from mapping.table import load_table
 from tracer.compare.analytic import analytic_for, catalogue, map_report, report_shape
-from tracer.compare.diff import check_max_gap, with_diff
+from tracer.compare.diff import with_diff
+from tracer.compare.metrics import parse_max_gap
 from tracer.compare.explain import check_id, explain
 from tracer.core import cache
 from tracer.core.errors import FlopdiffError
@@ -63,7 +64,7 @@ class Options:
     explain: str | None = None          # a gap group, an analytic layer or a node id
     sequential: bool = False            # no decode worker process
     allow_long: bool = False            # run captures estimated at more than about five minutes
-    max_gap: float | None = None        # the gate Result.over applies (a percentage; checked up front)
+    max_gap: float | str | None = None  # the gate Result.over applies (PCT or METRIC=PCT,...; checked up front)
     # serve and keep counted traces (tracer.core.cache); the one switch, its default from the environment
     cache: bool = field(default_factory=cache.wanted_by_default)
     keep_graphs: bool = False           # keep the traced fx graphs (Model Explorer files); else a stage counted
@@ -105,7 +106,7 @@ def check(workload: Workload, options: Options) -> Workload:
         from tracer.vendors import get_vendor
 
         check_onnx(get_vendor(workload.model), options.build)
-    check_max_gap(options.max_gap)
+    parse_max_gap(options.max_gap)
     variant(options.analytic, "--analytic")
     counting_policy(options.policy)
     if options.build.attn_plugins or "flash_attention_2" in implementations(options.build.attn):

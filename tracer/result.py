@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracer.compare.diff import check_max_gap
+from tracer.compare.metrics import parse_max_gap
 from tracer.core.errors import FlopdiffError
 from tracer.core.forking import forked
 from tracer.core.lifecycle import OutputSet
@@ -73,11 +73,18 @@ class Result:
             raise FlopdiffError("dataframe(): needs pandas (pip install pandas); records() gives the same rows") from None
         return pandas.DataFrame.from_records(self.records(what))
 
-    def over(self, max_gap: float | None) -> list[Stage]:
-        """The stages whose |gap| exceeds `max_gap` percent of their full count (None: no gate, none)."""
-        if check_max_gap(max_gap) is None:
-            return []
-        return [s for s in self.stages if abs(s.gap_pct) > max_gap]
+    def over(self, max_gap: float | str | None) -> list[tuple[Stage, str, float]]:
+        """(stage, metric, gap %) wherever a stage's |gap| exceeds its gate (`--max-gap`: PCT for tensor-core FLOPs,
+        or METRIC=PCT,...; None: no gate, none)."""
+        gates = parse_max_gap(max_gap) or {}
+        out = []
+        for s in self.stages:
+            for metric, pct in gates.items():
+                row = (s.metrics or {}).get(metric)
+                gap = s.gap_pct if metric == "tc_flops" else None if row is None else row["gap_pct"]
+                if gap is not None and abs(gap) > pct:
+                    out.append((s, metric, gap))
+        return out
 
     def to_json(self, only_flops: bool = False) -> str:
         return dumps(self.report, only_flops=only_flops)

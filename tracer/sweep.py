@@ -50,6 +50,7 @@ from tracer.core.errors import Aborted, FlopdiffError, printable
 from tracer.core.lifecycle import OutputSet, die_with_parent
 from tracer.core.workload import IMAGE_SUFFIXES, Workload, image_size, parse_image_shape
 from tracer.pipeline import Options, check, pinned, run
+from tracer.compare.metrics import parse_max_gap
 from tracer.render.html import script_safe
 from tracer.render.tables import sweep_tables, terminal
 from tracer.vendors import BuildOptions, parse_impl
@@ -225,6 +226,11 @@ def _sweep(args: argparse.Namespace) -> int:
                         crop_mode=True if knobs["crop_mode"] is None else knobs["crop_mode"],
                         text_tokens=text_tokens, decode_steps=args.decode_steps)
     check(workload, options)  # bad model, preset, knobs, max-gap: before anything is read or traced
+    gates = parse_max_gap(args.max_gap) or {}
+    if set(gates) - {"tc_flops"}:
+        raise FlopdiffError(f"--max-gap {args.max_gap}: a sweep gates on tensor-core FLOPs (its rows carry them); "
+                            "gate the other metrics on one page")
+    gate = gates.get("tc_flops")
     if args.jobs is not None and args.jobs < 1:
         raise FlopdiffError(f"--jobs {args.jobs}: must be 1 or more")
     pages, unreadable = collect(args.paths)
@@ -254,11 +260,11 @@ def _sweep(args: argparse.Namespace) -> int:
               f"{time.perf_counter() - started:.1f} s; wrote {Path(args.out)}/sweep.csv, sweep.json, sweep.html, keys/")
     for u in unreadable:
         print(f"flopdiff sweep: unreadable: {printable(u['path'])}: {printable(u['why'])}", file=sys.stderr)
-    if args.max_gap is not None:
-        over = [r for r in worst(rows, len(rows)) if any(abs(r[f"{s}_gap_pct"]) > args.max_gap for s in STAGES)]
+    if gate is not None:
+        over = [r for r in worst(rows, len(rows)) if any(abs(r[f"{s}_gap_pct"]) > gate for s in STAGES)]
         if over:
             named = ", ".join(f"{printable(r['path'])} ({max(abs(r[f'{s}_gap_pct']) for s in STAGES):.2f}%)" for r in over[:5])
-            print(f"flopdiff sweep: {len(over)} pages exceed --max-gap {args.max_gap:g}: {named}", file=sys.stderr)
+            print(f"flopdiff sweep: {len(over)} pages exceed --max-gap {gate:g}: {named}", file=sys.stderr)
             return 1
     return 0
 

@@ -8,7 +8,6 @@ node, or the formulas disagree."""
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any
 
@@ -18,15 +17,8 @@ from mapping.engine import Mapping, coverage, flop_bearing
 from tracer.compare.analytic import Analytic
 from tracer.compare.causes import cause, formula
 from tracer.compare.groups import gap_groups
+from tracer.compare.metrics import stage_metrics
 from tracer.compare.unseen import unseen_ops
-from tracer.core.errors import FlopdiffError
-
-
-def check_max_gap(max_gap: float | None) -> float | None:
-    """A --max-gap percentage (None: no gate)."""
-    if max_gap is not None and not (math.isfinite(max_gap) and max_gap >= 0):
-        raise FlopdiffError(f"--max-gap {max_gap}: must be a number, 0 or more (percent of the full count)")
-    return max_gap
 
 
 def gap_pct(gap: int, full: int) -> float:
@@ -89,6 +81,8 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
     stages = [{**s, **_row({}, stage_analytic.get(s["name"], 0), s["flops_torch"], s["flops_full"], measured),
                "coverage": coverage(by_stage[s["name"]], mapping),
                **stage_columns.get(s["name"], _analytic_columns({}))} for s in report["stages"]]
+    for s in stages:  # every column's gap where both sides count it one way (tracer.compare.metrics)
+        s["metrics"] = stage_metrics(s, an.policy, preset)
     doc = {**report, "stages": stages, "nodes": nodes,
            "analytic": {"preset": an.preset, "policy": an.policy, "causal_halving": an.causal_halving,
                         **({"attention": an.attention} if an.attention else {})},

@@ -35,6 +35,7 @@ class Stage:
     analytic_act_bytes: int = 0
     analytic_kv_bytes: int = 0
     steps: list[dict[str, int]] | None = None  # decode: kv_len, FLOPs and KV bytes per step
+    metrics: dict[str, dict[str, Any]] | None = None  # per metric: traced, analytic, gap, gap_pct, cause
 
 
 @dataclass(frozen=True)

@@ -124,34 +124,44 @@ def _si(n: int | None, unit: str = "B") -> str:
     return f"{n} {unit}"
 
 
-#: (column, traced key, analytic key, unit): the memory side of a stage, traced beside analytic
-MEMORY_COLUMNS = (
-    ("bytes read+written", ("bytes_read", "bytes_written"), "analytic_io_bytes", "B"),
-    ("weights", ("weight_bytes",), "analytic_weight_bytes", "B"),
-    ("activation peak", ("act_peak_bytes",), None, "B"),
-    ("KV cache", ("kv_bytes",), "analytic_kv_bytes", "B"),
-    ("CUDA-core FLOPs", ("cuda_flops",), "analytic_cuda_flops", ""),
-)
+#: the metrics beside tensor-core FLOPs (tracer.compare.metrics), in the order the table shows them
+SIDE_METRICS = (("cuda_flops", "CUDA-core FLOPs", ""), ("weights", "weights", "B"), ("kv", "KV cache", "B"),
+                ("bytes", "I/O bytes", "B"), ("activations", "activations", "B"))
 
 
 def memory_table(report: dict[str, Any], width: int | None = None) -> Table:
-    """Bytes, weights, activation peak, KV cache and CUDA-core FLOPs per stage, traced (tracer.count.memory: every op
-    reads its inputs and writes its outputs) / analytic (I/O fused: a layer's inputs, outputs and weights once),
-    in SI units (report.json has every digit)."""
-    table = Table(title="bytes and CUDA-core FLOPs per stage: traced / analytic (traced I/O unfused, analytic fused)",
-                  title_justify="left")
+    """Per stage the other columns, traced / analytic (tracer.compare.metrics), in SI units (report.json has every
+    digit), with the gap % where both sides count one way; I/O and activations are shown, not diffed. A narrow
+    terminal drops activations, I/O, then CUDA-core FLOPs (report.json keeps them)."""
+    return _fitted(lambda drop: _memory_table(report, drop), ("activations", "I/O bytes", "CUDA-core FLOPs"), width)
+
+
+def _memory_table(report: dict[str, Any], drop: set[str]) -> Table:
+    shown = [m for m in SIDE_METRICS if m[1] not in drop]
+    table = Table(title="the other columns per stage: traced / analytic (gap %); I/O traced unfused, analytic fused; "
+                        "activations traced peak, analytic sum of outputs", title_justify="left")
     table.add_column("stage", min_width=7)
-    for label, *_ in MEMORY_COLUMNS:
+    for _, label, _ in shown:
         _number_column(table, label)
+    causes = []
     for s in report["stages"]:
+        metrics = s.get("metrics") or {}
         cells = []
-        for _, keys, analytic, unit in MEMORY_COLUMNS:
-            traced = None if any(s.get(k) is None for k in keys) else sum(s[k] for k in keys)
-            cells.append(_si(traced, unit) + ("" if analytic is None else f" / {_si(s.get(analytic, 0), unit)}"))
+        for name, _, unit in shown:
+            m = metrics.get(name)
+            if m is None:
+                cells.append("-")
+                continue
+            gap = f" ({m['gap_pct']:.2f})" if "gap_pct" in m else ""
+            cells.append(f"{_si(m['traced'], unit)} / {_si(m['analytic'], unit)}{gap}")
+            if m.get("cause"):
+                causes.append(f"{s['name']} {name}: {m['cause']}")
         table.add_row(s["name"], *cells)
     uncounted = sum(s.get("cuda_uncounted", 0) for s in report["stages"] if s["name"] != "vision")
-    if uncounted:
-        table.caption = f"{uncounted} nodes may compute CUDA-core FLOPs and have no entry (cuda_status uncounted)"
+    notes = causes + ([f"{uncounted} nodes may compute CUDA-core FLOPs and have no entry (cuda_status uncounted)"]
+                      if uncounted else [])
+    if notes:
+        table.caption = "; ".join(notes)
     return _pinned(table)
 
 

@@ -1,0 +1,108 @@
+"""The other columns, diffed per stage: each metric's traced count beside the analytic one, the gap and, when a preset
+setting explains it, the cause.
+
+A metric is diffed where both sides count the same thing under one convention, and shown side by side where they
+do not (a gap there would be the conventions' difference, not a finding):
+
+  tc_flops     tensor-core FLOPs: the stage table's gap (policy full or torch)
+  cuda_flops   CUDA-core FLOPs: the trace per aten op (tracer.core.conventions.CUDA_CORE_OPS), the analytic model per
+               layer kind (CUDA_CORE_PER_ELEMENT): diffed; the trace also counts what the layers leave out (RoPE,
+               routing, casts), so a gap names that
+  weights      bytes of parameters and buffers, each once per stage (a decode step's per step): diffed
+  kv           the KV cache after the stage: diffed
+  bytes        I/O: the trace unfused (every op reads its inputs and writes its outputs), the analytic model fused (a
+               layer's inputs, outputs and weights once): shown, not diffed
+  activations  the trace's liveness peak; the analytic model's sum of layer outputs: shown, not diffed
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from analytic.request import VARIANT_EFFECTS, Variant
+from tracer.core.errors import FlopdiffError
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str
+    traced: tuple[str, ...]  # the stage keys that add up to the traced count
+    analytic: str            # the stage key of the analytic count
+    diffed: bool = True
+    unit: str = "B"
+
+
+METRICS = {m.name: m for m in (
+    Metric("tc_flops", "tensor-core FLOPs", ("flops_full",), "flops_analytic", unit=""),
+    Metric("cuda_flops", "CUDA-core FLOPs", ("cuda_flops",), "analytic_cuda_flops", unit=""),
+    Metric("weights", "weights", ("weight_bytes",), "analytic_weight_bytes"),
+    Metric("kv", "KV cache", ("kv_bytes",), "analytic_kv_bytes"),
+    Metric("bytes", "I/O bytes (traced unfused, analytic fused)", ("bytes_read", "bytes_written"), "analytic_io_bytes",
+           diffed=False),
+    Metric("activations", "activations (traced peak, analytic sum of outputs)", ("act_peak_bytes",),
+           "analytic_act_bytes", diffed=False),
+)}
+
+#: what a preset setting does to a metric beside the FLOPs (analytic.request.VARIANT_EFFECTS says which layers)
+METRIC_EFFECTS = {("kv", "decode_kv_growth"): "decode"}
+
+
+def stage_metrics(stage: dict[str, Any], policy: str, preset: Variant) -> dict[str, dict[str, Any]]:
+    """Per metric: traced, analytic, and for the diffed ones gap and gap % (of the traced count) and the cause."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in METRICS.values():
+        keys = ("flops_torch",) if m.name == "tc_flops" and policy == "torch" else m.traced
+        if any(stage.get(k) is None for k in keys):
+            continue  # the stage has no such count (vision returns no KV cache)
+        traced, analytic = sum(stage[k] for k in keys), stage.get(m.analytic, 0)
+        row: dict[str, Any] = {"traced": traced, "analytic": analytic}
+        if m.diffed:
+            gap = traced - analytic
+            row["gap"] = gap
+            row["gap_pct"] = round(100.0 * gap / traced if traced else (0.0 if gap == 0 else -100.0), 4)
+            row["cause"] = _cause(m.name, stage["name"], preset) if gap else None
+        out[m.name] = row
+    return out
+
+
+def _cause(metric: str, stage: str, preset: Variant) -> str | None:
+    for effect in VARIANT_EFFECTS:
+        if METRIC_EFFECTS.get((metric, effect.setting)) == stage:
+            value = getattr(preset, effect.setting)
+            if value != getattr(Variant(), effect.setting):
+                return f"preset {effect.setting}: {str(value).lower()} ({effect.says})"
+    return None
+
+
+GATE = re.compile(r"^(?:(?P<metric>[a-z_]+)=)?(?P<pct>[^=,]+)$")
+
+
+def parse_max_gap(text: str | float | None) -> dict[str, float] | None:
+    """`--max-gap`: a percentage for tensor-core FLOPs (`1`), or per metric (`kv=0.5`, `tc_flops=0,weights=1`)."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        text = str(text)
+    gates: dict[str, float] = {}
+    for part in text.split(","):
+        match = GATE.match(part.strip())
+        metric = (match and match["metric"]) or "tc_flops"
+        if match is None or metric not in METRICS:
+            raise FlopdiffError(f"--max-gap {text}: expected PCT or METRIC=PCT[,METRIC=PCT] with METRIC one of "
+                                f"{', '.join(m for m, v in METRICS.items() if v.diffed)}")
+        if not METRICS[metric].diffed:
+            raise FlopdiffError(f"--max-gap {text}: {metric} is shown, not diffed (its two sides count under different "
+                                f"conventions); gate on {', '.join(m for m, v in METRICS.items() if v.diffed)}")
+        try:
+            pct = float(match["pct"])
+        except ValueError:
+            pct = math.nan
+        if not (math.isfinite(pct) and pct >= 0):
+            raise FlopdiffError(f"--max-gap {text}: {match['pct']!r} must be a number, 0 or more (percent of the "
+                                "traced count)")
+        gates[metric] = pct
+    return gates
