@@ -10,17 +10,19 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from analytic.layers import Attention, Block, Conv2d, Elementwise, Experts, KVCache, Layer, Linear, RelPos, Rope
+from analytic.layers import (Attention, Block, Buffer, Conv2d, Elementwise, Embedding, Experts, KVCache, Layer, Linear, RelPos,
+                             Rope)
 from analytic.request import ModelTree, Variant
 from analytic.shapes import Views
 from tracer.core.configfile import dig
+from tracer.core.conventions import CUDA_CORE_PER_ELEMENT
 from tracer.core.errors import FlopdiffError
 
 # Numbers the vendor code fixes outside config.json (v1: deepencoder.py build_sam_vit_b / build_clip_l;
 # v2: transformers DeepseekOcr2SamVisionConfig defaults, checked against transformers in the tests).
 VENDOR_CONSTANTS = {
     "deepseek-ocr": {"patch": 16, "window": 14, "sam_mlp_ratio": 4, "neck": 256, "clip_ffn": 4096, "downsample": 4},
-    "deepseek-ocr-2": {"patch": 16, "window": 14, "sam_mlp_ratio": 4.0, "neck": 256, "downsample": 4},
+    "deepseek-ocr-2": {"patch": 16, "window": 14, "sam_mlp_ratio": 4.0, "neck": 256, "downsample": 4, "sam_px": 1024},
 }
 
 
@@ -63,30 +65,36 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
     """SAM ViT-B over `views` images of `px` pixels: windowed blocks pad the grid to a multiple of the
     window (padded tokens cost FLOPs), global blocks attend over the whole grid."""
     g = px // c["patch"]
+    g0 = c.get("sam_px", 1024) // c["patch"]  # the grid SAM was trained on: its position tables' size
     win = c["window"]
     d = width // heads
-    kids: list[Layer] = [Conv2d(f"{prefix}.patch_embed", batch=views, c_in=3, c_out=width, kernel=c["patch"], out_hw=(g, g))]
+    norm = CUDA_CORE_PER_ELEMENT["norm"]
+    kids: list[Layer] = [Conv2d(f"{prefix}.patch_embed", batch=views, c_in=3, c_out=width, kernel=c["patch"], out_hw=(g, g),
+                                bias=True),
+                         Buffer(f"{prefix}.pos_embed", elements=g0 * g0 * width, dtype_bytes=2)]
     for i in range(layers):
         p = f"{prefix}.blocks.{i}"
         if i in global_idx:
-            batch, side = views, g
+            batch, side, table = views, g, 2 * g0 - 1
         else:
             gp = -(-g // win) * win
-            batch, side = views * (gp // win) ** 2, win
+            batch, side, table = views * (gp // win) ** 2, win, 2 * win - 1
         tokens = batch * side * side
         kids.append(Block(p, children=[
-            Elementwise(f"{p}.norm1", elements=views * g * g * width, per_element=4),
-            Linear(f"{p}.qkv", op="addmm", tokens=tokens, d_in=width, d_out=3 * width),
-            RelPos(f"{p}.rel_pos", batch_heads=batch * heads, h=side, w=side, d=d),
+            Elementwise(f"{p}.norm1", elements=views * g * g * width, per_element=norm, weights=2 * width),
+            Linear(f"{p}.qkv", op="addmm", tokens=tokens, d_in=width, d_out=3 * width, bias=True),
+            RelPos(f"{p}.rel_pos", batch_heads=batch * heads, h=side, w=side, d=d, table=table),
             Attention(f"{p}.attn", op=attn_op, batch=batch, heads=heads, s_q=side * side, s_k=side * side, d=d, d_v=d),
-            Linear(f"{p}.proj", op="addmm", tokens=tokens, d_in=width, d_out=width),
-            Elementwise(f"{p}.norm2", elements=views * g * g * width, per_element=4),
-            Linear(f"{p}.mlp.lin1", op="addmm", tokens=views * g * g, d_in=width, d_out=mlp),
+            Linear(f"{p}.proj", op="addmm", tokens=tokens, d_in=width, d_out=width, bias=True),
+            Elementwise(f"{p}.norm2", elements=views * g * g * width, per_element=norm, weights=2 * width),
+            Linear(f"{p}.mlp.lin1", op="addmm", tokens=views * g * g, d_in=width, d_out=mlp, bias=True),
             Elementwise(f"{p}.mlp.act", elements=views * g * g * mlp, per_element=8),
-            Linear(f"{p}.mlp.lin2", op="addmm", tokens=views * g * g, d_in=mlp, d_out=width),
+            Linear(f"{p}.mlp.lin2", op="addmm", tokens=views * g * g, d_in=mlp, d_out=width, bias=True),
         ]))
     kids += [Conv2d(f"{prefix}.neck.conv1", batch=views, c_in=width, c_out=neck, kernel=1, out_hw=(g, g)),
+             Elementwise(f"{prefix}.neck.norm1", elements=views * g * g * neck, per_element=norm, weights=2 * neck),
              Conv2d(f"{prefix}.neck.conv2", batch=views, c_in=neck, c_out=neck, kernel=3, out_hw=(g, g)),
+             Elementwise(f"{prefix}.neck.norm2", elements=views * g * g * neck, per_element=norm, weights=2 * neck),
              Conv2d(f"{prefix}.net_2", batch=views, c_in=neck, c_out=down[0], kernel=3, out_hw=(g // 2, g // 2)),
              Conv2d(f"{prefix}.net_3", batch=views, c_in=down[0], c_out=down[1], kernel=3, out_hw=(g // 4, g // 4))]
     return Block(prefix, children=kids)
@@ -114,20 +122,26 @@ def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, lay
     s, h = 2 * n, enc["hidden_size"]
     heads, kv, inter = enc["num_attention_heads"], enc["num_key_value_heads"], enc["intermediate_size"]
     t = views * s
-    kids: list[Layer] = []  # RoPE angles: a broadcast multiply in transformers 5, no matmul
+    norm = CUDA_CORE_PER_ELEMENT["norm"]
+    # RoPE angles: a broadcast multiply in transformers 5, no matmul; the learned queries of this view size, read whole
+    kids: list[Layer] = [Buffer(f"{prefix}.queries_{n}", elements=n * h, dtype_bytes=2),
+                         Buffer(f"{prefix}.rotary_emb.inv_freq", elements=head_dim // 2, dtype_bytes=4)]
     for i in range(layers or enc["num_hidden_layers"]):
         p = f"{prefix}.layers.{i}"
         kids.append(Block(p, children=[
-            Linear(f"{p}.q_proj", op="addmm", tokens=t, d_in=h, d_out=heads * head_dim),
-            Linear(f"{p}.k_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim),
-            Linear(f"{p}.v_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim),
+            Elementwise(f"{p}.input_layernorm", elements=t * h, per_element=norm, weights=h),
+            Linear(f"{p}.q_proj", op="addmm", tokens=t, d_in=h, d_out=heads * head_dim, bias=True),
+            Linear(f"{p}.k_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim, bias=True),
+            Linear(f"{p}.v_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim, bias=True),
             Attention(f"{p}.attn", op=attn_op, batch=views, heads=heads, s_q=s, s_k=s, d=head_dim, d_v=head_dim,
                       causal=False),
             Linear(f"{p}.o_proj", tokens=t, d_in=heads * head_dim, d_out=h),
+            Elementwise(f"{p}.post_attention_layernorm", elements=t * h, per_element=norm, weights=h),
             Linear(f"{p}.mlp.gate_proj", tokens=t, d_in=h, d_out=inter),
             Linear(f"{p}.mlp.up_proj", tokens=t, d_in=h, d_out=inter),
             Linear(f"{p}.mlp.down_proj", tokens=t, d_in=inter, d_out=h),
         ]))
+    kids.append(Elementwise(f"{prefix}.norm", elements=t * h, per_element=norm, weights=h))
     return Block(prefix, children=kids)
 
 
@@ -148,6 +162,8 @@ class DecoderSpec:
                                       # transformers 5 (v2) uses a broadcast multiply: no matmul
     attn_op: str                      # "bmm" (eager) or "sdpa"
     experts_op: str                   # "mm" (v1 per-expert loop) or "grouped_mm"
+    router_bytes: int = 2             # the MoE router's weight dtype: transformers 5 (v2) keeps it in float32
+    inv_freq: bool = False            # RoPE's inverse frequencies a buffer read per forward (v2), float32
 
 
 def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) -> Block:
@@ -157,12 +173,15 @@ def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) 
     for i, dense in enumerate(spec.dense_layers):
         p = f"{prefix}.layers.{i}"
         layer: list[Layer] = [
+            Elementwise(f"{p}.input_layernorm", elements=new * h, per_element=CUDA_CORE_PER_ELEMENT["norm"], weights=h),
             Linear(f"{p}.q_proj", tokens=new, d_in=h, d_out=spec.heads * hd),
             Linear(f"{p}.k_proj", tokens=new, d_in=h, d_out=spec.kv_heads * hd),
             Linear(f"{p}.v_proj", tokens=new, d_in=h, d_out=spec.kv_heads * hd),
             Attention(f"{p}.attn", op=spec.attn_op, heads=spec.heads, s_q=new, s_k=kv_len, d=hd, d_v=hd, causal=True),
             Linear(f"{p}.o_proj", tokens=new, d_in=spec.heads * hd, d_out=h),
             KVCache(f"{p}.kv_cache", positions=kv_len, kv_heads=spec.kv_heads, d=hd),
+            Elementwise(f"{p}.post_attention_layernorm", elements=new * h, per_element=CUDA_CORE_PER_ELEMENT["norm"],
+                        weights=h),
         ]
         if spec.rope_per_layer:
             layer.insert(3, Rope(f"{p}.rope", positions=new, half_dim=hd // 2))
@@ -171,22 +190,27 @@ def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) 
                       (("gate_proj", h, spec.dense_inter), ("up_proj", h, spec.dense_inter), ("down_proj", spec.dense_inter, h))]
         else:
             si = spec.moe_inter * spec.shared
-            layer += [Linear(f"{p}.mlp.gate", tokens=new, d_in=h, d_out=spec.experts),
+            layer += [Linear(f"{p}.mlp.gate", tokens=new, d_in=h, d_out=spec.experts, dtype_bytes=spec.router_bytes),
                       Experts(f"{p}.mlp.experts", op=spec.experts_op, routed_rows=new * spec.top_k, d=h,
                               inter=spec.moe_inter, n_experts=spec.experts)]
             layer += [Linear(f"{p}.mlp.shared_experts.{n}", tokens=new, d_in=a, d_out=b) for n, a, b in
                       (("gate_proj", h, si), ("up_proj", h, si), ("down_proj", si, h))]
         kids.append(Block(p, children=layer))
+    kids.insert(0, Embedding(f"{prefix}.embed_tokens", tokens=new, d=h, vocab=spec.vocab))
+    if spec.inv_freq:
+        kids.insert(1, Buffer(f"{prefix}.rotary_emb.inv_freq", elements=hd // 2, dtype_bytes=4))
+    kids.append(Elementwise(f"{prefix}.norm", elements=new * h, per_element=CUDA_CORE_PER_ELEMENT["norm"], weights=h))
     kids.append(Linear("lm_head", tokens=logits, d_in=h, d_out=spec.vocab))
     return Block(prefix, children=kids)
 
 
 def stage_blocks(model: str, views: Views, vision: Block, spec: DecoderSpec, prompt_len: int, steps: int,
-            all_logits: bool, variant: Variant) -> ModelTree:
+            all_logits: bool, variant: Variant, merge: tuple[Layer, ...] = ()) -> ModelTree:
+    """`merge`: what the model reads where it merges the image tokens into the prompt (separator embeddings)."""
     tree = ModelTree(model, views, prompt_len)
     tree.stages["vision"] = [vision]
-    tree.stages["prefill"] = [Block("prefill", children=[vision, decoder(spec, "decoder", prompt_len, prompt_len,
-                                                                         prompt_len if all_logits else 1)])]
+    tree.stages["prefill"] = [Block("prefill", children=[vision, *merge, decoder(spec, "decoder", prompt_len, prompt_len,
+                                                                                 prompt_len if all_logits else 1)])]
     grow = 1 if variant.decode_kv_growth else 0
     tree.stages["decode"] = [decoder(spec, "decoder", 1, prompt_len + grow * (k + 1), 1) for k in range(steps)]
     return tree

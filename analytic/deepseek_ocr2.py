@@ -4,7 +4,7 @@ with learned queries per view, the projector, the DeepSeek-V2 decoder)."""
 from __future__ import annotations
 
 from analytic.blocks import VENDOR_CONSTANTS, attention_op, config_value, decoder_spec, qwen2_encoder, sam, stage_blocks
-from analytic.layers import Block, Layer, Linear
+from analytic.layers import Block, Buffer, Layer, Linear
 from analytic.request import ModelTree, Shape, Variant
 from analytic.shapes import v2_views
 
@@ -28,12 +28,13 @@ def build_v2(cfg: dict, shape: Shape, where: str = "config", variant: Variant = 
                 qwen2_encoder(f"vision.{name}.encoder", count, n, enc, enc.get("head_dim") or enc["hidden_size"] // enc["num_attention_heads"],
                               variant.clip_layers, vision_op),
                 Linear(f"vision.{name}.projector", op="addmm", tokens=count * (variant.projector_tokens or n), d_in=enc["hidden_size"],
-                       d_out=config_value(text, "hidden_size", where))]
+                       d_out=config_value(text, "hidden_size", where), bias=True)]
 
     kids = view("global", 1, views.global_px)
     if views.tiles and not variant.single_view:
         kids += view("tiles", views.tiles, views.tile_px)
     spec = decoder_spec(text, where, rope_per_layer=False, attn_op=attention_op((attention or {}).get("decoder", "sdpa")),
-                         experts_op=experts_op)
+                         experts_op=experts_op, router_bytes=4, inv_freq=True)  # transformers 5: an fp32 router
     return stage_blocks("deepseek-ocr-2", views, Block("vision", children=kids), spec,
-                   1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=False, variant=variant)
+                   1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=False, variant=variant,
+                   merge=(Buffer("view_separator", elements=config_value(text, "hidden_size", where), dtype_bytes=2),))

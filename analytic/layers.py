@@ -92,10 +92,11 @@ class Linear(Layer):
     tokens: int = 0
     d_in: int = 0
     d_out: int = 0
+    bias: bool = False  # its d_out bias: weights read, no tensor-core FLOPs (FlopCounterMode's addmm counts none)
 
     def cost(self, policy: Policy) -> Cost:
         tc = 2 * self.tokens * self.d_in * self.d_out if policy.counts(self.op) else 0
-        w = self.d_in * self.d_out * self.dtype_bytes
+        w = (self.d_in + self.bias) * self.d_out * self.dtype_bytes
         act = self.tokens * (self.d_in + self.d_out) * self.dtype_bytes
         return Cost(tc, 0, act + w, w, self.tokens * self.d_out * self.dtype_bytes)
 
@@ -127,12 +128,13 @@ class Conv2d(Layer):
     c_out: int = 0
     kernel: int = 1
     out_hw: tuple[int, int] = (0, 0)
+    bias: bool = False
     op: str = "convolution"
 
     def cost(self, policy: Policy) -> Cost:
         out = self.batch * self.c_out * self.out_hw[0] * self.out_hw[1]
         tc = 2 * out * self.c_in * self.kernel * self.kernel
-        w = self.c_out * self.c_in * self.kernel ** 2 * self.dtype_bytes
+        w = self.c_out * (self.c_in * self.kernel ** 2 + self.bias) * self.dtype_bytes
         return Cost(tc, 0, w + out * self.dtype_bytes, w, out * self.dtype_bytes)
 
 
@@ -173,11 +175,13 @@ class RelPos(Layer):
     h: int = 0
     w: int = 0
     d: int = 0
+    table: int = 0  # rows of each learned table (R_h, R_w): 2 * trained side - 1, interpolated to the grid when it differs
     op: str = "bmm"
 
     def cost(self, policy: Policy) -> Cost:
         tc = 2 * self.batch_heads * self.h * self.w * (self.h + self.w) * self.d
-        return Cost(tc, self.batch_heads * (self.h * self.w) ** 2, 0, 0, 0)
+        w = 2 * self.table * self.d * self.dtype_bytes
+        return Cost(tc, self.batch_heads * (self.h * self.w) ** 2, w, w, 0)
 
 
 @dataclass
@@ -200,11 +204,42 @@ class Elementwise(Layer):
 
     elements: int = 0
     per_element: int = 1
+    weights: int = 0  # elements of its weights (a norm's scale, and shift), at dtype_bytes
     op: str = "elementwise"
 
     def cost(self, policy: Policy) -> Cost:
         b = self.elements * self.dtype_bytes
-        return Cost(0, self.per_element * self.elements, 2 * b, 0, b)
+        w = self.weights * self.dtype_bytes
+        return Cost(0, self.per_element * self.elements, 2 * b + w, w, b)
+
+
+@dataclass
+class Embedding(Layer):
+    """A token embedding lookup: it reads the rows of its tokens (at most the whole table), no FLOPs."""
+    formula: ClassVar[str] = "0 (a lookup: min(tokens, vocab) rows of d read)"
+
+    tokens: int = 0
+    d: int = 0
+    vocab: int = 0
+    op: str = "none"
+
+    def cost(self, policy: Policy) -> Cost:
+        w = min(self.tokens, self.vocab) * self.d * self.dtype_bytes
+        out = self.tokens * self.d * self.dtype_bytes
+        return Cost(0, 0, w + out, w, out)
+
+
+@dataclass
+class Buffer(Layer):
+    """A buffer a forward reads whole (RoPE's inverse frequencies): memory only."""
+    formula: ClassVar[str] = "0 (memory only)"
+
+    elements: int = 0
+    op: str = "none"
+
+    def cost(self, policy: Policy) -> Cost:
+        w = self.elements * self.dtype_bytes
+        return Cost(0, 0, w, w, 0)
 
 
 @dataclass
