@@ -101,16 +101,24 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
 
 
 @_shared
-def clip(prefix: str, views: int, tokens: int, width: int, layers: int, heads: int, ffn: int) -> Block:
-    """v1's CLIP-L on SAM features (its patch embedding replaced), class token included in `tokens`."""
+def clip(prefix: str, views: int, tokens: int, width: int, layers: int, heads: int, ffn: int,
+         positions: int = 257) -> Block:
+    """v1's CLIP-L on SAM features (its patch embedding replaced, never read), class token included in `tokens`; its
+    class embedding and position table (`positions` rows, interpolated to the grid) read whole."""
     t = views * tokens
     d = width // heads
-    return Block(prefix, children=[Block(f"{prefix}.layers.{i}", children=[
-        Linear(f"{prefix}.layers.{i}.qkv", op="addmm", tokens=t, d_in=width, d_out=3 * width),
+    norm = CUDA_CORE_PER_ELEMENT["norm"]
+    head: list[Layer] = [Buffer(f"{prefix}.class_embedding", elements=width, dtype_bytes=2),
+                         Buffer(f"{prefix}.position_embedding", elements=positions * width, dtype_bytes=2),
+                         Elementwise(f"{prefix}.pre_layrnorm", elements=t * width, per_element=norm, weights=2 * width)]
+    return Block(prefix, children=head + [Block(f"{prefix}.layers.{i}", children=[
+        Elementwise(f"{prefix}.layers.{i}.layer_norm1", elements=t * width, per_element=norm, weights=2 * width),
+        Linear(f"{prefix}.layers.{i}.qkv", op="addmm", tokens=t, d_in=width, d_out=3 * width, bias=True),
         Attention(f"{prefix}.layers.{i}.attn", batch=views, heads=heads, s_q=tokens, s_k=tokens, d=d, d_v=d),
-        Linear(f"{prefix}.layers.{i}.out_proj", op="addmm", tokens=t, d_in=width, d_out=width),
-        Linear(f"{prefix}.layers.{i}.mlp.fc1", op="addmm", tokens=t, d_in=width, d_out=ffn),
-        Linear(f"{prefix}.layers.{i}.mlp.fc2", op="addmm", tokens=t, d_in=ffn, d_out=width),
+        Linear(f"{prefix}.layers.{i}.out_proj", op="addmm", tokens=t, d_in=width, d_out=width, bias=True),
+        Elementwise(f"{prefix}.layers.{i}.layer_norm2", elements=t * width, per_element=norm, weights=2 * width),
+        Linear(f"{prefix}.layers.{i}.mlp.fc1", op="addmm", tokens=t, d_in=width, d_out=ffn, bias=True),
+        Linear(f"{prefix}.layers.{i}.mlp.fc2", op="addmm", tokens=t, d_in=ffn, d_out=width, bias=True),
     ]) for i in range(layers)])
 
 

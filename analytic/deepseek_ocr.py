@@ -4,7 +4,7 @@ projector, the DeepSeek-V2 decoder)."""
 from __future__ import annotations
 
 from analytic.blocks import VENDOR_CONSTANTS, attention_op, clip, config_value, decoder_spec, sam, stage_blocks
-from analytic.layers import Block, Layer, Linear
+from analytic.layers import Block, Buffer, Layer, Linear
 from analytic.request import ModelTree, Shape, Variant
 from analytic.shapes import v1_views
 
@@ -25,9 +25,10 @@ def build_v1(cfg: dict, shape: Shape, where: str = "config", variant: Variant = 
                     sam_cfg["global_attn_indexes"], sam_cfg["width"] * c["sam_mlp_ratio"], c["neck"],
                     sam_cfg["downsample_channels"], c),
                 clip(f"vision.{name}.clip", count, sam_tokens + 1, clip_cfg["width"],
-                     variant.clip_layers or clip_cfg["layers"], clip_cfg["heads"], c["clip_ffn"]),
+                     variant.clip_layers or clip_cfg["layers"], clip_cfg["heads"], c["clip_ffn"],
+                     (clip_cfg.get("image_size", 224) // clip_cfg.get("patch_size", 14)) ** 2 + 1),  # its position rows
                 Linear(f"vision.{name}.projector", op="addmm", tokens=count * (variant.projector_tokens or sam_tokens),
-                       d_in=n_proj_in, d_out=n_embed)]
+                       d_in=n_proj_in, d_out=n_embed, bias=True)]
 
     kids = view("global", 1, views.global_px)
     if views.tiles and not variant.single_view:
@@ -35,4 +36,5 @@ def build_v1(cfg: dict, shape: Shape, where: str = "config", variant: Variant = 
     spec = decoder_spec(lang, where, rope_per_layer=True, attn_op=attention_op((attention or {}).get("decoder", "eager")),
                          experts_op="mm")
     return stage_blocks("deepseek-ocr", views, Block("vision", children=kids), spec,
-                   1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=True, variant=variant)
+                   1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=True, variant=variant,
+                   merge=tuple(Buffer(name, elements=n_embed, dtype_bytes=2) for name in ("image_newline", "view_seperator")))

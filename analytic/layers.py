@@ -194,7 +194,8 @@ class Rope(Layer):
     op: str = "bmm"
 
     def cost(self, policy: Policy) -> Cost:
-        return Cost(2 * self.half_dim * self.positions, 0, 0, 0, 0)
+        w = self.half_dim * 4  # its inverse frequencies, a float32 buffer
+        return Cost(2 * self.half_dim * self.positions, 0, w, w, 0)
 
 
 @dataclass
