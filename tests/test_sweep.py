@@ -68,6 +68,11 @@ def test_pages_equal_a_single_run_on_them(swept, tmp_path, tiny_v2_config):
         for stage in ("vision", "prefill", "decode"):
             assert (single[stage]["flops_full"], single[stage]["flops_torch"], single[stage]["flops_analytic"]) == \
                 (r[f"{stage}_full"], r[f"{stage}_torch"], r[f"{stage}_analytic"]), (r["path"], stage)
+            # the other columns too, traced and analytic
+            for c in ("bytes_read", "bytes_written", "weight_bytes", "cuda_flops", "act_peak_bytes", "kv_bytes"):
+                assert single[stage].get(c) == r[f"{stage}_{c}"], (r["path"], stage, c)
+            for c in ("io_bytes", "weight_bytes", "kv_bytes"):
+                assert single[stage][f"analytic_{c}"] == r[f"{stage}_analytic_{c}"], (r["path"], stage, c)
 
 
 def test_the_page_draws_its_plots_and_links_each_key(swept, browser):
@@ -79,6 +84,9 @@ def test_the_page_draws_its_plots_and_links_each_key(swept, browser):
     pg.wait_for_selector("#scatter circle")
     assert pg.locator("#scatter circle").count() == doc["pages"]
     assert pg.locator("svg.hist").count() == 3 and pg.locator("svg.hist rect").count() >= 3
+    # I/O, intensity, activation peak and KV cache against image tokens, a point per page
+    assert pg.locator("svg.mem").count() == 4 and pg.locator("svg.mem[data-plot=decode_kv_bytes] circle").count() == \
+        doc["pages"]
     assert pg.locator("#keys tbody tr").count() == doc["keys"]
     assert pg.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
     # axes with ticks and units: powers of two on the aspect axis (log), SI counts on the FLOP axes

@@ -138,8 +138,8 @@ def _trace_key(key: str, page: Page, workload: Workload, options: Options) -> di
     """In a pool process: one key's full run (a white page of `page`'s size), as the files and stage counts."""
     gc.disable()  # as the command line does: millions of long-lived graph objects
     result = run(Workload(**{**asdict(workload), "image_wh": (page.width, page.height), "image_path": None}), options)
-    return {"key": key, "stages": [{"name": s.name, "flops_torch": s.flops_torch, "flops_full": s.flops_full}
-                                   for s in result.stages],
+    return {"key": key, "stages": [{"name": s.name, "flops_torch": s.flops_torch, "flops_full": s.flops_full,
+                                    **{c: getattr(s, c) for c in TRACED_PER_PAGE}} for s in result.stages],
             "crop_grid_wh": result.report["workload"]["crop_grid_wh"],
             "image_tokens": result.report["workload"]["image_tokens"],
             "json": result.to_json(only_flops=True), "html": result.to_html(), "notes": result.notes}
@@ -162,8 +162,8 @@ def page_rows(pages: list[Page], keys: dict[str, list[Page]], traced: dict[str, 
         if shape not in per_shape:
             an = analytic_for(workload.model, shape, options.analytic, options.causal_halving, options.config, None,
                               options.policy, options.build.device, attention)
-            per_shape[shape] = {s["name"]: s["flops"] for s in an.doc["stages"]}
-        analytic = per_shape[shape]
+            per_shape[shape] = {s["name"]: s for s in an.doc["stages"]}
+        analytic = {name: s["flops"] for name, s in per_shape[shape].items()}
         t = traced[key]
         row: dict[str, Any] = {"path": page.path, "width": page.width, "height": page.height, "key": key,
                                "crop_grid": "x".join(map(str, t["crop_grid_wh"])), "image_tokens": t["image_tokens"]}
@@ -173,9 +173,28 @@ def page_rows(pages: list[Page], keys: dict[str, list[Page]], traced: dict[str, 
             row.update({f"{s['name']}_analytic": analytic.get(s["name"], 0), f"{s['name']}_torch": s["flops_torch"],
                         f"{s['name']}_full": s["flops_full"], f"{s['name']}_gap": gap,
                         f"{s['name']}_gap_pct": round(gap_pct(gap, measured), 4)})
+            row.update(_columns(s, per_shape[shape].get(s["name"], {})))
         rows.append(row)
         advance()
     return rows
+
+
+#: the other columns a page's row carries per stage (tracer.count.memory; None where a stage has none: vision's KV)
+TRACED_PER_PAGE = ("bytes_read", "bytes_written", "weight_bytes", "cuda_flops", "act_peak_bytes", "kv_bytes")
+ANALYTIC_PER_PAGE = ("io_bytes", "weight_bytes", "cuda_flops", "act_bytes", "kv_bytes")
+
+
+def _columns(traced: dict[str, Any], analytic: dict[str, Any]) -> dict[str, Any]:
+    """A stage's other columns for a page's row: traced, analytic, and the arithmetic intensity (tensor-core FLOPs
+    per byte of I/O: traced unfused, analytic fused)."""
+    name = traced["name"]
+    io = traced["bytes_read"] + traced["bytes_written"]
+    out: dict[str, Any] = {f"{name}_{c}": traced[c] for c in TRACED_PER_PAGE}
+    out.update({f"{name}_analytic_{c}": analytic.get(c, 0) for c in ANALYTIC_PER_PAGE})
+    out[f"{name}_intensity"] = round(traced["flops_full"] / io, 3) if io else None
+    out[f"{name}_analytic_intensity"] = (round(analytic["flops"] / analytic["io_bytes"], 3)
+                                         if analytic.get("io_bytes") else None)
+    return out
 
 
 def worst(rows: list[dict[str, Any]], n: int = 10) -> list[dict[str, Any]]:

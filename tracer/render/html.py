@@ -74,13 +74,15 @@ def page_data(report: dict[str, Any]) -> dict[str, Any]:
         "colors": {"bounds": [b for b, _ in GAP_COLORS], "colors": [c for _, c in GAP_COLORS], "over": OVERCOUNT},
         "stages": [{"name": st["name"], "analytic": st["flops_analytic"], "torch": st["flops_torch"],
                     "full": st["flops_full"], "gap": st["gap"], "gap_pct": st["gap_pct"], "coverage": st["coverage"],
-                    "unknown_ops": st["unknown_ops"]} for st in report["stages"]],
+                    "unknown_ops": st["unknown_ops"], "metrics": st.get("metrics") or {},
+                    "act_peak_node": st.get("act_peak_node")} for st in report["stages"]],
         "groups": report["gap_groups"],  # vision's too: prefill's leave its layers out
         "unseen": [u for u in report["unseen"] if u["stage"] in SHOWN_STAGES],
         "layers": [{"id": r["id"], "stage": r["stage"], "analytic": r["flops_analytic"], "torch": r["flops_torch"],
                     "full": r["flops_full"], "gap": r["gap"], "gap_pct": r["gap_pct"],
                     "why": REASONS.get(r["reason"], ""), "formula": r.get("formula") or "",
                     "cause": r.get("cause") or "", "rules": r.get("rules", []),
+                    "bytes": r.get("bytes_read", 0) + r.get("bytes_written", 0),
                     "nodes": [index[i] for i in r["nodes"]]}
                    for r in report["layers"] if r["stage"] in SHOWN_STAGES],
         # [id, op, module, class, inputs, outputs, torch, full, status, source, why unmapped]; strings by index
