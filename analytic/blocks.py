@@ -10,8 +10,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from analytic.layers import (Attention, Block, Buffer, Conv2d, Elementwise, Embedding, Experts, KVCache, Layer, Linear, RelPos,
-                             Rope)
+from analytic.layers import (Attention, Block, Buffer, Conv2d, Elementwise, Embedding, Experts, KVCache, Layer, Linear,
+                             RelPos, Rope)
 from analytic.request import ModelTree, Variant
 from analytic.shapes import Views
 from tracer.core.configfile import dig

@@ -32,8 +32,8 @@ from analytic.api import build, counting_policy, request_shape, variant
 from mapping.table import load_table
 from tracer.compare.analytic import analytic_for, catalogue, map_report, report_shape
 from tracer.compare.diff import with_diff
-from tracer.compare.metrics import parse_max_gap
 from tracer.compare.explain import check_id, explain
+from tracer.compare.metrics import parse_max_gap
 from tracer.core import cache
 from tracer.core.errors import FlopdiffError
 from tracer.core.inputs import Pinned

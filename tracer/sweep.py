@@ -45,12 +45,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from analytic.api import build, model_text_tokens, request_shape, resolution_knobs
 from tracer.compare.analytic import analytic_for
 from tracer.compare.diff import gap_pct
+from tracer.compare.metrics import parse_max_gap
 from tracer.core import flags
 from tracer.core.errors import Aborted, FlopdiffError, printable
 from tracer.core.lifecycle import OutputSet, die_with_parent
 from tracer.core.workload import IMAGE_SUFFIXES, Workload, image_size, parse_image_shape
 from tracer.pipeline import Options, check, pinned, run
-from tracer.compare.metrics import parse_max_gap
 from tracer.render.html import script_safe
 from tracer.render.tables import sweep_tables, terminal
 from tracer.vendors import BuildOptions, parse_impl
