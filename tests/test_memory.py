@@ -221,3 +221,49 @@ def test_a_bad_gate_is_one_line_before_anything_runs(gate, says, capsys):
     assert main(["--max-gap", gate, "--image-shape", "640x640"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0]
+
+
+# ---- the activation peak against torch's own MemTracker (an independent CPU measurement) -----------------------------
+
+class _Attention(torch.nn.Module):
+    """Attention written out (q k^T, softmax, p v), with a residual and a norm: no fused fast path."""
+
+    def __init__(self, d: int = 64, heads: int = 4):
+        super().__init__()
+        self.qkv, self.out, self.norm, self.heads = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d), torch.nn.LayerNorm(d), heads
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
+        return x + self.out((p @ v).transpose(1, 2).reshape(b, s, d))
+
+
+@pytest.mark.parametrize("name, input_live_at_peak", [("mlp", False), ("convolutions", False), ("attention", True)])
+def test_the_activation_peak_is_what_torchs_mem_tracker_measures(name, input_live_at_peak):
+    """torch.distributed._tools.mem_tracker.MemTracker follows every tensor the dispatcher allocates and frees in an
+    eager run: its activation peak (activations and temporaries) equals the liveness peak over the recorded graph,
+    plus the stage's input where the input is still to be read at the peak (the attention block's residual): the
+    trace counts an input while the stage uses it, MemTracker files it under `Other`. (A module with a fused fast
+    path, nn.TransformerEncoderLayer's, runs one op where the recorder, decomposing it as FlopCounterMode does,
+    records several: there the two programs differ, and so do their peaks.)"""
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    torch.manual_seed(0)
+    model, args = {
+        "mlp": (torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)),
+                (torch.randn(64, 256),)),
+        "convolutions": (torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3)),
+                         (torch.randn(1, 3, 32, 32),)),
+        "attention": (_Attention(), (torch.randn(2, 32, 64),)),
+    }[name]
+    with torch.no_grad():
+        tracker = mem_tracker.MemTracker()
+        tracker.track_external(model, *args)
+        with tracker:
+            model(*args)
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+        _, sg = _rows(lambda: model(*args), model)
+    kinds = mem_tracker._MemRefType
+    held = args[0].numel() * args[0].element_size() if input_live_at_peak else 0
+    assert sg.memory["act_peak_bytes"] == peak[kinds.ACT] + peak[kinds.TEMP] + held > held
+    assert sg.memory["weight_bytes"] == peak[kinds.PARAM] + peak[kinds.BUFFER]

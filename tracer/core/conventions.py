@@ -124,7 +124,7 @@ DATA_MOVEMENT: frozenset[str] = frozenset(f"aten::{op}" for op in (
     "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand", "slice",
     "select", "split", "split_with_sizes", "unbind", "cat", "stack", "clone", "_to_copy", "copy_", "detach", "alias",
     "lift_fresh", "lift_fresh_copy", "constant_pad_nd", "index", "index_put_", "index_put", "index_select", "gather",
-    "scatter", "scatter_", "masked_scatter", "embedding", "arange", "full", "full_like", "zeros", "zeros_like",
+    "scatter", "scatter_", "masked_scatter", "masked_scatter_", "index_copy", "index_copy_", "index_fill_", "embedding", "arange", "full", "full_like", "zeros", "zeros_like",
     "ones", "ones_like", "new_zeros", "new_ones", "new_empty", "new_full", "empty", "empty_like", "empty_strided",
     "fill_", "zero_", "scalar_tensor", "contiguous", "repeat", "roll", "flip", "narrow", "as_strided", "unfold",
     "sort", "topk", "nonzero", "_local_scalar_dense", "item", "resize_", "set_", "diagonal", "tril", "triu",
