@@ -51,8 +51,20 @@ def explain_layer(report: dict[str, Any], an: Analytic, lid: str) -> Group:
             parts.append(Text(f"  {step}{leaf.explain(pol)}"))
         if not leaves:
             parts.append(Text(f"  the analytic model ({an.preset}) has no layer {lid} in stage {row['stage']}"))
+        parts.append(Text("  " + _columns_line(row)))
         parts.append(_nodes_table([by_id[i] for i in row["nodes"]]))
     return Group(*parts)
+
+
+def _columns_line(row: dict[str, Any]) -> str:
+    """The layer's other columns, traced (its nodes, unfused) / analytic (fused I/O), as report.json holds them."""
+    io = row.get("bytes_read", 0) + row.get("bytes_written", 0)
+    intensity = f"; {row['flops_full'] / io:.1f} FLOP/B" if io else ""
+    return (f"bytes read {row.get('bytes_read', 0):,} + written {row.get('bytes_written', 0):,} traced, "
+            f"I/O {row.get('analytic_io_bytes', 0):,} analytic (fused){intensity}; weights "
+            f"{row.get('weight_bytes', 0):,} / {row.get('analytic_weight_bytes', 0):,}; CUDA-core FLOPs "
+            f"{row.get('cuda_flops', 0):,} / {row.get('analytic_cuda_flops', 0):,}; KV cache (analytic) "
+            f"{row.get('analytic_kv_bytes', 0):,}")
 
 
 def explain_node(report: dict[str, Any], nid: str, mapping: Mapping) -> Group:
