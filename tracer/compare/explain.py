@@ -125,7 +125,8 @@ def explain_group(report: dict[str, Any], label: str) -> Group:
         parts.append(Text("  " + _layer_line(row)))
     if len(gapped) > GROUP_LAYERS_SHOWN:
         parts.append(Text(f"  ... and {len(gapped) - GROUP_LAYERS_SHOWN} more layers with a gap: --explain one of them "
-                          f"(its formula and nodes), or report.json's `layers` for every row"))
+                          f"(its formula and nodes); report.html lists them all (a click on the group's row), "
+                          f"report.json's `layers` has every row"))
     return Group(*parts)
 
 
