@@ -96,7 +96,7 @@ def _first_pass(node: torch.fx.Node, params: set[int]) -> tuple[dict[str, Any], 
         return {**_NOTHING, "cuda_flops": flops, "cuda_status": status}, ins, outs, []
     in_sids = {r[0] for r in ins}
     mutates = _mutates(node)
-    if outs and not mutates and all(r[0] in in_sids for r in outs):  # a view or reshape: nothing moves
+    if outs and not mutates and (_aliases(node) or all(r[0] in in_sids for r in outs)):  # a view: nothing moves
         return _NOTHING, ins, outs, []
     written = _bytes(outs if mutates else [r for r in outs if r[0] not in in_sids])
     if op in _GATHERS and node.all_input_nodes:
@@ -117,6 +117,14 @@ def _first_pass(node: torch.fx.Node, params: set[int]) -> tuple[dict[str, Any], 
 def _mutates(node: torch.fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     return bool(schema is not None and schema.is_mutable)
+
+
+def _aliases(node: torch.fx.Node) -> bool:
+    """The op's schema says every output aliases an input and nothing is written (`lift_fresh`, `view`): a view
+    even where the mode made a new storage for it (FakeTensorMode lifting a constant)."""
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.returns
+                and all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns))
 
 
 def _grouped(node: torch.fx.Node, read: int, param_reads: list, params: set[int]) -> tuple[int, list]:
