@@ -199,18 +199,14 @@ class GraphRecorder(TorchDispatchMode):
         if sid is None or (inputs is not None and sid not in inputs):
             sid = self._sids[key] = self._next_sid
             self._next_sid += 1
-        item = t.element_size()
-        span = 0 if t.numel() == 0 else (1 + sum((n - 1) * st_ for n, st_ in zip(t.shape, t.stride()))) * item  # stride 0: once
-        return (sid, t.storage_offset() * item, span, st.nbytes())
+        return (sid, t.storage_offset() * t.element_size(), _span(t), st.nbytes())
 
     def _view_of(self, source: torch.fx.Node, out: torch.Tensor) -> tuple[int, int, int, int]:
         """The record of a view its schema does not annotate (`_unsafe_view`): its source's storage, whatever
         tensor the op returned (a memoized meta kernel returns a fresh one: its address joins the source's id)."""
         sid, _, _, size = source.meta["storage"]
         self._sids[out.untyped_storage()._cdata] = sid
-        item = out.element_size()
-        span = 0 if out.numel() == 0 else (1 + sum((n - 1) * st for n, st in zip(out.shape, out.stride()))) * item
-        return (sid, out.storage_offset() * item, span, size)
+        return (sid, out.storage_offset() * out.element_size(), _span(out), size)
 
     def _map(self, x):
         # A hand-rolled tree_map: ops' arguments are only tensors, scalars, lists, tuples and dicts.
@@ -241,7 +237,7 @@ class GraphRecorder(TorchDispatchMode):
                          seq=self._seq)
         self._seq += 1
         self._inside(node)
-        inputs = {r[0] for a in node.all_input_nodes for r in _records_of(a)}
+        inputs = {r[0] for a in node.all_input_nodes for r in storage_records(a)}
         if isinstance(out, torch.Tensor):
             node.meta["storage"] = (self._view_of(node_args[0], out) if func in _UNANNOTATED_VIEWS
                                     else self._storage(out, inputs))
@@ -287,7 +283,7 @@ class GraphRecorder(TorchDispatchMode):
                          seq=seq, inner=inner, params=params)
         self._inside(node)
         if primary is not None:
-            node.meta["storage"] = self._storage(primary, {r[0] for a in node.all_input_nodes for r in _records_of(a)})
+            node.meta["storage"] = self._storage(primary, {r[0] for a in node.all_input_nodes for r in storage_records(a)})
         if primary is not None:  # what follows reads the boundary's output, not its last inner op's
             self._nodes[id(primary)] = (node, weakref.ref(primary))
         return out
@@ -320,7 +316,13 @@ class GraphRecorder(TorchDispatchMode):
         return cpu_output_dtypes(func, args, out) if func in CPU_OUTPUT_DTYPES else out
 
 
-def _records_of(node: torch.fx.Node) -> list[tuple]:
+def _span(t: torch.Tensor) -> int:
+    """Bytes from a view's first element to its last (a stride-0, expanded dimension adds nothing: read once)."""
+    return 0 if t.numel() == 0 else (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def storage_records(node: torch.fx.Node) -> list[tuple[int, int, int, int]]:
+    """A node's storage records (meta["storage"]), one per tensor value, as a list."""
     rec = node.meta.get("storage")
     return [] if rec is None else rec if isinstance(rec, list) else [rec]
 
@@ -354,7 +356,7 @@ def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, ven
     cache = cache_of(result)
     kept = outputs + [recorder._node_for(t) for t in (cache_tensors(cache) if cache is not None else [])]
     sg = StageGraph(stage, recorder.graph, step=step, kv_len=kv_len, params=recorder.params,
-                    outputs=[r for o in kept for r in _records_of(o)], kv_layers=kv_layers(cache))
+                    outputs=[r for o in kept for r in storage_records(o)], kv_layers=kv_layers(cache))
     if instrument is not None:
         sg.kernels = instrument.records()
     return sg, result

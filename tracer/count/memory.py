@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from tracer.capture.recorder import StageGraph
+from tracer.capture.recorder import StageGraph, storage_records
 from tracer.core.conventions import CUDA_CORE_OPS, DATA_MOVEMENT
 
 #: gathers: they read what they gather (their output's bytes) from the table, plus their other inputs whole
@@ -41,13 +41,6 @@ _GROUPED = {"aten::_grouped_mm": 1}
 _ATTENTION_KERNELS = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention",
                       "flash_attn::", "higher_order::flex_attention", "attention::")
 _FREE_STATUS = ("torch", "formula", "group")  # tensor-core ops: their work is the other column
-
-
-def _records(node: torch.fx.Node) -> list[tuple[int, int, int, int]]:
-    rec = node.meta.get("storage")
-    if rec is None:
-        return []
-    return rec if isinstance(rec, list) else [rec]
 
 
 def _union(ranges: list[tuple[int, int]]) -> int:
@@ -89,8 +82,8 @@ def _node_pass(node: torch.fx.Node, params: set[int]) -> tuple[dict[str, Any], l
 
 def _first_pass(node: torch.fx.Node, params: set[int]) -> tuple[dict[str, Any], list, list, list]:
     op = node.meta["op"]
-    ins = [r for a in node.all_input_nodes for r in _records(a)]
-    outs = _records(node)
+    ins = [r for a in node.all_input_nodes for r in storage_records(a)]
+    outs = storage_records(node)
     if node.meta.get("inner"):  # an attention call whose ops were recorded inside it: they carry its traffic
         flops, status = cuda_flops(node)
         return {**_NOTHING, "cuda_flops": flops, "cuda_status": status}, ins, outs, []
@@ -100,7 +93,7 @@ def _first_pass(node: torch.fx.Node, params: set[int]) -> tuple[dict[str, Any], 
         return _NOTHING, ins, outs, []
     written = _bytes(outs if mutates else [r for r in outs if r[0] not in in_sids])
     if op in _GATHERS and node.all_input_nodes:
-        table = _records(node.all_input_nodes[0])
+        table = storage_records(node.all_input_nodes[0])
         table_sids = {r[0] for r in table}
         read = written + _bytes([r for r in ins if r[0] not in table_sids])
         param_reads = [(sid, off, min(span, written), size) for sid, off, span, size in table if sid in params]
@@ -136,7 +129,7 @@ def _grouped(node: torch.fx.Node, read: int, param_reads: list, params: set[int]
         return read, param_reads
     groups, rows = mat.shape[0], rows_of.shape[0]
     touched = min(rows, groups)
-    records = _records(grouped)
+    records = storage_records(grouped)
     read -= _bytes(records) * (groups - touched) // groups
     mine = {r[0] for r in records}
     return read, [(sid, off, span * touched // groups, size) if sid in mine else (sid, off, span, size)
