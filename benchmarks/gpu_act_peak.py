@@ -48,7 +48,7 @@ def main() -> int:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    result = run(workload, Options(build=build, config=args.config, cache=False, sequential=True))
+    result = run(workload, Options(build=build, mode="real", config=args.config, cache=False, sequential=True))
     allocated = torch.cuda.max_memory_allocated() - before
     stages = {s.name: s for s in result.stages}
     traced = max(stages["prefill"].act_peak_bytes, stages["decode"].act_peak_bytes)
