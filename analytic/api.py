@@ -217,22 +217,18 @@ def evaluate_tree(tree: ModelTree, shape: Shape, pol: Policy) -> dict[str, Any]:
 
 def _distinct_weights(block: Block, pol: Policy) -> int:
     """A block's weights, each once: a layer run on several kinds of view (tiles, global) has one set of weights (a
-    stage's weights are what it reads, each parameter once: a decode step's block reads its own)."""
+    stage's weights are what it reads, each parameter once: a decode step's block reads its own); a layer whose views
+    read different parameters under one id says so by its `param`."""
     distinct: dict[str, int] = {}
     for leaf in block.leaves():
-        distinct[leaf.id.replace(".tiles.", ".").replace(".global.", ".")] = leaf.cost(pol).weight_bytes
+        key = getattr(leaf, "param", "") or leaf.id.replace(".tiles.", ".").replace(".global.", ".")
+        distinct[key] = leaf.cost(pol).weight_bytes
     return sum(distinct.values())
 
 
 def weight_bytes(tree: ModelTree) -> int:
-    """Bytes of the distinct weights the prefill reads: a layer run on several kinds of view (tiles, global)
-    has one set of weights; the token embedding table (a lookup) is not counted."""
-    distinct: dict[str, int] = {}
-    for block in tree.stages["prefill"]:
-        for leaf in block.leaves():
-            key = leaf.id.replace(".tiles.", ".").replace(".global.", ".")
-            distinct[key] = leaf.cost(counting_policy("full")).weight_bytes
-    return sum(distinct.values())
+    """Bytes of the distinct weights the prefill reads (the rows of the token embedding its prompt looks up)."""
+    return sum(_distinct_weights(block, counting_policy("full")) for block in tree.stages["prefill"])
 
 
 def evaluate(model: str, image_wh: tuple[int, int], preset: str = "aligned", policy_name: str = "full",

@@ -22,7 +22,8 @@ from tracer.core.errors import FlopdiffError
 # v2: transformers DeepseekOcr2SamVisionConfig defaults, checked against transformers in the tests).
 VENDOR_CONSTANTS = {
     "deepseek-ocr": {"patch": 16, "window": 14, "sam_mlp_ratio": 4, "neck": 256, "clip_ffn": 4096, "downsample": 4},
-    "deepseek-ocr-2": {"patch": 16, "window": 14, "sam_mlp_ratio": 4.0, "neck": 256, "downsample": 4, "sam_px": 1024},
+    "deepseek-ocr-2": {"patch": 16, "window": 14, "sam_mlp_ratio": 4.0, "neck": 256, "downsample": 4, "sam_px": 1024,
+                       "rel_pos_resize_always": True},  # DeepseekOcr2SamVisionAttention.get_rel_pos
 }
 
 
@@ -50,6 +51,41 @@ def _shared(builder):
     return build
 
 
+K = CUDA_CORE_PER_ELEMENT
+
+
+def rms_norm(lid: str, rows: int, width: int) -> Elementwise:
+    """RMSNorm as transformers writes it (x.pow(2).mean(-1) + eps, rsqrt, x * it, weight * x): 4 per element, the eps
+    add and the rsqrt once per row."""
+    return Elementwise(lid, elements=rows * width, per_element=K["norm"], weights=width,
+                       glue=(("eps add and rsqrt, per row", 2 * rows),))
+
+
+def rope_apply(lid: str, rows: int, heads: int, kv_heads: int, d: int) -> Elementwise:
+    """apply_rotary_pos_emb on q and k: x * cos + rotate_half(x) * sin (two products and an add per element), and
+    rotate_half's negation of half of them."""
+    e = rows * d * (heads + kv_heads)
+    return Elementwise(lid, elements=e, per_element=3, glue=(("rotate_half's negation, half the elements", e // 2),))
+
+
+def rope_angles(lid: str, positions: int, d: int, *extra: tuple[str, int]) -> Buffer:
+    """transformers 5 RoPE angles from the inverse frequencies (a float32 buffer): inv_freq x positions as a broadcast
+    product (d/2 per position), cos and sin of the d angles, each scaled by attention_scaling."""
+    return Buffer(lid, elements=d // 2, dtype_bytes=4,
+                  glue=(("angles: inv_freq x positions", positions * d // 2), ("cos, sin and their scaling", 4 * positions * d),
+                        *extra))
+
+
+def gated(lid: str, rows: int, inter: int) -> Elementwise:
+    """act_fn(gate) * up: SiLU and the product."""
+    return Elementwise(lid, elements=rows * inter, per_element=K["silu_gated"])
+
+
+def residual(lid: str, adds: int, rows: int, width: int) -> Elementwise:
+    """The residual adds of a block (`adds` of them over rows x width)."""
+    return Elementwise(lid, elements=adds * rows * width, per_element=K["add"])
+
+
 # The op that carries an attention implementation's matmuls (Layer.op: what policy `torch` asks FlopCounterMode
 # about). Any other name is a function registered by a plugin: a kernel launched from Python, which it never sees.
 ATTENTION_OPS = {"eager": "bmm", "sdpa": "sdpa", "flash_attention_2": "flash_attn", "flex_attention": "flex"}
@@ -69,9 +105,12 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
     win = c["window"]
     d = width // heads
     norm = CUDA_CORE_PER_ELEMENT["norm"]
+    # the absolute position table, resized to the grid when it differs (bicubic, antialiased), added to every view
+    resize = (("resize to the grid", K["bicubic_interp"] * width * g * g),) if g != g0 else ()
     kids: list[Layer] = [Conv2d(f"{prefix}.patch_embed", batch=views, c_in=3, c_out=width, kernel=c["patch"], out_hw=(g, g),
                                 bias=True),
-                         Buffer(f"{prefix}.pos_embed", elements=g0 * g0 * width, dtype_bytes=2)]
+                         Buffer(f"{prefix}.pos_embed", elements=g0 * g0 * width, dtype_bytes=2,
+                                glue=(*resize, ("add", views * g * g * width)))]
     for i in range(layers):
         p = f"{prefix}.blocks.{i}"
         if i in global_idx:
@@ -83,13 +122,14 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
         kids.append(Block(p, children=[
             Elementwise(f"{p}.norm1", elements=views * g * g * width, per_element=norm, weights=2 * width),
             Linear(f"{p}.qkv", op="addmm", tokens=tokens, d_in=width, d_out=3 * width, bias=True),
-            RelPos(f"{p}.rel_pos", batch_heads=batch * heads, h=side, w=side, d=d, table=table),
+            RelPos(f"{p}.rel_pos", batch_heads=batch * heads, h=side, w=side, d=d, table=table, glue=_rel_pos_glue(side, d, table, c.get("rel_pos_resize_always", False))),
             Attention(f"{p}.attn", op=attn_op, batch=batch, heads=heads, s_q=side * side, s_k=side * side, d=d, d_v=d),
             Linear(f"{p}.proj", op="addmm", tokens=tokens, d_in=width, d_out=width, bias=True),
             Elementwise(f"{p}.norm2", elements=views * g * g * width, per_element=norm, weights=2 * width),
             Linear(f"{p}.mlp.lin1", op="addmm", tokens=views * g * g, d_in=width, d_out=mlp, bias=True),
             Elementwise(f"{p}.mlp.act", elements=views * g * g * mlp, per_element=8),
             Linear(f"{p}.mlp.lin2", op="addmm", tokens=views * g * g, d_in=mlp, d_out=width, bias=True),
+            residual(f"{p}.residual", 2, views * g * g, width),
         ]))
     kids += [Conv2d(f"{prefix}.neck.conv1", batch=views, c_in=width, c_out=neck, kernel=1, out_hw=(g, g)),
              Elementwise(f"{prefix}.neck.norm1", elements=views * g * g * neck, per_element=norm, weights=2 * neck),
@@ -98,6 +138,14 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
              Conv2d(f"{prefix}.net_2", batch=views, c_in=neck, c_out=down[0], kernel=3, out_hw=(g // 2, g // 2)),
              Conv2d(f"{prefix}.net_3", batch=views, c_in=down[0], c_out=down[1], kernel=3, out_hw=(g // 4, g // 4))]
     return Block(prefix, children=kids)
+
+
+def _rel_pos_glue(side: int, d: int, table: int, always: bool) -> tuple[tuple[str, int], ...]:
+    """get_rel_pos, once per axis: the table resized to 2 * side - 1 rows (linear) when it differs, or `always`
+    (transformers' SAM resizes unconditionally), the relative coordinates (two scaled aranges, their difference and
+    its offset)."""
+    resize = (("tables resized to the grid", 2 * K["linear_interp"] * d * (2 * side - 1)),) if always or table != 2 * side - 1 else ()
+    return (*resize, ("relative coordinates", 2 * (2 * side + 2 * side * side)))
 
 
 @_shared
@@ -130,26 +178,32 @@ def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, lay
     s, h = 2 * n, enc["hidden_size"]
     heads, kv, inter = enc["num_attention_heads"], enc["num_key_value_heads"], enc["intermediate_size"]
     t = views * s
-    norm = CUDA_CORE_PER_ELEMENT["norm"]
     # RoPE angles: a broadcast multiply in transformers 5, no matmul; the learned queries of this view size, read whole
-    kids: list[Layer] = [Buffer(f"{prefix}.queries_{n}", elements=n * h, dtype_bytes=2),
-                         Buffer(f"{prefix}.rotary_emb.inv_freq", elements=head_dim // 2, dtype_bytes=4)]
+    # the hybrid mask (image tokens both ways, queries causal): positions, comparisons and their combination, built
+    # once per view batch, then selected into every layer's scores (`where`)
+    mask = 2 * s + 2 * s * s + 3 * views * s * s + views * s
+    kids: list[Layer] = [Buffer(f"{prefix}.queries", elements=n * h, dtype_bytes=2, param=f"queries_{n}"),
+                         rope_angles(f"{prefix}.rotary_emb.inv_freq", s, head_dim),
+                         Elementwise(f"{prefix}.mask", elements=mask, per_element=1, dtype_bytes=1)]
     for i in range(layers or enc["num_hidden_layers"]):
         p = f"{prefix}.layers.{i}"
         kids.append(Block(p, children=[
-            Elementwise(f"{p}.input_layernorm", elements=t * h, per_element=norm, weights=h),
+            rms_norm(f"{p}.input_layernorm", t, h),
             Linear(f"{p}.q_proj", op="addmm", tokens=t, d_in=h, d_out=heads * head_dim, bias=True),
             Linear(f"{p}.k_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim, bias=True),
             Linear(f"{p}.v_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim, bias=True),
+            rope_apply(f"{p}.rope_apply", t, heads, kv, head_dim),
             Attention(f"{p}.attn", op=attn_op, batch=views, heads=heads, s_q=s, s_k=s, d=head_dim, d_v=head_dim,
-                      causal=False),
+                      causal=False, glue=(("the mask selected into the scores", views * s * s),)),
             Linear(f"{p}.o_proj", tokens=t, d_in=heads * head_dim, d_out=h),
-            Elementwise(f"{p}.post_attention_layernorm", elements=t * h, per_element=norm, weights=h),
+            rms_norm(f"{p}.post_attention_layernorm", t, h),
             Linear(f"{p}.mlp.gate_proj", tokens=t, d_in=h, d_out=inter),
             Linear(f"{p}.mlp.up_proj", tokens=t, d_in=h, d_out=inter),
+            gated(f"{p}.mlp.act", t, inter),
             Linear(f"{p}.mlp.down_proj", tokens=t, d_in=inter, d_out=h),
+            residual(f"{p}.residual", 2, t, h),
         ]))
-    kids.append(Elementwise(f"{prefix}.norm", elements=t * h, per_element=norm, weights=h))
+    kids.append(rms_norm(f"{prefix}.norm", t, h))
     return Block(prefix, children=kids)
 
 
@@ -181,35 +235,49 @@ def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) 
     for i, dense in enumerate(spec.dense_layers):
         p = f"{prefix}.layers.{i}"
         layer: list[Layer] = [
-            Elementwise(f"{p}.input_layernorm", elements=new * h, per_element=CUDA_CORE_PER_ELEMENT["norm"], weights=h),
+            rms_norm(f"{p}.input_layernorm", new, h),
             Linear(f"{p}.q_proj", tokens=new, d_in=h, d_out=spec.heads * hd),
             Linear(f"{p}.k_proj", tokens=new, d_in=h, d_out=spec.kv_heads * hd),
             Linear(f"{p}.v_proj", tokens=new, d_in=h, d_out=spec.kv_heads * hd),
+            rope_apply(f"{p}.rope_apply", new, spec.heads, spec.kv_heads, hd),
             Attention(f"{p}.attn", op=spec.attn_op, heads=spec.heads, s_q=new, s_k=kv_len, d=hd, d_v=hd, causal=True),
             Linear(f"{p}.o_proj", tokens=new, d_in=spec.heads * hd, d_out=h),
             KVCache(f"{p}.kv_cache", positions=kv_len, kv_heads=spec.kv_heads, d=hd),
-            Elementwise(f"{p}.post_attention_layernorm", elements=new * h, per_element=CUDA_CORE_PER_ELEMENT["norm"],
-                        weights=h),
+            rms_norm(f"{p}.post_attention_layernorm", new, h),
         ]
         if spec.rope_per_layer:
             layer.insert(3, Rope(f"{p}.rope", positions=new, half_dim=hd // 2))
         if dense:
             layer += [Linear(f"{p}.mlp.{n}", tokens=new, d_in=a, d_out=b) for n, a, b in
                       (("gate_proj", h, spec.dense_inter), ("up_proj", h, spec.dense_inter), ("down_proj", spec.dense_inter, h))]
+            layer.insert(-1, gated(f"{p}.mlp.act", new, spec.dense_inter))
         else:
             si = spec.moe_inter * spec.shared
-            layer += [Linear(f"{p}.mlp.gate", tokens=new, d_in=h, d_out=spec.experts, dtype_bytes=spec.router_bytes),
-                      Experts(f"{p}.mlp.experts", op=spec.experts_op, routed_rows=new * spec.top_k, d=h,
-                              inter=spec.moe_inter, n_experts=spec.experts)]
+            rows = new * spec.top_k
+            layer += [Linear(f"{p}.mlp.gate", tokens=new, d_in=h, d_out=spec.experts, dtype_bytes=spec.router_bytes,
+                             glue=(("softmax over the experts", K["softmax"] * new * spec.experts),
+                                   ("top-k weights scaled", rows))),
+                      Experts(f"{p}.mlp.experts", op=spec.experts_op, routed_rows=rows, d=h, inter=spec.moe_inter,
+                              n_experts=spec.experts, glue=_routing_glue(spec, new, rows))]
             layer += [Linear(f"{p}.mlp.shared_experts.{n}", tokens=new, d_in=a, d_out=b) for n, a, b in
                       (("gate_proj", h, si), ("up_proj", h, si), ("down_proj", si, h))]
+            layer.insert(-1, gated(f"{p}.mlp.shared_experts.act", new, si))
+        layer.append(residual(f"{p}.residual", 2, new, h))
         kids.append(Block(p, children=layer))
     kids.insert(0, Embedding(f"{prefix}.embed_tokens", tokens=new, d=h, vocab=spec.vocab))
-    if spec.inv_freq:
-        kids.insert(1, Buffer(f"{prefix}.rotary_emb.inv_freq", elements=hd // 2, dtype_bytes=4))
-    kids.append(Elementwise(f"{prefix}.norm", elements=new * h, per_element=CUDA_CORE_PER_ELEMENT["norm"], weights=h))
+    if spec.inv_freq:  # the positions (cache_position offset) and the angles, once per forward
+        kids.insert(1, rope_angles(f"{prefix}.rotary_emb.inv_freq", new, hd, ("positions", new)))
+    kids.append(rms_norm(f"{prefix}.norm", new, h))
     kids.append(Linear("lm_head", tokens=logits, d_in=h, d_out=spec.vocab))
     return Block(prefix, children=kids)
+
+
+def _routing_glue(spec: DecoderSpec, new: int, rows: int) -> tuple[tuple[str, int], ...]:
+    """transformers 5's grouped experts around their GEMMs: the routed rows counted per expert (histc, the rows'
+    expert index, the offsets' cumsum), each row's output scaled by its routing weight, the top-k summed per token, and
+    the routed output added to the shared experts'."""
+    return (("rows per expert and offsets", 2 * rows + spec.experts), ("routing weights applied", rows * spec.hidden),
+            ("top-k summed", rows * spec.hidden), ("added to the shared experts", new * spec.hidden))
 
 
 def stage_blocks(model: str, views: Views, vision: Block, spec: DecoderSpec, prompt_len: int, steps: int,

@@ -4,7 +4,7 @@ with learned queries per view, the projector, the DeepSeek-V2 decoder)."""
 from __future__ import annotations
 
 from analytic.blocks import VENDOR_CONSTANTS, attention_op, config_value, decoder_spec, qwen2_encoder, sam, stage_blocks
-from analytic.layers import Block, Buffer, Layer, Linear
+from analytic.layers import Block, Buffer, Elementwise, Layer, Linear
 from analytic.request import ModelTree, Shape, Variant
 from analytic.shapes import v2_views
 
@@ -27,14 +27,24 @@ def build_v2(cfg: dict, shape: Shape, where: str = "config", variant: Variant = 
                     s.get("output_channels", c["neck"]), config_value(s, "downsample_channels", where), c, vision_op),
                 qwen2_encoder(f"vision.{name}.encoder", count, n, enc, enc.get("head_dim") or enc["hidden_size"] // enc["num_attention_heads"],
                               variant.clip_layers, vision_op),
-                Linear(f"vision.{name}.projector", op="addmm", tokens=count * (variant.projector_tokens or n), d_in=enc["hidden_size"],
-                       d_out=config_value(text, "hidden_size", where), bias=True)]
+                projector(f"vision.{name}.projector", count, variant.projector_tokens or n, enc["hidden_size"],
+                          config_value(text, "hidden_size", where))]
 
     kids = view("global", 1, views.global_px)
     if views.tiles and not variant.single_view:
         kids += view("tiles", views.tiles, views.tile_px)
+    prompt = 1 + views.image_tokens + shape.text_tokens
     spec = decoder_spec(text, where, rope_per_layer=False, attn_op=attention_op((attention or {}).get("decoder", "sdpa")),
                          experts_op=experts_op, router_bytes=4, inv_freq=True)  # transformers 5: an fp32 router
     return stage_blocks("deepseek-ocr-2", views, Block("vision", children=kids), spec,
-                   1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=False, variant=variant,
-                   merge=(Buffer("view_separator", elements=config_value(text, "hidden_size", where), dtype_bytes=2),))
+                   prompt, shape.decode_steps, all_logits=False, variant=variant,
+                   merge=(Buffer("view_separator", elements=config_value(text, "hidden_size", where), dtype_bytes=2),
+                          # get_placeholder_mask: the image-token positions found and counted (and the count checked)
+                          Elementwise("image_mask", elements=2 * prompt + 2, per_element=1, dtype_bytes=1)))
+
+
+def projector(lid: str, views: int, tokens: int, d_in: int, d_out: int) -> Linear:
+    """The linear projector; on a batch of tiles its input is a strided slice (the queries' half of each view), which
+    F.linear cannot fold into one addmm: it runs a bmm and adds the bias apart."""
+    bias = (("bias added apart (a strided batch)", views * tokens * d_out),) if views > 1 else ()
+    return Linear(lid, op="addmm", tokens=views * tokens, d_in=d_in, d_out=d_out, bias=True, glue=bias)

@@ -72,15 +72,28 @@ class Layer:
 
     formula: ClassVar[str] = ""
 
-    def cost(self, policy: Policy) -> Cost:
+    #: CUDA-core work the vendor code does inside this layer's modules beside what its formula counts (a router's
+    #: softmax, the experts' routing bookkeeping, RoPE's angles): (what, FLOPs) pairs, named where they are built
+    glue: tuple[tuple[str, int], ...] = ()
+
+    def work(self, policy: Policy) -> Cost:
+        """The layer's own formula: each kind's one pure function of its shapes."""
         raise NotImplementedError
+
+    def cost(self, policy: Policy) -> Cost:
+        c = self.work(policy)
+        if self.glue:
+            c.cuda_flops += sum(flops for _, flops in self.glue)
+        return c
 
     def explain(self, policy: Policy) -> str:
         """'Linear: 2 * tokens * d_in * d_out with tokens=913, d_in=1280, d_out=1536 = 3,590,225,920'."""
         knobs = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)
-                          if f.name not in ("id", "dtype_bytes", "children"))
+                          if f.name not in ("id", "dtype_bytes", "children", "glue"))
         note = "" if policy.counts(self.op) else f" (policy torch: op {self.op} is invisible to FlopCounterMode)"
-        return f"{type(self).__name__}: {self.formula} with {knobs} = {self.cost(policy).tc_flops:,}{note}"
+        glue = ("; CUDA-core beside it: " + ", ".join(f"{what} {flops:,}" for what, flops in self.glue)
+                if self.glue else "")
+        return f"{type(self).__name__}: {self.formula} with {knobs} = {self.cost(policy).tc_flops:,}{note}{glue}"
 
     def leaves(self) -> Iterator["Layer"]:
         yield self
@@ -94,7 +107,7 @@ class Linear(Layer):
     d_out: int = 0
     bias: bool = False  # its d_out bias: weights read, no tensor-core FLOPs (FlopCounterMode's addmm counts none)
 
-    def cost(self, policy: Policy) -> Cost:
+    def work(self, policy: Policy) -> Cost:
         tc = 2 * self.tokens * self.d_in * self.d_out if policy.counts(self.op) else 0
         w = (self.d_in + self.bias) * self.d_out * self.dtype_bytes
         act = self.tokens * (self.d_in + self.d_out) * self.dtype_bytes
@@ -112,7 +125,7 @@ class Experts(Layer):
     n_experts: int = 0
     op: str = "grouped_mm"
 
-    def cost(self, policy: Policy) -> Cost:
+    def work(self, policy: Policy) -> Cost:
         tc = 2 * self.routed_rows * self.d * 2 * self.inter + 2 * self.routed_rows * self.inter * self.d
         # the experts a step touches: at most one per routed row (a one-token decode step reads its top-k, not all)
         w = min(self.routed_rows, self.n_experts) * 3 * self.d * self.inter * self.dtype_bytes
@@ -131,7 +144,7 @@ class Conv2d(Layer):
     bias: bool = False
     op: str = "convolution"
 
-    def cost(self, policy: Policy) -> Cost:
+    def work(self, policy: Policy) -> Cost:
         out = self.batch * self.c_out * self.out_hw[0] * self.out_hw[1]
         tc = 2 * out * self.c_in * self.kernel * self.kernel
         w = self.c_out * (self.c_in * self.kernel ** 2 + self.bias) * self.dtype_bytes
@@ -158,7 +171,7 @@ class Attention(Layer):
         # KV cache: the new queries are the last ones, so the causal mask is bottom-right aligned
         return attention_pairs(self.s_q, self.s_k, self.causal, align="bottom_right")
 
-    def cost(self, policy: Policy) -> Cost:
+    def work(self, policy: Policy) -> Cost:
         p = self.pairs(policy)
         tc = 2 * self.batch * self.heads * p * (self.d + self.d_v) if policy.counts(self.op) else 0
         scores = self.batch * self.heads * p
@@ -178,7 +191,7 @@ class RelPos(Layer):
     table: int = 0  # rows of each learned table (R_h, R_w): 2 * trained side - 1, interpolated to the grid when it differs
     op: str = "bmm"
 
-    def cost(self, policy: Policy) -> Cost:
+    def work(self, policy: Policy) -> Cost:
         tc = 2 * self.batch_heads * self.h * self.w * (self.h + self.w) * self.d
         w = 2 * self.table * self.d * self.dtype_bytes
         return Cost(tc, self.batch_heads * (self.h * self.w) ** 2, w, w, 0)
@@ -193,7 +206,7 @@ class Rope(Layer):
     half_dim: int = 0
     op: str = "bmm"
 
-    def cost(self, policy: Policy) -> Cost:
+    def work(self, policy: Policy) -> Cost:
         w = self.half_dim * 4  # its inverse frequencies, a float32 buffer
         return Cost(2 * self.half_dim * self.positions, 0, w, w, 0)
 
@@ -208,7 +221,7 @@ class Elementwise(Layer):
     weights: int = 0  # elements of its weights (a norm's scale, and shift), at dtype_bytes
     op: str = "elementwise"
 
-    def cost(self, policy: Policy) -> Cost:
+    def work(self, policy: Policy) -> Cost:
         b = self.elements * self.dtype_bytes
         w = self.weights * self.dtype_bytes
         return Cost(0, self.per_element * self.elements, 2 * b + w, w, b)
@@ -224,7 +237,7 @@ class Embedding(Layer):
     vocab: int = 0
     op: str = "none"
 
-    def cost(self, policy: Policy) -> Cost:
+    def work(self, policy: Policy) -> Cost:
         w = min(self.tokens, self.vocab) * self.d * self.dtype_bytes
         out = self.tokens * self.d * self.dtype_bytes
         return Cost(0, 0, w + out, w, out)
@@ -237,8 +250,9 @@ class Buffer(Layer):
 
     elements: int = 0
     op: str = "none"
+    param: str = ""  # the parameter's own name where views share the layer id but not the weights (v2's queries)
 
-    def cost(self, policy: Policy) -> Cost:
+    def work(self, policy: Policy) -> Cost:
         w = self.elements * self.dtype_bytes
         return Cost(0, 0, w, w, 0)
 
@@ -253,7 +267,7 @@ class KVCache(Layer):
     d: int = 0
     op: str = "none"
 
-    def cost(self, policy: Policy) -> Cost:
+    def work(self, policy: Policy) -> Cost:
         return Cost(kv_bytes=2 * self.positions * self.kv_heads * self.d * self.dtype_bytes)
 
 

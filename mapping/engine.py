@@ -3,8 +3,12 @@
 Each FLOP-bearing node (FLOPs under policy full, or an op with no formula) resolves to exactly one analytic
 layer: the one rule of the table that matches its module path (call indices stripped) and op. Two matching
 rules are an error naming both; no matching rule leaves the node unmapped, with the reason, never dropped.
-Results are cached per (stage, module path, op): a stage has tens of thousands of nodes but a few hundred
-distinct pairs.
+
+Every other node that costs something (CUDA-core FLOPs, bytes moved, weights read) resolves the same way, and where
+no rule names it (a residual add, RoPE's products, a mask), to the rest of its enclosing scope (`Matcher.
+resolve_scope`): the pseudo-layer `<scope>.(rest)`, so that every column's per-layer counts add up to the stage's and
+work the analytic model leaves out shows where it happens instead of vanishing. Results are cached per (stage, module
+path, op): a stage has tens of thousands of nodes but a few hundred distinct pairs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,22 @@ def flop_bearing(node: dict[str, Any]) -> bool:
     return node["flops_full"] > 0 or node["status"] == "unknown"
 
 
+#: the node columns besides tensor-core FLOPs that make a node cost something (tracer.count.memory)
+COST_COLUMNS = ("cuda_flops", "bytes_read", "bytes_written", "weight_bytes")
+#: the pseudo-layer of a scope's work that no rule names (`decoder.layers.3.(rest)`; `(rest)` outside every scope)
+REST = "(rest)"
+
+
+def costs(node: dict[str, Any]) -> bool:
+    """Anything to attribute: FLOPs, an op with no formula, or any other column."""
+    return (flop_bearing(node) or node.get("cuda_status") == "uncounted"
+            or any(node.get(k) for k in COST_COLUMNS))
+
+
+def rest_of(scope: str | None) -> str:
+    return f"{scope}.{REST}" if scope else REST
+
+
 @dataclass
 class Resolution:
     layer: str | None
@@ -39,6 +59,7 @@ class Mapping:
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     layer_of: dict[str, str] = field(default_factory=dict)      # node id -> layer id
     unmapped: dict[str, str] = field(default_factory=dict)      # node id -> reason
+    rest: dict[str, str] = field(default_factory=dict)          # node id -> `<scope>.(rest)`: no rule names it
 
     def rule_of(self, node: dict[str, Any]) -> str | None:
         """The rule that joined this node's module to its layer (an edge of the graph), as the table states it."""
@@ -123,17 +144,21 @@ class Matcher:
 
 def map_nodes(table: Table, nodes: Iterable[dict[str, Any]], present: set[str],
               catalogue: dict[str, set[str]]) -> Mapping:
-    """Resolve every FLOP-bearing node record (report.json's `nodes`) to one analytic layer."""
+    """Resolve every node record (report.json's `nodes`) that costs something to one analytic layer: a FLOP-bearing
+    one by a rule or not at all (unmapped, with the reason), any other by a rule or to its scope's rest."""
     matcher = Matcher(table, present, catalogue)
     result = Mapping(matcher)
     g = result.graph
     for node in nodes:
-        if not flop_bearing(node):
+        if not costs(node):
             continue
         nid, stage = node["id"], node["stage"]
+        res = matcher.resolve(stage, node["module"], node["op"], node.get("vendor_function", ""))
+        if res.layer is None and not flop_bearing(node):
+            result.rest[nid] = rest_of(matcher.resolve_scope(stage, node["module"]) if node["module"] else None)
+            continue
         module = ("module", stage, node["module"])
         g.add_edge(("node", nid), module)
-        res = matcher.resolve(stage, node["module"], node["op"], node.get("vendor_function", ""))
         if res.layer is None:
             result.unmapped[nid] = res.reason
             continue

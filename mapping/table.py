@@ -1,11 +1,12 @@
 """Mapping tables: load `tables/<model>.yaml`, compile its patterns, check its layer ids.
 
-A table has `rules` and `call_names`:
+A table has `rules`, `call_names`, `scopes` and `kv_cache`:
 
     call_names:
       view:                                   # placeholder {view}
         modules: [model.vision_tower]         # ... named by the call index of these modules
         order: [global, tiles]                # vendor call order; names the workload lacks are skipped
+    kv_cache: decoder.layers.{i}.kv_cache     # optional: the layer of decoder layer i's KV cache
     rules:
       - module: model.vision_tower.sam_encoder.layers.{i}.attn     # path, call indices stripped
         ops: ["aten::bmm"]                                          # optional op globs
@@ -74,6 +75,7 @@ class Table:
     rules: tuple[Rule, ...]
     call_names: tuple[CallName, ...]
     scopes: tuple[Rule, ...] = ()  # module -> enclosing analytic block, for work no rule maps (CUDA kernels)
+    kv_cache: str | None = None    # the layer id of decoder layer {i}'s KV cache (what the vendor returns per layer)
 
 
 def compile_pattern(pattern: str, where: str) -> re.Pattern:
@@ -128,7 +130,11 @@ def load_table(model_or_path: str) -> Table:
     call_fields = {c.placeholder for c in calls}
     rules = tuple(_rule(i, r, where, call_fields) for i, r in enumerate(raw["rules"]))
     scopes = tuple(_rule(i, r, f"{where}: scopes", call_fields, ops=False) for i, r in enumerate(raw.get("scopes") or []))
-    return Table(str(raw["model"]), str(path), rules, calls, scopes)
+    kv_cache = raw.get("kv_cache")
+    if kv_cache is not None and (not isinstance(kv_cache, str) or set(_FIELD.findall(kv_cache)) != {"i"}):
+        raise FlopdiffError(f"{where}: kv_cache: expected a layer id template with {{i}} (the decoder layer's index), "
+                            f"got {kv_cache!r}")
+    return Table(str(raw["model"]), str(path), rules, calls, scopes, kv_cache)
 
 
 def _rule(i: int, r: Any, where: str, call_fields: set[str], ops: bool = True) -> Rule:
@@ -149,7 +155,8 @@ def _rule(i: int, r: Any, where: str, call_fields: set[str], ops: bool = True) -
 
 def check_layers(table: Table, catalogue: set[str]) -> None:
     """Fail at load time when a rule names a layer the analytic model does not have."""
-    for rule in table.rules + table.scopes:
+    kv = (Rule(-1, "kv_cache", table.kv_cache),) if table.kv_cache else ()
+    for rule in table.rules + table.scopes + kv:
         rx = template_regex(rule.layer)
         if not any(rx.fullmatch(lid) for lid in catalogue):
             near = sorted(lid for lid in catalogue if lid.split(".")[0] == rule.layer.split(".")[0])[:3]

@@ -33,7 +33,7 @@ from mapping.table import load_table
 from tracer.compare.analytic import analytic_for, catalogue, map_report, report_shape
 from tracer.compare.diff import with_diff
 from tracer.compare.explain import check_id, explain
-from tracer.compare.metrics import parse_max_gap
+from tracer.compare.metrics import check_metric, parse_max_gap
 from tracer.core import cache
 from tracer.core.errors import FlopdiffError
 from tracer.core.inputs import Pinned
@@ -65,6 +65,7 @@ class Options:
     sequential: bool = False            # no decode worker process
     allow_long: bool = False            # run captures estimated at more than about five minutes
     max_gap: float | str | None = None  # the gate Result.over applies (PCT or METRIC=PCT,...; checked up front)
+    metric: str = "tc_flops"            # the column gap groups and --explain follow (tracer.compare.metrics)
     # serve and keep counted traces (tracer.core.cache); the one switch, its default from the environment
     cache: bool = field(default_factory=cache.wanted_by_default)
     keep_graphs: bool = False           # keep the traced fx graphs (Model Explorer files); else a stage counted
@@ -107,6 +108,7 @@ def check(workload: Workload, options: Options) -> Workload:
 
         check_onnx(get_vendor(workload.model), options.build)
     parse_max_gap(options.max_gap)
+    check_metric(options.metric)
     variant(options.analytic, "--analytic")
     counting_policy(options.policy)
     if options.build.attn_plugins or "flash_attention_2" in implementations(options.build.attn):
@@ -222,7 +224,7 @@ def _diffed(workload: Workload, options: Options, build: BuildOptions, report: d
                             _analytic_config(options), report["workload"]["image_tokens"], options.policy,
                             options.build.device, attention_parts(workload.model, build))
     mapping = map_report(report, analytic, options.mapping)
-    report = with_diff(report, analytic, mapping)
+    report = with_diff(report, analytic, mapping, options.metric)
     ncu_csv = None
     if options.build.device == "cuda":
         from tracer.cuda.kernels import attribute_kernels

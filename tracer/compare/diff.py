@@ -17,7 +17,7 @@ from mapping.engine import Mapping, coverage, flop_bearing
 from tracer.compare.analytic import Analytic
 from tracer.compare.causes import cause, formula
 from tracer.compare.groups import gap_groups
-from tracer.compare.metrics import stage_metrics
+from tracer.compare.metrics import row_metrics
 from tracer.compare.unseen import unseen_ops
 
 
@@ -33,12 +33,14 @@ def _row(base: dict[str, Any], analytic: int, torch_: int, full: int, measured: 
     return {**base, "flops_analytic": analytic, **counts, "gap": gap, "gap_pct": round(gap_pct(gap, counts[measured]), 4)}
 
 
-def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[str, Any]:
+def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping, metric: str = "tc_flops") -> dict[str, Any]:
     """The report composed with its diff (the input is left as it was): `flops_analytic`, gap and coverage per
     stage, `layer` (or `unmapped`) per node, then `analytic`, `layers` (each with its formula and, when flopdiff can
     name it, the cause of its gap), `coverage`, `gap_groups` (per stage, tracer.compare.groups.gap_groups; prefill's
     leave out the vision layers, which are vision's groups) and `unseen` (per stage and op, what FlopCounterMode cannot
-    see). The gap compares the analytic count with the measured one of its policy (full, or torch: FlopCounterMode's)."""
+    see). The gap compares the analytic count with the measured one of its policy (full, or torch: FlopCounterMode's).
+    Every stage and layer also carries `metrics` (every column traced / analytic / gap, tracer.compare.metrics);
+    `metric` names the one the gap groups follow (default tensor-core FLOPs, the `gap` of the rows)."""
     measured = an.measured
     counting, preset = an.counting(), variant(an.preset)
     leaves: dict[tuple[str, str], list[Any]] = defaultdict(list)
@@ -49,7 +51,7 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
     nodes = []
     per_layer: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for n in report["nodes"]:
-        n = {**n, "layer": mapping.layer_of.get(n["id"])}
+        n = {**n, "layer": mapping.layer_of.get(n["id"]) or mapping.rest.get(n["id"])}
         if n["layer"] is not None:
             per_layer[(n["stage"], n["layer"])].append(n)
         elif n["id"] in mapping.unmapped:
@@ -58,20 +60,23 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
     present = {s["name"] for s in report["stages"]}
     analytic = {(row["stage"], row["id"]): row["flops"] for row in an.doc["layers"] if row["stage"] in present}
     columns = {(row["stage"], row["id"]): _analytic_columns(row) for row in an.doc["layers"]}
+    kv = _kv_layers(report, mapping)
+    shown = set(per_layer) | set(kv) | {k for k in analytic if analytic[k] or any(columns[k].values())}
     layers = []
-    for key in sorted(set(per_layer) | {k for k, v in analytic.items() if v}, key=_order(an.aligned)):
+    for key in sorted(shown, key=_order(an.aligned)):
         stage, lid = key
         mapped = per_layer.get(key, [])
         row = _row({"id": lid, "stage": stage}, analytic.get(key, 0), sum(n["flops_torch"] for n in mapped),
                    sum(n["flops_full"] for n in mapped), measured)
-        row["reason"] = ("missing" if key not in analytic else "no_nodes" if not mapped
-                         else "formula" if row["gap"] else None)
+        row["reason"] = _reason(key in analytic, bool(mapped), row["gap"], row["flops_analytic"])
         row["nodes"] = [n["id"] for n in mapped]
         row["formula"] = formula(leaves[key], counting)
         row["rules"] = sorted({r for r in map(mapping.rule_of, mapped) if r})
         row["cause"] = cause(stage, lid, row["reason"], preset, leaves[key], mapped, counting, measured)
         row.update({k: sum(n.get(k, 0) for n in mapped) for k in TRACED_COLUMNS})
+        row["kv_bytes"] = kv.get(key, 0)
         row.update(columns.get(key, _analytic_columns({})))
+        row["metrics"] = row_metrics(row, an.policy, preset, layer=key in analytic)
         layers.append(row)
     stage_analytic = {s["name"]: s["flops"] for s in an.doc["stages"]}
     stage_columns = {s["name"]: _analytic_columns(s) for s in an.doc["stages"]}
@@ -82,15 +87,15 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
                "coverage": coverage(by_stage[s["name"]], mapping),
                **stage_columns.get(s["name"], _analytic_columns({}))} for s in report["stages"]]
     for s in stages:  # every column's gap where both sides count it one way (tracer.compare.metrics)
-        s["metrics"] = stage_metrics(s, an.policy, preset)
+        s["metrics"] = row_metrics(s, an.policy, preset)
     doc = {**report, "stages": stages, "nodes": nodes,
-           "analytic": {"preset": an.preset, "policy": an.policy, "causal_halving": an.causal_halving,
+           "analytic": {"preset": an.preset, "policy": an.policy, "metric": metric, "causal_halving": an.causal_halving,
                         **({"attention": an.attention} if an.attention else {})},
            "layers": layers, "coverage": coverage(nodes, mapping)}
     # prefill runs the vision tower again: its layers are grouped once, as vision's
     vision = frozenset(r["id"] for r in layers if r["stage"] == "vision")
     doc["gap_groups"] = [{"stage": s["name"], **g} for s in stages
-                         for g in gap_groups(doc, s["name"], vision if s["name"] == "prefill" else frozenset())]
+                         for g in gap_groups(doc, s["name"], vision if s["name"] == "prefill" else frozenset(), metric)]
     doc["unseen"] = unseen_ops(doc)
     return doc
 
@@ -99,6 +104,23 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping) -> dict[st
 TRACED_COLUMNS = ("bytes_read", "bytes_written", "weight_bytes", "cuda_flops")
 #: the analytic model's other columns (analytic.api.COLUMNS beside `flops`), as `analytic_*` beside the traced ones
 ANALYTIC_COLUMNS = ("cuda_flops", "io_bytes", "weight_bytes", "act_bytes", "kv_bytes")
+
+
+def _reason(modelled: bool, mapped: bool, gap: int, analytic: int) -> str | None:
+    """Why a layer's FLOPs differ: missing from the analytic model, no node maps to it, or the formula; None when
+    both sides count nothing (a norm's or a scope's rest: their other columns have their own reasons)."""
+    if not gap and not analytic:
+        return None
+    return "missing" if not modelled else "no_nodes" if not mapped else "formula" if gap else None
+
+
+def _kv_layers(report: dict[str, Any], mapping: Mapping) -> dict[tuple[str, str], int]:
+    """Per (stage, analytic layer): the KV cache bytes the vendor returned for that decoder layer (the mapping table's
+    `kv_cache` template names the layer of index i)."""
+    template = mapping.matcher.table.kv_cache if mapping.matcher else None
+    if not template:
+        return {}
+    return {(s["name"], template.format(i=i)): b for s in report["stages"] for i, b in enumerate(s.get("kv_layers") or [])}
 
 
 def _analytic_columns(row: dict[str, Any]) -> dict[str, int]:

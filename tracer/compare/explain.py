@@ -16,23 +16,35 @@ from rich.text import Text
 from mapping.engine import Mapping
 from tracer.compare.analytic import Analytic
 from tracer.compare.groups import REASONS, group_members
+from tracer.compare.metrics import METRICS, NODE_COLUMN, metric_of, metric_rows, unit_word
 from tracer.core.errors import FlopdiffError
 
 
-def _layer_line(row: dict[str, Any]) -> str:
-    why = f" ({REASONS[row['reason']]})" if row["reason"] else ""
-    return (f"{row['id']} [{row['stage']}]: analytic {row['flops_analytic']:,}, torch {row['flops_torch']:,}, "
-            f"full {row['flops_full']:,}, gap {row['gap']:,} ({row['gap_pct']:.2f}%){why}")
+def _layer_line(row: dict[str, Any], metric: str = "tc_flops") -> str:
+    """A layer's FLOPs (analytic, torch, full, gap), or another metric's traced / analytic / gap."""
+    if metric == "tc_flops":
+        why = f" ({REASONS[row['reason']]})" if row["reason"] else ""
+        return (f"{row['id']} [{row['stage']}]: analytic {row['flops_analytic']:,}, torch {row['flops_torch']:,}, "
+                f"full {row['flops_full']:,}, gap {row['gap']:,} ({row['gap_pct']:.2f}%){why}")
+    m = row["metrics"][metric]
+    why = f" ({REASONS[m['reason']]})" if m.get("reason") else ""
+    return (f"{row['id']} [{row['stage']}]: {METRICS[metric].label}: traced {m['traced']:,}, analytic "
+            f"{m['analytic']:,}, gap {m['gap']:,} ({m['gap_pct']:.2f}%){why}")
 
 
-def _nodes_table(nodes: list[dict[str, Any]]) -> Table:
+def _nodes_table(nodes: list[dict[str, Any]], metric: str = "tc_flops") -> Table:
+    """The layer's nodes: FLOPs both ways, and the metric's own column when it is another (CUDA-core, weights)."""
     t = Table(title_justify="left")
-    for col in ("node", "op", "input shapes", "torch", "full", "vendor source"):
-        t.add_column(col, justify="right" if col in ("torch", "full") else "left", overflow="fold")
+    extra = NODE_COLUMN.get(metric) if metric != "tc_flops" else None
+    cols = ("node", "op", "input shapes", "torch", "full", *([METRICS[metric].label] if extra else []), "vendor source")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("node", "op", "input shapes", "vendor source") else "right",
+                     overflow="fold")
     for n in nodes:
         # vendor strings go in as Text: rich markup in a module name must print as typed
         t.add_row(Text(n["id"]), Text(n["op"]), Text(str(n["input_shapes"])), f"{n['flops_torch']:,}",
-                  f"{n['flops_full']:,}", Text(n["vendor_source"] or n["source"] or "-"))
+                  f"{n['flops_full']:,}", *([f"{n.get(extra, 0):,}"] if extra else []),
+                  Text(n["vendor_source"] or n["source"] or "-"))
     return t
 
 
@@ -41,10 +53,12 @@ def explain_layer(report: dict[str, Any], an: Analytic, lid: str) -> Group:
     by_id = {n["id"]: n for n in report["nodes"]}
     pol = an.counting()
     parts: list[Any] = []
+    metric = metric_of(report)
     for row in rows:
-        parts.append(Text(_layer_line(row), style="bold"))
-        if row.get("cause"):
-            parts.append(Text(f"  cause: {row['cause']}"))
+        parts.append(Text(_layer_line(row, metric), style="bold"))
+        cause = row.get("cause") if metric == "tc_flops" else row["metrics"][metric].get("cause")
+        if cause:
+            parts.append(Text(f"  cause: {cause}"))
         leaves = [leaf for b in an.tree.stages.get(row["stage"], []) for leaf in b.leaves() if leaf.id == lid]
         for k, leaf in enumerate(leaves):
             step = f"step {k}: " if row["stage"] == "decode" else ""
@@ -52,7 +66,7 @@ def explain_layer(report: dict[str, Any], an: Analytic, lid: str) -> Group:
         if not leaves:
             parts.append(Text(f"  the analytic model ({an.preset}) has no layer {lid} in stage {row['stage']}"))
         parts.append(Text("  " + _columns_line(row)))
-        parts.append(_nodes_table([by_id[i] for i in row["nodes"]]))
+        parts.append(_nodes_table([by_id[i] for i in row["nodes"]], metric))
     return Group(*parts)
 
 
@@ -63,8 +77,8 @@ def _columns_line(row: dict[str, Any]) -> str:
     return (f"bytes read {row.get('bytes_read', 0):,} + written {row.get('bytes_written', 0):,} traced, "
             f"I/O {row.get('analytic_io_bytes', 0):,} analytic (fused){intensity}; weights "
             f"{row.get('weight_bytes', 0):,} / {row.get('analytic_weight_bytes', 0):,}; CUDA-core FLOPs "
-            f"{row.get('cuda_flops', 0):,} / {row.get('analytic_cuda_flops', 0):,}; KV cache (analytic) "
-            f"{row.get('analytic_kv_bytes', 0):,}")
+            f"{row.get('cuda_flops', 0):,} / {row.get('analytic_cuda_flops', 0):,}; KV cache "
+            f"{row.get('kv_bytes', 0):,} / {row.get('analytic_kv_bytes', 0):,}")
 
 
 def explain_node(report: dict[str, Any], nid: str, mapping: Mapping) -> Group:
@@ -76,11 +90,15 @@ def explain_node(report: dict[str, Any], nid: str, mapping: Mapping) -> Group:
         f"  outputs: {n['output_shapes']} {n['output_dtypes']}",
         f"  FLOPs: torch {n['flops_torch']:,}, full {n['flops_full']:,} (status {n['status']})"
         + (f"; {n['note']}" if n.get("note") else ""),
+        f"  CUDA-core FLOPs {n.get('cuda_flops', 0):,} ({n.get('cuda_status', '-')}); bytes read "
+        f"{n.get('bytes_read', 0):,}, written {n.get('bytes_written', 0):,}, of them weights {n.get('weight_bytes', 0):,}",
     ]
     if n.get("layer"):
         row = next(r for r in report["layers"] if r["id"] == n["layer"] and r["stage"] == n["stage"])
         lines.append(f"  maps to {_layer_line(row)}")
-        lines.append(f"  by {mapping.rule_of(n)} of {mapping.matcher.table.source}")
+        rule = mapping.rule_of(n)
+        lines.append(f"  by {rule} of {mapping.matcher.table.source}" if rule else
+                     f"  no rule of {mapping.matcher.table.source} names it: the rest of its enclosing scope")
     elif n.get("unmapped"):
         lines.append(f"  unmapped: {n['unmapped']}")
     else:
@@ -95,10 +113,12 @@ def explain_group(report: dict[str, Any], label: str) -> Group:
     """A gap group, or any prefix of the layer tree (`vision`, `vision.tiles.sam`): per stage the gap of the layers it
     covers (FLOPs, % of the stage's measured count), the gap groups inside it with why and their cause, then its
     layers with a gap (the first GROUP_LAYERS_SHOWN; report.json's `layers` has them all)."""
+    metric = metric_of(report)
+    unit = unit_word(metric)
     members = set(group_members(label, [r["id"] for r in report["layers"]]))
-    rows = [r for r in report["layers"] if r["id"] in members]
-    measured = {s["name"]: s["flops_full"] if report["analytic"].get("policy", "full") == "full" else s["flops_torch"]
-                for s in report["stages"]}
+    rows = [r for r in metric_rows(report["layers"], metric) if r["id"] in members]
+    full = {(r["stage"], r["id"]): r for r in report["layers"]}
+    measured = {s["name"]: s["metrics"][metric]["traced"] for s in report["stages"] if metric in s["metrics"]}
     parts: list[Any] = []
     in_vision = {r["id"] for r in rows if r["stage"] == "vision"}  # prefill holds vision's layers again: list them once
     for stage in dict.fromkeys(r["stage"] for r in rows):
@@ -109,7 +129,8 @@ def explain_group(report: dict[str, Any], label: str) -> Group:
         share = f"{100 * gap / measured[stage]:.2f}% of the stage's count" if measured.get(stage) else "-"
         if stage == "vision" and measured.get("prefill"):
             share += f", {100 * gap / measured['prefill']:.2f}% of prefill's (vision is part of prefill)"
-        parts.append(Text(f"{label} [{stage}]: {len(here)} analytic layers, gap {gap:,} FLOPs ({share})",
+        what = "" if metric == "tc_flops" else f" ({METRICS[metric].label})"
+        parts.append(Text(f"{label} [{stage}]: {len(here)} analytic layers, gap {gap:,} {unit}{what} ({share})",
                           style="bold"))
         stage_ids = [r["id"] for r in report["layers"] if r["stage"] == stage]
         for g in report["gap_groups"]:
@@ -122,7 +143,7 @@ def explain_group(report: dict[str, Any], label: str) -> Group:
     if not gapped:
         parts.append(Text(f"{label}: no gap in this run ({len(rows)} analytic layers)", style="bold"))
     for row in gapped[:GROUP_LAYERS_SHOWN]:
-        parts.append(Text("  " + _layer_line(row)))
+        parts.append(Text("  " + _layer_line(full[(row["stage"], row["id"])], metric)))
     if len(gapped) > GROUP_LAYERS_SHOWN:
         parts.append(Text(f"  ... and {len(gapped) - GROUP_LAYERS_SHOWN} more layers with a gap: --explain one of them "
                           f"(its formula and nodes); report.html lists them all (a click on the group's row), "

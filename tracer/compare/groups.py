@@ -8,6 +8,8 @@ import functools
 from collections import defaultdict
 from typing import Any
 
+from tracer.compare.metrics import metric_rows
+
 REASONS = {
     "missing": "not in the analytic model",
     "no_nodes": "no graph node maps to it",
@@ -15,7 +17,8 @@ REASONS = {
 }
 
 
-def gap_groups(report: dict[str, Any], stage: str, leave_out: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+def gap_groups(report: dict[str, Any], stage: str, leave_out: frozenset[str] = frozenset(),
+               metric: str = "tc_flops") -> list[dict[str, Any]]:
     """A stage's gap by where it comes from and why, in honest groups of analytic layers, largest first; the layers
     `leave_out` names are not grouped (prefill's vision layers, grouped once as vision's).
 
@@ -23,8 +26,9 @@ def gap_groups(report: dict[str, Any], stage: str, leave_out: frozenset[str] = f
     `vision.tiles.sam`, not just its blocks); subtrees that differ only in one index merge into a range
     (`vision.global.encoder.layers.4-23`, `decoder.layers.*.attn` when every index is there). Its id is what
     `--explain` takes. Each carries the count of layers (the unit), the gap, and the cause named on its layers
-    when they all share one. A layer with nothing to count on either side does not break a group (`_empty`)."""
-    rows = [r for r in report["layers"] if r["stage"] == stage and r["id"] not in leave_out]
+    when they all share one. A layer with nothing to count on either side does not break a group (`_empty`).
+    `metric`: whose gap (tracer.compare.metrics: tensor-core FLOPs, CUDA-core FLOPs, weights, KV cache)."""
+    rows = [r for r in metric_rows(report["layers"], metric) if r["stage"] == stage and r["id"] not in leave_out]
     groups = _pure(rows, ())
     indices = _indices(rows)
     for pos in range(max((len(p) for p, _ in groups), default=0)):
@@ -33,7 +37,7 @@ def gap_groups(report: dict[str, Any], stage: str, leave_out: frozenset[str] = f
     for parts, members in groups:
         causes = {m.get("cause") for m in members}
         out.append({"group": _label(parts, indices), "reason": members[0]["reason"],
-                    "why": REASONS.get(members[0]["reason"], ""), "layers": len(members), "unit": "analytic layers",
+                    "why": REASONS.get(members[0]["reason"], ""), "layers": len(members), "unit": "analytic layers", "metric": metric,
                     "gap": sum(m["gap"] for m in members),
                     "cause": causes.pop() if len(causes) == 1 else None})
     return sorted(out, key=lambda g: (-abs(g["gap"]), g["group"]))
@@ -47,7 +51,7 @@ def _components(layer_id: str) -> tuple[str, ...]:
 def _empty(row: dict[str, Any]) -> bool:
     """A layer with nothing to count on either side (an attention under policy torch on CPU: FlopCounterMode and the
     analytic model both say 0): it neither has a gap nor breaks a group of its neighbours' one."""
-    return not row["gap"] and not row["flops_analytic"]
+    return not row["gap"] and not row["analytic"]
 
 
 def _pure(rows: list[dict[str, Any]], prefix: tuple) -> list[tuple[tuple, list[dict[str, Any]]]]:

@@ -49,23 +49,69 @@ METRICS = {m.name: m for m in (
 
 #: what a preset setting does to a metric beside the FLOPs (analytic.request.VARIANT_EFFECTS says which layers)
 METRIC_EFFECTS = {("kv", "decode_kv_growth"): "decode"}
+DIFFED = tuple(m for m, v in METRICS.items() if v.diffed)
 
 
-def stage_metrics(stage: dict[str, Any], policy: str, preset: Variant) -> dict[str, dict[str, Any]]:
-    """Per metric: traced, analytic, and for the diffed ones gap and gap % (of the traced count) and the cause."""
+#: a metric's count per node (report.json's node columns); the KV cache is a stage's and its layers', no node's
+NODE_COLUMN = {"tc_flops": "flops_full", "cuda_flops": "cuda_flops", "weights": "weight_bytes"}
+
+
+def metric_of(report: dict[str, Any]) -> str:
+    """The metric a report's gap groups follow (reports from before --metric: tensor-core FLOPs)."""
+    return report.get("analytic", {}).get("metric") or "tc_flops"
+
+
+def unit_word(metric: str) -> str:
+    return "bytes" if METRICS[metric].unit == "B" else "FLOPs"
+
+
+def check_metric(name: str) -> str:
+    """`--metric`: one of the diffed metrics (the shown ones have no gap to group)."""
+    if name not in DIFFED:
+        shown = [m for m in METRICS if m not in DIFFED]
+        raise FlopdiffError(f"--metric {name}: expected one of {', '.join(DIFFED)}"
+                            + (f" ({', '.join(shown)} are shown, not diffed)" if name in shown else ""))
+    return name
+
+
+def row_metrics(row: dict[str, Any], policy: str, preset: Variant, layer: bool | None = None) -> dict[str, dict[str, Any]]:
+    """Per metric of a stage or layer row: traced, analytic, and for the diffed ones gap, gap % (of the traced count)
+    and the cause; a layer's (`layer`: whether the analytic model has it) also the reason, as its FLOPs' (groups)."""
     out: dict[str, dict[str, Any]] = {}
     for m in METRICS.values():
         keys = ("flops_torch",) if m.name == "tc_flops" and policy == "torch" else m.traced
-        if any(stage.get(k) is None for k in keys):
-            continue  # the stage has no such count (vision returns no KV cache)
-        traced, analytic = sum(stage[k] for k in keys), stage.get(m.analytic, 0)
-        row: dict[str, Any] = {"traced": traced, "analytic": analytic}
+        if any(row.get(k) is None for k in keys):
+            continue  # the row has no such count (vision returns no KV cache; a layer has no activation peak)
+        traced, analytic = sum(row[k] for k in keys), row.get(m.analytic, 0)
+        entry: dict[str, Any] = {"traced": traced, "analytic": analytic}
         if m.diffed:
             gap = traced - analytic
-            row["gap"] = gap
-            row["gap_pct"] = round(100.0 * gap / traced if traced else (0.0 if gap == 0 else -100.0), 4)
-            row["cause"] = _cause(m.name, stage["name"], preset) if gap else None
-        out[m.name] = row
+            entry["gap"] = gap
+            entry["gap_pct"] = round(100.0 * gap / traced if traced else (0.0 if gap == 0 else -100.0), 4)
+            if m.name == "tc_flops" and layer is not None:
+                entry["cause"] = row.get("cause")
+            else:
+                entry["cause"] = _cause(m.name, row["stage"] if layer is not None else row["name"], preset) if gap else None
+            if layer is not None:
+                entry["reason"] = (row.get("reason") if m.name == "tc_flops" else None if not gap
+                                   else "missing" if not layer else "no_nodes" if not traced
+                                   else "formula")
+        out[m.name] = entry
+    return out
+
+
+def metric_rows(layers: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The layer rows as one metric sees them (gap, reason, cause, the analytic count as `analytic`): what the gap
+    groups and --explain read; tensor-core FLOPs are the rows themselves."""
+    if metric == "tc_flops":
+        return [{**r, "analytic": r["flops_analytic"]} for r in layers]
+    out = []
+    for r in layers:
+        m = r["metrics"].get(metric)
+        if m is None:
+            continue
+        out.append({"id": r["id"], "stage": r["stage"], "gap": m["gap"], "reason": m["reason"], "cause": m["cause"],
+                    "analytic": m["analytic"], "traced": m["traced"]})
     return out
 
 

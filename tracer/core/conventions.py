@@ -90,8 +90,10 @@ def torch_counts(layer_op: str, device: str) -> bool:
 
 #: CUDA-core FLOPs, the column beside the tensor-core one, per element: one table for the analytic layers (by kind)
 #: and the trace (by aten op). The analytic kinds: a norm 4 per element (mean, variance, normalize, scale), softmax
-#: 3 (max-subtract, exp, divide), a SiLU-gated product 4 (SiLU 3, the product 1), GELU 8, a residual add 1.
-CUDA_CORE_PER_ELEMENT: dict[str, int] = {"norm": 4, "softmax": 3, "silu_gated": 4, "gelu": 8, "add": 1}
+#: 3 (max-subtract, exp, divide), a SiLU-gated product 4 (SiLU 3, the product 1), GELU 8, a residual add 1, and the
+#: interpolations per output element (the taps' weighted sum: linear 3, bicubic 31).
+CUDA_CORE_PER_ELEMENT: dict[str, int] = {"norm": 4, "softmax": 3, "silu": 3, "silu_gated": 4, "gelu": 8, "add": 1,
+                                         "linear_interp": 3, "bilinear_interp": 7, "bicubic_interp": 31}
 
 #: The trace's side: per aten op, (FLOPs, per what) with "out" an output element and "in" an input element (a
 #: reduction reads every element once). An op not listed that may compute is reported as uncounted
@@ -104,7 +106,7 @@ CUDA_CORE_OPS: dict[str, tuple[int, str]] = {
         "floor_divide", "remainder", "masked_fill", "add_", "mul_", "sub_", "div_", "masked_fill_", "floor", "ceil",
         "round", "sign", "lerp", "addcmul", "rsub", "tanh", "erf")},
     "aten::sigmoid": (3, "out"),   # exp, add, reciprocal
-    "aten::silu": (3, "out"),      # x * sigmoid(x), sigmoid's product counted in the 3 (with the gate's mul: 4)
+    "aten::silu": (CUDA_CORE_PER_ELEMENT["silu"], "out"),  # x * sigmoid(x) (with the gate's mul: silu_gated)
     "aten::gelu": (CUDA_CORE_PER_ELEMENT["gelu"], "out"),
     "aten::_softmax": (CUDA_CORE_PER_ELEMENT["softmax"], "out"),
     "aten::_log_softmax": (CUDA_CORE_PER_ELEMENT["softmax"], "out"),
@@ -113,10 +115,10 @@ CUDA_CORE_OPS: dict[str, tuple[int, str]] = {
     **{f"aten::{op}": (1, "in") for op in ("sum", "mean", "cumsum", "amax", "amin", "max", "min", "argmax",
                                            "argmin", "prod", "histc", "var", "std", "norm", "linalg_vector_norm")},
     # interpolation: per output element, the taps' weighted sum (2 per tap)
-    "aten::upsample_linear1d": (3, "out"),
-    "aten::upsample_bilinear2d": (7, "out"),
-    "aten::upsample_bicubic2d": (31, "out"),
-    "aten::_upsample_bicubic2d_aa": (31, "out"),
+    "aten::upsample_linear1d": (CUDA_CORE_PER_ELEMENT["linear_interp"], "out"),
+    "aten::upsample_bilinear2d": (CUDA_CORE_PER_ELEMENT["bilinear_interp"], "out"),
+    "aten::upsample_bicubic2d": (CUDA_CORE_PER_ELEMENT["bicubic_interp"], "out"),
+    "aten::_upsample_bicubic2d_aa": (CUDA_CORE_PER_ELEMENT["bicubic_interp"], "out"),
 }
 
 #: Ops that move or make data and compute nothing (views, copies, casts, gathers, fills, selection by order).

@@ -83,7 +83,7 @@ def page_data(report: dict[str, Any]) -> dict[str, Any]:
                     "why": REASONS.get(r["reason"], ""), "formula": r.get("formula") or "",
                     "cause": r.get("cause") or "", "rules": r.get("rules", []),
                     "bytes": r.get("bytes_read", 0) + r.get("bytes_written", 0),
-                    "nodes": [index[i] for i in r["nodes"]]}
+                    "nodes": [index[i] for i in r["nodes"] if i in index]}  # the page holds the FLOP-bearing ones
                    for r in report["layers"] if r["stage"] in SHOWN_STAGES],
         # [id, op, module, class, inputs, outputs, torch, full, status, source, why unmapped]; strings by index
         "nodes": [[n["id"], s(n["op"]), s(n["module"]), s(n["module_class"]),

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tracer.compare.metrics import METRICS, metric_of, unit_word
 from tracer.compare.unseen import unseen_ops
 from tracer.core.errors import printable
 
@@ -169,26 +170,33 @@ def gap_table(report: dict[str, Any], top: int = 12, compact: bool = False, widt
     """Where each stage's gap comes from: honest groups of layers (tracer.compare.groups.gap_groups), largest first,
     each with the id --explain takes, why, how many analytic layers and the cause when flopdiff can name it. A narrow
     terminal drops `why`, `layers`, then `% of gap` (the cause says more; --explain ID says all)."""
+    metric = metric_of(report)
+    what = "the gap" if metric == "tc_flops" else f"the {METRICS[metric].label} gap"
     if not report["gap_groups"]:
-        return f"where the gap comes from: no gap on any layer ({_measured(report)} = analytic everywhere)"
-    return _fitted(lambda drop: _gap_table(report, top, compact, drop), ("why", "layers", "% of gap"), width)
+        side = _measured(report) if metric == "tc_flops" else "traced"
+        return f"where {what} comes from: no gap on any layer ({side} = analytic everywhere)"
+    return _fitted(lambda drop: _gap_table(report, top, compact, drop, metric, what), ("why", "layers", "% of gap"),
+                   width)
 
 
-def _gap_table(report: dict[str, Any], top: int, compact: bool, drop: set[str]) -> Table:
-    table = Table(title=f"where the gap comes from ({_measured(report)} - analytic; vision's groups are part of prefill's "
+def _gap_table(report: dict[str, Any], top: int, compact: bool, drop: set[str], metric: str, what: str) -> Table:
+    side = _measured(report) if metric == "tc_flops" else "traced"
+    table = Table(title=f"where {what} comes from ({side} - analytic; vision's groups are part of prefill's "
                         "gap, listed once)",
                   title_justify="left")
-    columns = [c for c in ("stage", "group (--explain ID)", "why", "layers", "gap FLOPs", "% of gap", "% of stage",
+    gap_col = f"gap {unit_word(metric)}"
+    columns = [c for c in ("stage", "group (--explain ID)", "why", "layers", gap_col, "% of gap", "% of stage",
                            "cause") if c not in drop]
     for col in columns:
-        if col in ("layers", "gap FLOPs", "% of gap", "% of stage"):
+        if col in ("layers", gap_col, "% of gap", "% of stage"):
             _number_column(table, col)
             continue
         # group ids fold (every character shown) rather than push the numbers off a narrow terminal
         table.add_column(col, justify="left", min_width={"stage": 7, "group (--explain ID)": 16}.get(col),
                          overflow="fold", no_wrap=col.startswith("group") and not compact)
-    gaps = {s["name"]: s["gap"] for s in report["stages"]}
-    counts = {s["name"]: s[f"flops_{_measured(report)}"] for s in report["stages"]}  # the stage's measured count
+    stages = {s["name"]: s["metrics"][metric] for s in report["stages"] if metric in s["metrics"]}
+    gaps = {name: m["gap"] for name, m in stages.items()}
+    counts = {name: m["traced"] for name, m in stages.items()}  # the stage's measured count
     shown: dict[str, int] = {}
     for g in report["gap_groups"]:
         if shown.setdefault(g["stage"], 0) >= top:
@@ -197,7 +205,7 @@ def _gap_table(report: dict[str, Any], top: int, compact: bool, drop: set[str]) 
         share = f"{100 * g['gap'] / gaps[g['stage']]:.1f}" if gaps[g["stage"]] else "-"
         of_stage = f"{100 * g['gap'] / counts[g['stage']]:.2f}" if counts[g["stage"]] else "-"
         cells = {"stage": g["stage"], "group (--explain ID)": Text(g["group"]), "why": g["why"],
-                 "layers": str(g["layers"]), "gap FLOPs": _fmt(g["gap"], compact), "% of gap": share,
+                 "layers": str(g["layers"]), gap_col: _fmt(g["gap"], compact), "% of gap": share,
                  "% of stage": of_stage, "cause": Text(g["cause"] or "")}
         table.add_row(*(cells[c] for c in columns))
     return _pinned(table)
