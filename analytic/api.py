@@ -222,7 +222,7 @@ def _distinct_weights(block: Block, pol: Policy) -> int:
     distinct: dict[str, int] = {}
     for leaf in block.leaves():
         key = getattr(leaf, "param", "") or leaf.id.replace(".tiles.", ".").replace(".global.", ".")
-        distinct[key] = leaf.cost(pol).weight_bytes
+        distinct[key] = leaf.distinct_weight_bytes(pol)
     return sum(distinct.values())
 
 

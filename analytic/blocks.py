@@ -21,7 +21,8 @@ from tracer.core.errors import FlopdiffError
 # Numbers the vendor code fixes outside config.json (v1: deepencoder.py build_sam_vit_b / build_clip_l;
 # v2: transformers DeepseekOcr2SamVisionConfig defaults, checked against transformers in the tests).
 VENDOR_CONSTANTS = {
-    "deepseek-ocr": {"patch": 16, "window": 14, "sam_mlp_ratio": 4, "neck": 256, "clip_ffn": 4096, "downsample": 4},
+    "deepseek-ocr": {"patch": 16, "window": 14, "sam_mlp_ratio": 4, "neck": 256, "clip_ffn": 4096, "downsample": 4,
+                     "neck_norm": "layer_norm_2d"},  # deepencoder.py LayerNorm2d
     "deepseek-ocr-2": {"patch": 16, "window": 14, "sam_mlp_ratio": 4.0, "neck": 256, "downsample": 4, "sam_px": 1024,
                        "rel_pos_resize_always": True},  # DeepseekOcr2SamVisionAttention.get_rel_pos
 }
@@ -123,7 +124,9 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
             Elementwise(f"{p}.norm1", elements=views * g * g * width, per_element=norm, weights=2 * width),
             Linear(f"{p}.qkv", op="addmm", tokens=tokens, d_in=width, d_out=3 * width, bias=True),
             RelPos(f"{p}.rel_pos", batch_heads=batch * heads, h=side, w=side, d=d, table=table, glue=_rel_pos_glue(side, d, table, c.get("rel_pos_resize_always", False))),
-            Attention(f"{p}.attn", op=attn_op, batch=batch, heads=heads, s_q=side * side, s_k=side * side, d=d, d_v=d),
+            Attention(f"{p}.attn", op=attn_op, batch=batch, heads=heads, s_q=side * side, s_k=side * side, d=d, d_v=d,
+                      glue=(("q scaled", tokens * width), ("rel-pos bias added to the scores",
+                                                           batch * heads * (side * side) ** 2)) if attn_op == "bmm" else ()),
             Linear(f"{p}.proj", op="addmm", tokens=tokens, d_in=width, d_out=width, bias=True),
             Elementwise(f"{p}.norm2", elements=views * g * g * width, per_element=norm, weights=2 * width),
             Linear(f"{p}.mlp.lin1", op="addmm", tokens=views * g * g, d_in=width, d_out=mlp, bias=True),
@@ -132,12 +135,21 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
             residual(f"{p}.residual", 2, views * g * g, width),
         ]))
     kids += [Conv2d(f"{prefix}.neck.conv1", batch=views, c_in=width, c_out=neck, kernel=1, out_hw=(g, g)),
-             Elementwise(f"{prefix}.neck.norm1", elements=views * g * g * neck, per_element=norm, weights=2 * neck),
+             _neck_norm(f"{prefix}.neck.norm1", views * g * g, neck, c),
              Conv2d(f"{prefix}.neck.conv2", batch=views, c_in=neck, c_out=neck, kernel=3, out_hw=(g, g)),
-             Elementwise(f"{prefix}.neck.norm2", elements=views * g * g * neck, per_element=norm, weights=2 * neck),
+             _neck_norm(f"{prefix}.neck.norm2", views * g * g, neck, c),
              Conv2d(f"{prefix}.net_2", batch=views, c_in=neck, c_out=down[0], kernel=3, out_hw=(g // 2, g // 2)),
              Conv2d(f"{prefix}.net_3", batch=views, c_in=down[0], c_out=down[1], kernel=3, out_hw=(g // 4, g // 4))]
     return Block(prefix, children=kids)
+
+
+def _neck_norm(lid: str, pixels: int, channels: int, c: dict) -> Elementwise:
+    """The neck's channel norm: v2's LayerNorm (4 per element); v1's LayerNorm2d written out (deepencoder.py: two means,
+    two differences, a square, a divide, the scale and the shift per element; the eps add and a sqrt per pixel)."""
+    if c.get("neck_norm") == "layer_norm_2d":
+        return Elementwise(lid, elements=pixels * channels, per_element=8, weights=2 * channels,
+                           glue=(("eps add and sqrt, per pixel", 2 * pixels),))
+    return Elementwise(lid, elements=pixels * channels, per_element=K["norm"], weights=2 * channels)
 
 
 def _rel_pos_glue(side: int, d: int, table: int, always: bool) -> tuple[tuple[str, int], ...]:
@@ -156,8 +168,12 @@ def clip(prefix: str, views: int, tokens: int, width: int, layers: int, heads: i
     t = views * tokens
     d = width // heads
     norm = CUDA_CORE_PER_ELEMENT["norm"]
+    # the position table resized to the grid when it differs (get_abs_pos: bicubic, antialiased), added to every view
+    grid, trained = round((tokens - 1) ** 0.5), round((positions - 1) ** 0.5)
+    resize = (("resize to the grid", K["bicubic_interp"] * width * grid * grid),) if grid != trained else ()
     head: list[Layer] = [Buffer(f"{prefix}.class_embedding", elements=width, dtype_bytes=2),
-                         Buffer(f"{prefix}.position_embedding", elements=positions * width, dtype_bytes=2),
+                         Buffer(f"{prefix}.position_embedding", elements=positions * width, dtype_bytes=2,
+                                glue=(*resize, ("add", t * width))),
                          Elementwise(f"{prefix}.pre_layrnorm", elements=t * width, per_element=norm, weights=2 * width)]
     return Block(prefix, children=head + [Block(f"{prefix}.layers.{i}", children=[
         Elementwise(f"{prefix}.layers.{i}.layer_norm1", elements=t * width, per_element=norm, weights=2 * width),
@@ -166,7 +182,10 @@ def clip(prefix: str, views: int, tokens: int, width: int, layers: int, heads: i
         Linear(f"{prefix}.layers.{i}.out_proj", op="addmm", tokens=t, d_in=width, d_out=width, bias=True),
         Elementwise(f"{prefix}.layers.{i}.layer_norm2", elements=t * width, per_element=norm, weights=2 * width),
         Linear(f"{prefix}.layers.{i}.mlp.fc1", op="addmm", tokens=t, d_in=width, d_out=ffn, bias=True),
+        # quick GELU, x * sigmoid(1.702 x): the scale, the sigmoid (3) and the product
+        Elementwise(f"{prefix}.layers.{i}.mlp.act", elements=t * ffn, per_element=2 + K["silu"]),
         Linear(f"{prefix}.layers.{i}.mlp.fc2", op="addmm", tokens=t, d_in=ffn, d_out=width, bias=True),
+        residual(f"{prefix}.layers.{i}.residual", 2, t, width),
     ]) for i in range(layers)])
 
 
@@ -180,8 +199,8 @@ def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, lay
     t = views * s
     # RoPE angles: a broadcast multiply in transformers 5, no matmul; the learned queries of this view size, read whole
     # the hybrid mask (image tokens both ways, queries causal): positions, comparisons and their combination, built
-    # once per view batch, then selected into every layer's scores (`where`)
-    mask = 2 * s + 2 * s * s + 3 * views * s * s + views * s
+    # once per view batch (eager attention: made additive, a `where`), then selected into every layer's scores
+    mask = 2 * s + 2 * s * s + 3 * views * s * s + views * s + (views * s * s if attn_op == "bmm" else 0)
     kids: list[Layer] = [Buffer(f"{prefix}.queries", elements=n * h, dtype_bytes=2, param=f"queries_{n}"),
                          rope_angles(f"{prefix}.rotary_emb.inv_freq", s, head_dim),
                          Elementwise(f"{prefix}.mask", elements=mask, per_element=1, dtype_bytes=1)]
@@ -194,7 +213,8 @@ def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, lay
             Linear(f"{p}.v_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim, bias=True),
             rope_apply(f"{p}.rope_apply", t, heads, kv, head_dim),
             Attention(f"{p}.attn", op=attn_op, batch=views, heads=heads, s_q=s, s_k=s, d=head_dim, d_v=head_dim,
-                      causal=False, glue=(("the mask selected into the scores", views * s * s),)),
+                      causal=False, glue=_eager_glue(attn_op, views * heads * s * s, masked=True) or
+                      (("the mask selected into the scores", views * s * s),)),
             Linear(f"{p}.o_proj", tokens=t, d_in=heads * head_dim, d_out=h),
             rms_norm(f"{p}.post_attention_layernorm", t, h),
             Linear(f"{p}.mlp.gate_proj", tokens=t, d_in=h, d_out=inter),
@@ -226,6 +246,11 @@ class DecoderSpec:
     experts_op: str                   # "mm" (v1 per-expert loop) or "grouped_mm"
     router_bytes: int = 2             # the MoE router's weight dtype: transformers 5 (v2) keeps it in float32
     inv_freq: bool = False            # RoPE's inverse frequencies a buffer read per forward (v2), float32
+    # v1's attention (transformers 4.46 LlamaAttention) applies RoPE inline, where the trace cannot tell its ops
+    # from the scores' scale and mask: counted on the attention; v2's apply_rotary_pos_emb is a layer of its own
+    rope_apply_apart: bool = True
+    # eager attention's mask for a one-token step: transformers 5 builds and adds it, 4.46 (v1) has none
+    one_token_mask: bool = True
 
 
 def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) -> Block:
@@ -239,14 +264,16 @@ def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) 
             Linear(f"{p}.q_proj", tokens=new, d_in=h, d_out=spec.heads * hd),
             Linear(f"{p}.k_proj", tokens=new, d_in=h, d_out=spec.kv_heads * hd),
             Linear(f"{p}.v_proj", tokens=new, d_in=h, d_out=spec.kv_heads * hd),
-            rope_apply(f"{p}.rope_apply", new, spec.heads, spec.kv_heads, hd),
-            Attention(f"{p}.attn", op=spec.attn_op, heads=spec.heads, s_q=new, s_k=kv_len, d=hd, d_v=hd, causal=True),
+            *([rope_apply(f"{p}.rope_apply", new, spec.heads, spec.kv_heads, hd)] if spec.rope_apply_apart else []),
+            Attention(f"{p}.attn", op=spec.attn_op, heads=spec.heads, s_q=new, s_k=kv_len, d=hd, d_v=hd, causal=True,
+                      glue=_attention_glue(spec, new, kv_len)),
             Linear(f"{p}.o_proj", tokens=new, d_in=spec.heads * hd, d_out=h),
             KVCache(f"{p}.kv_cache", positions=kv_len, kv_heads=spec.kv_heads, d=hd),
             rms_norm(f"{p}.post_attention_layernorm", new, h),
         ]
-        if spec.rope_per_layer:
-            layer.insert(3, Rope(f"{p}.rope", positions=new, half_dim=hd // 2))
+        if spec.rope_per_layer:  # its angles' cos and sin, each scaled by attention_scaling
+            layer.insert(3, Rope(f"{p}.rope", positions=new, half_dim=hd // 2,
+                                 glue=(("cos, sin and their scaling", 4 * new * hd),)))
         if dense:
             layer += [Linear(f"{p}.mlp.{n}", tokens=new, d_in=a, d_out=b) for n, a, b in
                       (("gate_proj", h, spec.dense_inter), ("up_proj", h, spec.dense_inter), ("down_proj", spec.dense_inter, h))]
@@ -266,18 +293,52 @@ def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) 
         kids.append(Block(p, children=layer))
     kids.insert(0, Embedding(f"{prefix}.embed_tokens", tokens=new, d=h, vocab=spec.vocab))
     if spec.inv_freq:  # the positions (cache_position offset) and the angles, once per forward
-        kids.insert(1, rope_angles(f"{prefix}.rotary_emb.inv_freq", new, hd, ("positions", new)))
+        # eager attention's mask: its query and key positions too (adds the trace cannot tell from these)
+        eager = (("the eager mask's positions", new + kv_len),) if spec.attn_op == "bmm" else ()
+        kids.insert(1, rope_angles(f"{prefix}.rotary_emb.inv_freq", new, hd, ("positions", new), *eager))
+    if spec.attn_op == "bmm" and (new > 1 or spec.one_token_mask):  # eager attention's causal mask (compare, fill);
+        # v1's positions are made there too (v2's with the RoPE angles)
+        kids.insert(1, Elementwise(f"{prefix}.causal_mask", elements=2 * new * kv_len, per_element=1,
+                                   glue=() if spec.inv_freq else (("positions", new),)))
     kids.append(rms_norm(f"{prefix}.norm", new, h))
     kids.append(Linear("lm_head", tokens=logits, d_in=h, d_out=spec.vocab))
     return Block(prefix, children=kids)
 
 
+def _attention_glue(spec: DecoderSpec, new: int, kv_len: int) -> tuple[tuple[str, int], ...]:
+    """v1 applies RoPE in the attention (`rope_apply_apart`); eager attention scales and masks (`_eager_glue`)."""
+    glue: list[tuple[str, int]] = []
+    if not spec.rope_apply_apart:
+        e = new * spec.head_dim * (spec.heads + spec.kv_heads)
+        glue.append(("RoPE applied to q and k", 3 * e + e // 2))
+    return (*glue, *_eager_glue(spec.attn_op, spec.heads * new * kv_len, masked=new > 1 or spec.one_token_mask))
+
+
+def _eager_glue(attn_op: str, scores: int, masked: bool) -> tuple[tuple[str, int], ...]:
+    """Eager attention scales its scores and adds the mask before the softmax the Attention layer counts (one new
+    token attends to every position: no mask)."""
+    if attn_op != "bmm":
+        return ()
+    return (("scores scaled", scores), *((("mask added", scores),) if masked else ()))
+
+
 def _routing_glue(spec: DecoderSpec, new: int, rows: int) -> tuple[tuple[str, int], ...]:
-    """transformers 5's grouped experts around their GEMMs: the routed rows counted per expert (histc, the rows'
-    expert index, the offsets' cumsum), each row's output scaled by its routing weight, the top-k summed per token, and
-    the routed output added to the shared experts'."""
-    return (("rows per expert and offsets", 2 * rows + spec.experts), ("routing weights applied", rows * spec.hidden),
-            ("top-k summed", rows * spec.hidden), ("added to the shared experts", new * spec.hidden))
+    """The experts' work around their GEMMs: the implementation's bookkeeping (ROUTING_BOOKKEEPING), each row's output
+    scaled by its routing weight, the top-k summed per token and the shared experts' output added."""
+    book = ROUTING_BOOKKEEPING[spec.experts_op](rows, spec.experts)
+    return (*book, ("routing weights applied", rows * spec.hidden), ("top-k summed", rows * spec.hidden),
+            ("added to the shared experts", new * spec.hidden))
+
+
+#: per op carrying the experts' GEMMs, their bookkeeping: transformers 5's grouped_mm counts the rows per expert
+#: (histc, the rows' expert index, the offsets' cumsum); batched_mm (bmm) gathers each row's expert weights (none);
+#: v1's moe_infer loop (mm) indexes the rows' tokens (a floor divide; transformers 5's eager loop, --mode real, routes
+#: by the data and is not modelled here)
+ROUTING_BOOKKEEPING = {
+    "grouped_mm": lambda rows, experts: (("rows per expert and offsets", 2 * rows + experts),),
+    "bmm": lambda rows, experts: (),
+    "mm": lambda rows, experts: (("the rows' token index", rows),),
+}
 
 
 def stage_blocks(model: str, views: Views, vision: Block, spec: DecoderSpec, prompt_len: int, steps: int,

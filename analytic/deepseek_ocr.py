@@ -34,7 +34,10 @@ def build_v1(cfg: dict, shape: Shape, where: str = "config", variant: Variant = 
     if views.tiles and not variant.single_view:
         kids = view("tiles", views.tiles, views.tile_px) + kids  # the vendor runs the tiles first
     spec = decoder_spec(lang, where, rope_per_layer=True, attn_op=attention_op((attention or {}).get("decoder", "eager")),
-                         experts_op="mm")
+                         experts_op="mm", rope_apply_apart=False, one_token_mask=False)
     return stage_blocks("deepseek-ocr", views, Block("vision", children=kids), spec,
                    1 + views.image_tokens + shape.text_tokens, shape.decode_steps, all_logits=True, variant=variant,
-                   merge=tuple(Buffer(name, elements=n_embed, dtype_bytes=2) for name in ("image_newline", "view_seperator")))
+                   # image_newline ends the rows of each view kind's token grid, view_seperator follows them all: one
+                   # layer, as the trace sees them (each read where a cat joins the tokens)
+                   merge=(Buffer("image_separators", elements=2 * n_embed, dtype_bytes=2,
+                                 reads=n_embed * (3 if views.tiles and not variant.single_view else 2)),))

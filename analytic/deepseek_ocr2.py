@@ -8,10 +8,15 @@ from analytic.layers import Block, Buffer, Elementwise, Layer, Linear
 from analytic.request import ModelTree, Shape, Variant
 from analytic.shapes import v2_views
 
+#: transformers' experts implementations -> the op that carries their GEMMs (Layer.op)
+EXPERTS_OPS = {"grouped_mm": "grouped_mm", "batched_mm": "bmm", "eager": "mm"}
+
 
 def build_v2(cfg: dict, shape: Shape, where: str = "config", variant: Variant = Variant(),
-             attention: dict[str, str] | None = None, experts_op: str = "grouped_mm") -> ModelTree:
-    """`attention`: the implementations of the decoder and the vision tower (SAM and encoder; default sdpa)."""
+             attention: dict[str, str] | None = None) -> ModelTree:
+    """`attention`: the implementations of the decoder and the vision tower (SAM and encoder; default sdpa) and of the
+    experts (default grouped_mm)."""
+    experts_op = EXPERTS_OPS.get((attention or {}).get("experts", "grouped_mm"), "grouped_mm")
     c = VENDOR_CONSTANTS["deepseek-ocr-2"]
     s = config_value(cfg, "vision_config.sam_config", where)
     enc = config_value(cfg, "vision_config.encoder_config", where)

@@ -86,6 +86,10 @@ class Layer:
             c.cuda_flops += sum(flops for _, flops in self.glue)
         return c
 
+    def distinct_weight_bytes(self, policy: Policy) -> int:
+        """Its weights counted once however often a forward reads them (a stage's weights are distinct)."""
+        return self.cost(policy).weight_bytes
+
     def explain(self, policy: Policy) -> str:
         """'Linear: 2 * tokens * d_in * d_out with tokens=913, d_in=1280, d_out=1536 = 3,590,225,920'."""
         knobs = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)
@@ -251,10 +255,14 @@ class Buffer(Layer):
     elements: int = 0
     op: str = "none"
     param: str = ""  # the parameter's own name where views share the layer id but not the weights (v2's queries)
+    reads: int = 0   # elements a forward reads when some are read more than once (0: each once)
 
     def work(self, policy: Policy) -> Cost:
-        w = self.elements * self.dtype_bytes
+        w = (self.reads or self.elements) * self.dtype_bytes
         return Cost(0, 0, w, w, 0)
+
+    def distinct_weight_bytes(self, policy: Policy) -> int:
+        return self.elements * self.dtype_bytes
 
 
 @dataclass

@@ -85,15 +85,18 @@ class Matcher:
             self._cache[key] = self._resolve(stage, module_call, op, function)
         return self._cache[key]
 
-    def resolve_scope(self, stage: str, module_call: str) -> str | None:
+    def resolve_scope(self, stage: str, module_call: str, whole: bool = False) -> str | None:
         """The analytic layer or block that work in `module_call` belongs to when no rule maps it by op: from the
-        innermost module outwards, the first level where the rules (ops ignored) or the scopes name exactly one."""
-        key = (stage, module_call, "*scope*")
+        innermost module outwards, the first level where the rules (ops ignored) or the scopes name exactly one.
+        `whole`: only the rules that claim a whole module (no ops, no function): a rule for an attention module's
+        attention ops does not make its RoPE products the attention's (a node's rest, `map_nodes`)."""
+        key = (stage, module_call, "*whole*" if whole else "*scope*")
         if key not in self._cache:
             names, calls = split_path(module_call)
             layer = None
+            claims = [r for r in self.table.rules if not whole or not (r.ops or r.functions)]
             for k in range(len(names), 0, -1):
-                for rules in (self.table.rules, self.table.scopes):
+                for rules in (claims, self.table.scopes):
                     found = {self._fill(r, g.groupdict(), names[:k], calls[:k]) for r in rules
                              if (g := r.regex.fullmatch(".".join(names[:k]))) is not None}
                     found.discard(None)
@@ -155,7 +158,7 @@ def map_nodes(table: Table, nodes: Iterable[dict[str, Any]], present: set[str],
         nid, stage = node["id"], node["stage"]
         res = matcher.resolve(stage, node["module"], node["op"], node.get("vendor_function", ""))
         if res.layer is None and not flop_bearing(node):
-            result.rest[nid] = rest_of(matcher.resolve_scope(stage, node["module"]) if node["module"] else None)
+            result.rest[nid] = rest_of(matcher.resolve_scope(stage, node["module"], whole=True) if node["module"] else None)
             continue
         module = ("module", stage, node["module"])
         g.add_edge(("node", nid), module)

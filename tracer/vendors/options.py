@@ -48,16 +48,19 @@ def implementations(attn: str | dict[str, str] | None) -> set[str]:
 
 
 def attention_parts(model: str, options: BuildOptions) -> dict[str, str]:
-    """The attention implementation of each analytic part the options choose ({"decoder": ..., "vision": ...}).
+    """The attention implementation of each analytic part the options choose ({"decoder": ..., "vision": ...}), and
+    deepseek-ocr-2's experts implementation ("experts": what carries their GEMMs and does their bookkeeping).
     deepseek-ocr: --attn is the decoder's (SAM and CLIP call scaled_dot_product_attention themselves);
     deepseek-ocr-2: text_config's runs the decoder, vision_config's SAM and the encoder (one name: both)."""
     if model == "deepseek-ocr":
         return {"decoder": options.attn or "eager", "vision": "sdpa"}
     attn = options.attn or "sdpa"
+    experts = options.experts or DEFAULT_EXPERTS[model]
+    experts = experts if isinstance(experts, str) else experts.get("text_config", experts.get("", DEFAULT_EXPERTS[model]))
     if isinstance(attn, str):
-        return {"decoder": attn, "vision": attn}
+        return {"decoder": attn, "vision": attn, "experts": experts}
     return {"decoder": attn.get("text_config", attn.get("", "sdpa")),
-            "vision": attn.get("vision_config", attn.get("", "sdpa"))}
+            "vision": attn.get("vision_config", attn.get("", "sdpa")), "experts": experts}
 
 
 def resolve_vendor_dir(vendor_dir: str | None, trust_remote_code: bool) -> str | None:
