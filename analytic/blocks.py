@@ -293,12 +293,12 @@ def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) 
         kids.append(Block(p, children=layer))
     kids.insert(0, Embedding(f"{prefix}.embed_tokens", tokens=new, d=h, vocab=spec.vocab))
     if spec.inv_freq:  # the positions (cache_position offset) and the angles, once per forward
-        # eager attention's mask: its query and key positions too (adds the trace cannot tell from these)
-        eager = (("the eager mask's positions", new + kv_len),) if spec.attn_op == "bmm" else ()
+        # an eager or flex mask: its query and key positions too (adds the trace cannot tell from these)
+        eager = (("the mask's positions", new + kv_len),) if spec.attn_op in ("bmm", "flex") else ()
         kids.insert(1, rope_angles(f"{prefix}.rotary_emb.inv_freq", new, hd, ("positions", new), *eager))
-    if spec.attn_op == "bmm" and (new > 1 or spec.one_token_mask):  # eager attention's causal mask (compare, fill);
-        # v1's positions are made there too (v2's with the RoPE angles)
-        kids.insert(1, Elementwise(f"{prefix}.causal_mask", elements=2 * new * kv_len, per_element=1,
+    mask = _causal_mask(spec, new, kv_len)
+    if mask:  # v1's positions are made there too (v2's with the RoPE angles)
+        kids.insert(1, Elementwise(f"{prefix}.causal_mask", elements=mask, per_element=1,
                                    glue=() if spec.inv_freq else (("positions", new),)))
     kids.append(rms_norm(f"{prefix}.norm", new, h))
     kids.append(Linear("lm_head", tokens=logits, d_in=h, d_out=spec.vocab))
@@ -312,6 +312,21 @@ def _attention_glue(spec: DecoderSpec, new: int, kv_len: int) -> tuple[tuple[str
         e = new * spec.head_dim * (spec.heads + spec.kv_heads)
         glue.append(("RoPE applied to q and k", 3 * e + e // 2))
     return (*glue, *_eager_glue(spec.attn_op, spec.heads * new * kv_len, masked=new > 1 or spec.one_token_mask))
+
+
+FLEX_BLOCK = 128  # torch's create_block_mask default, which transformers' flex mask uses
+
+
+def _causal_mask(spec: DecoderSpec, new: int, kv_len: int) -> int:
+    """The decoder's mask, made once per forward by the attention implementations that need one: eager compares
+    positions and fills (2 per (query, key) pair; v1 none for a one-token step); flex evaluates its mask function
+    over every pair, sums it per 128 x 128 block over the padded grid and classifies the blocks (12 ops per block)."""
+    if spec.attn_op == "bmm":
+        return 2 * new * kv_len if new > 1 or spec.one_token_mask else 0
+    if spec.attn_op == "flex":
+        nq, nk = -(-new // FLEX_BLOCK), -(-kv_len // FLEX_BLOCK)
+        return new * kv_len + nq * nk * FLEX_BLOCK * FLEX_BLOCK + 12 * nq * nk
+    return 0
 
 
 def _eager_glue(attn_op: str, scores: int, masked: bool) -> tuple[tuple[str, int], ...]:

@@ -178,7 +178,7 @@ class Attention(Layer):
     def work(self, policy: Policy) -> Cost:
         p = self.pairs(policy)
         tc = 2 * self.batch * self.heads * p * (self.d + self.d_v) if policy.counts(self.op) else 0
-        scores = self.batch * self.heads * p
+        scores = self.batch * self.heads * self.s_q * self.s_k  # the softmax runs over every score (the trace's kernels' count)
         act = self.batch * self.heads * (self.s_q * (self.d + self.d_v) + self.s_k * (self.d + self.d_v))
         return Cost(tc, 3 * scores, act * self.dtype_bytes, 0, self.batch * self.heads * self.s_q * self.d_v * self.dtype_bytes)
 

@@ -34,6 +34,10 @@ RUNS = [
     ("timings", ["--timings"], "timings"),
     ("no crop mode", ["--no-crop-mode"], "one_view"),
     ("mode real", ["--mode", "real"], None),
+    ("metric tc_flops", ["--metric", "tc_flops"], None),
+    ("metric cuda_flops", ["--metric", "cuda_flops"], "metric"),
+    ("metric weights", ["--metric", "weights"], "metric"),
+    ("metric kv", ["--metric", "kv"], "metric"),
 ]
 
 ERRORS = [  # documented refusals: one line, exit 2
@@ -88,6 +92,10 @@ def test_option_runs_with_gap_zero(case, extra, check, tiny_v2_config, baseline,
     assert doc["unknown_ops"] == [] and doc["coverage"]["unmapped"] == 0
     assert all(s["gap"] == 0 for s in doc["stages"]), [(s["name"], s["gap"]) for s in doc["stages"]]
     assert all(r["gap"] == 0 for r in doc["layers"])
+    # every diffed column, per stage and per layer: the aligned model is exact under every option, not only in FLOPs
+    gaps = [(row.get("name") or row["id"], m, x["gap"]) for row in doc["stages"] + doc["layers"]
+            for m, x in row["metrics"].items() if x.get("gap")]
+    assert gaps == [], gaps[:5]
     ops = {n["op"] for n in doc["nodes"]}
     full = {s["name"]: s["flops_full"] for s in doc["stages"]}
     same_flops = full == {s["name"]: s["flops_full"] for s in baseline["stages"]}
@@ -130,6 +138,9 @@ def test_option_runs_with_gap_zero(case, extra, check, tiny_v2_config, baseline,
         assert any(line.startswith("flopdiff: seconds per phase: ") for line in err.splitlines())
     elif check == "one_view":
         assert doc["workload"]["views"] == 1 and doc["workload"]["crop_grid_wh"] == [1, 1]
+    elif check == "metric":  # the groups follow the metric (none: no gap); every column is there whatever it is
+        assert doc["analytic"]["metric"] == extra[1] and doc["gap_groups"] == doc["gap_groups_by_metric"][extra[1]]
+        assert same_flops and doc["stages"] == baseline["stages"]
     elif check is None:
         assert same_flops
 

@@ -17,7 +17,7 @@ from mapping.engine import Mapping, coverage, flop_bearing
 from tracer.compare.analytic import Analytic
 from tracer.compare.causes import cause, formula
 from tracer.compare.groups import gap_groups
-from tracer.compare.metrics import row_metrics
+from tracer.compare.metrics import DIFFED, row_metrics
 from tracer.compare.unseen import unseen_ops
 
 
@@ -40,7 +40,8 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping, metric: st
     leave out the vision layers, which are vision's groups) and `unseen` (per stage and op, what FlopCounterMode cannot
     see). The gap compares the analytic count with the measured one of its policy (full, or torch: FlopCounterMode's).
     Every stage and layer also carries `metrics` (every column traced / analytic / gap, tracer.compare.metrics);
-    `metric` names the one the gap groups follow (default tensor-core FLOPs, the `gap` of the rows)."""
+    `metric` names the one the gap groups follow (default tensor-core FLOPs, the `gap` of the rows);
+    `gap_groups_by_metric` has every diffed metric's (report.html switches between them)."""
     measured = an.measured
     counting, preset = an.counting(), variant(an.preset)
     leaves: dict[tuple[str, str], list[Any]] = defaultdict(list)
@@ -94,8 +95,11 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping, metric: st
            "layers": layers, "coverage": coverage(nodes, mapping)}
     # prefill runs the vision tower again: its layers are grouped once, as vision's
     vision = frozenset(r["id"] for r in layers if r["stage"] == "vision")
-    doc["gap_groups"] = [{"stage": s["name"], **g} for s in stages
-                         for g in gap_groups(doc, s["name"], vision if s["name"] == "prefill" else frozenset(), metric)]
+    by_metric = {m: [{"stage": s["name"], **g} for s in stages
+                     for g in gap_groups(doc, s["name"], vision if s["name"] == "prefill" else frozenset(), m)]
+                 for m in DIFFED}
+    doc["gap_groups"] = by_metric[metric]
+    doc["gap_groups_by_metric"] = by_metric
     doc["unseen"] = unseen_ops(doc)
     return doc
 

@@ -77,7 +77,7 @@ FLOPDIFF: list[Row] = [
                                              "(decoder.layers.3.attn) or a node (prefill/mm_12), with its cause")),
     (("--metric",), dict(default="tc_flops", choices=("tc_flops", "cuda_flops", "weights", "kv"),
                          help="the column the gap groups and --explain follow: tensor-core FLOPs, CUDA-core FLOPs, "
-                              "weight bytes, KV-cache bytes (every column is in report.json whatever this says)")),
+                              "weight bytes or KV-cache bytes; report.json has every column whatever it says")),
     (("--max-gap",), dict(metavar="PCT", help="exit 1 when a stage's |gap| exceeds PCT%% of its count: tensor-core "
                                              "FLOPs, or per metric: kv=0.5, tc_flops=0,weights=1")),
     (("--graph",), dict(choices=("fx", "onnx"), default="fx", help="onnx: also export, count and check the ONNX "

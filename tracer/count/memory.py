@@ -85,7 +85,7 @@ def _first_pass(node: torch.fx.Node, params: set[int]) -> tuple[dict[str, Any], 
     ins = [r for a in node.all_input_nodes for r in storage_records(a)]
     outs = storage_records(node)
     if node.meta.get("inner"):  # an attention call whose ops were recorded inside it: they carry its traffic
-        flops, status = cuda_flops(node)
+        flops, status = _boundary_cuda(node)
         return {**_NOTHING, "cuda_flops": flops, "cuda_status": status}, ins, outs, []
     in_sids = {r[0] for r in ins}
     mutates = _mutates(node)
@@ -157,22 +157,37 @@ def cuda_flops(node: torch.fx.Node) -> tuple[int, str]:
             elements = _numel(meta["val"][0])
         return per * elements, "counted"
     if op.startswith(_ATTENTION_KERNELS):
-        if meta.get("inner"):
-            return 0, "free"  # the ops inside carry it
         return 3 * _scores(node), "counted"
     if op in DATA_MOVEMENT or meta.get("flop_status") in _FREE_STATUS or node.target is operator.getitem:
         return 0, "free"
     return 0, "uncounted"
 
 
+def _boundary_cuda(node: torch.fx.Node) -> tuple[int, str]:
+    """An attention call whose ops were recorded inside it, as its FLOPs are counted (tracer.count.counter): its
+    softmax (3 per score) less what the ops inside computed, never below 0 (SDPA's kernel inside carries it all; a
+    kernel launched from Python, none)."""
+    inner, inside, prev = set(node.meta["inner"]), 0, node.prev
+    while inner and prev.op != "root":
+        if prev.name in inner:
+            inner.discard(prev.name)
+            inside += cuda_flops(prev)[0]
+        prev = prev.prev
+    own = max(0, 3 * _scores(node) - inside)
+    return own, "counted" if own else "free"
+
+
 def _scores(node: torch.fx.Node) -> int:
-    """(query, key) score elements of an attention kernel: batch x heads x s_q from its output, s_k from its key."""
+    """(query, key) score elements of an attention kernel: batch x heads x s_q from its output, s_k from its key (its
+    layout: aten's and a transformers boundary's (batch, heads, seq, dim), flash-attn's (batch, seq, heads, dim))."""
     out = node.meta.get("val")
     out = out[0] if isinstance(out, (list, tuple)) else out
     args = [a.meta.get("val") for a in node.all_input_nodes[:3]]
     if not isinstance(out, torch.Tensor) or len(args) < 2 or not isinstance(args[1], torch.Tensor) or out.dim() < 3:
         return 0
-    s_k = args[1].shape[-2] if node.meta["op"].startswith(("aten::", "higher_order::")) else args[1].shape[1]
+    layout = (node.meta.get("params") or {}).get("layout") or (
+        "bhsd" if node.meta["op"].startswith(("aten::", "higher_order::")) else "bshd")
+    s_k = args[1].shape[-2] if layout == "bhsd" else args[1].shape[1]
     return out.numel() // out.shape[-1] * s_k
 
 

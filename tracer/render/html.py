@@ -22,6 +22,7 @@ from markupsafe import Markup
 
 from tracer.compare.diff import flop_nodes
 from tracer.compare.groups import REASONS
+from tracer.compare.metrics import DIFFED, METRICS, metric_of, unit_word
 from tracer.render.model_explorer import GAP_COLORS, OVERCOUNT
 
 _ENV = Environment(loader=PackageLoader("tracer", "templates"), autoescape=select_autoescape(["j2", "html"]))
@@ -77,12 +78,19 @@ def page_data(report: dict[str, Any]) -> dict[str, Any]:
                     "unknown_ops": st["unknown_ops"], "metrics": st.get("metrics") or {},
                     "act_peak_node": st.get("act_peak_node")} for st in report["stages"]],
         "groups": report["gap_groups"],  # vision's too: prefill's leave its layers out
+        "metric": metric_of(report),
+        "metrics": {m: {"label": METRICS[m].label, "unit": unit_word(m)} for m in DIFFED},
+        "groups_by_metric": report.get("gap_groups_by_metric") or {metric_of(report): report["gap_groups"]},
         "unseen": [u for u in report["unseen"] if u["stage"] in SHOWN_STAGES],
         "layers": [{"id": r["id"], "stage": r["stage"], "analytic": r["flops_analytic"], "torch": r["flops_torch"],
                     "full": r["flops_full"], "gap": r["gap"], "gap_pct": r["gap_pct"],
                     "why": REASONS.get(r["reason"], ""), "formula": r.get("formula") or "",
                     "cause": r.get("cause") or "", "rules": r.get("rules", []),
                     "bytes": r.get("bytes_read", 0) + r.get("bytes_written", 0),
+                    # the other diffed metrics: [traced, analytic, gap %, why, cause] where either side counts any
+                    "v": {m: [x["traced"], x["analytic"], x["gap_pct"], REASONS.get(x.get("reason"), ""), x.get("cause") or ""]
+                          for m, x in (r.get("metrics") or {}).items()
+                          if m in DIFFED and m != "tc_flops" and (x["traced"] or x["analytic"])},
                     "nodes": [index[i] for i in r["nodes"] if i in index]}  # the page holds the FLOP-bearing ones
                    for r in report["layers"] if r["stage"] in SHOWN_STAGES],
         # [id, op, module, class, inputs, outputs, torch, full, status, source, why unmapped]; strings by index
