@@ -16,7 +16,7 @@ def page_file(v2_page, tmp_path_factory):
     # vendor strings with markup: a module name of a mapped node, one of an unmapped node, a note
     mapped = next(n for n in doc["nodes"] if n["layer"] == "lm_head" and n["stage"] == "prefill")
     mapped["module"] = "lm_head" + PLANTED
-    gate = next(n for n in doc["nodes"] if n["layer"] and n["stage"] == "decode")
+    gate = next(n for n in doc["nodes"] if n["layer"] and n["stage"] == "decode" and n["flops_full"])
     gate["layer"], gate["unmapped"] = None, "planted " + PLANTED
     gate["vendor_source"] = "modeling.py:1</script>" + PLANTED
     for row in doc["layers"]:

@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-from tracer.core.modulepaths import split_path
+from mapping.engine import REST, costs, flop_bearing
 from mapping.table import compile_pattern, load_table
-from tracer.diff import main
 from tracer.compare.analytic import analytic_of_report, map_report
 from tracer.compare.diff import with_diff
 from tracer.compare.groups import gap_groups, group_members
+from tracer.core.modulepaths import split_path
+from tracer.diff import main
 
 
 @pytest.mark.parametrize("pattern, path, groups", [
@@ -35,8 +36,8 @@ def test_call_indices_are_split_from_the_path():
 
 def test_v2_every_flop_node_mapped_and_aligned_gap_is_zero(v2_page):
     doc = v2_page
-    assert doc["analytic"] == {"preset": "aligned", "policy": "full", "causal_halving": False,
-                               "attention": {"decoder": "sdpa", "vision": "sdpa"}}
+    assert doc["analytic"] == {"preset": "aligned", "policy": "full", "metric": "tc_flops", "causal_halving": False,
+                               "attention": {"decoder": "sdpa", "vision": "sdpa", "experts": "grouped_mm"}}
     assert doc["unknown_ops"] == []
     cov = doc["coverage"]
     assert cov["unmapped"] == 0 and cov["unmapped_flops"] == 0
@@ -44,10 +45,13 @@ def test_v2_every_flop_node_mapped_and_aligned_gap_is_zero(v2_page):
     for s in doc["stages"]:
         assert s["gap"] == 0 and s["flops_analytic"] == s["flops_full"], s["name"]
     assert all(row["gap"] == 0 and row["reason"] is None for row in doc["layers"])
-    # per layer, the mapped nodes' FLOPs are the layer's; every mapped node appears in exactly one layer
+    # per layer, the mapped nodes' FLOPs are the layer's; every node that costs anything (FLOPs, CUDA-core FLOPs,
+    # bytes) appears in exactly one layer, a rule's or its scope's rest, the FLOP-bearing ones all by a rule
     by_id = {n["id"]: n for n in doc["nodes"]}
     listed = [i for row in doc["layers"] for i in row["nodes"]]
-    assert len(listed) == len(set(listed)) == cov["mapped"]
+    assert len(listed) == len(set(listed)) == sum(1 for n in doc["nodes"] if costs(n))
+    assert sum(1 for i in listed if flop_bearing(by_id[i])) == cov["mapped"]
+    assert not any(flop_bearing(by_id[i]) for row in doc["layers"] if row["id"].endswith(REST) for i in row["nodes"])
     for row in doc["layers"]:
         assert row["flops_full"] == sum(by_id[i]["flops_full"] for i in row["nodes"])
         assert all(by_id[i]["layer"] == row["id"] and by_id[i]["stage"] == row["stage"] for i in row["nodes"])
@@ -78,7 +82,8 @@ def test_v2_seed_naive_gap_attributed_to_named_layers(v2_page):
     assert "s_k = 1,131 in the analytic formula at decode step 0; 1,132" in kv["cause"]  # the disagreeing symbol
     enc = [r for r in doc["layers"] if r["stage"] == "vision" and r["id"].startswith("vision.global.encoder.layers.")]
     assert {r["reason"] for r in enc if int(r["id"].split(".")[4]) < 4} == {None}
-    assert {r["reason"] for r in enc if int(r["id"].split(".")[4]) >= 4} == {"missing"}
+    # the FLOP-bearing ones (the others, RoPE's products, a residual, count no FLOPs on either side: no reason)
+    assert {r["reason"] for r in enc if int(r["id"].split(".")[4]) >= 4 and r["flops_full"]} == {"missing"}
 
 
 @pytest.mark.parametrize("ids, gaps, groups", [

@@ -58,11 +58,13 @@ class LayerDiff:
     bytes_written: int = 0
     weight_bytes: int = 0
     cuda_flops: int = 0
+    kv_bytes: int = 0           # the KV cache the vendor returned for its decoder layer (the table's `kv_cache`)
     analytic_cuda_flops: int = 0  # the analytic layer's other columns (analytic.layers.Cost; I/O fused)
     analytic_io_bytes: int = 0
     analytic_weight_bytes: int = 0
     analytic_act_bytes: int = 0
     analytic_kv_bytes: int = 0
+    metrics: dict[str, dict[str, Any]] | None = None  # per metric: traced, analytic, gap, gap_pct, reason, cause
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class GapGroup:
     unit: str
     gap: int
     cause: str | None    # the preset setting or formula symbol behind every layer of the group, when named
+    metric: str = "tc_flops"  # whose gap (tracer.compare.metrics; report.json's gap_groups_by_metric has each)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ The ProfilerRanges instrument (tracer.capture.instruments) opens a profiler rang
 (`flopdiff.module.<qualified path>`); a kernel belongs to the innermost of each that was open when it was
 launched. Kernels of an op belong to its node; kernels launched outside any op (Triton or CuTe kernels started
 from Python, compiled regions) belong to the innermost module. A node's layer is its mapped layer; a node
-without one (norms, activations, residual adds) and a bare module go to the closest enclosing scope the mapping
-table names (`Matcher.resolve_scope`); work at the root module is "the model's top-level forward", and a kernel
+without one goes to the layer a rule names for its module and op, else (and a bare module) to the closest enclosing
+scope the mapping table claims whole (`Matcher.resolve_scope`); work at the root module is "the model's top-level forward", and a kernel
 outside every module is "outside the model". So 100% of kernel time lands somewhere named.
 
 FLOPs: a node's FLOPs go to its compute kernel: its longest kernel that is not one of torch's generic helpers
@@ -145,6 +145,9 @@ def _layer(node: dict[str, Any] | None, record: dict[str, Any], matcher: Matcher
     if node is not None:
         if node.get("layer"):
             return node["layer"]
+        own = matcher.resolve(stage, node["module"], node["op"], node.get("vendor_function", "")).layer
+        if own is not None:  # a node the report did not map (it costs nothing the trace counts): a rule names it
+            return own
         scope = node["module"]
     else:
         scope = record["module"]
@@ -152,7 +155,7 @@ def _layer(node: dict[str, Any] | None, record: dict[str, Any], matcher: Matcher
         return OUTSIDE
     if scope == ROOT:
         return TOP
-    return matcher.resolve_scope(stage, scope) or f"(module {scope}: no analytic scope)"
+    return matcher.resolve_scope(stage, scope, whole=True) or f"(module {scope}: no analytic scope)"
 
 
 def attribute_kernels(tr: Trace, report: dict[str, Any], matcher: Matcher) -> dict[str, Any]:
