@@ -64,27 +64,32 @@ def rms_norm(lid: str, rows: int, width: int) -> Elementwise:
 
 def rope_apply(lid: str, rows: int, heads: int, kv_heads: int, d: int) -> Elementwise:
     """apply_rotary_pos_emb on q and k: x * cos + rotate_half(x) * sin (two products and an add per element), and
-    rotate_half's negation of half of them."""
+    rotate_half's negation of half of them; it reads q, k, cos and sin and writes q and k."""
     e = rows * d * (heads + kv_heads)
-    return Elementwise(lid, elements=e, per_element=3, glue=(("rotate_half's negation, half the elements", e // 2),))
+    return Elementwise(lid, elements=e, per_element=3, glue=(("rotate_half's negation, half the elements", e // 2),),
+                       traffic=(("q and k read and written", 2 * e * 2), ("cos and sin read", 2 * rows * d * 2)))
 
 
 def rope_angles(lid: str, positions: int, d: int, *extra: tuple[str, int]) -> Buffer:
     """transformers 5 RoPE angles from the inverse frequencies (a float32 buffer): inv_freq x positions as a broadcast
-    product (d/2 per position), cos and sin of the d angles, each scaled by attention_scaling."""
+    product (d/2 per position), cos and sin of the d angles, each scaled by attention_scaling; it writes cos and sin
+    (bf16)."""
     return Buffer(lid, elements=d // 2, dtype_bytes=4,
                   glue=(("angles: inv_freq x positions", positions * d // 2), ("cos, sin and their scaling", 4 * positions * d),
-                        *extra))
+                        *extra), traffic=(("cos and sin written", 2 * positions * d * 2),))
 
 
 def gated(lid: str, rows: int, inter: int) -> Elementwise:
-    """act_fn(gate) * up: SiLU and the product."""
-    return Elementwise(lid, elements=rows * inter, per_element=K["silu_gated"])
+    """act_fn(gate) * up: SiLU and the product; it reads gate and up, writes their product."""
+    return Elementwise(lid, elements=rows * inter, per_element=K["silu_gated"],
+                       traffic=(("gate and up read, the product written", 3 * rows * inter * 2),))
 
 
 def residual(lid: str, adds: int, rows: int, width: int) -> Elementwise:
-    """The residual adds of a block (`adds` of them over rows x width)."""
-    return Elementwise(lid, elements=adds * rows * width, per_element=K["add"])
+    """The residual adds of a block (`adds` of them over rows x width): each reads its branch's output, the first the
+    block's input too, and writes the stream."""
+    return Elementwise(lid, elements=adds * rows * width, per_element=K["add"],
+                       traffic=(("the input and each branch read, the stream written", (2 * adds + 1) * rows * width * 2),))
 
 
 # The op that carries an attention implementation's matmuls (Layer.op: what policy `torch` asks FlopCounterMode
@@ -281,11 +286,15 @@ def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) 
         else:
             si = spec.moe_inter * spec.shared
             rows = new * spec.top_k
+            routing = ("top-k indices and weights", rows * (8 + spec.router_bytes))
             layer += [Linear(f"{p}.mlp.gate", tokens=new, d_in=h, d_out=spec.experts, dtype_bytes=spec.router_bytes,
                              glue=(("softmax over the experts", K["softmax"] * new * spec.experts),
-                                   ("top-k weights scaled", rows))),
+                                   ("top-k weights scaled", rows)),
+                             traffic=(("hidden read", new * h * 2), routing)),
                       Experts(f"{p}.mlp.experts", op=spec.experts_op, routed_rows=rows, d=h, inter=spec.moe_inter,
-                              n_experts=spec.experts, glue=_routing_glue(spec, new, rows))]
+                              n_experts=spec.experts, glue=_routing_glue(spec, new, rows),
+                              traffic=(("hidden and the shared experts' output read, the sum written", 3 * new * h * 2),
+                                       routing))]
             layer += [Linear(f"{p}.mlp.shared_experts.{n}", tokens=new, d_in=a, d_out=b) for n, a, b in
                       (("gate_proj", h, si), ("up_proj", h, si), ("down_proj", si, h))]
             layer.insert(-1, gated(f"{p}.mlp.shared_experts.act", new, si))

@@ -43,9 +43,19 @@ def build_v2(cfg: dict, shape: Shape, where: str = "config", variant: Variant = 
                          experts_op=experts_op, router_bytes=4, inv_freq=True)  # transformers 5: an fp32 router
     return stage_blocks("deepseek-ocr-2", views, Block("vision", children=kids), spec,
                    prompt, shape.decode_steps, all_logits=False, variant=variant,
-                   merge=(Buffer("view_separator", elements=config_value(text, "hidden_size", where), dtype_bytes=2),
-                          # get_placeholder_mask: the image-token positions found and counted (and the count checked)
-                          Elementwise("image_mask", elements=2 * prompt + 2, per_element=1, dtype_bytes=1)))
+                   merge=merge(views.image_tokens, prompt, config_value(text, "hidden_size", where)))
+
+
+def merge(image_tokens: int, prompt: int, hidden: int) -> tuple[Layer, ...]:
+    """Where the image tokens join the prompt: the views' tokens and the separator concatenated into the image
+    features (view_separator); get_placeholder_mask finds and counts the image-token positions in the ids (and checks
+    the count), and masked_scatter writes the features into the prompt's embeddings (image_mask)."""
+    return (Buffer("view_separator", elements=hidden, dtype_bytes=2,
+                   traffic=(("the views' tokens read", (image_tokens - 1) * hidden * 2),
+                            ("the image features written", image_tokens * hidden * 2))),
+            Elementwise("image_mask", elements=2 * prompt + 2, per_element=1, dtype_bytes=1,
+                        traffic=(("the ids read", 8 * prompt), ("the features and the embeddings read, the prompt's "
+                                                                "embeddings written", (image_tokens + 2 * prompt) * hidden * 2))))
 
 
 def projector(lid: str, views: int, tokens: int, d_in: int, d_out: int) -> Linear:

@@ -75,6 +75,10 @@ class Layer:
     #: CUDA-core work the vendor code does inside this layer's modules beside what its formula counts (a router's
     #: softmax, the experts' routing bookkeeping, RoPE's angles): (what, FLOPs) pairs, named where they are built
     glue: tuple[tuple[str, int], ...] = ()
+    #: what the layer reads and writes besides its weights, fused (once each), where the vendor's tensors differ from
+    #: its formula's inputs and output (a residual pair reads three tensors, a gated product two): (what, bytes) pairs
+    #: that replace the formula's I/O; empty: the formula's own
+    traffic: tuple[tuple[str, int], ...] = ()
 
     def work(self, policy: Policy) -> Cost:
         """The layer's own formula: each kind's one pure function of its shapes."""
@@ -84,6 +88,8 @@ class Layer:
         c = self.work(policy)
         if self.glue:
             c.cuda_flops += sum(flops for _, flops in self.glue)
+        if self.traffic:
+            c.io_bytes = c.weight_bytes + sum(b for _, b in self.traffic)
         return c
 
     def distinct_weight_bytes(self, policy: Policy) -> int:
@@ -93,10 +99,11 @@ class Layer:
     def explain(self, policy: Policy) -> str:
         """'Linear: 2 * tokens * d_in * d_out with tokens=913, d_in=1280, d_out=1536 = 3,590,225,920'."""
         knobs = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)
-                          if f.name not in ("id", "dtype_bytes", "children", "glue"))
+                          if f.name not in ("id", "dtype_bytes", "children", "glue", "traffic"))
         note = "" if policy.counts(self.op) else f" (policy torch: op {self.op} is invisible to FlopCounterMode)"
         glue = ("; CUDA-core beside it: " + ", ".join(f"{what} {flops:,}" for what, flops in self.glue)
-                if self.glue else "")
+                if self.glue else "") + ("; I/O besides weights: " + ", ".join(f"{what} {b:,} B" for what, b in self.traffic)
+                                         if self.traffic else "")
         return f"{type(self).__name__}: {self.formula} with {knobs} = {self.cost(policy).tc_flops:,}{note}{glue}"
 
     def leaves(self) -> Iterator["Layer"]:
@@ -244,7 +251,7 @@ class Embedding(Layer):
     def work(self, policy: Policy) -> Cost:
         w = min(self.tokens, self.vocab) * self.d * self.dtype_bytes
         out = self.tokens * self.d * self.dtype_bytes
-        return Cost(0, 0, w + out, w, out)
+        return Cost(0, 0, w + out + 8 * self.tokens, w, out)  # the token ids (int64) read too
 
 
 @dataclass
@@ -267,7 +274,7 @@ class Buffer(Layer):
 
 @dataclass
 class KVCache(Layer):
-    """Keys and values of `positions` cached tokens (memory only)."""
+    """Keys and values of `positions` cached tokens: memory, and the traffic of growing it."""
     formula: ClassVar[str] = "0 (memory only)"
 
     positions: int = 0
@@ -276,7 +283,10 @@ class KVCache(Layer):
     op: str = "none"
 
     def work(self, policy: Policy) -> Cost:
-        return Cost(kv_bytes=2 * self.positions * self.kv_heads * self.d * self.dtype_bytes)
+        kv = 2 * self.positions * self.kv_heads * self.d * self.dtype_bytes
+        # grown by concatenation (transformers' DynamicCache): the old cache and the new keys and values read, the
+        # grown cache written: the whole cache twice per forward
+        return Cost(io_bytes=2 * kv, kv_bytes=kv)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from mapping.engine import Mapping, coverage, flop_bearing
 from tracer.compare.analytic import Analytic
 from tracer.compare.causes import cause, formula
 from tracer.compare.groups import gap_groups
+from tracer.compare.io import fused_io
 from tracer.compare.metrics import DIFFED, row_metrics
 from tracer.compare.unseen import unseen_ops
 
@@ -58,6 +59,7 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping, metric: st
         elif n["id"] in mapping.unmapped:
             n["unmapped"] = mapping.unmapped[n["id"]]
         nodes.append(n)
+    fused = fused_io(nodes, report["stages"])
     present = {s["name"] for s in report["stages"]}
     analytic = {(row["stage"], row["id"]): row["flops"] for row in an.doc["layers"] if row["stage"] in present}
     columns = {(row["stage"], row["id"]): _analytic_columns(row) for row in an.doc["layers"]}
@@ -76,6 +78,8 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping, metric: st
         row["cause"] = cause(stage, lid, row["reason"], preset, leaves[key], mapped, counting, measured)
         row.update({k: sum(n.get(k, 0) for n in mapped) for k in TRACED_COLUMNS})
         row["kv_bytes"] = kv.get(key, 0)
+        if fused is not None:
+            row["io_fused"] = fused.get(key, 0)
         row.update(columns.get(key, _analytic_columns({})))
         row["metrics"] = row_metrics(row, an.policy, preset, layer=key in analytic)
         layers.append(row)
@@ -88,6 +92,8 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping, metric: st
                "coverage": coverage(by_stage[s["name"]], mapping),
                **stage_columns.get(s["name"], _analytic_columns({}))} for s in report["stages"]]
     for s in stages:  # every column's gap where both sides count it one way (tracer.compare.metrics)
+        if fused is not None:
+            s["io_fused"] = sum(b for (stage, _), b in fused.items() if stage == s["name"])
         s["metrics"] = row_metrics(s, an.policy, preset)
     doc = {**report, "stages": stages, "nodes": nodes,
            "analytic": {"preset": an.preset, "policy": an.policy, "metric": metric, "causal_halving": an.causal_halving,

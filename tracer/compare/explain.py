@@ -71,11 +71,13 @@ def explain_layer(report: dict[str, Any], an: Analytic, lid: str) -> Group:
 
 
 def _columns_line(row: dict[str, Any]) -> str:
-    """The layer's other columns, traced (its nodes, unfused) / analytic (fused I/O), as report.json holds them."""
-    io = row.get("bytes_read", 0) + row.get("bytes_written", 0)
-    intensity = f"; {row['flops_full'] / io:.1f} FLOP/B" if io else ""
-    return (f"bytes read {row.get('bytes_read', 0):,} + written {row.get('bytes_written', 0):,} traced, "
-            f"I/O {row.get('analytic_io_bytes', 0):,} analytic (fused){intensity}; weights "
+    """The layer's other columns, traced / analytic, as report.json holds them (I/O fused both ways, and the trace's
+    unfused beside it)."""
+    fused = row.get("io_fused")
+    intensity = f"; {row['flops_full'] / fused:.1f} FLOP/B (fused)" if fused else ""
+    shown = f"{fused:,}" if fused is not None else "-"
+    return (f"I/O fused {shown} / {row.get('analytic_io_bytes', 0):,}{intensity}, "
+            f"unfused (traced) read {row.get('bytes_read', 0):,} + written {row.get('bytes_written', 0):,}; weights "
             f"{row.get('weight_bytes', 0):,} / {row.get('analytic_weight_bytes', 0):,}; CUDA-core FLOPs "
             f"{row.get('cuda_flops', 0):,} / {row.get('analytic_cuda_flops', 0):,}; KV cache "
             f"{row.get('kv_bytes', 0):,} / {row.get('analytic_kv_bytes', 0):,}")

@@ -10,8 +10,10 @@ do not (a gap there would be the conventions' difference, not a finding):
                routing, casts), so a gap names that
   weights      bytes of parameters and buffers, each once per stage (a decode step's per step): diffed
   kv           the KV cache after the stage: diffed
-  bytes        I/O: the trace unfused (every op reads its inputs and writes its outputs), the analytic model fused (a
-               layer's inputs, outputs and weights once): shown, not diffed
+  bytes        I/O, fused: a layer's inputs, outputs and weights once (tracer.compare.io from the trace's storage
+               records; the analytic layers' io_bytes): diffed
+  unfused      I/O, unfused: every op reads its inputs and writes its outputs, the trace's alone (an analytic model
+               that counted it would restate the trace op by op): shown
   activations  the trace's liveness peak; the analytic model's sum of layer outputs: shown, not diffed
 """
 
@@ -31,7 +33,7 @@ class Metric:
     name: str
     label: str
     traced: tuple[str, ...]  # the stage keys that add up to the traced count
-    analytic: str            # the stage key of the analytic count
+    analytic: str | None     # the stage key of the analytic count (None: the trace's alone)
     diffed: bool = True
     unit: str = "B"
 
@@ -41,8 +43,8 @@ METRICS = {m.name: m for m in (
     Metric("cuda_flops", "CUDA-core FLOPs", ("cuda_flops",), "analytic_cuda_flops", unit=""),
     Metric("weights", "weights", ("weight_bytes",), "analytic_weight_bytes"),
     Metric("kv", "KV cache", ("kv_bytes",), "analytic_kv_bytes"),
-    Metric("bytes", "I/O bytes (traced unfused, analytic fused)", ("bytes_read", "bytes_written"), "analytic_io_bytes",
-           diffed=False),
+    Metric("bytes", "I/O bytes (fused)", ("io_fused",), "analytic_io_bytes"),
+    Metric("unfused", "I/O bytes unfused (traced)", ("bytes_read", "bytes_written"), None, diffed=False),
     Metric("activations", "activations (traced peak, analytic sum of outputs)", ("act_peak_bytes",),
            "analytic_act_bytes", diffed=False),
 )}
@@ -82,8 +84,8 @@ def row_metrics(row: dict[str, Any], policy: str, preset: Variant, layer: bool |
         keys = ("flops_torch",) if m.name == "tc_flops" and policy == "torch" else m.traced
         if any(row.get(k) is None for k in keys):
             continue  # the row has no such count (vision returns no KV cache; a layer has no activation peak)
-        traced, analytic = sum(row[k] for k in keys), row.get(m.analytic, 0)
-        entry: dict[str, Any] = {"traced": traced, "analytic": analytic}
+        traced, analytic = sum(row[k] for k in keys), row.get(m.analytic, 0) if m.analytic else None
+        entry: dict[str, Any] = {"traced": traced, **({"analytic": analytic} if m.analytic else {})}
         if m.diffed:
             gap = traced - analytic
             entry["gap"] = gap

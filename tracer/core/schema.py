@@ -35,6 +35,8 @@ class Stage:
     analytic_act_bytes: int = 0
     analytic_kv_bytes: int = 0
     steps: list[dict[str, int]] | None = None  # decode: kv_len, FLOPs and KV bytes per step
+    outputs: list[list[int]] | None = None  # per graph (step), the storage ids it returns
+    io_fused: int | None = None  # fused I/O, its layers' sum (tracer.compare.io)
     metrics: dict[str, dict[str, Any]] | None = None  # per metric: traced, analytic, gap, gap_pct, cause
 
 
@@ -59,6 +61,7 @@ class LayerDiff:
     weight_bytes: int = 0
     cuda_flops: int = 0
     kv_bytes: int = 0           # the KV cache the vendor returned for its decoder layer (the table's `kv_cache`)
+    io_fused: int | None = None  # fused I/O: its inputs, outputs and weights once (tracer.compare.io)
     analytic_cuda_flops: int = 0  # the analytic layer's other columns (analytic.layers.Cost; I/O fused)
     analytic_io_bytes: int = 0
     analytic_weight_bytes: int = 0
@@ -92,6 +95,8 @@ class Node:
     weight_bytes: int           # the part of bytes_read that is parameters or buffers
     cuda_flops: int             # CUDA-core FLOPs (tracer.core.conventions.CUDA_CORE_OPS)
     cuda_status: str            # counted, free, uncounted (may compute, no entry: never a silent zero)
+    reads: list[list[int]] | None = None   # per storage it reads: [storage id in its graph, bytes] (fused I/O)
+    writes: list[list[int]] | None = None  # per storage it writes
     note: str | None = None
     layer: str | None = None    # the analytic layer it maps to
     unmapped: str | None = None  # why no mapping rule took it

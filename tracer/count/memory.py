@@ -91,20 +91,33 @@ def _first_pass(node: torch.fx.Node, params: set[int]) -> tuple[dict[str, Any], 
     mutates = _mutates(node)
     if outs and not mutates and (_aliases(node) or all(r[0] in in_sids for r in outs)):  # a view: nothing moves
         return _NOTHING, ins, outs, []
-    written = _bytes(outs if mutates else [r for r in outs if r[0] not in in_sids])
+    writes = _per_storage(outs if mutates else [r for r in outs if r[0] not in in_sids])
+    written = sum(writes.values())
     if op in _GATHERS and node.all_input_nodes:
         table = storage_records(node.all_input_nodes[0])
         table_sids = {r[0] for r in table}
-        read = written + _bytes([r for r in ins if r[0] not in table_sids])
+        reads = _per_storage([r for r in ins if r[0] not in table_sids])
+        reads.update((sid, min(span, written)) for sid, _, span, _ in table)
         param_reads = [(sid, off, min(span, written), size) for sid, off, span, size in table if sid in params]
     else:
-        read = _bytes(ins)
+        reads = _per_storage(ins)
         param_reads = [r for r in ins if r[0] in params]
         if op in _GROUPED and len(node.all_input_nodes) > _GROUPED[op]:
-            read, param_reads = _grouped(node, read, param_reads, params)
+            param_reads = _grouped(node, reads, param_reads)
     flops, status = cuda_flops(node)
-    return ({"bytes_read": read, "bytes_written": written, "weight_bytes": _bytes(param_reads), "cuda_flops": flops,
-             "cuda_status": status}, ins, outs, param_reads)
+    return ({"bytes_read": sum(reads.values()), "bytes_written": written, "weight_bytes": _bytes(param_reads),
+             "cuda_flops": flops, "cuda_status": status,
+             # per storage (its id in the graph, bytes): what the layer-level fused I/O is made of (tracer.compare.io)
+             "reads": [[sid, b] for sid, b in reads.items()], "writes": [[sid, b] for sid, b in writes.items()]},
+            ins, outs, param_reads)
+
+
+def _per_storage(records: list[tuple[int, int, int, int]]) -> dict[int, int]:
+    """Per storage id, the union of the byte ranges its views span."""
+    per: dict[int, list[tuple[int, int]]] = {}
+    for sid, offset, span, _ in records:
+        per.setdefault(sid, []).append((offset, offset + span))
+    return {sid: _union(r) for sid, r in per.items()}
 
 
 def _mutates(node: torch.fx.Node) -> bool:
@@ -120,20 +133,20 @@ def _aliases(node: torch.fx.Node) -> bool:
                 and all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns))
 
 
-def _grouped(node: torch.fx.Node, read: int, param_reads: list, params: set[int]) -> tuple[int, list]:
-    """A grouped GEMM's read bytes and parameter ranges less the groups no row reaches (module docstring)."""
+def _grouped(node: torch.fx.Node, reads: dict[int, int], param_reads: list) -> list:
+    """A grouped GEMM's reads (in place) and parameter ranges less the groups no row reaches (module docstring)."""
     grouped = node.all_input_nodes[_GROUPED[node.meta["op"]]]
     rows_of = node.all_input_nodes[0].meta.get("val")
     mat = grouped.meta.get("val")
     if not isinstance(mat, torch.Tensor) or mat.dim() != 3 or not isinstance(rows_of, torch.Tensor):
-        return read, param_reads
+        return param_reads
     groups, rows = mat.shape[0], rows_of.shape[0]
     touched = min(rows, groups)
-    records = storage_records(grouped)
-    read -= _bytes(records) * (groups - touched) // groups
-    mine = {r[0] for r in records}
-    return read, [(sid, off, span * touched // groups, size) if sid in mine else (sid, off, span, size)
-                  for sid, off, span, size in param_reads]
+    mine = {r[0] for r in storage_records(grouped)}
+    for sid in mine & reads.keys():
+        reads[sid] = reads[sid] * touched // groups
+    return [(sid, off, span * touched // groups, size) if sid in mine else (sid, off, span, size)
+            for sid, off, span, size in param_reads]
 
 
 def _numel(vals: Any) -> int:

@@ -68,7 +68,7 @@ def as_rows(graphs: list[StageGraph], conventions: Conventions) -> list[StageGra
 def _as_rows(sg: StageGraph) -> StageGraph:
     rows = graph_rows(sg)
     return StageGraph(sg.stage, None, step=sg.step, kv_len=sg.kv_len, notes=sg.notes, rows=rows,
-                      kv_layers=sg.kv_layers, memory=sg.memory)
+                      outputs=sg.outputs, kv_layers=sg.kv_layers, memory=sg.memory)
 
 
 def graph_rows(sg: StageGraph) -> list[dict[str, Any]]:
@@ -98,6 +98,9 @@ def stage_record(name: str, graphs: list[StageGraph], rows: list[dict[str, Any]]
         top = max(memories, key=lambda m: m["act_peak_bytes"])
         rec["act_peak_bytes"] = top["act_peak_bytes"]
         rec["act_peak_node"] = node_id(graphs[memories.index(top)], top["act_peak_node"]) if top["act_peak_node"] else None
+    # the storages each graph returns (its outputs, the KV cache among them), by step: what a layer writes to memory
+    # in the fused convention besides what other layers read (tracer.compare.io)
+    rec["outputs"] = [sorted({r[0] for r in g.outputs}) for g in graphs]
     kv = graphs[-1].kv_layers if graphs else None
     if kv is not None:
         rec["kv_bytes"], rec["kv_layers"] = sum(kv), kv

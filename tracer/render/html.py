@@ -86,7 +86,8 @@ def page_data(report: dict[str, Any]) -> dict[str, Any]:
                     "full": r["flops_full"], "gap": r["gap"], "gap_pct": r["gap_pct"],
                     "why": REASONS.get(r["reason"], ""), "formula": r.get("formula") or "",
                     "cause": r.get("cause") or "", "rules": r.get("rules", []),
-                    "bytes": r.get("bytes_read", 0) + r.get("bytes_written", 0),
+                    # the intensity's denominator: fused I/O (unfused for a report from before it)
+                    "bytes": r["io_fused"] if r.get("io_fused") is not None else r.get("bytes_read", 0) + r.get("bytes_written", 0),
                     # the other diffed metrics: [traced, analytic, gap %, why, cause] where either side counts any
                     "v": {m: [x["traced"], x["analytic"], x["gap_pct"], REASONS.get(x.get("reason"), ""), x.get("cause") or ""]
                           for m, x in (r.get("metrics") or {}).items()

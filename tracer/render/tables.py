@@ -127,20 +127,22 @@ def _si(n: int | None, unit: str = "B") -> str:
 
 #: the metrics beside tensor-core FLOPs (tracer.compare.metrics), in the order the table shows them
 SIDE_METRICS = (("cuda_flops", "CUDA-core FLOPs", ""), ("weights", "weights", "B"), ("kv", "KV cache", "B"),
-                ("bytes", "I/O bytes", "B"), ("activations", "activations", "B"))
+                ("bytes", "I/O fused", "B"), ("unfused", "I/O unfused", "B"), ("activations", "activations", "B"))
 
 
 def memory_table(report: dict[str, Any], width: int | None = None) -> Table:
     """Per stage the other columns, traced / analytic (tracer.compare.metrics), in SI units (report.json has every
     digit), with the gap % where both sides count one way; I/O and activations are shown, not diffed. A narrow
-    terminal drops activations, I/O, then CUDA-core FLOPs (report.json keeps them)."""
-    return _fitted(lambda drop: _memory_table(report, drop), ("activations", "I/O bytes", "CUDA-core FLOPs"), width)
+    terminal drops activations, unfused I/O, fused I/O, then CUDA-core FLOPs (report.json keeps them)."""
+    return _fitted(lambda drop: _memory_table(report, drop), ("activations", "I/O unfused", "I/O fused", "CUDA-core FLOPs"),
+                   width)
 
 
 def _memory_table(report: dict[str, Any], drop: set[str]) -> Table:
     shown = [m for m in SIDE_METRICS if m[1] not in drop]
-    table = Table(title="the other columns per stage: traced / analytic (gap %); I/O traced unfused, analytic fused; "
-                        "activations traced peak, analytic sum of outputs", title_justify="left")
+    table = Table(title="the other columns per stage: traced / analytic (gap %); I/O fused (each layer's inputs, "
+                        "outputs and weights once), unfused (every op's: traced only); activations traced peak, analytic "
+                        "sum of outputs", title_justify="left")
     table.add_column("stage", min_width=7)
     for _, label, _ in shown:
         _number_column(table, label)
@@ -154,7 +156,8 @@ def _memory_table(report: dict[str, Any], drop: set[str]) -> Table:
                 cells.append("-")
                 continue
             gap = f" ({m['gap_pct']:.2f})" if "gap_pct" in m else ""
-            cells.append(f"{_si(m['traced'], unit)} / {_si(m['analytic'], unit)}{gap}")
+            other = f" / {_si(m['analytic'], unit)}" if "analytic" in m else ""
+            cells.append(f"{_si(m['traced'], unit)}{other}{gap}")
             if m.get("cause"):
                 causes.append(f"{s['name']} {name}: {m['cause']}")
         table.add_row(s["name"], *cells)
