@@ -10,8 +10,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from analytic.layers import (Attention, Block, Buffer, Conv2d, Elementwise, Embedding, Experts, KVCache, Layer, Linear,
-                             RelPos, Rope)
+from analytic.layers import (Attention, Block, Buffer, Conv2d, Elementwise, Embedding, Experts, KVCache, Layer, Layout,
+                             Linear, RelPos, Rope)
 from analytic.request import ModelTree, Variant
 from analytic.shapes import Views
 from tracer.core.configfile import dig
@@ -24,7 +24,8 @@ VENDOR_CONSTANTS = {
     "deepseek-ocr": {"patch": 16, "window": 14, "sam_mlp_ratio": 4, "neck": 256, "clip_ffn": 4096, "downsample": 4,
                      "neck_norm": "layer_norm_2d"},  # deepencoder.py LayerNorm2d
     "deepseek-ocr-2": {"patch": 16, "window": 14, "sam_mlp_ratio": 4.0, "neck": 256, "downsample": 4, "sam_px": 1024,
-                       "rel_pos_resize_always": True},  # DeepseekOcr2SamVisionAttention.get_rel_pos
+                       "rel_pos_resize_always": True,  # DeepseekOcr2SamVisionAttention.get_rel_pos
+                       "sam_layout": "transformers"},  # its layout copies (blocks.sam's _sam_layout)
 }
 
 
@@ -62,12 +63,14 @@ def rms_norm(lid: str, rows: int, width: int) -> Elementwise:
                        glue=(("eps add and rsqrt, per row", 2 * rows),))
 
 
-def rope_apply(lid: str, rows: int, heads: int, kv_heads: int, d: int) -> Elementwise:
+def rope_apply(lid: str, rows: int, heads: int, kv_heads: int, d: int, positions: int | None = None) -> Elementwise:
     """apply_rotary_pos_emb on q and k: x * cos + rotate_half(x) * sin (two products and an add per element), and
-    rotate_half's negation of half of them; it reads q, k, cos and sin and writes q and k."""
+    rotate_half's negation of half of them; it reads q, k, cos and sin (per position: `positions`, shared by a batch
+    of views) and writes q and k."""
     e = rows * d * (heads + kv_heads)
     return Elementwise(lid, elements=e, per_element=3, glue=(("rotate_half's negation, half the elements", e // 2),),
-                       traffic=(("q and k read and written", 2 * e * 2), ("cos and sin read", 2 * rows * d * 2)))
+                       traffic=(("q and k read and written", 2 * e * 2),
+                                ("cos and sin read", 2 * (positions or rows) * d * 2)))
 
 
 def rope_angles(lid: str, positions: int, d: int, *extra: tuple[str, int]) -> Buffer:
@@ -114,9 +117,11 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
     # the absolute position table, resized to the grid when it differs (bicubic, antialiased), added to every view
     resize = (("resize to the grid", K["bicubic_interp"] * width * g * g),) if g != g0 else ()
     kids: list[Layer] = [Conv2d(f"{prefix}.patch_embed", batch=views, c_in=3, c_out=width, kernel=c["patch"], out_hw=(g, g),
-                                bias=True),
+                                bias=True, stride=c["patch"]),
                          Buffer(f"{prefix}.pos_embed", elements=g0 * g0 * width, dtype_bytes=2,
-                                glue=(*resize, ("add", views * g * g * width)))]
+                                glue=(*resize, ("add", views * g * g * width)),
+                                traffic=(("the patch embeddings read, their sum written", 2 * views * g * g * width * 2),)
+                                if c.get("sam_layout") else ())]
     for i in range(layers):
         p = f"{prefix}.blocks.{i}"
         if i in global_idx:
@@ -125,13 +130,23 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
             gp = -(-g // win) * win
             batch, side, table = views * (gp // win) ** 2, win, 2 * win - 1
         tokens = batch * side * side
+        bias = batch * heads * (side * side) ** 2  # the decomposed rel-pos bias, one per score
+        # transformers' SAM under SDPA (v2): its layout copies, the bias materialised and read by the attention
+        laid = attn_op == "sdpa" and c.get("sam_layout") == "transformers"
         kids.append(Block(p, children=[
             Elementwise(f"{p}.norm1", elements=views * g * g * width, per_element=norm, weights=2 * width),
+            *([_sam_layout(f"{p}.layout", views * g * g, tokens, width, bias, batch, windowed=i not in global_idx)]
+              if laid else []),
             Linear(f"{p}.qkv", op="addmm", tokens=tokens, d_in=width, d_out=3 * width, bias=True),
-            RelPos(f"{p}.rel_pos", batch_heads=batch * heads, h=side, w=side, d=d, table=table, glue=_rel_pos_glue(side, d, table, c.get("rel_pos_resize_always", False))),
+            RelPos(f"{p}.rel_pos", batch_heads=batch * heads, h=side, w=side, d=d, table=table,
+                   glue=_rel_pos_glue(side, d, table, c.get("rel_pos_resize_always", False)),
+                   traffic=(("q read, and its copy for the einsums", 2 * tokens * width * 2),
+                            ("the bias written", bias * 2)) if laid else ()),
             Attention(f"{p}.attn", op=attn_op, batch=batch, heads=heads, s_q=side * side, s_k=side * side, d=d, d_v=d,
-                      glue=(("q scaled", tokens * width), ("rel-pos bias added to the scores",
-                                                           batch * heads * (side * side) ** 2)) if attn_op == "bmm" else ()),
+                      glue=(("q scaled", tokens * width), ("rel-pos bias added to the scores", bias))
+                      if attn_op == "bmm" else (),
+                      traffic=(("q, k and v read", 3 * tokens * width * 2), ("the bias read", bias * 2),
+                               ("the output written", tokens * width * 2)) if laid else ()),
             Linear(f"{p}.proj", op="addmm", tokens=tokens, d_in=width, d_out=width, bias=True),
             Elementwise(f"{p}.norm2", elements=views * g * g * width, per_element=norm, weights=2 * width),
             Linear(f"{p}.mlp.lin1", op="addmm", tokens=views * g * g, d_in=width, d_out=mlp, bias=True),
@@ -143,9 +158,27 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
              _neck_norm(f"{prefix}.neck.norm1", views * g * g, neck, c),
              Conv2d(f"{prefix}.neck.conv2", batch=views, c_in=neck, c_out=neck, kernel=3, out_hw=(g, g)),
              _neck_norm(f"{prefix}.neck.norm2", views * g * g, neck, c),
-             Conv2d(f"{prefix}.net_2", batch=views, c_in=neck, c_out=down[0], kernel=3, out_hw=(g // 2, g // 2)),
-             Conv2d(f"{prefix}.net_3", batch=views, c_in=down[0], c_out=down[1], kernel=3, out_hw=(g // 4, g // 4))]
+             Conv2d(f"{prefix}.net_2", batch=views, c_in=neck, c_out=down[0], kernel=3, out_hw=(g // 2, g // 2), stride=2),
+             Conv2d(f"{prefix}.net_3", batch=views, c_in=down[0], c_out=down[1], kernel=3, out_hw=(g // 4, g // 4),
+                    stride=2)]
     return Block(prefix, children=kids)
+
+
+def _sam_layout(lid: str, grid: int, tokens: int, width: int, bias: int, batch: int, windowed: bool) -> Layout:
+    """transformers' SAM block copies (bf16): q, k and v split per head and q again for the rel-pos einsums, the
+    output transposed back (one image over its whole grid: q, k and v stay views of the qkv output, q is read in place
+    and copied for each einsum), the bias reshaped for SDPA; a windowed block also partitions its (padded) grid into
+    windows and puts them back. `grid`: the block's tokens, `tokens`: its windows' (padded), `batch`: windows x views."""
+    a, t = grid * width * 2, tokens * width * 2
+    if batch > 1:
+        copies = [("q, k and v split per head", 2 * 3 * t), ("q for the rel-pos einsums", t),
+                  ("the output transposed back", 2 * t)]
+    else:  # the span of q's rows in the qkv output (3 x width apart)
+        copies = [("q read in place", ((tokens - 1) * 3 * width + width) * 2), ("q copied for each einsum", 2 * t)]
+    copies.append(("the bias reshaped", 2 * bias * 2))
+    if windowed:
+        copies += [("the grid partitioned into windows (padded)", a + t), ("the windows put back", t + a)]
+    return Layout(lid, traffic=tuple(copies))
 
 
 def _neck_norm(lid: str, pixels: int, channels: int, c: dict) -> Elementwise:
@@ -206,7 +239,9 @@ def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, lay
     # the hybrid mask (image tokens both ways, queries causal): positions, comparisons and their combination, built
     # once per view batch (eager attention: made additive, a `where`), then selected into every layer's scores
     mask = 2 * s + 2 * s * s + 3 * views * s * s + views * s + (views * s * s if attn_op == "bmm" else 0)
-    kids: list[Layer] = [Buffer(f"{prefix}.queries", elements=n * h, dtype_bytes=2, param=f"queries_{n}"),
+    kids: list[Layer] = [Buffer(f"{prefix}.queries", elements=n * h, dtype_bytes=2, param=f"queries_{n}",
+                                traffic=(("the SAM tokens read", views * n * h * 2),
+                                         ("tokens and queries written", views * 2 * n * h * 2))),
                          rope_angles(f"{prefix}.rotary_emb.inv_freq", s, head_dim),
                          Elementwise(f"{prefix}.mask", elements=mask, per_element=1, dtype_bytes=1)]
     for i in range(layers or enc["num_hidden_layers"]):
@@ -216,10 +251,16 @@ def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, lay
             Linear(f"{p}.q_proj", op="addmm", tokens=t, d_in=h, d_out=heads * head_dim, bias=True),
             Linear(f"{p}.k_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim, bias=True),
             Linear(f"{p}.v_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim, bias=True),
-            rope_apply(f"{p}.rope_apply", t, heads, kv, head_dim),
+            rope_apply(f"{p}.rope_apply", t, heads, kv, head_dim, positions=s),
+            # SDPA on the CPU gets k and v repeated to every query head (repeat_kv: copies)
+            *([Layout(f"{p}.repeat_kv", traffic=(("k and v read", 2 * t * kv * head_dim * 2),
+                                                  ("k and v per query head written", 2 * t * heads * head_dim * 2)))]
+              if attn_op == "sdpa" and kv < heads else []),
             Attention(f"{p}.attn", op=attn_op, batch=views, heads=heads, s_q=s, s_k=s, d=head_dim, d_v=head_dim,
                       causal=False, glue=_eager_glue(attn_op, views * heads * s * s, masked=True) or
-                      (("the mask selected into the scores", views * s * s),)),
+                      (("the mask selected into the scores", views * s * s),),
+                      traffic=(("q, k and v read", 3 * t * heads * head_dim * 2), ("the mask read", views * s * s),
+                               ("the output written", t * heads * head_dim * 2)) if attn_op == "sdpa" else ()),
             Linear(f"{p}.o_proj", tokens=t, d_in=heads * head_dim, d_out=h),
             rms_norm(f"{p}.post_attention_layernorm", t, h),
             Linear(f"{p}.mlp.gate_proj", tokens=t, d_in=h, d_out=inter),

@@ -153,13 +153,15 @@ class Conv2d(Layer):
     kernel: int = 1
     out_hw: tuple[int, int] = (0, 0)
     bias: bool = False
+    stride: int = 1  # its input is out_hw x stride a side (padded to keep the size at stride 1)
     op: str = "convolution"
 
     def work(self, policy: Policy) -> Cost:
         out = self.batch * self.c_out * self.out_hw[0] * self.out_hw[1]
         tc = 2 * out * self.c_in * self.kernel * self.kernel
         w = self.c_out * (self.c_in * self.kernel ** 2 + self.bias) * self.dtype_bytes
-        return Cost(tc, 0, w + out * self.dtype_bytes, w, out * self.dtype_bytes)
+        x = self.batch * self.c_in * self.out_hw[0] * self.out_hw[1] * self.stride ** 2
+        return Cost(tc, 0, w + (x + out) * self.dtype_bytes, w, out * self.dtype_bytes)
 
 
 @dataclass
@@ -270,6 +272,18 @@ class Buffer(Layer):
 
     def distinct_weight_bytes(self, policy: Policy) -> int:
         return self.elements * self.dtype_bytes
+
+
+@dataclass
+class Layout(Layer):
+    """The copies the vendor code makes to lay tensors out for the next op (a window partition, q, k and v split per
+    head, a bias reshaped): no FLOPs, only the bytes of its `traffic`."""
+    formula: ClassVar[str] = "0 (copies: the bytes they read and write)"
+
+    op: str = "none"
+
+    def work(self, policy: Policy) -> Cost:
+        return Cost()
 
 
 @dataclass
