@@ -75,9 +75,10 @@ FLOPDIFF: list[Row] = [
     (("--mapping",), dict(metavar="TABLE", help="mapping table YAML (default: the built-in one of --model)")),
     (("--explain",), dict(metavar="ID", help="print a gap group (decoder.layers.*.attn), an analytic layer "
                                              "(decoder.layers.3.attn) or a node (prefill/mm_12), with its cause")),
-    (("--metric",), dict(default="tc_flops", choices=("tc_flops", "cuda_flops", "weights", "kv"),
+    (("--metric",), dict(default="tc_flops", choices=("tc_flops", "cuda_flops", "weights", "kv", "bytes"),
                          help="the column the gap groups and --explain follow: tensor-core FLOPs, CUDA-core FLOPs, "
-                              "weight bytes or KV-cache bytes; report.json has every column whatever it says")),
+                              "weight bytes, KV-cache bytes or fused I/O bytes; report.json has every column whatever "
+                              "it says")),
     (("--max-gap",), dict(metavar="PCT", help="exit 1 when a stage's |gap| exceeds PCT%% of its count: tensor-core "
                                              "FLOPs, or per metric: kv=0.5, tc_flops=0,weights=1")),
     (("--graph",), dict(choices=("fx", "onnx"), default="fx", help="onnx: also export, count and check the ONNX "

@@ -68,16 +68,26 @@ def as_rows(graphs: list[StageGraph], conventions: Conventions) -> list[StageGra
 def _as_rows(sg: StageGraph) -> StageGraph:
     rows = graph_rows(sg)
     return StageGraph(sg.stage, None, step=sg.step, kv_len=sg.kv_len, notes=sg.notes, rows=rows,
-                      outputs=sg.outputs, kv_layers=sg.kv_layers, memory=sg.memory)
+                      kv_layers=sg.kv_layers, memory=sg.memory)
 
 
 def graph_rows(sg: StageGraph) -> list[dict[str, Any]]:
-    """A counted graph's report rows, and its stage memory into `sg.memory` (once)."""
+    """A counted graph's report rows, and its stage memory into `sg.memory` (once). Storage ids are renumbered in
+    the order the rows first touch them (and the graph's outputs after them): the capture's own ids depend on how many
+    storages the mode made on the way (FakeTensorMode lifts constants into storages of their own, meta capture does
+    not), the report's must not."""
     nodes = list(sg.op_nodes())
     per_node, memory = graph_memory(sg, nodes)
     if sg.memory is None:
         sg.memory = memory
-    return [node_record(sg, n, per_node[n.name]) for n in nodes]
+    rows = [node_record(sg, n, per_node[n.name]) for n in nodes]
+    ids: dict[int, int] = {}
+    for r in rows:
+        for key in ("reads", "writes"):
+            if key in r:
+                r[key] = [[ids.setdefault(sid, len(ids)), b] for sid, b in r[key]]
+    sg.memory["outputs"] = sorted({ids.setdefault(r[0], len(ids)) for r in sg.outputs})  # what the graph returns
+    return rows
 
 
 MEMORY_SUMS = ("bytes_read", "bytes_written", "weight_bytes", "cuda_flops")  # per node; a stage's are their sums
@@ -100,7 +110,7 @@ def stage_record(name: str, graphs: list[StageGraph], rows: list[dict[str, Any]]
         rec["act_peak_node"] = node_id(graphs[memories.index(top)], top["act_peak_node"]) if top["act_peak_node"] else None
     # the storages each graph returns (its outputs, the KV cache among them), by step: what a layer writes to memory
     # in the fused convention besides what other layers read (tracer.compare.io)
-    rec["outputs"] = [sorted({r[0] for r in g.outputs}) for g in graphs]
+    rec["outputs"] = [(g.memory or {}).get("outputs", []) for g in graphs]
     kv = graphs[-1].kv_layers if graphs else None
     if kv is not None:
         rec["kv_bytes"], rec["kv_layers"] = sum(kv), kv
