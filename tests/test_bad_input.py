@@ -67,7 +67,7 @@ CASES = [
     ("max gap nan", ["--max-gap", "nan"], "--max-gap nan: 'nan' must be a number"),
     ("max gap inf", ["--max-gap", "inf"], "--max-gap inf: 'inf' must be a number"),
     ("max gap negative", ["--max-gap", "-1"], "--max-gap -1: '-1' must be a number, 0 or more"),
-    ("max gap of a shown metric", ["--max-gap", "bytes=1"], "--max-gap bytes=1: bytes is shown, not diffed"),
+    ("max gap of a shown metric", ["--max-gap", "unfused=1"], "--max-gap unfused=1: unfused is shown, not diffed"),
     ("max gap unknown metric", ["--max-gap", "flops=1"], "expected PCT or METRIC=PCT"),
     ("attn sub-config typo", ["--attn", "text_confg=eager,vision_config=sdpa"], "no sub-config text_confg"),
     ("attn unknown", ["--attn", "nosuch_attention"], "--attn nosuch_attention"),
