@@ -94,9 +94,10 @@ def map_report(report: dict[str, Any], an: Analytic, table: str | None = None) -
         raise FlopdiffError(f"mapping table {tab.source} is for {tab.model}, not {report['model']}")
     cat = catalogue(an.aligned)
     # tile layers must validate even on a page without tiles, and the layers of another attention implementation
-    # (eager's causal mask) under any: check against a tiled workload with the run's attention and with eager too
+    # (eager's causal mask, SDPA's layout copies) under any: check against a tiled workload with the run's attention,
+    # eager's and the default's
     tiled = Shape(1000, 1400, an.shape.base_size, an.shape.tile_size, True, 1, 1)
     every = [catalogue(build(report["model"], tiled, config=an.config, attention=attention))
-             for attention in (an.attention, {"decoder": "eager", "vision": "eager"})]
+             for attention in (an.attention, {"decoder": "eager", "vision": "eager"}, None)]
     check_layers(tab, set().union(*cat.values(), *(ids for c in every for ids in c.values())))
     return map_nodes(tab, report["nodes"], present_views(report), cat)
