@@ -201,17 +201,6 @@ class GraphRecorder(TorchDispatchMode):
             self._next_sid += 1
         return (sid, t.storage_offset() * t.element_size(), _span(t), st.nbytes())
 
-    @staticmethod
-    def _inner_storages(node: torch.fx.Node, inner: list[str]) -> set[int]:
-        """The storage ids of the nodes recorded inside a boundary (just before it, in the graph)."""
-        names, found, prev = set(inner), set(), node.prev
-        while names and prev.op != "root":
-            if prev.name in names:
-                names.discard(prev.name)
-                found.update(r[0] for r in storage_records(prev))
-            prev = prev.prev
-        return found
-
     def _view_of(self, source: torch.fx.Node, out: torch.Tensor) -> tuple[int, int, int, int]:
         """The record of a view its schema does not annotate (`_unsafe_view`): its source's storage, whatever
         tensor the op returned (a memoized meta kernel returns a fresh one: its address joins the source's id)."""
@@ -294,7 +283,7 @@ class GraphRecorder(TorchDispatchMode):
                          seq=seq, inner=inner, params=params)
         self._inside(node)
         if primary is not None:  # its output may be an inner op's (SDPA's, transposed): the same storage then
-            sources = {r[0] for a in node.all_input_nodes for r in storage_records(a)} | self._inner_storages(node, inner)
+            sources = {r[0] for a in [*node.all_input_nodes, *inner_nodes(node)] for r in storage_records(a)}
             node.meta["storage"] = self._storage(primary, sources)
         if primary is not None:  # what follows reads the boundary's output, not its last inner op's
             self._nodes[id(primary)] = (node, weakref.ref(primary))
@@ -331,6 +320,17 @@ class GraphRecorder(TorchDispatchMode):
 def _span(t: torch.Tensor) -> int:
     """Bytes from a view's first element to its last (a stride-0, expanded dimension adds nothing: read once)."""
     return 0 if t.numel() == 0 else (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def inner_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes recorded inside a boundary node (`meta["inner"]`, names): just before it in the graph."""
+    names, found, prev = set(node.meta.get("inner") or ()), [], node.prev
+    while names and prev.op != "root":
+        if prev.name in names:
+            names.discard(prev.name)
+            found.append(prev)
+        prev = prev.prev
+    return found
 
 
 def storage_records(node: torch.fx.Node) -> list[tuple[int, int, int, int]]:

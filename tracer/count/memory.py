@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from tracer.capture.recorder import StageGraph, storage_records
+from tracer.capture.recorder import StageGraph, inner_nodes, storage_records
 from tracer.core.conventions import CUDA_CORE_OPS, DATA_MOVEMENT
 
 #: gathers: they read what they gather (their output's bytes) from the table, plus their other inputs whole
@@ -180,12 +180,7 @@ def _boundary_cuda(node: torch.fx.Node) -> tuple[int, str]:
     """An attention call whose ops were recorded inside it, as its FLOPs are counted (tracer.count.counter): its
     softmax (3 per score) less what the ops inside computed, never below 0 (SDPA's kernel inside carries it all; a
     kernel launched from Python, none)."""
-    inner, inside, prev = set(node.meta["inner"]), 0, node.prev
-    while inner and prev.op != "root":
-        if prev.name in inner:
-            inner.discard(prev.name)
-            inside += cuda_flops(prev)[0]
-        prev = prev.prev
+    inside = sum(cuda_flops(n)[0] for n in inner_nodes(node))
     own = max(0, 3 * _scores(node) - inside)
     return own, "counted" if own else "free"
 
