@@ -18,7 +18,7 @@ from tracer.compare.analytic import Analytic
 from tracer.compare.causes import cause, formula
 from tracer.compare.groups import gap_groups
 from tracer.compare.io import fused_io
-from tracer.compare.metrics import DIFFED, row_metrics
+from tracer.compare.metrics import DIFFED, reason, row_metrics
 from tracer.compare.unseen import unseen_ops
 
 
@@ -71,7 +71,7 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping, metric: st
         mapped = per_layer.get(key, [])
         row = _row({"id": lid, "stage": stage}, analytic.get(key, 0), sum(n["flops_torch"] for n in mapped),
                    sum(n["flops_full"] for n in mapped), measured)
-        row["reason"] = _reason(key in analytic, bool(mapped), row["gap"], row["flops_analytic"])
+        row["reason"] = reason(key in analytic, bool(mapped), row["gap"])
         row["nodes"] = [n["id"] for n in mapped]
         row["formula"] = formula(leaves[key], counting)
         row["rules"] = sorted({r for r in map(mapping.rule_of, mapped) if r})
@@ -114,14 +114,6 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping, metric: st
 TRACED_COLUMNS = ("bytes_read", "bytes_written", "weight_bytes", "cuda_flops")
 #: the analytic model's other columns (analytic.api.COLUMNS beside `flops`), as `analytic_*` beside the traced ones
 ANALYTIC_COLUMNS = ("cuda_flops", "io_bytes", "weight_bytes", "act_bytes", "kv_bytes")
-
-
-def _reason(modelled: bool, mapped: bool, gap: int, analytic: int) -> str | None:
-    """Why a layer's FLOPs differ: missing from the analytic model, no node maps to it, or the formula; None when
-    both sides count nothing (a norm's or a scope's rest: their other columns have their own reasons)."""
-    if not gap and not analytic:
-        return None
-    return "missing" if not modelled else "no_nodes" if not mapped else "formula" if gap else None
 
 
 def _kv_layers(report: dict[str, Any], mapping: Mapping) -> dict[tuple[str, str], int]:

@@ -95,11 +95,17 @@ def row_metrics(row: dict[str, Any], policy: str, preset: Variant, layer: bool |
             else:
                 entry["cause"] = _cause(m.name, row["stage"] if layer is not None else row["name"], preset) if gap else None
             if layer is not None:
-                entry["reason"] = (row.get("reason") if m.name == "tc_flops" else None if not gap
-                                   else "missing" if not layer else "no_nodes" if not traced
-                                   else "formula")
+                entry["reason"] = row.get("reason") if m.name == "tc_flops" else reason(layer, bool(traced), gap)
         out[m.name] = entry
     return out
+
+
+def reason(modelled: bool, present: bool, gap: int) -> str | None:
+    """Why a layer's count differs (tracer.compare.groups.REASONS): the analytic model lacks the layer, the trace has
+    nothing for it (`present`: its nodes, or its count), or the formula; None without a gap."""
+    if not gap:
+        return None
+    return "missing" if not modelled else "no_nodes" if not present else "formula"
 
 
 def metric_rows(layers: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
