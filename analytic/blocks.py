@@ -22,7 +22,8 @@ from tracer.core.errors import FlopdiffError
 # v2: transformers DeepseekOcr2SamVisionConfig defaults, checked against transformers in the tests).
 VENDOR_CONSTANTS = {
     "deepseek-ocr": {"patch": 16, "window": 14, "sam_mlp_ratio": 4, "neck": 256, "clip_ffn": 4096, "downsample": 4,
-                     "neck_norm": "layer_norm_2d"},  # deepencoder.py LayerNorm2d
+                     "neck_norm": "layer_norm_2d",  # deepencoder.py LayerNorm2d
+                     "sam_layout": "deepencoder"},  # its layout copies (blocks.sam's _sam_layout)
     "deepseek-ocr-2": {"patch": 16, "window": 14, "sam_mlp_ratio": 4.0, "neck": 256, "downsample": 4, "sam_px": 1024,
                        "rel_pos_resize_always": True,  # DeepseekOcr2SamVisionAttention.get_rel_pos
                        "sam_layout": "transformers"},  # its layout copies (blocks.sam's _sam_layout)
@@ -131,16 +132,20 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
             batch, side, table = views * (gp // win) ** 2, win, 2 * win - 1
         tokens = batch * side * side
         bias = batch * heads * (side * side) ** 2  # the decomposed rel-pos bias, one per score
-        # transformers' SAM under SDPA (v2): its layout copies, the bias materialised and read by the attention
-        laid = attn_op == "sdpa" and c.get("sam_layout") == "transformers"
+        # the einsums' products (rel_h, rel_w: one per query and key row or column), which deepencoder.py copies
+        # to lay them out for the bias (transformers' SAM adds them as views and copies the bias instead)
+        products = 2 * batch * heads * side ** 3 * 2 if c.get("sam_layout") == "deepencoder" else 0
+        # SAM under SDPA: its layout copies, the bias materialised and read by the attention
+        laid = attn_op == "sdpa" and c.get("sam_layout") in ("transformers", "deepencoder")
         kids.append(Block(p, children=[
             Elementwise(f"{p}.norm1", elements=views * g * g * width, per_element=norm, weights=2 * width),
-            *([_sam_layout(f"{p}.layout", views * g * g, tokens, width, bias, batch, windowed=i not in global_idx)]
-              if laid else []),
+            *([_sam_layout(f"{p}.layout", views * g * g, tokens, width, bias, batch, windowed=i not in global_idx,
+                           products=products)] if laid else []),
             Linear(f"{p}.qkv", op="addmm", tokens=tokens, d_in=width, d_out=3 * width, bias=True),
             RelPos(f"{p}.rel_pos", batch_heads=batch * heads, h=side, w=side, d=d, table=table,
                    glue=_rel_pos_glue(side, d, table, c.get("rel_pos_resize_always", False)),
                    traffic=(("q read, and its copy for the einsums", 2 * tokens * width * 2),
+                            *((("the products written, their copies read", 2 * products),) if products else ()),
                             ("the bias written", bias * 2)) if laid else ()),
             Attention(f"{p}.attn", op=attn_op, batch=batch, heads=heads, s_q=side * side, s_k=side * side, d=d, d_v=d,
                       glue=(("q scaled", tokens * width), ("rel-pos bias added to the scores", bias))
@@ -161,21 +166,27 @@ def sam(prefix: str, views: int, px: int, width: int, layers: int, heads: int, g
              Conv2d(f"{prefix}.net_2", batch=views, c_in=neck, c_out=down[0], kernel=3, out_hw=(g // 2, g // 2), stride=2),
              Conv2d(f"{prefix}.net_3", batch=views, c_in=down[0], c_out=down[1], kernel=3, out_hw=(g // 4, g // 4),
                     stride=2)]
+    if c.get("sam_layout") == "deepencoder":  # ImageEncoderViT.forward: net_3(x2.clone())
+        kids.insert(-1, Layout(f"{prefix}.layout", traffic=(("net_2's output copied for net_3",
+                                                              2 * views * down[0] * (g // 2) ** 2 * 2),)))
     return Block(prefix, children=kids)
 
 
-def _sam_layout(lid: str, grid: int, tokens: int, width: int, bias: int, batch: int, windowed: bool) -> Layout:
-    """transformers' SAM block copies (bf16): q, k and v split per head and q again for the rel-pos einsums, the
-    output transposed back (one image over its whole grid: q, k and v stay views of the qkv output, q is read in place
-    and copied for each einsum), the bias reshaped for SDPA; a windowed block also partitions its (padded) grid into
-    windows and puts them back. `grid`: the block's tokens, `tokens`: its windows' (padded), `batch`: windows x views."""
+def _sam_layout(lid: str, grid: int, tokens: int, width: int, bias: int, batch: int, windowed: bool,
+                products: int = 0) -> Layout:
+    """SAM block copies (bf16): q, k and v split per head and q again for the rel-pos einsums, the output transposed
+    back (one image over its whole grid: q, k and v stay views of the qkv output, q is read in place and copied for
+    each einsum), the bias reshaped for SDPA (transformers) or the einsums' `products` (bytes) copied to lay them out
+    for it (deepencoder.py); a windowed block also partitions its (padded) grid into windows and puts them back.
+    `grid`: the block's tokens, `tokens`: its windows' (padded), `batch`: windows x views."""
     a, t = grid * width * 2, tokens * width * 2
     if batch > 1:
         copies = [("q, k and v split per head", 2 * 3 * t), ("q for the rel-pos einsums", t),
                   ("the output transposed back", 2 * t)]
     else:  # the span of q's rows in the qkv output (3 x width apart)
         copies = [("q read in place", ((tokens - 1) * 3 * width + width) * 2), ("q copied for each einsum", 2 * t)]
-    copies.append(("the bias reshaped", 2 * bias * 2))
+    copies.append(("the rel-pos products laid out for the bias", 2 * products) if products else
+                  ("the bias reshaped", 2 * bias * 2))
     if windowed:
         copies += [("the grid partitioned into windows (padded)", a + t), ("the windows put back", t + a)]
     return Layout(lid, traffic=tuple(copies))
@@ -209,9 +220,13 @@ def clip(prefix: str, views: int, tokens: int, width: int, layers: int, heads: i
     # the position table resized to the grid when it differs (get_abs_pos: bicubic, antialiased), added to every view
     grid, trained = round((tokens - 1) ** 0.5), round((positions - 1) ** 0.5)
     resize = (("resize to the grid", K["bicubic_interp"] * width * grid * grid),) if grid != trained else ()
-    head: list[Layer] = [Buffer(f"{prefix}.class_embedding", elements=width, dtype_bytes=2),
+    head: list[Layer] = [Buffer(f"{prefix}.class_embedding", elements=width, dtype_bytes=2,
+                                traffic=(("SAM's features read", views * (tokens - 1) * width * 2),
+                                         ("with the class token, written", t * width * 2))),
                          Buffer(f"{prefix}.position_embedding", elements=positions * width, dtype_bytes=2,
-                                glue=(*resize, ("add", t * width))),
+                                glue=(*resize, ("add", t * width)),
+                                traffic=(("the position ids read (int64)", positions * 8),
+                                         ("the embeddings read, their sum written", 2 * t * width * 2))),
                          Elementwise(f"{prefix}.pre_layrnorm", elements=t * width, per_element=norm, weights=2 * width)]
     return Block(prefix, children=head + [Block(f"{prefix}.layers.{i}", children=[
         Elementwise(f"{prefix}.layers.{i}.layer_norm1", elements=t * width, per_element=norm, weights=2 * width),
@@ -297,6 +312,10 @@ class DecoderSpec:
     rope_apply_apart: bool = True
     # eager attention's mask for a one-token step: transformers 5 builds and adds it, 4.46 (v1) has none
     one_token_mask: bool = True
+    # transformers 4.46 (v1): the first forward's keys and values appended to the empty cache (no copy; 5 concatenates
+    # them onto an empty one), the positions made apart (an arange every layer's RoPE reads), the logits cast to
+    # float32 by the vendor's forward
+    transformers_446: bool = False
 
 
 def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) -> Block:
@@ -312,14 +331,16 @@ def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) 
             Linear(f"{p}.v_proj", tokens=new, d_in=h, d_out=spec.kv_heads * hd),
             *([rope_apply(f"{p}.rope_apply", new, spec.heads, spec.kv_heads, hd)] if spec.rope_apply_apart else []),
             Attention(f"{p}.attn", op=spec.attn_op, heads=spec.heads, s_q=new, s_k=kv_len, d=hd, d_v=hd, causal=True,
-                      glue=_attention_glue(spec, new, kv_len)),
+                      glue=_attention_glue(spec, new, kv_len), traffic=_attention_traffic(spec, new, kv_len)),
             Linear(f"{p}.o_proj", tokens=new, d_in=spec.heads * hd, d_out=h),
-            KVCache(f"{p}.kv_cache", positions=kv_len, kv_heads=spec.kv_heads, d=hd),
+            KVCache(f"{p}.kv_cache", positions=kv_len, kv_heads=spec.kv_heads, d=hd,
+                    concatenated=not (spec.transformers_446 and kv_len == new)),
             rms_norm(f"{p}.post_attention_layernorm", new, h),
         ]
         if spec.rope_per_layer:  # its angles' cos and sin, each scaled by attention_scaling
             layer.insert(3, Rope(f"{p}.rope", positions=new, half_dim=hd // 2,
-                                 glue=(("cos, sin and their scaling", 4 * new * hd),)))
+                                 glue=(("cos, sin and their scaling", 4 * new * hd),),
+                                 traffic=(("the positions read (int64)", new * 8), ("cos and sin written", 2 * new * hd * 2))))
         if dense:
             layer += [Linear(f"{p}.mlp.{n}", tokens=new, d_in=a, d_out=b) for n, a, b in
                       (("gate_proj", h, spec.dense_inter), ("up_proj", h, spec.dense_inter), ("down_proj", spec.dense_inter, h))]
@@ -327,7 +348,10 @@ def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) 
         else:
             si = spec.moe_inter * spec.shared
             rows = new * spec.top_k
-            routing = ("top-k indices and weights", rows * (8 + spec.router_bytes))
+            # v1's gate weighs in float32 and its fake-mode experts (the even split, tracer.vendors.deepseek_ocr_shims)
+            # route by row position: the indices are written, never read
+            routing = (("top-k weights (float32)", rows * 4) if spec.experts_op == "mm" else
+                       ("top-k indices and weights", rows * (8 + spec.router_bytes)))
             layer += [Linear(f"{p}.mlp.gate", tokens=new, d_in=h, d_out=spec.experts, dtype_bytes=spec.router_bytes,
                              glue=(("softmax over the experts", K["softmax"] * new * spec.experts),
                                    ("top-k weights scaled", rows)),
@@ -349,10 +373,28 @@ def decoder(spec: DecoderSpec, prefix: str, new: int, kv_len: int, logits: int) 
     mask = _causal_mask(spec, new, kv_len)
     if mask:  # v1's positions are made there too (v2's with the RoPE angles)
         kids.insert(1, Elementwise(f"{prefix}.causal_mask", elements=mask, per_element=1,
-                                   glue=() if spec.inv_freq else (("positions", new),)))
+                                   glue=() if spec.inv_freq else (("positions", new),),
+                                   traffic=(("the mask written", new * kv_len * 2),) if spec.transformers_446 else ()))
+    if spec.transformers_446:
+        kids.insert(1, Layout(f"{prefix}.positions", traffic=(("the positions written (int64)", new * 8),)))
     kids.append(rms_norm(f"{prefix}.norm", new, h))
     kids.append(Linear("lm_head", tokens=logits, d_in=h, d_out=spec.vocab))
+    if spec.transformers_446:  # DeepseekOCRForCausalLM.forward: logits.float()
+        kids.append(Layout("logits", traffic=(("the logits read, and written as float32", logits * spec.vocab * (2 + 4)),)))
     return Block(prefix, children=kids)
+
+
+def _attention_traffic(spec: DecoderSpec, new: int, kv_len: int) -> tuple[tuple[str, int], ...]:
+    """transformers 4.46's eager LlamaAttention, fused: it reads q and k (RoPE applied inside), cos and sin, the mask,
+    and the keys and values it attends to (the first forward: its own roped keys and v; then the grown cache); it
+    writes its output (transposed back) and the roped keys the cache keeps. Other implementations: the formula's."""
+    if not (spec.transformers_446 and spec.attn_op == "bmm"):
+        return ()
+    q, kv = new * spec.heads * spec.head_dim * 2, new * spec.kv_heads * spec.head_dim * 2
+    attended = (("v read", kv),) if kv_len == new else (("the cached keys and values read", 2 * kv_len * spec.kv_heads * spec.head_dim * 2),)
+    mask = (("the mask read", new * kv_len * 2),) if new > 1 or spec.one_token_mask else ()
+    return (("q and k read", q + kv), ("cos and sin read", 2 * new * spec.head_dim * 2), *attended, *mask,
+            ("the output and the roped keys written", q + kv))
 
 
 def _attention_glue(spec: DecoderSpec, new: int, kv_len: int) -> tuple[tuple[str, int], ...]:

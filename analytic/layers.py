@@ -88,13 +88,13 @@ class Layer:
         c = self.work(policy)
         if self.glue:
             c.cuda_flops += sum(flops for _, flops in self.glue)
-        if self.traffic:
-            c.io_bytes = c.weight_bytes + sum(b for _, b in self.traffic)
+        if self.traffic:  # fused: each weight read once, however often its ops read it
+            c.io_bytes = self.distinct_weight_bytes(policy) + sum(b for _, b in self.traffic)
         return c
 
     def distinct_weight_bytes(self, policy: Policy) -> int:
         """Its weights counted once however often a forward reads them (a stage's weights are distinct)."""
-        return self.cost(policy).weight_bytes
+        return self.work(policy).weight_bytes
 
     def explain(self, policy: Policy) -> str:
         """'Linear: 2 * tokens * d_in * d_out with tokens=913, d_in=1280, d_out=1536 = 3,590,225,920'."""
@@ -295,12 +295,14 @@ class KVCache(Layer):
     kv_heads: int = 0
     d: int = 0
     op: str = "none"
+    #: grown by concatenation in this forward (transformers' DynamicCache: the old cache and the new keys and values
+    #: read, the grown cache written: the whole cache twice); False: the first forward's keys and values kept as
+    #: they are (transformers 4.46 appends them to an empty cache: no copy)
+    concatenated: bool = True
 
     def work(self, policy: Policy) -> Cost:
         kv = 2 * self.positions * self.kv_heads * self.d * self.dtype_bytes
-        # grown by concatenation (transformers' DynamicCache): the old cache and the new keys and values read, the
-        # grown cache written: the whole cache twice per forward
-        return Cost(io_bytes=2 * kv, kv_bytes=kv)
+        return Cost(io_bytes=2 * kv if self.concatenated else 0, kv_bytes=kv)
 
 
 @dataclass
@@ -317,6 +319,9 @@ class Block(Layer):
         if policy not in self._memo:
             self._memo[policy] = Cost.total(c.cost(policy) for c in self.children)
         return self._memo[policy]
+
+    def distinct_weight_bytes(self, policy: Policy) -> int:
+        return self.cost(policy).weight_bytes
 
     def leaves(self) -> Iterator[Layer]:
         for c in self.children:

@@ -8,7 +8,8 @@ Every other node that costs something (CUDA-core FLOPs, bytes moved, weights rea
 no rule names it (a residual add, RoPE's products, a mask), to the rest of its enclosing scope (`Matcher.
 resolve_scope`): the pseudo-layer `<scope>.(rest)`, so that every column's per-layer counts add up to the stage's and
 work the analytic model leaves out shows where it happens instead of vanishing. Results are cached per (stage, module
-path, op): a stage has tens of thousands of nodes but a few hundred distinct pairs.
+path, op,
+function, source): a stage has tens of thousands of nodes but a few thousand distinct keys.
 """
 
 from __future__ import annotations
@@ -78,11 +79,12 @@ class Matcher:
         self.orders = {c.placeholder: [n for n in c.order if n in present] for c in table.call_names}
         self._cache: dict[tuple[str, ...], Resolution] = {}
 
-    def resolve(self, stage: str, module_call: str, op: str, function: str = "") -> Resolution:
-        """`function`: the vendor function that issued the op (node `vendor_function`), for rules naming one."""
-        key = (stage, module_call, op, function)
+    def resolve(self, stage: str, module_call: str, op: str, function: str = "", source: str = "") -> Resolution:
+        """`function`: the vendor function that issued the op (node `vendor_function`), `source` its innermost
+        source line (node `source`), for rules naming them."""
+        key = (stage, module_call, op, function, source)
         if key not in self._cache:
-            self._cache[key] = self._resolve(stage, module_call, op, function)
+            self._cache[key] = self._resolve(stage, module_call, op, function, source)
         return self._cache[key]
 
     def resolve_scope(self, stage: str, module_call: str, whole: bool = False) -> str | None:
@@ -94,7 +96,7 @@ class Matcher:
         if key not in self._cache:
             names, calls = split_path(module_call)
             layer = None
-            claims = [r for r in self.table.rules if not whole or not (r.ops or r.functions)]
+            claims = [r for r in self.table.rules if not whole or not (r.ops or r.functions or r.sources)]
             for k in range(len(names), 0, -1):
                 for rules in (claims, self.table.scopes):
                     found = {self._fill(r, g.groupdict(), names[:k], calls[:k]) for r in rules
@@ -125,10 +127,10 @@ class Matcher:
                 return order[calls[k]] if calls[k] < len(order) else None
         return None
 
-    def _resolve(self, stage: str, module_call: str, op: str, function: str) -> Resolution:
+    def _resolve(self, stage: str, module_call: str, op: str, function: str, source: str) -> Resolution:
         names, calls = split_path(module_call)
         path = ".".join(names)
-        hits = [(r, g) for r in self.table.rules if (g := r.match(path, op, function)) is not None]
+        hits = [(r, g) for r in self.table.rules if (g := r.match(path, op, function, source)) is not None]
         if not hits:
             return Resolution(None, reason=f"no rule matches module {path or '(top level)'} with op {op}")
         if len(hits) > 1:
@@ -156,7 +158,7 @@ def map_nodes(table: Table, nodes: Iterable[dict[str, Any]], present: set[str],
         if not costs(node):
             continue
         nid, stage = node["id"], node["stage"]
-        res = matcher.resolve(stage, node["module"], node["op"], node.get("vendor_function", ""))
+        res = matcher.resolve(stage, node["module"], node["op"], node.get("vendor_function", ""), node.get("source", ""))
         if res.layer is None and not flop_bearing(node):
             result.rest[nid] = rest_of(matcher.resolve_scope(stage, node["module"], whole=True) if node["module"] else None)
             continue

@@ -11,10 +11,13 @@ A table has `rules`, `call_names`, `scopes` and `kv_cache`:
       - module: model.vision_tower.sam_encoder.layers.{i}.attn     # path, call indices stripped
         ops: ["aten::bmm"]                                          # optional op globs
         function: [get_decomposed_rel_pos, ""]                      # optional: vendor function globs ("": none recorded)
+        source: ["*/cache_utils.py:*"]                              # optional: globs over the op's innermost source line
         layer: vision.{view}.sam.blocks.{i}.rel_pos                 # analytic layer id template
 
 Module patterns are dotted globs: a component is a literal, `*` (any one component), `**` (one or
-more), `{name}` (one component, captured) or `{name:a|b}` (one of the alternatives, captured).
+more), `{name}` (one component, captured) or `{name:a|b}` (one of the alternatives, captured); `<root>` is the
+model's own forward. `source` tells apart ops one vendor function issues through library code: transformers 4.46's
+LlamaAttention applies RoPE (a `cat` in rotate_half) and grows the cache (a `cat` in cache_utils) in one forward.
 Every `{name}` of a layer template must be captured by the pattern or be a call name.
 """
 
@@ -44,18 +47,22 @@ class Rule:
     # globs over the vendor function that issued the op (node `vendor_function`); "" stands for a node that does
     # not record one (ONNX nodes, reports from before the field); no globs: any function
     functions: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()  # globs over the node's `source` (its innermost non-torch frame, file:line)
     regex: re.Pattern = field(compare=False, default=None)
 
     def name(self) -> str:
         ops = f" ops={list(self.ops)}" if self.ops else ""
         function = f" function={list(self.functions)}" if self.functions else ""
-        return f"rule {self.index} ({self.module}{ops}{function} -> {self.layer})"
+        source = f" source={list(self.sources)}" if self.sources else ""
+        return f"rule {self.index} ({self.module}{ops}{function}{source} -> {self.layer})"
 
-    def match(self, path: str, op: str, function: str = "") -> dict[str, str] | None:
+    def match(self, path: str, op: str, function: str = "", source: str = "") -> dict[str, str] | None:
         if self.ops and not any(fnmatch.fnmatchcase(op, g) for g in self.ops):
             return None
         if self.functions and not any(fnmatch.fnmatchcase(function, g) if g else not function
                                       for g in self.functions):
+            return None
+        if self.sources and not any(fnmatch.fnmatchcase(source, g) for g in self.sources):
             return None
         m = self.regex.fullmatch(path)
         return m.groupdict() if m else None
@@ -88,7 +95,7 @@ def compile_pattern(pattern: str, where: str) -> re.Pattern:
         elif m := re.fullmatch(r"\{(\w+)(?::([\w|]+))?\}", comp):
             alts = "|".join(re.escape(a) for a in m.group(2).split("|")) if m.group(2) else r"[^.]+"
             parts.append(f"(?P<{m.group(1)}>{alts})")
-        elif re.fullmatch(r"[\w\-]+", comp):
+        elif re.fullmatch(r"[\w\-]+|<root>", comp):
             parts.append(re.escape(comp))
         else:
             raise FlopdiffError(f"{where}: module pattern {pattern!r}: bad component {comp!r} "
@@ -138,13 +145,12 @@ def load_table(model_or_path: str) -> Table:
 
 
 def _rule(i: int, r: Any, where: str, call_fields: set[str], ops: bool = True) -> Rule:
-    keys = {"module", "layer", "ops", "function"} if ops else {"module", "layer"}
+    keys = {"module", "layer", "ops", "function", "source"} if ops else {"module", "layer"}
     if not isinstance(r, dict) or not {"module", "layer"} <= r.keys() or r.keys() - keys:
-        raise FlopdiffError(f"{where}: rule {i}: expected keys {', '.join(sorted(keys))} (ops, function optional); "
-                            f"got {r!r}")
-    function = r.get("function") or ()
-    rule = Rule(i, r["module"], r["layer"], tuple(r.get("ops") or ()),
-                tuple(str(f) for f in ([function] if isinstance(function, str) else function)),
+        raise FlopdiffError(f"{where}: rule {i}: expected keys {', '.join(sorted(keys))} (ops, function, source "
+                            f"optional); got {r!r}")
+    globs = lambda key: tuple(str(g) for g in ([r[key]] if isinstance(r.get(key), str) else r.get(key) or ()))  # noqa: E731
+    rule = Rule(i, r["module"], r["layer"], tuple(r.get("ops") or ()), globs("function"), globs("source"),
                 compile_pattern(r["module"], f"{where}: rule {i}"))
     missing = set(_FIELD.findall(rule.layer)) - set(rule.regex.groupindex) - call_fields
     if missing:

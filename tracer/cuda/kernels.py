@@ -145,7 +145,8 @@ def _layer(node: dict[str, Any] | None, record: dict[str, Any], matcher: Matcher
     if node is not None:
         if node.get("layer"):
             return node["layer"]
-        own = matcher.resolve(stage, node["module"], node["op"], node.get("vendor_function", "")).layer
+        own = matcher.resolve(stage, node["module"], node["op"], node.get("vendor_function", ""),
+                              node.get("source", "")).layer
         if own is not None:  # a node the report did not map (it costs nothing the trace counts): a rule names it
             return own
         scope = node["module"]
