@@ -74,13 +74,14 @@ def rope_apply(lid: str, rows: int, heads: int, kv_heads: int, d: int, positions
                                 ("cos and sin read", 2 * (positions or rows) * d * 2)))
 
 
-def rope_angles(lid: str, positions: int, d: int, *extra: tuple[str, int]) -> Buffer:
+def rope_angles(lid: str, positions: int, d: int, *extra: tuple[str, int], made_apart: bool = False) -> Buffer:
     """transformers 5 RoPE angles from the inverse frequencies (a float32 buffer): inv_freq x positions as a broadcast
     product (d/2 per position), cos and sin of the d angles, each scaled by attention_scaling; it writes cos and sin
-    (bf16)."""
+    (bf16), and reads the positions where another layer made them (`made_apart`: v2's encoder, with its mask)."""
+    read = (("the positions read (int64)", positions * 8),) if made_apart else ()
     return Buffer(lid, elements=d // 2, dtype_bytes=4,
                   glue=(("angles: inv_freq x positions", positions * d // 2), ("cos, sin and their scaling", 4 * positions * d),
-                        *extra), traffic=(("cos and sin written", 2 * positions * d * 2),))
+                        *extra), traffic=(*read, ("cos and sin written", 2 * positions * d * 2)))
 
 
 def gated(lid: str, rows: int, inter: int) -> Elementwise:
@@ -257,8 +258,12 @@ def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, lay
     kids: list[Layer] = [Buffer(f"{prefix}.queries", elements=n * h, dtype_bytes=2, param=f"queries_{n}",
                                 traffic=(("the SAM tokens read", views * n * h * 2),
                                          ("tokens and queries written", views * 2 * n * h * 2))),
-                         rope_angles(f"{prefix}.rotary_emb.inv_freq", s, head_dim),
-                         Elementwise(f"{prefix}.mask", elements=mask, per_element=1, dtype_bytes=1)]
+                         rope_angles(f"{prefix}.rotary_emb.inv_freq", s, head_dim, made_apart=True),
+                         # it writes the positions (for RoPE) and the mask (bool); the query flags' fill value, a
+                         # scalar tensor, is its one input
+                         Elementwise(f"{prefix}.mask", elements=mask, per_element=1, dtype_bytes=1,
+                                     traffic=(("the fill value read", 8), ("the positions written (int64)", s * 8),
+                                              ("the mask written (bool)", views * s * s)) if attn_op == "sdpa" else ())]
     for i in range(layers or enc["num_hidden_layers"]):
         p = f"{prefix}.layers.{i}"
         kids.append(Block(p, children=[

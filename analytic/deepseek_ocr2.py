@@ -61,5 +61,9 @@ def merge(image_tokens: int, prompt: int, hidden: int) -> tuple[Layer, ...]:
 def projector(lid: str, views: int, tokens: int, d_in: int, d_out: int) -> Linear:
     """The linear projector; on a batch of tiles its input is a strided slice (the queries' half of each view), which
     F.linear cannot fold into one addmm: it runs a bmm and adds the bias apart."""
-    bias = (("bias added apart (a strided batch)", views * tokens * d_out),) if views > 1 else ()
-    return Linear(lid, op="addmm", tokens=views * tokens, d_in=d_in, d_out=d_out, bias=True, glue=bias)
+    if views == 1:
+        return Linear(lid, op="addmm", tokens=tokens, d_in=d_in, d_out=d_out, bias=True)
+    return Linear(lid, op="addmm", tokens=views * tokens, d_in=d_in, d_out=d_out, bias=True,
+                  glue=(("bias added apart (a strided batch)", views * tokens * d_out),),
+                  traffic=(("the queries' halves read (the span of the slice)", (2 * views - 1) * tokens * d_in * 2),
+                           ("the output written", views * tokens * d_out * 2)))
