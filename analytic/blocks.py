@@ -264,6 +264,7 @@ def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, lay
                          Elementwise(f"{prefix}.mask", elements=mask, per_element=1, dtype_bytes=1,
                                      traffic=(("the fill value read", 8), ("the positions written (int64)", s * 8),
                                               ("the mask written (bool)", views * s * s)) if attn_op == "sdpa" else ())]
+    repeated = attn_op == "sdpa" and 1 < kv < heads
     for i in range(layers or enc["num_hidden_layers"]):
         p = f"{prefix}.layers.{i}"
         kids.append(Block(p, children=[
@@ -272,14 +273,17 @@ def qwen2_encoder(prefix: str, views: int, n: int, enc: dict, head_dim: int, lay
             Linear(f"{p}.k_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim, bias=True),
             Linear(f"{p}.v_proj", op="addmm", tokens=t, d_in=h, d_out=kv * head_dim, bias=True),
             rope_apply(f"{p}.rope_apply", t, heads, kv, head_dim, positions=s),
-            # SDPA on the CPU gets k and v repeated to every query head (repeat_kv: copies)
+            # SDPA on the CPU gets k and v repeated to every query head (repeat_kv: copies; one kv head repeats as a
+            # stride-0 view, no copy)
             *([Layout(f"{p}.repeat_kv", traffic=(("k and v read", 2 * t * kv * head_dim * 2),
-                                                  ("k and v per query head written", 2 * t * heads * head_dim * 2)))]
+                                                  ("k and v per query head written", 2 * t * heads * head_dim * 2))
+                      if repeated else (("one kv head: repeated as a stride-0 view, nothing copied", 0),))]
               if attn_op == "sdpa" and kv < heads else []),
             Attention(f"{p}.attn", op=attn_op, batch=views, heads=heads, s_q=s, s_k=s, d=head_dim, d_v=head_dim,
                       causal=False, glue=_eager_glue(attn_op, views * heads * s * s, masked=True) or
                       (("the mask selected into the scores", views * s * s),),
-                      traffic=(("q, k and v read", 3 * t * heads * head_dim * 2), ("the mask read", views * s * s),
+                      traffic=(("q, k and v read", t * (heads + 2 * (heads if repeated else kv)) * head_dim * 2),
+                               ("the mask read", views * s * s),
                                ("the output written", t * heads * head_dim * 2)) if attn_op == "sdpa" else ()),
             Linear(f"{p}.o_proj", tokens=t, d_in=heads * head_dim, d_out=h),
             rms_norm(f"{p}.post_attention_layernorm", t, h),

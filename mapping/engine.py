@@ -35,6 +35,13 @@ COST_COLUMNS = ("cuda_flops", "bytes_read", "bytes_written", "weight_bytes")
 REST = "(rest)"
 
 
+def node_source(node: dict[str, Any]) -> str:
+    """The node's innermost source line for `source` rules (ONNX nodes carry their stack trace's first line as a
+    list of at most one)."""
+    source = node.get("source") or ""
+    return source if isinstance(source, str) else (source[0] if source else "")
+
+
 def costs(node: dict[str, Any]) -> bool:
     """Anything to attribute: FLOPs, an op with no formula, or any other column."""
     return (flop_bearing(node) or node.get("cuda_status") == "uncounted"
@@ -158,7 +165,7 @@ def map_nodes(table: Table, nodes: Iterable[dict[str, Any]], present: set[str],
         if not costs(node):
             continue
         nid, stage = node["id"], node["stage"]
-        res = matcher.resolve(stage, node["module"], node["op"], node.get("vendor_function", ""), node.get("source", ""))
+        res = matcher.resolve(stage, node["module"], node["op"], node.get("vendor_function", ""), node_source(node))
         if res.layer is None and not flop_bearing(node):
             result.rest[nid] = rest_of(matcher.resolve_scope(stage, node["module"], whole=True) if node["module"] else None)
             continue

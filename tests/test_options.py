@@ -41,6 +41,11 @@ RUNS = [
     ("metric bytes", ["--metric", "bytes"], "metric"),
 ]
 
+# the other implementations' layout copies are traced, not modelled: their fused I/O is not diffed to 0 here
+FUSED_IO_UNALIGNED = {"attn eager", "attn flex in the text model",
+                      "attn flash_attention_2 in the text model (flash-attn or its stand-in)",
+                      "attn plugin (fake mode: its boundary)", "experts batched_mm"}
+
 ERRORS = [  # documented refusals: one line, exit 2
     ("attn flash_attention_2 (whole model)", ["--attn", "flash_attention_2"], "does not support Flash Attention 2"),
     ("attn flash_attention_2 real without flash-attn", ["--attn", "text_config=flash_attention_2,vision_config=sdpa",
@@ -94,13 +99,9 @@ def test_option_runs_with_gap_zero(case, extra, check, tiny_v2_config, baseline,
     assert all(s["gap"] == 0 for s in doc["stages"]), [(s["name"], s["gap"]) for s in doc["stages"]]
     assert all(r["gap"] == 0 for r in doc["layers"])
     # every diffed column, per stage and per layer: the aligned model is exact under every option, not only in FLOPs
-    # (fused I/O: exact on the default implementations' decode, README "Every column")
+    # (fused I/O: on the default implementations, README "Every column")
     gaps = [(row.get("name") or row["id"], m, x["gap"]) for row in doc["stages"] + doc["layers"]
-            for m, x in row["metrics"].items() if x.get("gap") and m != "bytes"]
-    if case in ("attn sdpa", "experts grouped_mm", "metric bytes"):  # the default implementations: decode's fused I/O
-        gaps += [(row.get("name") or row["id"], "bytes", row["metrics"]["bytes"]["gap"]) for row in
-                 doc["stages"] + doc["layers"] if (row.get("name") or row["stage"]) == "decode"
-                 and row["metrics"]["bytes"]["gap"]]
+            for m, x in row["metrics"].items() if x.get("gap") and (m != "bytes" or case not in FUSED_IO_UNALIGNED)]
     assert gaps == [], gaps[:5]
     ops = {n["op"] for n in doc["nodes"]}
     full = {s["name"]: s["flops_full"] for s in doc["stages"]}

@@ -192,11 +192,13 @@ class GraphRecorder(TorchDispatchMode):
     def _storage(self, t: torch.Tensor, inputs: set[int] | None) -> tuple[int, int, int, int]:
         """`t`'s storage record. An output takes the id of the input storage it aliases; at any other address it
         is a new storage, even where an address was seen before (a real run frees and reuses them). `inputs`:
-        the storage ids of the op's inputs (None: a graph input, keyed by address alone: tied weights share one)."""
+        the storage ids of the op's inputs (None: a graph input, keyed by address alone: tied weights share one).
+        An empty storage is always new: it holds nothing to share, and a real run gives a fresh one (a new cache's
+        `torch.tensor([])`) the address of a freed tensor, which would make its reader read that tensor."""
         st = t.untyped_storage()
         key = st._cdata
         sid = self._sids.get(key)
-        if sid is None or (inputs is not None and sid not in inputs):
+        if sid is None or st.nbytes() == 0 or (inputs is not None and sid not in inputs):
             sid = self._sids[key] = self._next_sid
             self._next_sid += 1
         return (sid, t.storage_offset() * t.element_size(), _span(t), st.nbytes())

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mapping.engine import Matcher
+from mapping.engine import Matcher, node_source
 from tracer.capture.recorder import StageGraph
 from tracer.capture.trace import Trace
 from tracer.core.modulepaths import ROOT, node_id
@@ -146,7 +146,7 @@ def _layer(node: dict[str, Any] | None, record: dict[str, Any], matcher: Matcher
         if node.get("layer"):
             return node["layer"]
         own = matcher.resolve(stage, node["module"], node["op"], node.get("vendor_function", ""),
-                              node.get("source", "")).layer
+                              node_source(node)).layer
         if own is not None:  # a node the report did not map (it costs nothing the trace counts): a rule names it
             return own
         scope = node["module"]
