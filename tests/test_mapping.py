@@ -29,6 +29,23 @@ def test_module_pattern_is_a_dotted_glob(pattern, path, groups):
     assert (m.groupdict() if m else None) == groups
 
 
+def test_a_rule_can_tell_one_functions_ops_apart_by_their_source_line(tmp_path):
+    """transformers 4.46's LlamaAttention applies RoPE (a cat in rotate_half) and grows the cache (a cat in
+    cache_utils) in one forward: only the op's innermost source line tells them apart; `<root>` is the model's forward."""
+    path = tmp_path / "t.yaml"
+    path.write_text('model: m\nrules:\n'
+                    '  - {module: "model.layers.{i}.self_attn", ops: ["aten::cat"], source: "*/modeling_llama.py:*", layer: "a.{i}"}\n'
+                    '  - {module: "model.layers.{i}.self_attn", ops: ["aten::cat"], source: ["*/cache_utils.py:*"], layer: "kv.{i}"}\n'
+                    '  - {module: "<root>", ops: ["aten::_to_copy"], layer: logits}\n')
+    rope, cache, root = load_table(str(path)).rules
+    where = "model.layers.3.self_attn"
+    assert rope.match(where, "aten::cat", "forward", "transformers/models/llama/modeling_llama.py:199") == {"i": "3"}
+    assert cache.match(where, "aten::cat", "forward", "transformers/models/llama/modeling_llama.py:199") is None
+    assert cache.match(where, "aten::cat", "forward", "transformers/cache_utils.py:447") == {"i": "3"}
+    assert rope.match(where, "aten::cat", "forward", "") is None  # a rule naming a source needs one
+    assert root.match("<root>", "aten::_to_copy") == {} and "source=['*/cache_utils.py:*']" in cache.name()
+
+
 def test_call_indices_are_split_from_the_path():
     assert split_path("model.vision_tower#1.sam_encoder.layers.3") == (
         ["model", "vision_tower", "sam_encoder", "layers", "3"], [0, 1, 0, 0, 0])
