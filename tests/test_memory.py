@@ -3,6 +3,7 @@ made independently of it: hand counts on small modules, the nn.Module's own para
 cache from the config and the positions."""
 
 import json
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -172,6 +173,15 @@ def test_kv_cache_bytes_are_the_closed_form_of_the_config_and_positions(tiny_run
     assert [s["kv_bytes"] for s in stages["decode"]["steps"]] == [per_position * (prompt + k + 1) for k in range(3)]
     assert stages["decode"]["kv_bytes"] == per_position * (prompt + 3)
     assert stages["prefill"]["kv_layers"] == [per_position * prompt // text.num_hidden_layers] * text.num_hidden_layers
+    # per node: what each writes of the cache its forward returns (the cache's concatenations): a forward's nodes sum
+    # to the cache after it
+    per_forward = Counter()
+    for n in doc["nodes"]:
+        if n["stage"] in ("prefill", "decode"):
+            per_forward[(n["stage"], n["step"])] += n["kv_bytes"]
+    assert per_forward[("prefill", None)] == per_position * prompt
+    assert [per_forward[("decode", k)] for k in range(3)] == [per_position * (prompt + k + 1) for k in range(3)]
+    assert {n["op"] for n in doc["nodes"] if n["kv_bytes"]} == {"aten::cat"}
 
 
 @pytest.mark.v2

@@ -119,6 +119,13 @@ def test_v1_every_flop_node_mapped_aligned_gap_zero(pages):
         gaps = [(row.get("name") or row["id"], m, x["gap"]) for row in doc["stages"] + doc["layers"]
                 for m, x in row["metrics"].items() if x.get("gap")]
         assert gaps == [], gaps[:5]
+        # the nodes that write the cache each forward returns (4.46: the first forward's roped keys and v, then the
+        # cache's concatenations) sum to it
+        stages = {s["name"]: s for s in doc["stages"]}
+        last = max(n["step"] for n in doc["nodes"] if n["stage"] == "decode")
+        for stage, step in (("prefill", None), ("decode", last)):
+            assert sum(n["kv_bytes"] for n in doc["nodes"] if n["stage"] == stage and n["step"] == step) == \
+                stages[stage]["kv_bytes"], stage
     by_id = {n["id"]: n for n in pages["1000x1400"]["nodes"]}
     experts = next(r for r in pages["1000x1400"]["layers"] if r["id"] == "decoder.layers.5.mlp.experts"
                    and r["stage"] == "prefill")

@@ -85,7 +85,8 @@ def to_bytes(sg: StageGraph) -> bytes:
 
 def _extra(sg: StageGraph) -> dict[str, Any]:
     """What a stage carries beside its nodes (its storages' roles, the KV cache it returned, its memory)."""
-    return {"params": sg.params, "outputs": sg.outputs, "kv_layers": sg.kv_layers, "memory": sg.memory}
+    return {"params": sg.params, "outputs": sg.outputs, "kv_layers": sg.kv_layers, "kv_storages": sg.kv_storages,
+            "memory": sg.memory}
 
 
 def from_bytes(data: bytes) -> StageGraph:

@@ -82,6 +82,7 @@ class StageGraph:
     params: set[int] = field(default_factory=set)  # storage ids of the parameters and buffers it read
     outputs: list[tuple] = field(default_factory=list)  # storage records of its outputs (live to its end)
     kv_layers: list[int] | None = None  # bytes of the KV cache it returned, per layer (keys + values)
+    kv_storages: dict[int, int] = field(default_factory=dict)  # that cache's storages: id -> bytes its tensor spans
     memory: dict | None = None  # its weight bytes and activation peak (tracer.count.memory.stage_memory)
 
     def call_nodes(self) -> Iterable[torch.fx.Node]:
@@ -368,9 +369,10 @@ def capture(fn: Callable[[], object], model: torch.nn.Module, stage: str, *, ven
     outputs = [recorder._node_for(t) for t in result_tensors(result)]
     recorder.graph.output(tuple(outputs))
     cache = cache_of(result)
-    kept = outputs + [recorder._node_for(t) for t in (cache_tensors(cache) if cache is not None else [])]
+    held = [recorder._node_for(t) for t in (cache_tensors(cache) if cache is not None else [])]
     sg = StageGraph(stage, recorder.graph, step=step, kv_len=kv_len, params=recorder.params,
-                    outputs=[r for o in kept for r in storage_records(o)], kv_layers=kv_layers(cache))
+                    outputs=[r for o in outputs + held for r in storage_records(o)], kv_layers=kv_layers(cache),
+                    kv_storages={r[0]: r[2] for o in held for r in storage_records(o)})
     if instrument is not None:
         sg.kernels = instrument.records()
     return sg, result

@@ -93,6 +93,7 @@ class Node:
     bytes_read: int             # tracer.count.memory: distinct input storages, the bytes their views span
     bytes_written: int
     weight_bytes: int           # the part of bytes_read that is parameters or buffers
+    kv_bytes: int               # the part of bytes_written its forward returns as the KV cache
     cuda_flops: int             # CUDA-core FLOPs (tracer.core.conventions.CUDA_CORE_OPS)
     cuda_status: str            # counted, free, uncounted (may compute, no entry: never a silent zero)
     reads: list[list[int]] | None = None   # per storage it reads: [storage id in its graph, bytes] (fused I/O)

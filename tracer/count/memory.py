@@ -10,6 +10,8 @@ Per node (the *unfused* convention: every aten op reads its inputs and writes it
   bytes_written  the outputs the same way; a view or reshape moves nothing (an output aliasing an input of an op
                  that mutates nothing); an in-place op reads and writes its target
   weight_bytes   the part of bytes_read that is parameters or buffers
+  kv_bytes       the part of bytes_written that the forward returns as its KV cache (transformers' cache grown by a
+                 cat, v1's first forward's roped keys and values): a step's nodes sum to the cache after it
   cuda_flops     `tracer.core.conventions.CUDA_CORE_OPS` per element; attention kernels their softmax (3 per score);
                  tensor-core ops 0 (their column is flops_full); an op that may compute and has no entry: 0 with
                  cuda_status `uncounted`, listed, never a silent zero
@@ -211,6 +213,9 @@ def graph_memory(sg: StageGraph, nodes: list[torch.fx.Node]) -> tuple[dict[str, 
     order = list(nodes)
     for i, n in enumerate(order):
         fields, ins, outs, param_reads = _node_pass(n, params)
+        # the part of what it writes that the forward returns as its KV cache (the cache's tensor's span there)
+        fields = {**fields, "kv_bytes": sum(min(b, sg.kv_storages[sid]) for sid, b in fields.get("writes", ())
+                                            if sid in sg.kv_storages)}
         per_node[n.name] = fields
         weight_reads += param_reads
         for r in ins:
