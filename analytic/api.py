@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from analytic.layers import Block, Cost, Policy
 from analytic.models import BUILDERS
+from analytic.plugin import is_plugin, load, plugin_tree, workload_of
 from analytic.request import ModelTree, Shape, Variant
 from tracer.core.configfile import read_json
 from tracer.core.errors import FlopdiffError
@@ -81,7 +82,12 @@ def _composed(overrides: tuple[str, ...]) -> Any:
 
 @lru_cache(maxsize=64)
 def variant(preset: str, flag: str = "preset") -> Variant:
-    """A preset by name (analytic/presets) or YAML file; `flag` names the input in errors (the CLI's flag)."""
+    """A preset by name (analytic/presets) or YAML file; `flag` names the input in errors (the CLI's flag). A plug-in
+    model (analytic.plugin: module:function, an entry point, a declarative YAML model) is loaded (its errors are
+    the input's) and deviates from nothing of ours: no preset setting is the cause of its gaps."""
+    if is_plugin(preset):
+        load(preset)
+        return Variant()
     path = Path(preset)
     if not path.suffix:
         path = PRESETS / f"{preset}.yaml"
@@ -109,11 +115,16 @@ def counting_policy(name: str, device: str = "cpu", causal_halving: bool = False
 
 
 def build(model: str, shape: Shape, preset: str = "aligned", config: str | None = None,
-          attention: dict[str, str] | None = None, changes: dict[str, Any] | None = None) -> ModelTree:
+          attention: dict[str, str] | None = None, changes: dict[str, Any] | None = None,
+          policy: Policy | None = None) -> ModelTree:
     """`attention`: the implementation per part ({"decoder": ..., "vision": ...}; None: the vendor defaults), which
     says which op carries each attention's matmuls (what policy torch counts); `changes`: preset fields overridden
-    (`clip_layers=2`)."""
+    (`clip_layers=2`); `policy`: what a plug-in model is told it is counted under (default full)."""
     path = Path(config) if config else DATA / model / "config.json"
+    if is_plugin(preset):  # the workload it is told of: the vendor-exact model's views and prompt
+        base = BUILDERS[model](_config(str(path)), shape, where=f"--config {path}", attention=attention)
+        return plugin_tree(preset, model, _config(str(path)), workload_of(model, shape, base.views, base.prompt_len),
+                           base.views, policy or counting_policy("full"))
     chosen = variant(preset)
     if changes:
         try:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from analytic.api import build, counting_policy, request_shape, variant
+from analytic.plugin import is_plugin
 from mapping.table import load_table
 from tracer.compare.analytic import analytic_for, catalogue, map_report, report_shape
 from tracer.compare.diff import with_diff
@@ -117,6 +118,8 @@ def check(workload: Workload, options: Options) -> Workload:
         attention_check(replace(options.build, mode=options.mode))  # plugins import, real FA2 has its package
     load_table(options.mapping or workload.model)
     workload = validate(workload)
+    if is_plugin(options.analytic):  # run a plug-in model once now: what it does wrong is said before the trace
+        build(workload.model, request_shape(workload), options.analytic, _analytic_config(options))
     if options.explain:
         check_id(options.explain, _layer_ids(workload, options))
     return workload

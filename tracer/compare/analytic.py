@@ -57,12 +57,13 @@ def analytic_for(model: str, shape: Shape, preset: str, causal_halving: bool = F
     analytic tiling must reproduce (checked); `policy_name` and `device`: what it counts (policy torch: what
     FlopCounterMode counts on that device); `attention`: the implementations the run used (Vendor.attention)."""
     aligned = build(model, shape, "aligned", config, attention)
-    tree = aligned if preset == "aligned" else build(model, shape, preset, config, attention)
+    counting = counting_policy(policy_name, device=device, causal_halving=causal_halving)
+    tree = aligned if preset == "aligned" else build(model, shape, preset, config, attention, policy=counting)
     if image_tokens is not None and aligned.views.image_tokens != image_tokens:
         raise FlopdiffError(f"analytic model of {model}: {aligned.views.image_tokens} image tokens for "
                             f"{shape.width}x{shape.height}, the vendor preprocessing made {image_tokens}; the "
                             f"analytic tiling needs fixing (please report)")
-    doc = evaluate_tree(tree, shape, counting_policy(policy_name, device=device, causal_halving=causal_halving))
+    doc = evaluate_tree(tree, shape, counting)
     return Analytic(preset, shape, tree, aligned, doc, config, causal_halving, policy_name, attention, device)
 
 
@@ -92,7 +93,9 @@ def map_report(report: dict[str, Any], an: Analytic, table: str | None = None) -
     tab = load_table(table or report["model"])
     if tab.model != report["model"]:
         raise FlopdiffError(f"mapping table {tab.source} is for {tab.model}, not {report['model']}")
-    cat = catalogue(an.aligned)
+    # the vendor-exact model's layer ids, and a plug-in model's own (a user's table points nodes at them)
+    own = catalogue(an.tree)
+    cat = {stage: ids | own.get(stage, set()) for stage, ids in catalogue(an.aligned).items()}
     # tile layers must validate even on a page without tiles, and the layers of another attention implementation
     # (eager's causal mask, SDPA's layout copies) under any: check against a tiled workload with the run's attention,
     # eager's and the default's
