@@ -218,7 +218,7 @@ _CALLS = {"min": min, "max": max, "ceil": math.ceil, "floor": math.floor}
 
 def _eval(node: ast.AST, names: dict[str, Any]) -> Any:
     """Arithmetic over names, nothing else (no attribute but workload's fields, no call but _CALLS)."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool)):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool, str)):  # str: a view's name
         return node.value
     if isinstance(node, ast.Name):
         if node.id not in names or node.id == "workload":
