@@ -209,10 +209,11 @@ def evaluate_tree(tree: ModelTree, shape: Shape, pol: Policy) -> dict[str, Any]:
         for block in blocks:
             for leaf in block.leaves():
                 by_id.setdefault(leaf.id, []).append(leaf.cost(pol))
-        # the KV cache is a state, not a sum: the stage's (and a layer's) is the one after its last block (decode:
-        # the last step's), the other columns add up over the blocks
+        # the KV cache is a state, not a sum: the stage's (and a layer's) is the one after its last forward (decode:
+        # the last step's block; another stage is one forward, however many blocks), the other columns add up
+        last = blocks[-1:] if name == "decode" else blocks
         stages.append({"name": name, **_columns(Cost.total(b.cost(pol) for b in blocks)),
-                       "kv_bytes": blocks[-1].cost(pol).kv_bytes if blocks else 0,
+                       "kv_bytes": sum(b.cost(pol).kv_bytes for b in last),
                        "weight_bytes": sum(_distinct_weights(b, pol) for b in blocks)})
         layers += [{"id": k, "stage": name, **_columns(Cost.total(v)), "kv_bytes": v[-1].kv_bytes}
                    for k, v in by_id.items()]

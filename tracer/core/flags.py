@@ -52,13 +52,19 @@ WORKLOAD: list[Row] = [
                                help="one-token decode steps after the prefill")),
 ]
 ANALYTIC: list[Row] = [
-    (("--analytic",), dict(default="aligned", metavar="PRESET", help="the analytic model: aligned (vendor-exact), "
-                                                                     "seed-naive, or a preset YAML file")),
+    (("--analytic",), dict(default="aligned", metavar="MODEL", help="the analytic model: aligned (vendor-exact), "
+                                                                    "seed-naive, a preset YAML file, or your own: "
+                                                                    "module:function, file.py:function, a model "
+                                                                    "YAML file, an installed flopdiff.analytic entry "
+                                                                    "point")),
     (("--policy",), dict(choices=("full", "torch"), default="full",
                          help="full counts, or torch: what FlopCounterMode counts")),
     (("--config",), dict(help="vendor config.json (default: the published one / the one in --vendor-dir)")),
 ]
 FLOPDIFF: list[Row] = [
+    (("--workload-config",), dict(metavar="FILE", help="the workload knobs from an inference config (preprocess."
+                                                       "base_size, image_size, crop_mode, decoder_prompt, "
+                                                       "max_new_tokens); flags given win")),
     (("--prompt",), dict(help="prompt with one <image>, tokenized with --tokenizer")),
     (("--tokenizer",), dict(metavar="PATH", help="a local tokenizer folder or tokenizer.json")),
     (("--vendor-dir",), dict(metavar="DIR", help="deepseek-ocr: a folder with the Hugging Face repo's *.py and "
