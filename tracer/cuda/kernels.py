@@ -12,6 +12,8 @@ outside every module is "outside the model". So 100% of kernel time lands somewh
 FLOPs: a node's FLOPs go to its compute kernel: its longest kernel that is not one of torch's generic helpers
 (`at::native::` elementwise/copy/reduce kernels, memsets), else its longest; the helpers get 0.
 "counted by FlopCounterMode": yes (torch == full), no (torch 0, full > 0), partly, or "-" (no FLOPs).
+A layer's "% of peak" is against the card's datasheet dense bf16 peak (tracer.cuda.roofline), the clock-derived one
+where the card is not in its table; the roofline per layer: tracer.cuda.roofline.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mapping.engine import Matcher, node_source
 from tracer.capture.recorder import StageGraph
 from tracer.capture.trace import Trace
 from tracer.core.modulepaths import ROOT, node_id
+from tracer.cuda.roofline import ceilings, roofline
 
 OUTSIDE = "(outside the model)"
 TOP = "(the model's top-level forward)"  # work at the root module, outside every named submodule
@@ -116,7 +119,8 @@ def attribute(report: dict[str, Any], records: list[dict[str, Any]], matcher: Ma
         lay["time_us"] += r["us"]
         lay["flops_full"] += flops_full
         lay["flops_torch"] += flops_torch
-    peak = (device or {}).get("peak_bf16_tflops")
+    # the datasheet's dense peak where the card is known (tracer.cuda.roofline), else the clock-derived one
+    peak = (ceilings(device) or {}).get("bf16_tflops") or (device or {}).get("peak_bf16_tflops")
     kernels = []
     for k in by_kernel.values():
         k["counted_by_flopcountermode"] = counted(k["flops_torch"], k["flops_full"])
@@ -167,4 +171,5 @@ def attribute_kernels(tr: Trace, report: dict[str, Any], matcher: Matcher) -> di
         ids = {n.meta["seq"]: node_id(sg, n.name) for n in sg.op_nodes() if "seq" in n.meta}
         records += stage_kernels(sg, ids)
     device = device_info() if torch.cuda.is_available() else None
-    return {**attribute(report, records, matcher, device), "kernel_records": records}
+    sections = attribute(report, records, matcher, device)
+    return {**sections, "kernel_records": records, "roofline": roofline({**report, **sections})}

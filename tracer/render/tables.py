@@ -280,6 +280,24 @@ def consistency_table(rep: dict[str, Any]):
     return t
 
 
+def roofline_table(roof: dict[str, Any], top: int = 10):
+    """The layers that lose the most time against their roofline bound (tracer.cuda.roofline), and each stage's."""
+    c = roof["ceilings"]
+    t = Table(title=f"where the time goes: the {top} layers losing the most against their bound on {c['name']}",
+              title_justify="left")
+    t.caption = (f"bound = max(tensor-core FLOPs / {c['bf16_tflops']} TFLOP/s, CUDA-core FLOPs / {c['fp32_tflops']} "
+                 f"TFLOP/s, fused bytes / {c['hbm_gbps']:.0f} GB/s) ({c['used']}); efficiency = bound / kernel time; "
+                 f"stages: " + "; ".join(f"{s['stage']} {s['time_us'] / 1e3:.2f} ms, bound {s['bound_us']['traced'] / 1e3:.2f} "
+                                         f"ms ({100 * (s['efficiency'] or 0):.1f}%)" for s in roof["stages"]))
+    for col in ("stage", "layer", "kernel ms", "bound ms", "roof", "FLOP/B", "efficiency %", "lost ms"):
+        t.add_column(col, overflow="fold", justify="left" if col in ("stage", "layer", "roof") else "right")
+    for r in roof["layers"][:top]:
+        t.add_row(r["stage"], Text(r["layer"]), f"{r['time_us'] / 1e3:.3f}", f"{r['bound_us']['traced'] / 1e3:.3f}",
+                  r["roof"], "-" if r["intensity"] is None else f"{r['intensity']:.1f}", f"{100 * r['efficiency']:.1f}",
+                  f"{r['lost_us'] / 1e3:.3f}")
+    return t
+
+
 def terminal_tables(report: dict[str, Any], onnx_report: dict[str, Any] | None = None, detail: Any = None,
                     width: int | None = None) -> list[Any]:
     """Every table of a run's report, in the order the command line prints them (`detail`: an --explain answer;
@@ -290,6 +308,8 @@ def terminal_tables(report: dict[str, Any], onnx_report: dict[str, Any] | None =
                       gap_table(report, compact=compact, width=width), unseen_table(report, compact)]
     if report.get("kernels"):
         out.append(kernel_table(report))
+    if report.get("roofline"):
+        out.append(roofline_table(report["roofline"]))
     if report.get("ncu"):
         out.append(ncu_table(report))
     if onnx_report is not None:
