@@ -213,3 +213,67 @@ def test_kernels_section_of_a_cuda_report(browser, tmp_path):
     assert pg.locator("#kernel-layers tbody tr").count() == len(report["kernel_layers"])
     assert errors == []
     pg.close()
+
+
+def x_of(pg, value: float) -> float:
+    """The x of the roofline chart's tick for `value` (its label is centred on its line)."""
+    ticks = pg.locator("#roofline text.tick.x")
+    texts = ticks.all_text_contents()
+    return float(ticks.nth([float(t.replace(",", "")) for t in texts].index(value)).get_attribute("x"))
+
+
+@pytest.mark.parametrize("width, height", [(1280, 800), (1920, 1080)])
+def test_roofline_chart_of_a_cuda_report(browser, tmp_path, width, height):
+    """The H200 recording's kernel times per layer on the roofline: a point per layer with kernel time, FLOPs and
+    bytes; log axes with a labelled tick per decade; the tensor roof flat at the datasheet's 989.5 TFLOP/s, meeting
+    the memory roof at 989.5e12 / 4.8e12 = 206 FLOP/byte. The recording predates per-node bytes: each layer's bytes
+    are the aligned model's fused I/O, which equals the trace's on the default implementations (test_options)."""
+    import gzip
+    import json
+    import math
+    from pathlib import Path
+
+    from tracer.compare.analytic import analytic_of_report, map_report
+    from tracer.compare.diff import with_diff
+    from tracer.cuda.kernels import attribute
+    from tracer.cuda.roofline import roofline
+
+    doc = json.loads(gzip.open(Path(__file__).parent / "data" / "cuda" / "v2-640x640-h200.json.gz").read())
+    report = {"model": doc["model"], "workload": doc["workload"], "notes": [], "unknown_ops": [],
+              "nodes": [{**n, "module_class": "", "source": "", "vendor_source": "", "input_shapes": [],
+                         "input_dtypes": [], "output_shapes": [], "output_dtypes": []} for n in doc["nodes"]],
+              "stages": [{**s, "unknown_ops": 0} for s in doc["stages"]]}
+    an = analytic_of_report(report, "aligned")
+    mapping = map_report(report, an)
+    report = with_diff(report, an, mapping)
+    for r in report["layers"]:
+        r["io_fused"] = r["analytic_io_bytes"]
+    report.update(attribute(report, doc["kernel_records"], mapping.matcher, doc["device"]))
+    report["roofline"] = roofline(report)
+    points = [r for r in report["roofline"]["layers"] if r["intensity"] and r["achieved_tflops"]]
+    assert len(points) > 50
+    path = tmp_path / "report.html"
+    path.write_text(render_html(report))
+    pg = browser.new_page(viewport={"width": width, "height": height})
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(path.as_uri())
+    pg.wait_for_selector("#roofline circle.point")
+    assert pg.locator("#roofline circle.point").count() == len(points)
+    assert pg.locator("#roofline-layers tbody tr").count() == len(report["roofline"]["layers"])
+    xs = pg.locator("#roofline text.tick.x").all_text_contents()  # SVG text has no innerText
+    ys = pg.locator("#roofline text.tick.y").all_text_contents()
+    decades = lambda ticks: [float(t.replace(",", "")) for t in ticks]  # noqa: E731
+    assert all(math.log10(v).is_integer() for v in decades(xs) + decades(ys)) and len(xs) >= 4 and len(ys) >= 4
+    # the tensor roof: flat from the ridge point on, at the y of 989.5 TFLOP/s between the ticks of 100 and 1,000
+    roof = [tuple(map(float, p.split(","))) for p in pg.locator("#roofline polyline.tensor").get_attribute("points").split()]
+    y_of = {float(t.replace(",", "")): float(pg.locator("#roofline text.tick.y").nth(i).get_attribute("y")) - 4
+            for i, t in enumerate(ys)}  # a tick's label sits 4 px below its line
+    per_decade = y_of[1000.0] - y_of[100.0]
+    assert roof[1][1] == roof[2][1] == pytest.approx(y_of[100.0] + math.log10(9.895) * per_decade, abs=0.01)
+    assert 10 ** (2 + (roof[1][0] - x_of(pg, 100.0)) / (x_of(pg, 1000.0) - x_of(pg, 100.0))) == pytest.approx(
+        989.5 / 4.8, rel=1e-3)  # the ridge point, in FLOP per byte
+    box = pg.locator("#roofline").bounding_box()
+    assert box["width"] <= width and box["x"] >= 0  # inside the page at this width
+    assert errors == []
+    pg.close()

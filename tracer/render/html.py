@@ -103,7 +103,7 @@ def page_data(report: dict[str, Any]) -> dict[str, Any]:
         "unmapped": [index[n["id"]] for n in nodes if not n.get("layer")],
         "unknown_ops": report["unknown_ops"],
         **({"kernels": report["kernels"], "kernel_layers": report["kernel_layers"], "device": report["device"],
-            "kernel_time": report["kernel_time"]} if report.get("kernels") else {}),
+            "kernel_time": report["kernel_time"], "roofline": report.get("roofline")} if report.get("kernels") else {}),
     }
 
 
