@@ -13,7 +13,7 @@ t0=$SECONDS
 python -m tracer.diff --device cuda --mode real --decode-steps 2 --json-nodes flops --quiet --out "$out/run" "$@" \
   > "$out/run.log" 2>&1
 echo "exit $? in $((SECONDS - t0)) s"
-python - "$out/run/report.json" <<'PY'
+python - "$out/run/report.json" "$@" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 r = d["roofline"]
@@ -29,4 +29,13 @@ roofs = {}
 for x in r["layers"]:
     roofs[(x["stage"], x["roof"])] = roofs.get((x["stage"], x["roof"]), 0) + 1
 print("layers per roof", roofs)
+# the recording CPU tests replay (tests/data/cuda): what the roofline is computed from, and what it gave
+keep = ("id", "stage", "flops_full", "flops_analytic", "cuda_flops", "io_fused", "analytic_cuda_flops", "analytic_io_bytes")
+rec = {"what": f"flopdiff {' '.join(sys.argv[2:])} on {d['device']['name']}: kernel time per layer, the layers' columns, "
+               "the roofline it gave", "model": d["model"], "workload": d["workload"], "device": d["device"],
+       "kernel_layers": d["kernel_layers"], "layers": [{k: l.get(k) for k in keep} for l in d["layers"]],
+       "roofline": r}
+import gzip, os
+with gzip.open(os.path.join(os.path.dirname(sys.argv[1]), "..", "roofline-recording.json.gz"), "wt") as f:
+    json.dump(rec, f, separators=(",", ":"))
 PY
