@@ -51,6 +51,12 @@ _STRUCTURE = {"block", "layers", "repeat", "include"}
 
 def is_model_file(path: Path) -> bool:
     """A YAML file with `stages:` is a model; without, a preset (analytic.api.variant)."""
+    return _is_model_file(str(path))
+
+
+@lru_cache(maxsize=64)
+def _is_model_file(path: str) -> bool:
+    """Read once per process: a sweep asks it for every page."""
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path))
     except Exception:  # unreadable or malformed: not a model; the preset loader says what is wrong with it

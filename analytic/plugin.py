@@ -165,6 +165,9 @@ def plugin_tree(spec: str, model: str, config: dict, workload: Workload, views: 
 
 def adapt(item: Any, where: str, policy: Policy) -> Layer:
     """One of ours as it is; the user's as a `Foreign` layer (its children adapted), checked once here."""
+    if isinstance(item, Block):  # ours, holding the user's layers perhaps
+        item.children = [adapt(c, where, policy) for c in item.children]
+        return item
     if isinstance(item, Layer):
         return item
     lid = getattr(item, "id", None)
