@@ -178,15 +178,15 @@ def test_seed_naive_page_explains_at_both_widths(browser, naive_file, width, hei
     pg.close()
 
 
-def test_kernels_section_of_a_cuda_report(browser, tmp_path):
-    """A report of a CUDA run (flopdiff's own H200 recording in tests/data/cuda) shows its kernels, the grouped
-    GEMM first (the FLOPs FlopCounterMode misses), with the full kernel name kept in the tooltip."""
+def _h200_report(fused_io: bool = False) -> dict:
+    """The report of flopdiff's own H200 recording (tests/data/cuda): diffed, mapped, its kernels attributed.
+    `fused_io`: each layer's bytes the aligned model's fused I/O (the recording predates per-node bytes; on the
+    default implementations the two are equal, test_options)."""
     import gzip
     import json
     from pathlib import Path
 
     from tracer.compare.analytic import analytic_of_report, map_report
-
     from tracer.compare.diff import with_diff
     from tracer.cuda.kernels import attribute
 
@@ -198,7 +198,17 @@ def test_kernels_section_of_a_cuda_report(browser, tmp_path):
     an = analytic_of_report(report, "aligned")
     mapping = map_report(report, an)
     report = with_diff(report, an, mapping)
+    if fused_io:
+        for r in report["layers"]:
+            r["io_fused"] = r["analytic_io_bytes"]
     report.update(attribute(report, doc["kernel_records"], mapping.matcher, doc["device"]))
+    return report
+
+
+def test_kernels_section_of_a_cuda_report(browser, tmp_path):
+    """A report of a CUDA run (flopdiff's own H200 recording in tests/data/cuda) shows its kernels, the grouped
+    GEMM first (the FLOPs FlopCounterMode misses), with the full kernel name kept in the tooltip."""
+    report = _h200_report()
     path = tmp_path / "report.html"
     path.write_text(render_html(report))
     pg = browser.new_page()
@@ -228,27 +238,11 @@ def test_roofline_chart_of_a_cuda_report(browser, tmp_path, width, height):
     bytes; log axes with a labelled tick per decade; the tensor roof flat at the datasheet's 989.5 TFLOP/s, meeting
     the memory roof at 989.5e12 / 4.8e12 = 206 FLOP/byte. The recording predates per-node bytes: each layer's bytes
     are the aligned model's fused I/O, which equals the trace's on the default implementations (test_options)."""
-    import gzip
-    import json
     import math
-    from pathlib import Path
 
-    from tracer.compare.analytic import analytic_of_report, map_report
-    from tracer.compare.diff import with_diff
-    from tracer.cuda.kernels import attribute
     from tracer.cuda.roofline import roofline
 
-    doc = json.loads(gzip.open(Path(__file__).parent / "data" / "cuda" / "v2-640x640-h200.json.gz").read())
-    report = {"model": doc["model"], "workload": doc["workload"], "notes": [], "unknown_ops": [],
-              "nodes": [{**n, "module_class": "", "source": "", "vendor_source": "", "input_shapes": [],
-                         "input_dtypes": [], "output_shapes": [], "output_dtypes": []} for n in doc["nodes"]],
-              "stages": [{**s, "unknown_ops": 0} for s in doc["stages"]]}
-    an = analytic_of_report(report, "aligned")
-    mapping = map_report(report, an)
-    report = with_diff(report, an, mapping)
-    for r in report["layers"]:
-        r["io_fused"] = r["analytic_io_bytes"]
-    report.update(attribute(report, doc["kernel_records"], mapping.matcher, doc["device"]))
+    report = _h200_report(fused_io=True)
     report["roofline"] = roofline(report)
     points = [r for r in report["roofline"]["layers"] if r["intensity"] and r["achieved_tflops"]]
     assert len(points) > 50
