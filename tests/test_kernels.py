@@ -153,6 +153,28 @@ def test_roofline_bound_efficiency_and_lost_time_by_hand():
     assert (stage["time_us"], stage["bound_us"]["traced"], stage["lost_us"]) == (2500.0, 1100.0, 1400.0)
     assert stage["efficiency"] == 0.44
     assert roofline({**report, "device": {"name": "a card nobody listed"}}) is None
+    assert roof["steps"] == []  # no decode kernels
+
+
+def test_roofline_per_decode_step_by_hand():
+    """Two decode steps of one layer reading a 480 MB and then a 240 MB storage (fused I/O from the nodes' storage
+    records): bounds of 100 and 50 us at 4,800 GB/s, against 300 us over 3 launches and 100 us over 2."""
+    from tracer.cuda.roofline import roofline
+
+    nodes = [{"id": f"decode/{k}/mm", "stage": "decode", "step": k, "layer": "d.experts", "flops_full": 1_000_000,
+              "cuda_flops": 0, "reads": [[k, b]], "writes": []} for k, b in ((0, 480_000_000), (1, 240_000_000))]
+    records = [{"stage": "decode", "step": 0, "us": 100.0}] * 3 + [{"stage": "decode", "step": 1, "us": 50.0}] * 2
+    report = {"device": {"name": "NVIDIA H200"}, "nodes": nodes, "stages": [{"name": "decode", "outputs": [[], []]}],
+              "layers": [{"stage": "decode", "id": "d.experts", "flops_full": 2_000_000, "cuda_flops": 0,
+                          "io_fused": 720_000_000, "flops_analytic": 2_000_000, "analytic_cuda_flops": 0,
+                          "analytic_io_bytes": 720_000_000}],
+              "kernel_layers": [{"stage": "decode", "layer": "d.experts", "kernels": 5, "time_us": 400.0}]}
+    roof = roofline(report, records)
+    assert roof["steps"] == [
+        {"step": 0, "time_us": 300.0, "launches": 3, "bound_us": 100.0, "efficiency": 0.3333, "lost_us": 200.0},
+        {"step": 1, "time_us": 100.0, "launches": 2, "bound_us": 50.0, "efficiency": 0.5, "lost_us": 50.0}]
+    (layer,) = roof["layers"]
+    assert layer["bound_us"]["traced"] == 150.0  # the stage's layer: both steps' bytes, 720 MB
 
 
 def test_counted_by_flopcountermode():

@@ -17,9 +17,9 @@ from typing import Any
 UNMAPPED = "(unmapped)"
 
 
-def fused_io(nodes: list[dict[str, Any]], stages: list[dict[str, Any]]) -> dict[tuple[str, str], int] | None:
-    """Per (stage, layer id): fused bytes read + written. None when the nodes carry no storage records (a report
-    from before them)."""
+def fused_io(nodes: list[dict[str, Any]], stages: list[dict[str, Any]], by_step: bool = False) -> dict[tuple, int] | None:
+    """Per (stage, layer id): fused bytes read + written; `by_step`: per (stage, step, layer id), each decode step
+    apart (a roofline per step). None when the nodes carry no storage records (a report from before them)."""
     if nodes and not any("reads" in n or "writes" in n for n in nodes):
         return None
     outputs = {s["name"]: s.get("outputs") or [] for s in stages}
@@ -27,11 +27,13 @@ def fused_io(nodes: list[dict[str, Any]], stages: list[dict[str, Any]]) -> dict[
     for n in nodes:
         if n["stage"] in ("prefill", "decode"):
             graphs[(n["stage"], n["step"])].append(n)
-    out: dict[tuple[str, str], int] = defaultdict(int)
+    out: dict[tuple, int] = defaultdict(int)
     for (stage, step), members in graphs.items():
         returned = outputs[stage][step or 0] if len(outputs[stage]) > (step or 0) else []
         for layer, b in _graph(members, set(returned)).items():
-            out[(stage, layer)] += b
+            out[(stage, step, layer) if by_step else (stage, layer)] += b
+    if by_step:
+        return dict(out)
     vision = {n["layer"] for n in nodes if n["stage"] == "vision" and n.get("layer")}
     for lid in vision:
         out[("vision", lid)] = out.get(("prefill", lid), 0)

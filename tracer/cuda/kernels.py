@@ -172,4 +172,4 @@ def attribute_kernels(tr: Trace, report: dict[str, Any], matcher: Matcher) -> di
         records += stage_kernels(sg, ids)
     device = device_info() if torch.cuda.is_available() else None
     sections = attribute(report, records, matcher, device)
-    return {**sections, "kernel_records": records, "roofline": roofline({**report, **sections})}
+    return {**sections, "kernel_records": records, "roofline": roofline({**report, **sections}, records)}

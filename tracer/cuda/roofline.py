@@ -6,7 +6,9 @@ Per (stage, layer) with kernel time (`kernel_layers`, tracer.cuda.kernels): the 
 (tensor, cuda-core, memory), once from the trace's columns (tensor-core FLOPs `flops_full`, `cuda_flops`, fused I/O
 `io_fused`) and once from the analytic model's; efficiency = the traced bound / the measured time, lost time =
 measured - bound. A stage's bound is the sum of its layers' (they run one after another), over the layers with
-kernel time; the kernels outside every layer count as lost. Ceilings are the datasheet's dense peaks of the card
+kernel time; the kernels outside every layer count as lost. Each decode step too (`steps`): its kernels' time and
+launches against the sum of its layers' bounds (per step, from its nodes and its own graph's fused I/O): a step whose
+efficiency is a few percent over hundreds of launches is launch-bound, not compute- or memory-bound. Ceilings are the datasheet's dense peaks of the card
 (`DATASHEETS`, by the name torch reports), never a clock-derived number: the tensor peaks assume the boost clock
 (1,830 MHz on H100/H200), below the maximum nvidia-smi reports (1,980 MHz), which put every "% of peak" 8% low. The
 datasheets' bandwidth is what HBM can move; a layer's fused I/O is what it must move, not what an L2 hit saves.
@@ -14,7 +16,10 @@ datasheets' bandwidth is what HBM can move; a layer's fused I/O is what it must 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
+
+from tracer.compare.io import fused_io
 
 #: dense peaks (no sparsity) from NVIDIA's datasheets, by the device name torch.cuda reports
 DATASHEETS: dict[str, dict[str, Any]] = {
@@ -48,8 +53,9 @@ def bound(tc: int, cuda: int, nbytes: int, ceil: dict[str, Any]) -> tuple[float,
     return times[i], ROOFS[i]
 
 
-def roofline(report: dict[str, Any]) -> dict[str, Any] | None:
-    """report.json's `roofline`: the ceilings with their source, a row per layer and per stage with kernel time."""
+def roofline(report: dict[str, Any], records: list[dict[str, Any]] = ()) -> dict[str, Any] | None:
+    """report.json's `roofline`: the ceilings with their source, a row per layer and per stage with kernel time, and
+    per decode step from the kernel `records` (tracer.cuda.kernels.stage_kernels: each kernel's stage and step)."""
     ceil = ceilings(report.get("device"))
     if ceil is None or not report.get("kernel_layers"):
         return None
@@ -77,7 +83,36 @@ def roofline(report: dict[str, Any]) -> dict[str, Any] | None:
         del stage_row["roof"]  # a stage mixes roofs: its layers say which
         stages.append(stage_row)
     rows.sort(key=lambda r: -r["lost_us"])
-    return {"ceilings": ceil, "layers": rows, "stages": stages}
+    return {"ceilings": ceil, "layers": rows, "stages": stages, "steps": _steps(report, records, ceil)}
+
+
+def _steps(report: dict[str, Any], records: list[dict[str, Any]], ceil: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per decode step: kernel time and launches, and the sum of its layers' bounds from the trace."""
+    time: dict[int, float] = defaultdict(float)
+    launches: dict[int, int] = defaultdict(int)
+    for r in records:
+        if r["stage"] == "decode":
+            time[r["step"]] += r["us"]
+            launches[r["step"]] += 1
+    if not time:
+        return []
+    work: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for n in report.get("nodes", ()):
+        if n["stage"] == "decode" and n.get("layer"):
+            w = work[(n["step"], n["layer"])]
+            w[0] += n["flops_full"]
+            w[1] += n.get("cuda_flops", 0)
+    for (stage, step, layer), b in (fused_io(report.get("nodes", []), report.get("stages", []), by_step=True)
+                                    or {}).items():
+        if stage == "decode":
+            work[(step, layer)][2] += b
+    steps = []
+    for step in sorted(time):
+        b = sum(bound(*w, ceil)[0] for (s, _), w in work.items() if s == step)
+        steps.append({"step": step, "time_us": round(time[step], 3), "launches": launches[step],
+                      "bound_us": round(b, 3), "efficiency": round(b / time[step], 4),
+                      "lost_us": round(time[step] - b, 3)})
+    return steps
 
 
 def _row(row: dict[str, Any], time_us: float, traced: dict[str, int], analytic: dict[str, int],

@@ -288,7 +288,9 @@ def roofline_table(roof: dict[str, Any], top: int = 10):
     t.caption = (f"bound = max(tensor-core FLOPs / {c['bf16_tflops']} TFLOP/s, CUDA-core FLOPs / {c['fp32_tflops']} "
                  f"TFLOP/s, fused bytes / {c['hbm_gbps']:.0f} GB/s) ({c['used']}); efficiency = bound / kernel time; "
                  f"stages: " + "; ".join(f"{s['stage']} {s['time_us'] / 1e3:.2f} ms, bound {s['bound_us']['traced'] / 1e3:.2f} "
-                                         f"ms ({100 * (s['efficiency'] or 0):.1f}%)" for s in roof["stages"]))
+                                         f"ms ({100 * (s['efficiency'] or 0):.1f}%)" for s in roof["stages"])
+                 + "".join(f"; decode step {s['step']}: {s['time_us'] / 1e3:.2f} ms over {s['launches']} launches, "
+                           f"bound {s['bound_us'] / 1e3:.3f} ms ({100 * s['efficiency']:.1f}%)" for s in roof.get("steps", [])[:3]))
     for col in ("stage", "layer", "kernel ms", "bound ms", "roof", "FLOP/B", "efficiency %", "lost ms"):
         t.add_column(col, overflow="fold", justify="left" if col in ("stage", "layer", "roof") else "right")
     for r in roof["layers"][:top]:
