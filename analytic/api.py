@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from analytic.blocks import VENDOR_CONSTANTS
 from analytic.layers import Block, Cost, Policy
 from analytic.models import BUILDERS
 from analytic.plugin import is_plugin, load, plugin_tree, workload_of
@@ -123,7 +124,9 @@ def build(model: str, shape: Shape, preset: str = "aligned", config: str | None 
     path = Path(config) if config else DATA / model / "config.json"
     if is_plugin(preset):  # the workload it is told of: the vendor-exact model's views and prompt
         base = BUILDERS[model](_config(str(path)), shape, where=f"--config {path}", attention=attention)
-        return plugin_tree(preset, model, _config(str(path)), workload_of(model, shape, base.views, base.prompt_len),
+        c = VENDOR_CONSTANTS[model]
+        return plugin_tree(preset, model, _config(str(path)),
+                           workload_of(model, shape, base.views, base.prompt_len, c["patch"], c["downsample"]),
                            base.views, policy or counting_policy("full"))
     chosen = variant(preset)
     if changes:

@@ -30,17 +30,16 @@ def build_v1(cfg: dict, shape: Shape, where: str = "config", variant: Variant = 
                 Linear(f"vision.{name}.projector", op="addmm", tokens=count * (variant.projector_tokens or sam_tokens),
                        d_in=n_proj_in, d_out=n_embed, bias=True)]
 
-    kids = view("global", 1, views.global_px)
-    merged = [("global", 1, views.global_px)]
-    if views.tiles and not variant.single_view:
-        kids = view("tiles", views.tiles, views.tile_px) + kids  # the vendor runs the tiles first
-        merged.insert(0, ("tiles", views.tiles, views.tile_px))
+    # (name, count, pixels) per view kind; the vendor runs the tiles first
+    shown = [("tiles", views.tiles, views.tile_px)] if views.tiles and not variant.single_view else []
+    shown.append(("global", 1, views.global_px))
+    kids = [layer for name, count, px in shown for layer in view(name, count, px)]
     spec = decoder_spec(lang, where, rope_per_layer=True, attn_op=attention_op((attention or {}).get("decoder", "eager")),
                          experts_op="mm", rope_apply_apart=False, one_token_mask=False, transformers_446=True)
     prompt = 1 + views.image_tokens + shape.text_tokens
     return stage_blocks("deepseek-ocr", views, Block("vision", children=kids), spec, prompt, shape.decode_steps,
                         all_logits=True, variant=variant,
-                        merge=(_image_merge(merged, c, clip_cfg["width"], n_proj_in, n_embed, prompt),))
+                        merge=(_image_merge(shown, c, clip_cfg["width"], n_proj_in, n_embed, prompt),))
 
 
 def _image_merge(views: list[tuple[str, int, int]], c: dict, clip_width: int, proj_in: int, n_embed: int,
@@ -51,13 +50,14 @@ def _image_merge(views: list[tuple[str, int, int]], c: dict, clip_width: int, pr
     layer, as the trace sees them: each read where a cat joins the tokens), scattered into the prompt's embeddings in
     place (masked_scatter_)."""
     traffic: list[tuple[str, int]] = []
+    projected = 0
     for name, count, px in views:
         n = (px // c["patch"] // c["downsample"]) ** 2  # SAM's tokens per view: CLIP's, less its class token
         traffic += [(f"{name}: CLIP's tokens (from the second) and SAM's features read",
                      ((count * (n + 1) - 1) * clip_width + count * n * (proj_in - clip_width)) * 2),
                     (f"{name}: the projector's input written", count * n * proj_in * 2)]
-    traffic += [("the projected tokens read", sum(count * (px // c["patch"] // c["downsample"]) ** 2
-                                                  for _, count, px in views) * n_embed * 2),
+        projected += count * n
+    traffic += [("the projected tokens read", projected * n_embed * 2),
                 ("the image-token mask read (bool)", prompt),
                 ("the prompt's embeddings merged in place (written)", prompt * n_embed * 2)]
     return Buffer("image_merge", elements=2 * n_embed, dtype_bytes=2, reads=n_embed * (len(views) + 1),

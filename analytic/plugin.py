@@ -60,7 +60,7 @@ class Workload:
     decode_steps: int
 
 
-def workload_of(model: str, shape: Shape, views: Views, prompt_len: int, patch: int = 16, downsample: int = 4) -> Workload:
+def workload_of(model: str, shape: Shape, views: Views, prompt_len: int, patch: int, downsample: int) -> Workload:
     return Workload(model, (shape.width, shape.height), shape.base_size, shape.tile_size, shape.crop_mode,
                     1 + views.tiles, views.tiles, views.crop_grid_wh, views.global_px, views.tile_px,
                     (views.global_px // patch // downsample) ** 2, (views.tile_px // patch // downsample) ** 2,

@@ -8,8 +8,7 @@ Every other node that costs something (CUDA-core FLOPs, bytes moved, weights rea
 no rule names it (a residual add, RoPE's products, a mask), to the rest of its enclosing scope (`Matcher.
 resolve_scope`): the pseudo-layer `<scope>.(rest)`, so that every column's per-layer counts add up to the stage's and
 work the analytic model leaves out shows where it happens instead of vanishing. Results are cached per (stage, module
-path, op,
-function, source): a stage has tens of thousands of nodes but a few thousand distinct keys.
+path, op, function, source): a stage has tens of thousands of nodes but a few thousand distinct keys.
 """
 
 from __future__ import annotations

@@ -149,14 +149,19 @@ def _rule(i: int, r: Any, where: str, call_fields: set[str], ops: bool = True) -
     if not isinstance(r, dict) or not {"module", "layer"} <= r.keys() or r.keys() - keys:
         raise FlopdiffError(f"{where}: rule {i}: expected keys {', '.join(sorted(keys))} (ops, function, source "
                             f"optional); got {r!r}")
-    globs = lambda key: tuple(str(g) for g in ([r[key]] if isinstance(r.get(key), str) else r.get(key) or ()))  # noqa: E731
-    rule = Rule(i, r["module"], r["layer"], tuple(r.get("ops") or ()), globs("function"), globs("source"),
+    rule = Rule(i, r["module"], r["layer"], tuple(r.get("ops") or ()), _globs(r, "function"), _globs(r, "source"),
                 compile_pattern(r["module"], f"{where}: rule {i}"))
     missing = set(_FIELD.findall(rule.layer)) - set(rule.regex.groupindex) - call_fields
     if missing:
         raise FlopdiffError(f"{where}: {rule.name()}: layer template uses {sorted(missing)}, which the module "
                             "pattern does not capture")
     return rule
+
+
+def _globs(rule: dict[str, Any], key: str) -> tuple[str, ...]:
+    """A rule's glob list (`function: forward` or a list of them)."""
+    value = rule.get(key) or ()
+    return tuple(str(g) for g in ([value] if isinstance(value, str) else value))
 
 
 def check_layers(table: Table, catalogue: set[str]) -> None:

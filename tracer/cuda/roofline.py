@@ -68,20 +68,20 @@ def roofline(report: dict[str, Any], records: list[dict[str, Any]] = ()) -> dict
         traced = {"tc_flops": row["flops_full"], "cuda_flops": row.get("cuda_flops", 0), "bytes": row.get("io_fused", 0)}
         analytic = {"tc_flops": row["flops_analytic"], "cuda_flops": row.get("analytic_cuda_flops", 0),
                     "bytes": row.get("analytic_io_bytes", 0)}
-        rows.append(_row({"stage": k["stage"], "layer": k["layer"], "kernels": k["kernels"]}, k["time_us"], traced,
-                         analytic, ceil))
+        (t_bound, roof), (a_bound, _) = bound(*traced.values(), ceil), bound(*analytic.values(), ceil)
+        rows.append(_row({"stage": k["stage"], "layer": k["layer"], "kernels": k["kernels"], "roof": roof},
+                         k["time_us"], traced, analytic, {"traced": t_bound, "analytic": a_bound}))
     stages = []
     for stage in dict.fromkeys(k["stage"] for k in report["kernel_layers"]):
         mine = [r for r in rows if r["stage"] == stage]
         time = sum(k["time_us"] for k in report["kernel_layers"] if k["stage"] == stage)  # outside layers too
         sums = {side: {c: sum(r[side][c] for r in mine) for c in ("tc_flops", "cuda_flops", "bytes")}
                 for side in ("traced", "analytic")}
-        stage_row = _row({"stage": stage}, time, sums["traced"], sums["analytic"], ceil)
-        stage_row["bound_us"] = {side: round(sum(r["bound_us"][side] for r in mine), 3) for side in ("traced", "analytic")}
-        stage_row["efficiency"] = round(stage_row["bound_us"]["traced"] / time, 4) if time else None
-        stage_row["lost_us"] = round(time - stage_row["bound_us"]["traced"], 3)
-        del stage_row["roof"]  # a stage mixes roofs: its layers say which
-        stages.append(stage_row)
+        # a stage's bound: its layers' (they run one after another; a stage mixes roofs, its layers say which)
+        bounds = {side: sum(r["bound_exact"][side] for r in mine) for side in ("traced", "analytic")}
+        stages.append(_row({"stage": stage}, time, sums["traced"], sums["analytic"], bounds))
+    for r in rows + stages:
+        del r["bound_exact"]
     rows.sort(key=lambda r: -r["lost_us"])
     return {"ceilings": ceil, "layers": rows, "stages": stages, "steps": _steps(report, records, ceil)}
 
@@ -116,12 +116,13 @@ def _steps(report: dict[str, Any], records: list[dict[str, Any]], ceil: dict[str
 
 
 def _row(row: dict[str, Any], time_us: float, traced: dict[str, int], analytic: dict[str, int],
-         ceil: dict[str, Any]) -> dict[str, Any]:
-    (t_bound, roof), (a_bound, _) = bound(*traced.values(), ceil), bound(*analytic.values(), ceil)
+         bounds: dict[str, float]) -> dict[str, Any]:
+    """A layer's or a stage's row: its kernel time beside its work and its bounds (microseconds, unrounded)."""
     seconds = time_us * 1e-6
     return {**row, "time_us": round(time_us, 3), "traced": traced, "analytic": analytic,
-            "bound_us": {"traced": round(t_bound, 3), "analytic": round(a_bound, 3)}, "roof": roof,
+            "bound_us": {side: round(b, 3) for side, b in bounds.items()}, "bound_exact": bounds,
             "achieved_tflops": round(traced["tc_flops"] / seconds / 1e12, 3),
             "achieved_gbps": round(traced["bytes"] / seconds / 1e9, 3),
             "intensity": round(traced["tc_flops"] / traced["bytes"], 3) if traced["bytes"] else None,
-            "efficiency": round(t_bound / time_us, 4), "lost_us": round(time_us - t_bound, 3)}
+            "efficiency": round(bounds["traced"] / time_us, 4) if time_us else None,
+            "lost_us": round(time_us - bounds["traced"], 3)}
