@@ -1,41 +1,52 @@
 #!/usr/bin/env bash
-# The roofline per layer on the GPU machine (tracer.cuda.roofline): DeepSeek-OCR-2's default page in real mode with
-# kernel attribution (random bf16 weights), cache off; prints the ceilings, each stage's kernel time against its bound
-# and the ten layers that lose the most time. v2 wheels as in check_cuda_paths.sh.
-#   WHEELS_V2=DIR bash benchmarks/gpu_roofline.sh OUTDIR [flopdiff flags...]
+# Issue 31 on the GPU machine, in one call: the card's measured ceilings (tracer.cuda.ceilings), the roofline per
+# layer, stage and decode step of DeepSeek-OCR-2's default page and of DeepSeek-OCR's 1000x1400 page (real mode,
+# kernel attribution, random bf16 weights, 10 decode steps, cache off), Nsight Compute on v2's
+# model.language_model.layers.1 (bytes and FP32 counts per kernel and per layer), where v1's run spends its host time
+# (cProfile), then benchmarks/bench_cuda_v1.sh (5 runs). Writes the recordings the CPU tests replay
+# (benchmarks/roofline_recording.py) to OUTDIR.
+#   WHEELS_V1=DIR WHEELS_V2=DIR V1_DIR=DIR bash benchmarks/gpu_roofline.sh OUTDIR
 set -uo pipefail
-out=${1:?OUTDIR}; shift
+out=${1:?OUTDIR}
 mkdir -p "$out"
-site=$(mktemp -d)
-pip install -q --no-deps --no-build-isolation --target "$site" "$WHEELS_V2"/* >/dev/null 2>&1
-export PYTHONPATH="$site:$PWD" FLOPDIFF_CACHE=off
-t0=$SECONDS
-python -m tracer.diff --device cuda --mode real --decode-steps 2 --json-nodes flops --quiet --out "$out/run" "$@" \
-  > "$out/run.log" 2>&1
-echo "exit $? in $((SECONDS - t0)) s"
-python - "$out/run/report.json" "$@" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-r = d["roofline"]
-print("device", d["device"]["name"], "ceilings", {k: r["ceilings"][k] for k in ("bf16_tflops", "fp32_tflops", "hbm_gbps", "used")})
-print("kernel time attributed", d["kernel_time"]["attributed_pct"], "% of", d["kernel_time"]["total_us"], "us")
-for s in r["stages"]:
-    print("stage", s["stage"], "kernel", s["time_us"], "us; bound traced", s["bound_us"]["traced"], "analytic",
-          s["bound_us"]["analytic"], "; efficiency", s["efficiency"], "; lost", s["lost_us"], "us")
-for x in r["layers"][:10]:
-    print("  ", x["stage"], x["layer"], x["time_us"], "us bound", x["bound_us"], x["roof"], "eff", x["efficiency"],
-          "FLOP/B", x["intensity"], "lost", x["lost_us"])
-roofs = {}
-for x in r["layers"]:
-    roofs[(x["stage"], x["roof"])] = roofs.get((x["stage"], x["roof"]), 0) + 1
-print("layers per roof", roofs)
-# the recording CPU tests replay (tests/data/cuda): what the roofline is computed from, and what it gave
-keep = ("id", "stage", "flops_full", "flops_analytic", "cuda_flops", "io_fused", "analytic_cuda_flops", "analytic_io_bytes")
-rec = {"what": f"flopdiff {' '.join(sys.argv[2:])} on {d['device']['name']}: kernel time per layer, the layers' columns, "
-               "the roofline it gave", "model": d["model"], "workload": d["workload"], "device": d["device"],
-       "kernel_layers": d["kernel_layers"], "layers": [{k: l.get(k) for k in keep} for l in d["layers"]],
-       "roofline": r}
-import gzip, os
-with gzip.open(os.path.join(os.path.dirname(sys.argv[1]), "..", "roofline-recording.json.gz"), "wt") as f:
-    json.dump(rec, f, separators=(",", ":"))
+export PYTHONUNBUFFERED=1 FLOPDIFF_CACHE=off
+s1=$(mktemp -d) s2=$(mktemp -d) runs=$(mktemp -d)
+trap 'rm -rf "$s1" "$s2" "$runs"' EXIT
+pip install -q --no-index --no-deps --no-compile --target "$s1" "$WHEELS_V1"/*.whl || exit 1
+pip install -q --no-index --no-deps --no-compile --target "$s2" "$WHEELS_V2"/*.whl || exit 1
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 | tr ' ' '-')
+nvidia-smi -L
+echo "== ceilings, measured twice (cache off)"
+PYTHONPATH="$s2:$PWD" python -c "
+import time
+from tracer.cuda.ceilings import measure
+for _ in range(2):
+    t = time.perf_counter(); m = measure(); print(round(time.perf_counter() - t, 2), 's', {k: v for k, v in m.items() if k != 'how'})"
+common=(--device cuda --mode real --decode-steps 10 --quiet --timings)
+v1=(--model deepseek-ocr --vendor-dir "$V1_DIR" --trust-remote-code --image-shape 1000x1400 --text-tokens 9)
+run() {  # name, site, flopdiff arguments...
+  local name=$1 site=$2; shift 2
+  local t0=$SECONDS
+  PYTHONPATH="$site:$PWD" python -m tracer.diff "$@" --out "$runs/$name" > "$runs/$name.log" 2>&1
+  echo "== $name: exit $? in $((SECONDS - t0)) s"
+  grep -A40 "where the time goes" "$runs/$name.log" | grep -v "^│ *│" | head -40
+  grep -A60 "Nsight Compute inside" "$runs/$name.log" | head -60
+  tail -1 "$runs/$name.log"
+  python benchmarks/roofline_recording.py "$runs/$name" "$out/$name-$card.json.gz" "flopdiff $* on $card"
+}
+run v2-default "$s2" "${common[@]}"
+run v2-ncu-layers1 "$s2" --device cuda --mode real --decode-steps 1 --quiet --timings --ncu model.language_model.layers.1
+run v1-page "$s1" "${v1[@]}" "${common[@]}"
+cp "$runs/v2-default/report.html" "$out/v2-default-report.html"
+echo "== v1 page under cProfile (host time per function)"
+PYTHONPATH="$s1:$PWD" python - "${v1[@]}" "${common[@]}" --out "$runs/prof" <<'PY' > "$out/v1-profile.txt" 2>&1
+import cProfile, pstats, sys
+from tracer.cli import main
+prof = cProfile.Profile()
+prof.runcall(main, sys.argv[1:])
+stats = pstats.Stats(prof)
+stats.sort_stats("cumulative").print_stats(60)
+stats.sort_stats("tottime").print_stats(40)
 PY
+echo "== bench_cuda_v1.sh, 5 runs"
+WHEELS_V1="$WHEELS_V1" V1_DIR="$V1_DIR" bash benchmarks/bench_cuda_v1.sh "$runs/bench" 5

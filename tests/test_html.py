@@ -178,10 +178,8 @@ def test_seed_naive_page_explains_at_both_widths(browser, naive_file, width, hei
     pg.close()
 
 
-def _h200_report(fused_io: bool = False) -> dict:
-    """The report of flopdiff's own H200 recording (tests/data/cuda): diffed, mapped, its kernels attributed.
-    `fused_io`: each layer's bytes the aligned model's fused I/O (the recording predates per-node bytes; on the
-    default implementations the two are equal, test_options)."""
+def _h200_report() -> dict:
+    """The report of flopdiff's own H200 recording (tests/data/cuda): diffed, mapped, its kernels attributed."""
     import gzip
     import json
     from pathlib import Path
@@ -198,9 +196,6 @@ def _h200_report(fused_io: bool = False) -> dict:
     an = analytic_of_report(report, "aligned")
     mapping = map_report(report, an)
     report = with_diff(report, an, mapping)
-    if fused_io:
-        for r in report["layers"]:
-            r["io_fused"] = r["analytic_io_bytes"]
     report.update(attribute(report, doc["kernel_records"], mapping.matcher, doc["device"]))
     return report
 
@@ -232,18 +227,33 @@ def x_of(pg, value: float) -> float:
     return float(ticks.nth([float(t.replace(",", "")) for t in texts].index(value)).get_attribute("x"))
 
 
-@pytest.mark.parametrize("width, height", [(1280, 800), (1920, 1080)])
-def test_roofline_chart_of_a_cuda_report(browser, tmp_path, width, height):
-    """The H200 recording's kernel times per layer on the roofline: a point per layer with kernel time, FLOPs and
-    bytes; log axes with a labelled tick per decade; the tensor roof flat at the datasheet's 989.5 TFLOP/s, meeting
-    the memory roof at 989.5e12 / 4.8e12 = 206 FLOP/byte. The recording predates per-node bytes: each layer's bytes
-    are the aligned model's fused I/O, which equals the trace's on the default implementations (test_options)."""
-    import math
+def _h100_roofline(report: dict) -> dict:
+    """`report` (a whole page) with the roofline of DeepSeek-OCR-2's default page on the lent H100 in place of its
+    own (tests/data/cuda/roofline-v2-default-h100: real mode, 10 decode steps, the card's ceilings measured in the
+    run), recomputed from the recorded layer columns and kernel records as the run computed it."""
+    import gzip
+    import json
+    from pathlib import Path
 
     from tracer.cuda.roofline import roofline
 
-    report = _h200_report(fused_io=True)
-    report["roofline"] = roofline(report)
+    doc = json.loads(gzip.open(Path(__file__).parent / "data" / "cuda" / "roofline-v2-default-h100.json.gz").read())
+    roof = roofline(doc, doc["kernel_records"])
+    assert roof == doc["roofline"]
+    return {**report, "device": doc["device"], "roofline": roof}
+
+
+@pytest.mark.parametrize("width, height", [(1280, 800), (1920, 1080)])
+def test_roofline_chart_of_a_cuda_report(browser, tmp_path, width, height):
+    """The H100 recording's kernel times per layer on the roofline: a point per layer with kernel time, FLOPs and
+    bytes; log axes with a labelled tick per decade; the tensor roof flat at the measured bf16 ceiling, meeting the
+    memory roof at the ridge point (measured TFLOP/s / measured GB/s); the decode steps' table says launch-bound.
+    The page around the chart is the H200 recording's (a whole report), the chart the H100 run's."""
+    import math
+
+    report = _h100_roofline(_h200_report())
+    c = report["roofline"]["ceilings"]
+    assert c["used"] == "measured" and c["bf16_tflops"] < 989.5
     points = [r for r in report["roofline"]["layers"] if r["intensity"] and r["achieved_tflops"]]
     assert len(points) > 50
     path = tmp_path / "report.html"
@@ -264,9 +274,12 @@ def test_roofline_chart_of_a_cuda_report(browser, tmp_path, width, height):
     y_of = {float(t.replace(",", "")): float(pg.locator("#roofline text.tick.y").nth(i).get_attribute("y")) - 4
             for i, t in enumerate(ys)}  # a tick's label sits 4 px below its line
     per_decade = y_of[1000.0] - y_of[100.0]
-    assert roof[1][1] == roof[2][1] == pytest.approx(y_of[100.0] + math.log10(9.895) * per_decade, abs=0.01)
+    assert roof[1][1] == roof[2][1] == pytest.approx(y_of[100.0] + math.log10(c["bf16_tflops"] / 100) * per_decade,
+                                                     abs=0.01)
     assert 10 ** (2 + (roof[1][0] - x_of(pg, 100.0)) / (x_of(pg, 1000.0) - x_of(pg, 100.0))) == pytest.approx(
-        989.5 / 4.8, rel=1e-3)  # the ridge point, in FLOP per byte
+        c["bf16_tflops"] * 1e3 / c["hbm_gbps"], rel=1e-3)  # the ridge point, in FLOP per byte
+    steps = pg.locator("#roofline-steps tbody tr")
+    assert steps.count() == 10 and steps.first.locator("td").last.inner_text() == "launch-bound"
     box = pg.locator("#roofline").bounding_box()
     assert box["width"] <= width and box["x"] >= 0  # inside the page at this width
     assert errors == []

@@ -158,23 +158,36 @@ def test_roofline_bound_efficiency_and_lost_time_by_hand():
 
 def test_roofline_per_decode_step_by_hand():
     """Two decode steps of one layer reading a 480 MB and then a 240 MB storage (fused I/O from the nodes' storage
-    records): bounds of 100 and 50 us at 4,800 GB/s, against 300 us over 3 launches and 100 us over 2."""
+    records), under measured ceilings (4,000 GB/s, 60 us of host time per launch): bounds of 120 and 60 us, against
+    300 us over 3 launches (kernels start at 0, 150 and 400 us: 200 us idle between them; launch floor 180 us, so
+    the kernels set the pace) and 100 us over 2 overlapping launches (0-50 and 25-75 us: a 75 us span, no idle
+    time; launch floor 120 us > 100 us of kernels: launch-bound)."""
     from tracer.cuda.roofline import roofline
 
     nodes = [{"id": f"decode/{k}/mm", "stage": "decode", "step": k, "layer": "d.experts", "flops_full": 1_000_000,
               "cuda_flops": 0, "reads": [[k, b]], "writes": []} for k, b in ((0, 480_000_000), (1, 240_000_000))]
-    records = [{"stage": "decode", "step": 0, "us": 100.0}] * 3 + [{"stage": "decode", "step": 1, "us": 50.0}] * 2
-    report = {"device": {"name": "NVIDIA H200"}, "nodes": nodes, "stages": [{"name": "decode", "outputs": [[], []]}],
+    records = ([{"stage": "decode", "step": 0, "us": 100.0, "start_us": t} for t in (0.0, 150.0, 400.0)]
+               + [{"stage": "decode", "step": 1, "us": 50.0, "start_us": t} for t in (0.0, 25.0)])
+    measured = {"bf16_tflops": 800.0, "fp32_tflops": 50.0, "hbm_gbps": 4000.0, "launch_us": 60.0}
+    report = {"device": {"name": "NVIDIA H200", "measured_ceilings": measured}, "nodes": nodes,
+              "stages": [{"name": "decode", "outputs": [[], []]}],
               "layers": [{"stage": "decode", "id": "d.experts", "flops_full": 2_000_000, "cuda_flops": 0,
                           "io_fused": 720_000_000, "flops_analytic": 2_000_000, "analytic_cuda_flops": 0,
                           "analytic_io_bytes": 720_000_000}],
               "kernel_layers": [{"stage": "decode", "layer": "d.experts", "kernels": 5, "time_us": 400.0}]}
     roof = roofline(report, records)
+    c = roof["ceilings"]
+    assert (c["used"], c["hbm_gbps"], c["launch_us"], c["datasheet"]["hbm_gbps"]) == ("measured", 4000.0, 60.0, 4800.0)
     assert roof["steps"] == [
-        {"step": 0, "time_us": 300.0, "launches": 3, "bound_us": 100.0, "efficiency": 0.3333, "lost_us": 200.0},
-        {"step": 1, "time_us": 100.0, "launches": 2, "bound_us": 50.0, "efficiency": 0.5, "lost_us": 50.0}]
+        {"step": 0, "time_us": 300.0, "launches": 3, "bound_us": 120.0, "efficiency": 0.4, "lost_us": 180.0,
+         "span_us": 500.0, "idle_us": 200.0, "launch_floor_us": 180.0, "limit": "kernel-bound"},
+        {"step": 1, "time_us": 100.0, "launches": 2, "bound_us": 60.0, "efficiency": 0.6, "lost_us": 40.0,
+         "span_us": 75.0, "idle_us": 0.0, "launch_floor_us": 120.0, "limit": "launch-bound"}]
     (layer,) = roof["layers"]
-    assert layer["bound_us"]["traced"] == 150.0  # the stage's layer: both steps' bytes, 720 MB
+    assert layer["bound_us"]["traced"] == 180.0  # the stage's layer: both steps' bytes, 720 MB
+    (stage,) = roof["stages"]  # the steps' spans add up (each step's clock starts at its first kernel)
+    assert (stage["span_us"], stage["idle_us"], stage["launch_floor_us"], stage["limit"]) == \
+        (575.0, 200.0, 300.0, "kernel-bound")
 
 
 def test_counted_by_flopcountermode():
@@ -228,17 +241,17 @@ def test_kernel_records_walk_to_the_innermost_op_and_module_range():
     raw.exit()
     raw.enter("aten::copy_")
     copy = raw.exit()
-    raw.kernel("gemm", 3.0, mm)
-    raw.kernel("splitk_reduce", 1.0, mm)
-    raw.kernel("triton_kernel", 2.0, triton)
-    raw.kernel("copy", 0.5, copy)
-    raw.kernel("orphan", 9.0, 99_999)  # linked to no CPU event: not in torch's tree either
+    raw.kernel("gemm", 3.0, mm, start=1_000_000)
+    raw.kernel("splitk_reduce", 1.0, mm, start=1_004_000)
+    raw.kernel("triton_kernel", 2.0, triton, start=1_006_500)
+    raw.kernel("copy", 0.5, copy, start=1_010_000)
+    raw.kernel("orphan", 9.0, 99_999, start=0)  # linked to no CPU event: not in torch's tree either (nor its clock)
     records = kernel_records(raw.events)
-    assert records == [
-        {"kernel": "gemm", "us": 3.0, "op": 17, "module": "model.layers.0.mlp"},
-        {"kernel": "splitk_reduce", "us": 1.0, "op": 17, "module": "model.layers.0.mlp"},
-        {"kernel": "triton_kernel", "us": 2.0, "op": None, "module": "model.layers.0.mlp"},
-        {"kernel": "copy", "us": 0.5, "op": None, "module": None},
+    assert records == [  # device start times from the first kernel's, in us
+        {"kernel": "gemm", "us": 3.0, "op": 17, "module": "model.layers.0.mlp", "start_us": 0.0},
+        {"kernel": "splitk_reduce", "us": 1.0, "op": 17, "module": "model.layers.0.mlp", "start_us": 4.0},
+        {"kernel": "triton_kernel", "us": 2.0, "op": None, "module": "model.layers.0.mlp", "start_us": 6.5},
+        {"kernel": "copy", "us": 0.5, "op": None, "module": None, "start_us": 10.0},
     ]
     assert Counter(r["module"] for r in records)[None] == 1
 

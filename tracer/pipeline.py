@@ -233,7 +233,7 @@ def _diffed(workload: Workload, options: Options, build: BuildOptions, report: d
         from tracer.cuda.kernels import attribute_kernels
 
         progress("attributing kernels")
-        report = {**report, **attribute_kernels(tr, report, mapping.matcher)}
+        report = {**report, **attribute_kernels(tr, report, mapping.matcher, options.cache)}
     if options.ncu:
         from tracer.cuda.ncu import join as ncu_join
         from tracer.cuda.ncu import run_ncu

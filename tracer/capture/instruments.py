@@ -117,7 +117,7 @@ def _cpu_tree(events) -> tuple[list[_Cpu], dict[int, _Cpu]]:
 
 def kernel_records(events) -> list[dict[str, Any]]:
     """torch.profiler's raw event stream (`kineto_results.events()`) -> [{kernel, us, op (seq) or None, module
-    (qualified) or None}], one record per device kernel: each kernel belongs to the CPU event that launched it (the
+    (qualified) or None, start_us (on the device, from the session's first kernel)}], one record per device kernel: each kernel belongs to the CPU event that launched it (the
     event whose correlation id it links to), and to the op and module ranges open around that event.
 
     Read from the raw events, not from `prof.events()`: building torch's FunctionEvent tree and walking it took
@@ -137,9 +137,12 @@ def kernel_records(events) -> list[dict[str, Any]]:
             continue
         seen.add(key)
         record = {"kernel": _demangled(e.name()), "us": (e.end_ns() - e.start_ns()) / 1000, "op": cpu.op,
-                  "module": cpu.module}
+                  "module": cpu.module, "start_us": e.start_ns()}
         found.append(((cpu.start, -cpu.end, i), record))
     found.sort(key=lambda f: f[0])
+    t0 = min((r["start_us"] for _, r in found), default=0)
+    for _, r in found:  # the device clock, from the session's first kernel (host gaps: tracer.cuda.roofline)
+        r["start_us"] = round((r["start_us"] - t0) / 1000, 3)
     return [record for _, record in found]
 
 

@@ -12,8 +12,8 @@ outside every module is "outside the model". So 100% of kernel time lands somewh
 FLOPs: a node's FLOPs go to its compute kernel: its longest kernel that is not one of torch's generic helpers
 (`at::native::` elementwise/copy/reduce kernels, memsets), else its longest; the helpers get 0.
 "counted by FlopCounterMode": yes (torch == full), no (torch 0, full > 0), partly, or "-" (no FLOPs).
-A layer's "% of peak" is against the card's datasheet dense bf16 peak (tracer.cuda.roofline), the clock-derived one
-where the card is not in its table; the roofline per layer: tracer.cuda.roofline.
+A layer's "% of peak" is against the card's dense bf16 ceiling (tracer.cuda.ceilings: measured, else the datasheet's),
+the clock-derived one where it has neither; the roofline per layer: tracer.cuda.roofline.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from mapping.engine import Matcher, node_source
 from tracer.capture.recorder import StageGraph
 from tracer.capture.trace import Trace
 from tracer.core.modulepaths import ROOT, node_id
-from tracer.cuda.roofline import ceilings, roofline
+from tracer.cuda.ceilings import ceilings, driver_version, measured
+from tracer.cuda.roofline import roofline
 
 OUTSIDE = "(outside the model)"
 TOP = "(the model's top-level forward)"  # work at the root module, outside every named submodule
@@ -62,8 +63,9 @@ def counted(torch_flops: int, full: int) -> str:
     return "no" if torch_flops == 0 else "partly"
 
 
-def device_info() -> dict[str, Any]:
-    """The card, and its dense bf16 peak = SMs x max SM clock x FLOPs per SM per clock."""
+def device_info(measure: bool = False, use_cache: bool = True) -> dict[str, Any]:
+    """The card, its driver, its dense bf16 peak = SMs x max SM clock x FLOPs per SM per clock, and (`measure`) the
+    ceilings it reaches (tracer.cuda.ceilings.measured: cached per card and driver unless `use_cache` is off)."""
     props = torch.cuda.get_device_properties(0)
     cc = (props.major, props.minor)
     try:
@@ -72,9 +74,12 @@ def device_info() -> dict[str, Any]:
         mhz = int(out.stdout.split()[0])
     except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
         mhz = 0
-    return {"name": props.name, "compute_capability": f"{cc[0]}.{cc[1]}", "sms": props.multi_processor_count,
-            "max_sm_clock_mhz": mhz, "peak_bf16_tflops": peak_bf16_tflops(props.multi_processor_count, mhz, cc),
+    driver = driver_version()
+    info = {"name": props.name, "compute_capability": f"{cc[0]}.{cc[1]}", "sms": props.multi_processor_count,
+            "driver": driver, "max_sm_clock_mhz": mhz,
+            "peak_bf16_tflops": peak_bf16_tflops(props.multi_processor_count, mhz, cc),
             "peak_how": "SMs x max SM clock (nvidia-smi) x dense bf16 FLOPs per SM per clock"}
+    return {**info, "measured_ceilings": measured(props.name, driver, use_cache)} if measure else info
 
 
 def peak_bf16_tflops(sms: int, mhz: int, cc: tuple[int, int]) -> float | None:
@@ -86,7 +91,8 @@ def peak_bf16_tflops(sms: int, mhz: int, cc: tuple[int, int]) -> float | None:
 def stage_kernels(sg: StageGraph, node_ids: dict[int, str]) -> list[dict[str, Any]]:
     """A stage graph's kernel records with node ids in place of op sequence numbers (`node_ids`: seq -> id)."""
     return [{"kernel": r["kernel"], "us": r["us"], "node": node_ids.get(r["op"]) if r["op"] is not None else None,
-             "module": r["module"], "stage": sg.stage, "step": sg.step} for r in sg.kernels]
+             "module": r["module"], "stage": sg.stage, "step": sg.step,
+             **({"start_us": r["start_us"]} if "start_us" in r else {})} for r in sg.kernels]
 
 
 def attribute(report: dict[str, Any], records: list[dict[str, Any]], matcher: Matcher,
@@ -102,7 +108,7 @@ def attribute(report: dict[str, Any], records: list[dict[str, Any]], matcher: Ma
         flops_full = flops_torch = 0
         if i in compute:
             flops_full, flops_torch = node["flops_full"], node["flops_torch"]
-        layer = _layer(node, r, matcher)
+        layer = r["layer"] = _layer(node, r, matcher)  # each launch's layer (tracer.cuda.ncu pairs them)
         k = by_kernel.setdefault(r["kernel"], {"kernel": r["kernel"], "calls": 0, "time_us": 0.0, "flops_full": 0,
                                                "flops_torch": 0, "flops_full_by_stage": {}, "ops": set(),
                                                "layers": set()})
@@ -119,7 +125,7 @@ def attribute(report: dict[str, Any], records: list[dict[str, Any]], matcher: Ma
         lay["time_us"] += r["us"]
         lay["flops_full"] += flops_full
         lay["flops_torch"] += flops_torch
-    # the datasheet's dense peak where the card is known (tracer.cuda.roofline), else the clock-derived one
+    # the card's ceiling (tracer.cuda.ceilings: measured, else the datasheet's), else the clock-derived peak
     peak = (ceilings(device) or {}).get("bf16_tflops") or (device or {}).get("peak_bf16_tflops")
     kernels = []
     for k in by_kernel.values():
@@ -163,13 +169,14 @@ def _layer(node: dict[str, Any] | None, record: dict[str, Any], matcher: Matcher
     return matcher.resolve_scope(stage, scope, whole=True) or f"(module {scope}: no analytic scope)"
 
 
-def attribute_kernels(tr: Trace, report: dict[str, Any], matcher: Matcher) -> dict[str, Any]:
+def attribute_kernels(tr: Trace, report: dict[str, Any], matcher: Matcher, use_cache: bool = True) -> dict[str, Any]:
     """The pipeline step: every stage graph's kernel records (prefill and decode; vision's are prefill's), with
-    node ids, attributed: attribute()'s sections and `kernel_records`."""
+    node ids, attributed: attribute()'s sections and `kernel_records`; the card's ceilings measured where there are
+    kernels to put under them (`use_cache`: tracer.cuda.ceilings.measured)."""
     records: list[dict[str, Any]] = []
     for sg in tr.stages.get("prefill", []) + tr.stages.get("decode", []):
         ids = {n.meta["seq"]: node_id(sg, n.name) for n in sg.op_nodes() if "seq" in n.meta}
         records += stage_kernels(sg, ids)
-    device = device_info() if torch.cuda.is_available() else None
+    device = device_info(measure=bool(records), use_cache=use_cache) if torch.cuda.is_available() else None
     sections = attribute(report, records, matcher, device)
     return {**sections, "kernel_records": records, "roofline": roofline({**report, **sections}, records)}

@@ -6,12 +6,16 @@ Per (stage, layer) with kernel time (`kernel_layers`, tracer.cuda.kernels): the 
 (tensor, cuda-core, memory), once from the trace's columns (tensor-core FLOPs `flops_full`, `cuda_flops`, fused I/O
 `io_fused`) and once from the analytic model's; efficiency = the traced bound / the measured time, lost time =
 measured - bound. A stage's bound is the sum of its layers' (they run one after another), over the layers with
-kernel time; the kernels outside every layer count as lost. Each decode step too (`steps`): its kernels' time and
-launches against the sum of its layers' bounds (per step, from its nodes and its own graph's fused I/O): a step whose
-efficiency is a few percent over hundreds of launches is launch-bound, not compute- or memory-bound. Ceilings are the datasheet's dense peaks of the card
-(`DATASHEETS`, by the name torch reports), never a clock-derived number: the tensor peaks assume the boost clock
-(1,830 MHz on H100/H200), below the maximum nvidia-smi reports (1,980 MHz), which put every "% of peak" 8% low. The
-datasheets' bandwidth is what HBM can move; a layer's fused I/O is what it must move, not what an L2 hit saves.
+kernel time; the kernels outside every layer count as lost. The ceilings are tracer.cuda.ceilings': the measured
+ones where the run measured them, else the datasheet's, and `ceilings.used` says which. A layer's fused I/O is what
+it must move, not what an L2 hit saves.
+
+Host time (per stage and per decode step, from the kernels' device start times): `span_us` from the first kernel's
+start to the last one's end, `idle_us` the part of it no kernel ran (the gaps between kernels). Under flopdiff's
+capture every op is recorded on the way, so these gaps are the instrumented run's, far longer than the model's own;
+what the model itself cannot beat is `launch_floor_us` = launches x the card's measured host time per launch
+(`launch_us`): where it exceeds the kernel time the step is `launch-bound` (the GPU waits for the host however fast
+its kernels are; CUDA graphs or fewer, fused kernels are the cure), else `kernel-bound`.
 """
 
 from __future__ import annotations
@@ -20,30 +24,9 @@ from collections import defaultdict
 from typing import Any
 
 from tracer.compare.io import fused_io
+from tracer.cuda.ceilings import ceilings
 
-#: dense peaks (no sparsity) from NVIDIA's datasheets, by the device name torch.cuda reports
-DATASHEETS: dict[str, dict[str, Any]] = {
-    "NVIDIA H200": {"bf16_tflops": 989.5, "fp32_tflops": 67.0, "hbm_gbps": 4800.0,
-                    "source": "NVIDIA H200 Tensor Core GPU datasheet (SXM): BF16 1,979 TFLOPS with sparsity, FP32 "
-                              "67 TFLOPS, HBM3e 4.8 TB/s"},
-    "NVIDIA H100 80GB HBM3": {"bf16_tflops": 989.5, "fp32_tflops": 67.0, "hbm_gbps": 3350.0,
-                              "source": "NVIDIA H100 Tensor Core GPU datasheet (SXM): BF16 1,979 TFLOPS with sparsity, "
-                                        "FP32 67 TFLOPS, HBM3 3.35 TB/s"},
-    "NVIDIA H100 PCIe": {"bf16_tflops": 756.5, "fp32_tflops": 51.0, "hbm_gbps": 2000.0,
-                         "source": "NVIDIA H100 Tensor Core GPU datasheet (PCIe): BF16 1,513 TFLOPS with sparsity, "
-                                   "FP32 51 TFLOPS, HBM2e 2 TB/s"},
-    "NVIDIA A100-SXM4-80GB": {"bf16_tflops": 312.0, "fp32_tflops": 19.5, "hbm_gbps": 2039.0,
-                              "source": "NVIDIA A100 Tensor Core GPU datasheet (SXM 80GB): BF16 312 TFLOPS, FP32 "
-                                        "19.5 TFLOPS, HBM2e 2,039 GB/s"},
-}
 ROOFS = ("tensor", "cuda-core", "memory")
-
-
-def ceilings(device: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The card's datasheet peaks, or None for a card the table lacks (the roofline is then left out, said so)."""
-    sheet = DATASHEETS.get((device or {}).get("name", ""))
-    return None if sheet is None else {"name": device["name"], **sheet, "used": "datasheet",
-                                       "measured": None}  # measured ceilings (a GEMM, a copy): not run yet
 
 
 def bound(tc: int, cuda: int, nbytes: int, ceil: dict[str, Any]) -> tuple[float, str]:
@@ -79,7 +62,8 @@ def roofline(report: dict[str, Any], records: list[dict[str, Any]] = ()) -> dict
                 for side in ("traced", "analytic")}
         # a stage's bound: its layers' (they run one after another; a stage mixes roofs, its layers say which)
         bounds = {side: sum(r["bound_exact"][side] for r in mine) for side in ("traced", "analytic")}
-        stages.append(_row({"stage": stage}, time, sums["traced"], sums["analytic"], bounds))
+        host = _host([r for r in records if r["stage"] == stage], ceil)
+        stages.append({**_row({"stage": stage}, time, sums["traced"], sums["analytic"], bounds), **host})
     for r in rows + stages:
         del r["bound_exact"]
     rows.sort(key=lambda r: -r["lost_us"])
@@ -111,8 +95,36 @@ def _steps(report: dict[str, Any], records: list[dict[str, Any]], ceil: dict[str
         b = sum(bound(*w, ceil)[0] for (s, _), w in work.items() if s == step)
         steps.append({"step": step, "time_us": round(time[step], 3), "launches": launches[step],
                       "bound_us": round(b, 3), "efficiency": round(b / time[step], 4),
-                      "lost_us": round(time[step] - b, 3)})
+                      "lost_us": round(time[step] - b, 3),
+                      **_host([r for r in records if r["stage"] == "decode" and r["step"] == step], ceil)})
     return steps
+
+
+def _host(records: list[dict[str, Any]], ceil: dict[str, Any]) -> dict[str, Any]:
+    """The host's side of a stage's or a decode step's kernels: the span of their device times (summed over its
+    stage graphs), the part of it no kernel ran, the launch floor, and whether the launches or the kernels set the pace.
+    Spans need the kernels' start times (recordings before them have none: no span, no idle time)."""
+    launches = len(records)
+    busy_us = sum(r["us"] for r in records)
+    floor = round(launches * ceil["launch_us"], 3) if ceil.get("launch_us") else None
+    out: dict[str, Any] = {"span_us": None, "idle_us": None, "launch_floor_us": floor,
+                           "limit": None if floor is None else "launch-bound" if floor > busy_us else "kernel-bound"}
+    if launches and all("start_us" in r for r in records):
+        graphs: dict[Any, list[tuple[float, float]]] = defaultdict(list)
+        for r in records:  # each stage graph's clock starts at its own first kernel: spans add up per graph
+            graphs[r["step"]].append((r["start_us"], r["start_us"] + r["us"]))
+        span = idle = 0.0
+        for spans in graphs.values():
+            spans.sort()
+            covered, reach = 0.0, spans[0][0]
+            for lo, hi in spans:  # the union of the kernels' spans (concurrent streams overlap)
+                if hi > reach:
+                    covered += hi - max(lo, reach)
+                    reach = hi
+            span += reach - spans[0][0]
+            idle += reach - spans[0][0] - covered
+        out["span_us"], out["idle_us"] = round(span, 3), round(idle, 3)
+    return out
 
 
 def _row(row: dict[str, Any], time_us: float, traced: dict[str, int], analytic: dict[str, int],

@@ -268,6 +268,26 @@ def ncu_table(report: dict[str, Any]):
     return t
 
 
+def ncu_layer_table(report: dict[str, Any]):
+    """Per layer inside the --ncu module: the hardware's DRAM bytes and CUDA-core FLOPs beside the trace's and the
+    analytic model's (tracer.cuda.ncu)."""
+    n = report["ncu"]
+    t = Table(title=f"Nsight Compute inside {n['module']}, per layer: hardware bytes and CUDA-core FLOPs beside "
+                    f"the trace's and the analytic model's", title_justify="left")
+    t.caption = ("DRAM bytes with caches flushed before each kernel (ncu's default): every kernel reads its inputs "
+                 "from DRAM; ratios = hardware / traced or analytic, '-' where ncu saw only part of the layer")
+    for col in ("stage", "layer", "launches", "DRAM bytes", "L2 bytes", "/ fused", "/ unfused", "/ analytic",
+                "CUDA-core FLOPs", "/ traced", "/ analytic "):
+        t.add_column(col, overflow="fold", justify="left" if col in ("stage", "layer") else "right")
+    ratio = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in n.get("layers", []):
+        t.add_row(r["stage"], Text(r["layer"]), f"{r['paired']}/{r['launches']}", f"{r['dram_bytes']:,}",
+                  f"{r['l2_bytes']:,}", ratio(r["dram_vs_fused"]), ratio(r["dram_vs_unfused"]),
+                  ratio(r["dram_vs_analytic"]), f"{r['cuda_core_flops'] + r['fp16_flops']:,}",
+                  ratio(r["cuda_core_vs_traced"]), ratio(r["cuda_core_vs_analytic"]))
+    return t
+
+
 def consistency_table(rep: dict[str, Any]):
     t = Table(title="ONNX graph vs fx graph (full FLOPs)", title_justify="left")
     t.caption = (f"{len(rep['consistency']['layers_differing'])} analytic layers differ; ONNX nodes with FLOPs mapped: "
@@ -285,12 +305,19 @@ def roofline_table(roof: dict[str, Any], top: int = 10):
     c = roof["ceilings"]
     t = Table(title=f"where the time goes: the {top} layers losing the most against their bound on {c['name']}",
               title_justify="left")
+    sheet = c.get("datasheet")
+    beside = (f"; datasheet {sheet['bf16_tflops']} / {sheet['fp32_tflops']} TFLOP/s, {sheet['hbm_gbps']:.0f} GB/s"
+              if c["used"] == "measured" and sheet else "")
+    launch = f", {c['launch_us']} us per launch on the host" if c.get("launch_us") else ""
     t.caption = (f"bound = max(tensor-core FLOPs / {c['bf16_tflops']} TFLOP/s, CUDA-core FLOPs / {c['fp32_tflops']} "
-                 f"TFLOP/s, fused bytes / {c['hbm_gbps']:.0f} GB/s) ({c['used']}); efficiency = bound / kernel time; "
-                 f"stages: " + "; ".join(f"{s['stage']} {s['time_us'] / 1e3:.2f} ms, bound {s['bound_us']['traced'] / 1e3:.2f} "
-                                         f"ms ({100 * (s['efficiency'] or 0):.1f}%)" for s in roof["stages"])
+                 f"TFLOP/s, fused bytes / {c['hbm_gbps']:.0f} GB/s) ({c['used']}{launch}{beside}); efficiency = bound "
+                 f"/ kernel time; stages: " + "; ".join(f"{s['stage']} {s['time_us'] / 1e3:.2f} ms, bound "
+                                                        f"{s['bound_us']['traced'] / 1e3:.2f} ms "
+                                                        f"({100 * (s['efficiency'] or 0):.1f}%)" for s in roof["stages"])
                  + "".join(f"; decode step {s['step']}: {s['time_us'] / 1e3:.2f} ms over {s['launches']} launches, "
-                           f"bound {s['bound_us'] / 1e3:.3f} ms ({100 * s['efficiency']:.1f}%)" for s in roof.get("steps", [])[:3]))
+                           f"bound {s['bound_us'] / 1e3:.3f} ms ({100 * s['efficiency']:.1f}%)"
+                           + (f", {s['limit']} (launch floor {s['launch_floor_us'] / 1e3:.2f} ms)" if s.get("limit")
+                              else "") for s in roof.get("steps", [])[:3]))
     for col in ("stage", "layer", "kernel ms", "bound ms", "roof", "FLOP/B", "efficiency %", "lost ms"):
         t.add_column(col, overflow="fold", justify="left" if col in ("stage", "layer", "roof") else "right")
     for r in roof["layers"][:top]:
@@ -314,6 +341,8 @@ def terminal_tables(report: dict[str, Any], onnx_report: dict[str, Any] | None =
         out.append(roofline_table(report["roofline"]))
     if report.get("ncu"):
         out.append(ncu_table(report))
+        if report["ncu"].get("layers"):
+            out.append(ncu_layer_table(report))
     if onnx_report is not None:
         out.append(consistency_table(onnx_report))
     if report["coverage"]["unmapped"]:
