@@ -13,9 +13,10 @@ from typing import Any
 from analytic.layers import (Attention, Block, Buffer, Conv2d, Elementwise, Embedding, Experts, KVCache, Layer, Layout,
                              Linear, RelPos, Rope)
 from analytic.request import ModelTree, Variant
+from analytic.series import Steps
 from analytic.shapes import Views
 from tracer.core.configfile import dig
-from tracer.core.conventions import CUDA_CORE_PER_ELEMENT
+from tracer.core.conventions import CLOSED_FORM_STEPS, CUDA_CORE_PER_ELEMENT
 from tracer.core.errors import FlopdiffError
 
 # Numbers the vendor code fixes outside config.json (v1: deepencoder.py build_sam_vit_b / build_clip_l;
@@ -465,7 +466,11 @@ def stage_blocks(model: str, views: Views, vision: Block, spec: DecoderSpec, pro
     tree.stages["prefill"] = [Block("prefill", children=[vision, *merge, decoder(spec, "decoder", prompt_len, prompt_len,
                                                                                  prompt_len if all_logits else 1)])]
     grow = 1 if variant.decode_kv_growth else 0
-    tree.stages["decode"] = [decoder(spec, "decoder", 1, prompt_len + grow * (k + 1), 1) for k in range(steps)]
+    step = lambda k: decoder(spec, "decoder", 1, prompt_len + grow * (k + 1), 1)  # noqa: E731
+    if steps >= CLOSED_FORM_STEPS:  # step 0 apart (the trace's first forward is its own), then 1..n-1 in closed form
+        tree.stages["decode"] = [step(0), Steps("decode", build=step, first=1, last=steps - 1)]
+    else:
+        tree.stages["decode"] = [step(k) for k in range(steps)]
     return tree
 
 

@@ -36,7 +36,7 @@ SAME_NAME_BUILD = ("vendor_dir", "trust_remote_code", "device")
 INTERNAL_ERROR = 3
 KNOBS = ("base_size", "tile_size", "crop_mode")  # the view knobs --resolution sets unless given
 SAME_NAME = ("config", "mode", "analytic", "mapping", "causal_halving", "policy", "graph", "ncu", "nvtx_module",
-             "explain", "sequential", "allow_long", "max_gap", "metric")
+             "explain", "sequential", "allow_long", "every_step", "max_gap", "metric")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,6 +65,7 @@ class Options:
     explain: str | None = None          # a gap group, an analytic layer or a node id
     sequential: bool = False            # no decode worker process
     allow_long: bool = False            # run captures estimated at more than about five minutes
+    every_step: bool = False            # trace every decode step, however many (no closed form: tracer.capture.series)
     max_gap: float | str | None = None  # the gate Result.over applies (PCT or METRIC=PCT,...; checked up front)
     metric: str = "tc_flops"            # the column gap groups and --explain follow (tracer.compare.metrics)
     # serve and keep counted traces (tracer.core.cache); the one switch, its default from the environment
@@ -200,7 +201,7 @@ def _run(workload: Workload, options: Options, progress: Callable[[str], None],
     entry = None
     if cache.usable(options.mode, build.device, options.graph, build.attn_plugins, options.keep_graphs,
                     bool(options.ncu or options.nvtx_module), options.cache):
-        entry = cache.key(workload, build, options.config, options.causal_halving)
+        entry = cache.key(workload, build, options.config, options.causal_halving, options.every_step)
     report = cache.load(entry, note) if entry else None
     if report is not None:
         progress("served from the trace cache (--no-cache traces again)")
@@ -266,7 +267,8 @@ def _traced(workload: Workload, options: Options, progress: Callable[[str], None
     rows = None if options.keep_graphs else partial(as_rows, conventions=conventions)
     tr = trace(workload, options.build, options.config, progress=lambda msg: progress(f"tracing: {msg}"),
                mode=options.mode, parallel=not options.sequential, allow_long=options.allow_long,
-               instrument=NvtxRanges(options.nvtx_module) if options.nvtx_module else None, rows=rows)
+               instrument=NvtxRanges(options.nvtx_module) if options.nvtx_module else None, rows=rows,
+               closed_form=not options.every_step)
     progress("counting FLOPs per node")
     for sg in tr.graphs():
         if sg.selection is None and sg.rows is None:  # a selection (vision) is counted with its graph

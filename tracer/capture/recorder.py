@@ -84,6 +84,8 @@ class StageGraph:
     kv_layers: list[int] | None = None  # bytes of the KV cache it returned, per layer (keys + values)
     kv_storages: dict[int, int] = field(default_factory=dict)  # that cache's storages: id -> bytes its tensor spans
     memory: dict | None = None  # its weight bytes and activation peak (tracer.count.memory.stage_memory)
+    span: tuple[int, int] | None = None  # decode steps first..last in closed form (tracer.capture.series): rows only
+    series: dict | None = None  # then the per-step affine forms [a, b] of its totals (flops, kv bytes, kv length)
 
     def call_nodes(self) -> Iterable[torch.fx.Node]:
         if self.selection is not None:

@@ -3,7 +3,9 @@
 Stages: `prefill` (the first forward, vision included, logits for the last position as `generate`
 does), `vision` (the prefill nodes under the vendor's vision modules: vision tower + projector) and
 `decode` (one graph per one-token step on the KV cache, KV length growing; in fake mode with 2+ CPUs the
-later steps come from a forked worker, `tracer.capture.decode_worker`).
+later steps come from a forked worker, `tracer.capture.decode_worker`; from CLOSED_FORM_STEPS steps on, in fake mode,
+step 0 and then steps 1..n-1 in closed form from four probes, `tracer.capture.series`, unless `closed_form` is off or
+the proof fails: then every step, with one note line saying why).
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tracer.capture.attention import runtime as attention_runtime
-from tracer.capture.decode_worker import DecodeWorker, fallback_note, worker_allowed
+from tracer.capture.decode_worker import DecodeWorker, fallback_note, signature, worker_allowed
 from tracer.capture.instruments import Instrument, ProfilerRanges
 from tracer.capture.meta import MetaCapture
 from tracer.capture.recorder import StageGraph, capture, subgraph
+from tracer.capture.series import NotAffine, probe_steps, prove
+from tracer.core.conventions import CLOSED_FORM_STEPS
 from tracer.core.errors import FlopdiffError
 from tracer.core.modulepaths import STAGES, under
 from tracer.core.workload import Workload, validate
 from tracer.vendors import BuildOptions, get_vendor
-from tracer.vendors.base import Prepared
+from tracer.vendors.base import EMPTY, Prepared, cache_of, synthesized_state
 
 
 @dataclass
@@ -97,8 +101,10 @@ MAX_LAYER_STEPS = 24_000
 
 
 def check_size(workload: Workload, max_positions: int, layers: int, allow_long: bool,
-               prompt_len: int | None = None) -> None:
-    """The model's position limit (a hard one) and the capture's cost (a soft one), before any capture."""
+               prompt_len: int | None = None, closed_form: bool = False, why: str = "") -> None:
+    """The model's position limit (a hard one) and the capture's cost (a soft one), before any capture; a decode in
+    closed form costs a few steps whatever its length (`closed_form`: only the positions are checked; `why`: the
+    reason a closed form planned did not hold, told with the refusal)."""
     steps = workload.decode_steps
     known = prompt_len if prompt_len is not None else (workload.text_tokens or 0) + 1
     if known + steps > max_positions:
@@ -106,22 +112,25 @@ def check_size(workload: Workload, max_positions: int, layers: int, allow_long: 
         raise FlopdiffError(f"--text-tokens/--decode-steps: {what} plus {steps} decode steps exceed the model's "
                             f"{max_positions} positions (max_position_embeddings)")
     work = layers * (steps + PREFILL_STEPS)
-    if work > MAX_LAYER_STEPS and not allow_long:
+    if work > MAX_LAYER_STEPS and not allow_long and not closed_form:
         minutes = work * SECONDS_PER_LAYER_STEP / 60
-        raise FlopdiffError(f"--decode-steps {steps}: capturing {steps} steps of a {layers}-layer decoder takes about "
-                            f"{minutes:.0f} min on 2 cores; pass --allow-long to run it anyway")
+        raise FlopdiffError(f"--decode-steps {steps}: {why + '; ' if why else ''}capturing {steps} steps of a "
+                            f"{layers}-layer decoder takes about {minutes:.0f} min on 2 cores; pass --allow-long to "
+                            f"run it anyway")
 
 
 def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_path: str | None = None,
           progress: Callable[[str], None] = lambda msg: None, mode: str = "fake", parallel: bool = True,
           allow_long: bool = False, instrument: Instrument | None = None,
-          rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None, meta: bool = True) -> Trace:
+          rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None, meta: bool = True,
+          closed_form: bool = True) -> Trace:
     """`mode="fake"`: no weights, no compute (meta tensors where the vendor allows, tracer.capture.meta; else, and
     when a meta capture fails, with one note line, FakeTensorMode; `meta=False`: FakeTensorMode always, the tests'
     reference). `mode="real"`: random weights, real compute (slow at full size; the tests use it on reduced configs to
     check fake against real). `parallel` (fake mode, CPU, 2+ CPUs): a forked worker captures decode steps from the
     last one down (tracer.capture.decode_worker).
-    `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`).
+    `allow_long`: capture workloads estimated to take more than about five minutes (`check_size`). `closed_form`
+    (fake mode, `rows` given, CLOSED_FORM_STEPS steps or more): steps 1..n-1 from probes (tracer.capture.series).
     `instrument` (real mode; tracer.capture.instruments): told of every module call and op; on CUDA the default is
     ProfilerRanges (every kernel recorded with its node). `rows` (tracer.count.records.as_rows): graphs counted and turned into
     report rows where they were captured: the decode worker's steps, and this process's while it waits for them."""
@@ -130,12 +139,14 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
     options = dataclasses.replace(options, mode=mode, experts=options.experts or vendor.default_experts)
     config = vendor.load_config(config_path, options)
     max_positions, layers = vendor.limits(config)
-    check_size(workload, max_positions, layers, allow_long)
+    cuda = options.device == "cuda"
+    closed_form = (closed_form and mode == "fake" and not cuda and rows is not None
+                   and workload.decode_steps >= CLOSED_FORM_STEPS)
+    check_size(workload, max_positions, layers, allow_long, closed_form=closed_form)
     progress("preprocessing")
     prepared = vendor.prepare(workload, config)
-    check_size(workload, max_positions, layers, allow_long, prepared.derived.prompt_len)
+    check_size(workload, max_positions, layers, allow_long, prepared.derived.prompt_len, closed_form)
     roots = vendor.source_roots()
-    cuda = options.device == "cuda"
     if cuda:
         if mode != "real":
             raise FlopdiffError("--device cuda: needs --mode real (fake tensors run no kernels to attribute)")
@@ -147,7 +158,10 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
     if instrument is not None and mode != "real":
         raise FlopdiffError("profiling needs --mode real (fake tensors run no kernels)")
     new_trace = functools.partial(Trace, workload, prepared, options, config=config)  # each attempt starts anew
-    run = functools.partial(_build_and_capture, new_trace, vendor, roots, parallel, instrument, progress, rows)
+    # a closed form whose proof fails traces every step: the cost check then applies, with the reason
+    plan = Plan(closed_form, functools.partial(check_size, workload, max_positions, layers, allow_long,
+                                               prepared.derived.prompt_len))
+    run = functools.partial(_build_and_capture, new_trace, vendor, roots, parallel, instrument, progress, rows, plan)
     # fake mode runs on meta tensors where the vendor allows it (tracer.capture.meta: the same graph, faster)
     captured = vendor.meta_inputs(prepared, options) if mode == "fake" and not cuda and meta else None
     if captured is not None:
@@ -164,9 +178,18 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
     return run(FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else contextlib.nullcontext(), prepared)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How the decode is captured: `closed_form` (tracer.capture.series), and the cost check a failed proof
+    falls back to (`check`: check_size's remaining arguments, given `why`)."""
+
+    closed_form: bool = False
+    check: Callable[..., None] = lambda **kw: None
+
+
 def _build_and_capture(new_trace: Callable[[], Trace], vendor: Any, roots: list[str], parallel: bool,
                        instrument: Instrument | None, progress: Callable[[str], None],
-                       rows: Callable[[list[StageGraph]], list[StageGraph]] | None, fake: Any,
+                       rows: Callable[[list[StageGraph]], list[StageGraph]] | None, plan: Plan, fake: Any,
                        inputs: Prepared) -> Trace:
     """Build the model under `fake` (a meta capture, FakeTensorMode, or nothing in real mode) and capture every stage
     from `inputs` into a new trace."""
@@ -181,25 +204,34 @@ def _build_and_capture(new_trace: Callable[[], Trace], vendor: Any, roots: list[
     with attention_runtime(result.options):  # flash-attn or its stand-in, plugins, attention boundary nodes
         with fake, device, (_no_init() if mode == "fake" else contextlib.nullcontext()):
             model = vendor.build(result.config, result.options)
-        _capture_stages(result, inputs, vendor, model, roots, fake, device, parallel, instrument, progress, rows)
+        _capture_stages(result, inputs, vendor, model, roots, fake, device, parallel, instrument, progress, rows,
+                        plan)
     return result
 
 
 def _capture_stages(result: Trace, inputs: Prepared, vendor: Any, model: torch.nn.Module, roots: list[str], fake: Any,
                     device: Any, parallel: bool, instrument: Instrument | None, progress: Callable[[str], None],
-                    rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None) -> None:
+                    rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None, plan: Plan = Plan()) -> None:
     """The prefill (from `inputs`: the prepared inputs as the capture needs them), then the decode steps (the later
-    ones in a forked worker when it may), into `result.stages`."""
+    ones in a forked worker when it may; from probes in closed form as `plan` says), into `result.stages`."""
     mode, cuda = result.options.mode, result.options.device == "cuda"
     steps, prompt_len = result.workload.decode_steps, result.prepared.derived.prompt_len
     worker = None
     try:
         with _capturing(fake, device, vendor):
-            if parallel and mode == "fake" and not cuda and steps >= 1 and worker_allowed(result.options.attn):
+            if (parallel and mode == "fake" and not cuda and steps >= 1 and worker_allowed(result.options.attn)
+                    and not plan.closed_form):
                 worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps, rows)
             progress("prefill")
             prefill, out = capture(vendor.prefill(model, inputs), model, "prefill", vendor_roots=roots,
                                    instrument=instrument)
+            if plan.closed_form:
+                decode, note = _closed_form(vendor, model, out, steps, prompt_len, roots, progress, rows, plan)
+                if note:
+                    result.notes.append(note)
+                result.stages = {"vision": [subgraph(prefill, "vision", _under(vendor.vision_modules))],
+                                 "prefill": [prefill], "decode": decode}
+                return
             started = time.perf_counter()
             decode, out, k = capture_decode(vendor, model, out, steps, prompt_len, roots, worker, progress,
                                             instrument)
@@ -232,6 +264,30 @@ def _capture_stages(result: Trace, inputs: Prepared, vendor: Any, model: torch.n
         if worker is not None:
             worker.close()
     result.stages = {"vision": [vision], "prefill": [prefill], "decode": decode}
+
+
+def _closed_form(vendor: Any, model: torch.nn.Module, previous: Any, steps: int, prompt_len: int, roots: list[str],
+                 progress: Callable[[str], None], rows: Callable[[list[StageGraph]], list[StageGraph]],
+                 plan: Plan) -> tuple[list[StageGraph], str | None]:
+    """Step 0, then steps 1..n-1 as one span proven from probes (tracer.capture.series); where the proof fails, every
+    step from 3 on captured here from the real cache (the cost check applies then), and one note line saying why."""
+    graphs, out, _ = capture_decode(vendor, model, previous, 3, prompt_len, roots, None, progress)
+    try:
+        template = vendor.decode(model, EMPTY, 0)()
+        if signature(cache_of(out)) != signature(cache_of(synthesized_state(template, prompt_len + 3))):
+            raise NotAffine("the cache step 3 reads is not the synthesized one")
+        probes = dict(zip(probe_steps(steps), rows(graphs[1:3])))
+        for k in probe_steps(steps)[2:]:
+            progress(f"decode step {k + 1}/{steps} (a probe: steps 2-{steps} in closed form)")
+            sg, _ = capture(vendor.decode(model, synthesized_state(template, prompt_len + k), k), model, "decode",
+                            vendor_roots=roots, step=k, kv_len=prompt_len + k)
+            probes[k] = rows([sg])[0]
+        return [graphs[0], prove(probes)], None
+    except NotAffine as exc:
+        why = f"the decode steps are not in closed form ({exc})"
+        plan.check(closed_form=False, why=why)
+        more, _, _ = capture_decode(vendor, model, out, steps, prompt_len, roots, None, progress, first=3)
+        return graphs + more, f"{why}: every step traced"
 
 
 def capture_decode(vendor: Any, model: torch.nn.Module, previous: Any, steps: int, prompt_len: int,

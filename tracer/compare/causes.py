@@ -18,6 +18,7 @@ from typing import Any
 
 from analytic.layers import Layer, Policy
 from analytic.request import Variant, variant_cause
+from analytic.series import steps_of
 
 SYMBOL_FIELDS_SKIPPED = ("id", "dtype_bytes", "children", "op", "causal")
 
@@ -27,7 +28,8 @@ def formula(leaves: list[Layer], policy: Policy) -> str | None:
     if not leaves:
         return None
     text = leaves[0].explain(policy)
-    return text if len(leaves) == 1 else f"{text}; step 0 of {len(leaves)}"
+    steps = sum(steps_of(leaf) for leaf in leaves)  # a leaf of analytic.series.Steps stands for many
+    return text if steps == 1 else f"{text}; step 0 of {steps}"
 
 
 def _dims(nodes: Iterable[dict[str, Any]]) -> list[int]:

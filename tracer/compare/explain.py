@@ -13,6 +13,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from analytic.series import steps_of
 from mapping.engine import Mapping
 from tracer.compare.analytic import Analytic
 from tracer.compare.groups import REASONS, group_members
@@ -60,9 +61,11 @@ def explain_layer(report: dict[str, Any], an: Analytic, lid: str) -> Group:
         if cause:
             parts.append(Text(f"  cause: {cause}"))
         leaves = [leaf for b in an.tree.stages.get(row["stage"], []) for leaf in b.leaves() if leaf.id == lid]
-        for k, leaf in enumerate(leaves):
-            step = f"step {k}: " if row["stage"] == "decode" else ""
+        k = 0
+        for leaf in leaves:  # a leaf of analytic.series.Steps stands for steps k..: its text names them
+            step = f"step {k}: " if row["stage"] == "decode" and steps_of(leaf) == 1 else ""
             parts.append(Text(f"  {step}{leaf.explain(pol)}"))
+            k += steps_of(leaf)
         if not leaves:
             parts.append(Text(f"  the analytic model ({an.preset}) has no layer {lid} in stage {row['stage']}"))
         parts.append(Text("  " + _columns_line(row)))

@@ -130,8 +130,9 @@ def _file_digest(path: str | None) -> str | None:
     return digest(p) if p.is_file() else f"absent:{path}"
 
 
-def key(workload: Workload, build: Any, config: str | None, causal_halving: bool) -> str:
-    """The entry's name: a hash of everything that shapes the counted graph (`build`: the effective BuildOptions)."""
+def key(workload: Workload, build: Any, config: str | None, causal_halving: bool, every_step: bool = False) -> str:
+    """The entry's name: a hash of everything that shapes the counted graph (`build`: the effective BuildOptions;
+    `every_step`: a long decode traced step by step, not in closed form)."""
     workload_fields = {k: v for k, v in dataclasses.asdict(workload).items() if k != "image_label"}  # a label only
     parts = {
         "format": FORMAT, "flopdiff": source_digest(), "torch": _version("torch"),
@@ -141,7 +142,7 @@ def key(workload: Workload, build: Any, config: str | None, causal_halving: bool
                      "tokenizer": _file_digest(workload.tokenizer)},
         "build": {"attn": build.attn, "experts": build.experts, "dtype": str(build.dtype), "device": build.device,
                   "mode": build.mode},
-        "causal_halving": causal_halving,
+        "causal_halving": causal_halving, "every_step": every_step,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 

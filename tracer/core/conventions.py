@@ -12,6 +12,12 @@ import functools
 from dataclasses import dataclass
 
 
+#: decode steps from this many on are counted in closed form, the trace's (tracer.capture.series) and the analytic
+#: model's (analytic.series): step 0 apart, steps 1..n-1 from a few probes, each count affine in the step. Below it,
+#: tracing every step takes seconds at most and the report keeps every step's nodes.
+CLOSED_FORM_STEPS = 33
+
+
 @dataclass(frozen=True)
 class Conventions:
     """Switches of the counting convention; the defaults are FlopCounterMode's."""

@@ -9,6 +9,8 @@ import argparse
 import importlib.metadata
 from typing import Any
 
+from tracer.core.conventions import CLOSED_FORM_STEPS
+
 Row = tuple[tuple[str, ...], dict[str, Any]]
 
 MODELS = ("deepseek-ocr", "deepseek-ocr-2")
@@ -101,6 +103,9 @@ FLOPDIFF: list[Row] = [
     (("--no-cache",), dict(action="store_true", help="trace again even when the trace cache holds this workload "
                                                      "(README: the trace cache)")),
     (("--allow-long",), dict(action="store_true", help="run captures estimated at more than about five minutes")),
+    (("--every-step",), dict(action="store_true", help="trace every decode step, however many (default: from "
+                                                       f"{CLOSED_FORM_STEPS} steps on, steps 1..n-1 in closed form "
+                                                       "from probes)")),
     (("--quiet",), dict(action="store_true", help="no progress display")),
     (("--timings",), dict(action="store_true", help="print the seconds each phase took (stderr)")),
     (("--nvtx-module",), dict(metavar="MODULE", help=argparse.SUPPRESS)),  # --ncu's own child run under ncu

@@ -19,7 +19,11 @@ _CALL = re.compile(r"#(\d+)$")
 
 
 def node_id(sg: Any, name: str) -> str:
-    """A node's id in reports, from its stage graph (`stage`, `step`) and its fx name."""
+    """A node's id in reports, from its stage graph (`stage`, `step`, or the `span` of steps it stands for) and its fx
+    name."""
+    span = getattr(sg, "span", None)
+    if span is not None:
+        return f"{sg.stage}/{span[0]}-{span[1]}/{name}"
     return f"{sg.stage}/{sg.step}/{name}" if sg.step is not None else f"{sg.stage}/{name}"
 
 

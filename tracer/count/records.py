@@ -115,9 +115,20 @@ def stage_record(name: str, graphs: list[StageGraph], rows: list[dict[str, Any]]
     if kv is not None:
         rec["kv_bytes"], rec["kv_layers"] = sum(kv), kv
     if name == "decode":
-        rec["steps"] = [{"kv_len": g.kv_len, **_flops(totals([g])),
-                         **({"kv_bytes": sum(g.kv_layers)} if g.kv_layers is not None else {})} for g in graphs]
+        rec["steps"] = [step for g in graphs for step in _steps(g)]
+        spans = [{"steps": list(g.span), **g.series} for g in graphs if g.span is not None]
+        if spans:  # steps in closed form (tracer.capture.series): each total's affine form [a, b], a + b * step
+            rec["series"] = spans
     return rec
+
+
+def _steps(g: StageGraph) -> list[dict[str, int]]:
+    """A decode graph's per-step totals: its own, or each step of its span from the series' affine forms."""
+    if g.span is None:
+        return [{"kv_len": g.kv_len, **_flops(totals([g])),
+                 **({"kv_bytes": sum(g.kv_layers)} if g.kv_layers is not None else {})}]
+    keys = ("kv_len", "flops_torch", "flops_full", *(("kv_bytes",) if "kv_bytes" in g.series else ()))
+    return [{key: g.series[key][0] + g.series[key][1] * k for key in keys} for k in range(g.span[0], g.span[1] + 1)]
 
 
 def _flops(t: Totals) -> dict[str, int]:
