@@ -8,7 +8,9 @@ beside its own analytic model (cheap). Outputs, replaced as a whole: `sweep.csv`
 `sweep.html` (self-contained: the distribution of FLOPs per stage, FLOPs against aspect ratio by crop grid, the gap
 per key, the worst pages) and `keys/<key>/report.html|json`, each key's node-level report.
 PATH: image files, folders of images (recursively; an unreadable file or sub-folder is listed, never fatal for the
-rest), or WxH.
+rest), or WxH. `--decode-steps 10,100,1000`: a row per page and decode length, every length from one trace per key
+(at the longest; a shorter decode's counts are its first steps', from the trace's per-step totals: a long decode in
+closed form, tracer.capture.series, lists every step's).
 
 Processes: the pool's workers are spawned children of this process that die with it (Linux `PR_SET_PDEATHSIG`), so
 a `kill -9` of the sweep leaves no process (a forkserver, as before, outlived it with its workers: they were its
@@ -68,6 +70,23 @@ SWEEP: list[flags.Row] = [
     (("--out",), dict(default="flopdiff-sweep", metavar="DIR", help="output folder, replaced as a whole")),
     *flags.pick(flags.FLOPDIFF, "--vendor-dir", "--trust-remote-code", "--attn", "--experts", "--quiet"),
 ]
+
+
+def decode_lengths(text: str) -> tuple[int, ...]:
+    """`--decode-steps N` or `N,N,...` (a sweep's decode lengths), each 0 or more, sorted, each once."""
+    try:
+        lengths = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or N,N,... (decode lengths, e.g. 10,100,1000)") from None
+    if lengths[0] < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: decode lengths are 0 or more")
+    return tuple(lengths)
+
+
+# the sweep's --decode-steps: a list of lengths, where the other commands take one
+WORKLOAD = [((names, {**kw, "type": decode_lengths, "default": (kw["default"],), "metavar": "N[,N...]",
+                      "help": kw["help"] + " (several: 10,100,1000, one trace per key serving every length)"})
+             if names == ("--decode-steps",) else (names, kw)) for names, kw in flags.WORKLOAD]
 
 
 @dataclass(frozen=True)
@@ -142,6 +161,7 @@ def _trace_key(key: str, page: Page, workload: Workload, options: Options) -> di
                                     **{c: getattr(s, c) for c in TRACED_PER_PAGE}} for s in result.stages],
             "crop_grid_wh": result.report["workload"]["crop_grid_wh"],
             "image_tokens": result.report["workload"]["image_tokens"],
+            "steps": next(s.get("steps", []) for s in result.report["stages"] if s["name"] == "decode"),
             "json": result.to_json(only_flops=True), "html": result.to_html(), "notes": result.notes}
 
 
@@ -151,14 +171,15 @@ def _on(workload: Workload, page: Page) -> Workload:
 
 def page_rows(pages: list[Page], keys: dict[str, list[Page]], traced: dict[str, dict[str, Any]],
               workload: Workload, options: Options, attention: dict[str, str],
-              advance: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
-    """A row per page: its key's traced counts beside its own analytic model, per stage (`advance`: once a page)."""
+              advance: Callable[[], None] = lambda: None, lengths: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """A row per page and decode length (`lengths`, default the workload's): its key's traced counts beside its own
+    analytic model, per stage (`advance`: once a page)."""
     key_of = {id(p): k for k, ps in keys.items() for p in ps}
     per_shape: dict[Any, dict[str, int]] = {}  # the analytic model is a function of the page's shape: once per shape
     rows = []
-    for page in pages:
+    for page, n in ((page, n) for page in pages for n in lengths or (workload.decode_steps,)):
         key = key_of[id(page)]
-        shape = request_shape(_on(workload, page))
+        shape = request_shape(_on(replace(workload, decode_steps=n), page))
         if shape not in per_shape:
             an = analytic_for(workload.model, shape, options.analytic, options.causal_halving, options.config, None,
                               options.policy, options.build.device, attention)
@@ -166,8 +187,9 @@ def page_rows(pages: list[Page], keys: dict[str, list[Page]], traced: dict[str, 
         analytic = {name: s["flops"] for name, s in per_shape[shape].items()}
         t = traced[key]
         row: dict[str, Any] = {"path": page.path, "width": page.width, "height": page.height, "key": key,
-                               "crop_grid": "x".join(map(str, t["crop_grid_wh"])), "image_tokens": t["image_tokens"]}
-        for s in t["stages"]:
+                               "crop_grid": "x".join(map(str, t["crop_grid_wh"])), "image_tokens": t["image_tokens"],
+                               "decode_steps": n}
+        for s in (_first_steps(s, t["steps"], n) if s["name"] == "decode" else s for s in t["stages"]):
             measured = s["flops_torch"] if options.policy == "torch" else s["flops_full"]
             gap = measured - analytic.get(s["name"], 0)
             row.update({f"{s['name']}_analytic": analytic.get(s["name"], 0), f"{s['name']}_torch": s["flops_torch"],
@@ -175,8 +197,23 @@ def page_rows(pages: list[Page], keys: dict[str, list[Page]], traced: dict[str, 
                         f"{s['name']}_gap_pct": round(gap_pct(gap, measured), 4)})
             row.update(_columns(s, per_shape[shape].get(s["name"], {})))
         rows.append(row)
-        advance()
+        if n == (lengths or (workload.decode_steps,))[-1]:
+            advance()
     return rows
+
+
+def _first_steps(decode: dict[str, Any], steps: list[dict[str, int]], n: int) -> dict[str, Any]:
+    """The decode stage of a trace cut to its first `n` steps, from its per-step totals (tracer.count.records):
+    the counts summed, the activation peak the largest, the KV cache the last step's."""
+    if n == len(steps):
+        return decode
+    first = steps[:n]
+    out = {**decode, **{k: sum(s[k] for s in first) for k in ("flops_torch", "flops_full", "bytes_read",
+                                                               "bytes_written", "weight_bytes", "cuda_flops")}}
+    out["act_peak_bytes"] = max((s["act_peak_bytes"] for s in first), default=0)
+    if "kv_bytes" in decode:
+        out["kv_bytes"] = first[-1].get("kv_bytes", 0) if first else 0
+    return out
 
 
 #: the other columns a page's row carries per stage (tracer.count.memory; None where a stage has none: vision's KV)
@@ -218,7 +255,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     return flags.parser("flopdiff sweep", "A corpus of pages (image files, folders, WxH), each workload key traced once, "
-                        "with plots and one row per page.", SWEEP, flags.WORKLOAD, flags.ANALYTIC, image=False)
+                        "with plots and one row per page.", SWEEP, WORKLOAD, flags.ANALYTIC, image=False)
 
 
 def main(argv: list[str]) -> int:
@@ -234,8 +271,9 @@ def _sweep(args: argparse.Namespace) -> int:
     model = args.model
     text_tokens = model_text_tokens(model, args.text_tokens)
     given = {"base_size": args.base_size, "tile_size": args.tile_size, "crop_mode": args.crop_mode}
+    lengths = args.decode_steps  # the decode lengths: each key is traced at the longest, which serves them all
     knobs = {**resolution_knobs(model, args.resolution, given), "text_tokens": text_tokens,
-             "decode_steps": args.decode_steps}
+             "decode_steps": lengths[0] if len(lengths) == 1 else list(lengths)}
     build_options = BuildOptions(attn=parse_impl(args.attn, "--attn") if args.attn else None,
                                  experts=parse_impl(args.experts, "--experts") if args.experts else None,
                                  vendor_dir=args.vendor_dir, trust_remote_code=args.trust_remote_code)
@@ -243,7 +281,7 @@ def _sweep(args: argparse.Namespace) -> int:
                       sequential=True, max_gap=args.max_gap)
     workload = Workload(model=model, base_size=knobs["base_size"], tile_size=knobs["tile_size"],
                         crop_mode=True if knobs["crop_mode"] is None else knobs["crop_mode"],
-                        text_tokens=text_tokens, decode_steps=args.decode_steps)
+                        text_tokens=text_tokens, decode_steps=lengths[-1])
     check(workload, options)  # bad model, preset, knobs, max-gap: before anything is read or traced
     gates = parse_max_gap(args.max_gap) or {}
     if set(gates) - {"tc_flops"}:
@@ -260,7 +298,7 @@ def _sweep(args: argparse.Namespace) -> int:
     with OutputSet(args.out) as outputs, _progress(args.quiet) as bar:
         traced = _trace_all(keys, workload, options, args.jobs, bar)
         task = bar.add_task("", total=len(pages), what="analytic model per page")
-        rows = page_rows(pages, keys, traced, workload, options, attention, lambda: bar.advance(task))
+        rows = page_rows(pages, keys, traced, workload, options, attention, lambda: bar.advance(task), lengths)
         summary = {"model": model, "analytic": {"preset": options.analytic, "policy": options.policy},
                    "workload": knobs, "pages": len(pages), "keys": len(keys), "unreadable": unreadable,
                    "per_key": [{"key": k, "pages": len(ps), "first": ps[0].path, "stages": traced[k]["stages"]}

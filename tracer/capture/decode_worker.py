@@ -111,8 +111,9 @@ class _Claims:
 class DecodeWorker:
     """Started with `fork()` right after the model is built (inside the fake mode and the vendor's shims)."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int, only: tuple[int, ...] = ()):
         self.steps = steps
+        self.only = only  # these steps alone (a closed form's probes, tracer.capture.series), not a share of all
         self.claims = _Claims(steps)
         self.folder = temp_folder("decode")
         self.pid = 0
@@ -121,9 +122,11 @@ class DecodeWorker:
 
     @classmethod
     def fork(cls, vendor: Any, model: torch.nn.Module, roots: list[str], prompt_len: int,
-             steps: int, rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None) -> "DecodeWorker":
-        """`rows` (tracer.count.records.as_rows): each captured step is sent counted, as its report rows; else as a graph."""
-        worker = cls(steps)
+             steps: int, rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None,
+             only: tuple[int, ...] = ()) -> "DecodeWorker":
+        """`rows` (tracer.count.records.as_rows): each captured step is sent counted, as its report rows; else as a
+        graph. `only`: capture these steps and no other (this process claims none; `collect` returns them)."""
+        worker = cls(steps, only)
 
         def body() -> None:
             # SIGTERM (the parent died: die_with_parent, or someone killed this worker): take the scratch
@@ -166,7 +169,7 @@ class DecodeWorker:
         template = vendor.decode(model, EMPTY, 0)()
         reads = [signature(cache_of(synthesized_state(template, prompt_len + k))) for k in (0, 1)]
         self._write("expected", pickle.dumps((reads, start)))
-        while (k := self.claims.high()) is not None:
+        for k in self.only or iter(self.claims.high, None):
             sg, out = capture(vendor.decode(model, synthesized_state(template, prompt_len + k), k), model,
                               "decode", vendor_roots=roots, step=k, kv_len=prompt_len + k)
             if k == 0:  # what its own step 0 leaves for step 1, for the check when its step 0 is taken
@@ -246,9 +249,10 @@ class DecodeWorker:
             return None
         deadline = time.monotonic() + timeout
         graphs: dict[int, StageGraph] = {}
+        wanted = self.only or range(first, self.steps)
         while True:
             alive = self._alive()  # before reading: files written before the worker exits are all there
-            for k in range(first, self.steps):
+            for k in wanted:
                 if k not in graphs and (blob := self._read(f"step-{k}")) is not None:
                     graphs[k] = from_bytes(blob)
             if not alive:
@@ -257,10 +261,10 @@ class DecodeWorker:
                 self.cancel(f"it took over {timeout:.0f} s to finish its last step")
                 return None
             time.sleep(0.002)
-        if self.status != 0 or len(graphs) < self.steps - first:
+        if self.status != 0 or len(graphs) < len(wanted):
             self.failure = self._why_failed()
             return None
-        return [graphs[k] for k in range(first, self.steps)]
+        return [graphs[k] for k in wanted]
 
     def close(self) -> None:
         if self.pid:

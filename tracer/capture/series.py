@@ -26,6 +26,8 @@ from tracer.capture.recorder import StageGraph
 
 #: the row counts a span sums over its steps (the rest of a row describes one step: the last one's)
 SUMMED = ("flops_torch", "flops_full", "bytes_read", "bytes_written", "weight_bytes", "cuda_flops", "kv_bytes")
+#: a step's totals that are sums of its rows (its weights and activation peak come from its graph's memory)
+STEP_SUMS = ("flops_torch", "flops_full", "bytes_read", "bytes_written", "cuda_flops")
 SAME = ("op", "module", "module_class", "source", "vendor_source", "vendor_function", "input_dtypes", "output_dtypes",
         "status", "cuda_status", "stage")
 
@@ -81,7 +83,6 @@ def prove(probes: dict[int, StageGraph]) -> StageGraph:
     memories = [probes[k].memory for k in xs]
     if len({m["weight_bytes"] for m in memories}) != 1:
         raise NotAffine("the steps read different weights")
-    _line([m["act_peak_bytes"] for m in memories], xs, "the activation peak")
     top = max(memories, key=lambda m: m["act_peak_bytes"])
     if len({repr(m["outputs"]) for m in memories}) != 1:
         raise NotAffine("the steps return different storages")
@@ -90,7 +91,10 @@ def prove(probes: dict[int, StageGraph]) -> StageGraph:
     kv = [probes[k].kv_layers for k in xs]
     if any(v is None for v in kv) != all(v is None for v in kv):
         raise NotAffine("the steps return a KV cache at some steps only")
-    totals = {key: _line([sum(r[key] for r in rows[k]) for k in xs], xs, key) for key in ("flops_torch", "flops_full")}
+    # the per-step totals' forms (tracer.count.records: a decode's `steps`, a sweep's shorter decodes)
+    totals = {key: _line([sum(r[key] for r in rows[k]) for k in xs], xs, key) for key in STEP_SUMS}
+    totals["weight_bytes"] = [memories[0]["weight_bytes"], 0]
+    totals["act_peak_bytes"] = _line([m["act_peak_bytes"] for m in memories], xs, "the activation peak")
     if kv[0] is not None:
         totals["kv_bytes"] = _line([sum(v) for v in kv], xs, "the KV cache")
     totals["kv_len"] = _line([probes[k].kv_len for k in xs], xs, "the KV length")

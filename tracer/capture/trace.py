@@ -219,16 +219,19 @@ def _capture_stages(result: Trace, inputs: Prepared, vendor: Any, model: torch.n
     worker = None
     try:
         with _capturing(fake, device, vendor):
-            if (parallel and mode == "fake" and not cuda and steps >= 1 and worker_allowed(result.options.attn)
-                    and not plan.closed_form):
-                worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps, rows)
+            if parallel and mode == "fake" and not cuda and steps >= 1 and worker_allowed(result.options.attn):
+                # a closed form's worker captures its probes while this process captures the prefill
+                only = probe_steps(steps) if plan.closed_form else ()
+                worker = DecodeWorker.fork(vendor, model, roots, prompt_len, steps, rows, only=only)
             progress("prefill")
             prefill, out = capture(vendor.prefill(model, inputs), model, "prefill", vendor_roots=roots,
                                    instrument=instrument)
             if plan.closed_form:
-                decode, note = _closed_form(vendor, model, out, steps, prompt_len, roots, progress, rows, plan)
-                if note:
-                    result.notes.append(note)
+                decode, note = _closed_form(vendor, model, out, steps, prompt_len, roots, progress, rows, plan,
+                                            worker)
+                for text in ([fallback_note(worker)] if worker is not None and worker.failure else []) + [note]:
+                    if text:
+                        result.notes.append(text)
                 result.stages = {"vision": [subgraph(prefill, "vision", _under(vendor.vision_modules))],
                                  "prefill": [prefill], "decode": decode}
                 return
@@ -268,25 +271,41 @@ def _capture_stages(result: Trace, inputs: Prepared, vendor: Any, model: torch.n
 
 def _closed_form(vendor: Any, model: torch.nn.Module, previous: Any, steps: int, prompt_len: int, roots: list[str],
                  progress: Callable[[str], None], rows: Callable[[list[StageGraph]], list[StageGraph]],
-                 plan: Plan) -> tuple[list[StageGraph], str | None]:
-    """Step 0, then steps 1..n-1 as one span proven from probes (tracer.capture.series); where the proof fails, every
-    step from 3 on captured here from the real cache (the cost check applies then), and one note line saying why."""
-    graphs, out, _ = capture_decode(vendor, model, previous, 3, prompt_len, roots, None, progress)
+                 plan: Plan, worker: DecodeWorker | None) -> tuple[list[StageGraph], str | None]:
+    """Step 0, then steps 1..n-1 as one span proven from probes (tracer.capture.series): the worker's (checked
+    against the real cache after step 0), else captured here (steps 1 and 2 from the real cache, the later ones from
+    synthesized states once step 3's real cache is found equal to its synthesized one). Where the proof fails, every
+    step from 1 on captured here from the real cache (the cost check applies then), and one note line saying why."""
+    progress(f"decode step 1/{steps}")
+    step0, out = capture(vendor.decode(model, previous, 0), model, "decode", vendor_roots=roots, step=0,
+                         kv_len=prompt_len)
+    probes: dict[int, StageGraph] = {}
+    if worker is not None and worker.check(out, model):
+        progress(f"decode steps {', '.join(str(k + 1) for k in worker.only)}/{steps} (probes, worker process): "
+                 f"steps 2-{steps} in closed form")
+        got = worker.collect(1, timeout=120)
+        if got is not None:
+            probes = dict(zip(worker.only, got))
+    graphs = [step0]  # the real chain: steps 0.. from the prefill's cache (a cache object the steps grow in place)
     try:
-        template = vendor.decode(model, EMPTY, 0)()
-        if signature(cache_of(out)) != signature(cache_of(synthesized_state(template, prompt_len + 3))):
-            raise NotAffine("the cache step 3 reads is not the synthesized one")
-        probes = dict(zip(probe_steps(steps), rows(graphs[1:3])))
-        for k in probe_steps(steps)[2:]:
-            progress(f"decode step {k + 1}/{steps} (a probe: steps 2-{steps} in closed form)")
-            sg, _ = capture(vendor.decode(model, synthesized_state(template, prompt_len + k), k), model, "decode",
-                            vendor_roots=roots, step=k, kv_len=prompt_len + k)
-            probes[k] = rows([sg])[0]
+        if not probes:
+            more, out, _ = capture_decode(vendor, model, out, 3, prompt_len, roots, None, progress, first=1)
+            graphs += more
+            template = vendor.decode(model, EMPTY, 0)()
+            if signature(cache_of(out)) != signature(cache_of(synthesized_state(template, prompt_len + 3))):
+                raise NotAffine("the cache step 3 reads is not the synthesized one")
+            probes = dict(zip(probe_steps(steps), rows(graphs[1:3])))
+            for k in probe_steps(steps)[2:]:
+                progress(f"decode step {k + 1}/{steps} (a probe: steps 2-{steps} in closed form)")
+                sg, _ = capture(vendor.decode(model, synthesized_state(template, prompt_len + k), k), model,
+                                "decode", vendor_roots=roots, step=k, kv_len=prompt_len + k)
+                probes[k] = rows([sg])[0]
         return [graphs[0], prove(probes)], None
     except NotAffine as exc:
         why = f"the decode steps are not in closed form ({exc})"
         plan.check(closed_form=False, why=why)
-        more, _, _ = capture_decode(vendor, model, out, steps, prompt_len, roots, None, progress, first=3)
+        more, _, _ = capture_decode(vendor, model, out, steps, prompt_len, roots, None, progress,
+                                    first=len(graphs))
         return graphs + more, f"{why}: every step traced"
 
 

@@ -150,7 +150,7 @@ class Totals:
                 self.flops_torch += r["flops_torch"]
                 self.flops_full += r["flops_full"]
                 if r["status"] == "unknown":
-                    self.unknown[r["op"]] += 1
+                    self.unknown[r["op"]] += steps_in(sg)
             return self
         for n in sg.op_nodes():
             self.flops_torch += n.meta["flops_torch"]
@@ -158,6 +158,11 @@ class Totals:
             if n.meta["flop_status"] == "unknown":
                 self.unknown[n.meta["op"]] += 1
         return self
+
+
+def steps_in(sg: StageGraph) -> int:
+    """How many steps' nodes each of a graph's rows stands for: a closed-form span's (tracer.capture.series), else 1."""
+    return 1 if sg.span is None else sg.span[1] - sg.span[0] + 1
 
 
 def totals(graphs: list[StageGraph]) -> Totals:

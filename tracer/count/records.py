@@ -15,7 +15,8 @@ from tracer.capture.recorder import StageGraph
 from tracer.capture.trace import Trace
 from tracer.core.conventions import Conventions
 from tracer.core.modulepaths import STAGES, node_id
-from tracer.count.counter import Totals, count_graph, totals
+from tracer.capture.series import STEP_SUMS
+from tracer.count.counter import count_graph, steps_in, totals
 from tracer.count.document import SCHEMA
 from tracer.count.memory import graph_memory, node_memory
 
@@ -93,10 +94,11 @@ def graph_rows(sg: StageGraph) -> list[dict[str, Any]]:
 MEMORY_SUMS = ("bytes_read", "bytes_written", "weight_bytes", "cuda_flops")  # per node; a stage's are their sums
 
 
-def stage_record(name: str, graphs: list[StageGraph], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def stage_record(name: str, graphs: list[StageGraph], rows: list[dict[str, Any]],
+                 graph_rows_of: dict[int, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """A stage's counts: FLOPs (both policies), the node columns summed (`weight_bytes` here: each parameter once
     per graph, a decode step's read at every step), the activation peak (the largest of its graphs') and the KV
-    cache after it (bytes, per layer)."""
+    cache after it (bytes, per layer); a decode's per step too (`graph_rows_of`: each graph's rows, by id(graph))."""
     t = totals(graphs)
     rec: dict[str, Any] = {"name": name, "flops_torch": t.flops_torch, "flops_full": t.flops_full,
                            "unknown_ops": sum(t.unknown.values())}
@@ -115,24 +117,27 @@ def stage_record(name: str, graphs: list[StageGraph], rows: list[dict[str, Any]]
     if kv is not None:
         rec["kv_bytes"], rec["kv_layers"] = sum(kv), kv
     if name == "decode":
-        rec["steps"] = [step for g in graphs for step in _steps(g)]
+        rec["steps"] = [step for g in graphs for step in _steps(g, (graph_rows_of or {}).get(id(g), g.rows or []))]
         spans = [{"steps": list(g.span), **g.series} for g in graphs if g.span is not None]
         if spans:  # steps in closed form (tracer.capture.series): each total's affine form [a, b], a + b * step
             rec["series"] = spans
     return rec
 
 
-def _steps(g: StageGraph) -> list[dict[str, int]]:
-    """A decode graph's per-step totals: its own, or each step of its span from the series' affine forms."""
+STEP_KEYS = ("kv_len", *STEP_SUMS, "weight_bytes", "act_peak_bytes", "kv_bytes")
+
+
+def _steps(g: StageGraph, rows: list[dict[str, Any]]) -> list[dict[str, int]]:
+    """A decode graph's per-step totals (STEP_KEYS: what a sweep needs to sum a shorter decode): its own, or each
+    step of its span from the series' affine forms (tracer.capture.series)."""
     if g.span is None:
-        return [{"kv_len": g.kv_len, **_flops(totals([g])),
-                 **({"kv_bytes": sum(g.kv_layers)} if g.kv_layers is not None else {})}]
-    keys = ("kv_len", "flops_torch", "flops_full", *(("kv_bytes",) if "kv_bytes" in g.series else ()))
+        memory = g.memory or {}
+        step = {"kv_len": g.kv_len, **{k: sum(r[k] for r in rows) for k in STEP_SUMS},
+                "weight_bytes": memory.get("weight_bytes", sum(r["weight_bytes"] for r in rows)),
+                "act_peak_bytes": memory.get("act_peak_bytes", 0)}
+        return [{**step, **({"kv_bytes": sum(g.kv_layers)} if g.kv_layers is not None else {})}]
+    keys = [k for k in STEP_KEYS if k in g.series]
     return [{key: g.series[key][0] + g.series[key][1] * k for key in keys} for k in range(g.span[0], g.span[1] + 1)]
-
-
-def _flops(t: Totals) -> dict[str, int]:
-    return {"flops_torch": t.flops_torch, "flops_full": t.flops_full}
 
 
 def build_report(tr: Trace) -> dict[str, Any]:
@@ -140,13 +145,16 @@ def build_report(tr: Trace) -> dict[str, Any]:
     unknown: Counter = Counter()
     nodes = []
     per_stage: dict[str, list[dict[str, Any]]] = {name: [] for name in STAGES}
+    per_graph: dict[int, list[dict[str, Any]]] = {}
     for sg in tr.graphs():
-        rows = sg.rows if sg.rows is not None else graph_rows(sg)
+        rows = per_graph[id(sg)] = sg.rows if sg.rows is not None else graph_rows(sg)
         nodes += rows
         per_stage.setdefault(sg.stage, []).extend(rows)
-        if sg.stage != "vision":  # vision nodes repeat prefill's
-            unknown.update(r["op"] for r in rows if r["status"] == "unknown")
-    stages = [stage_record(name, tr.stages.get(name, []), per_stage[name]) for name in STAGES]
+        if sg.stage != "vision":  # vision nodes repeat prefill's; a span's node stands for one node per step
+            for r in rows:
+                if r["status"] == "unknown":
+                    unknown[r["op"]] += steps_in(sg)
+    stages = [stage_record(name, tr.stages.get(name, []), per_stage[name], per_graph) for name in STAGES]
     return {
         "schema": SCHEMA,
         "model": w.model,

@@ -102,6 +102,9 @@ def page_data(report: dict[str, Any]) -> dict[str, Any]:
         "strings": s.items,
         "unmapped": [index[n["id"]] for n in nodes if not n.get("layer")],
         "unknown_ops": report["unknown_ops"],
+        # the decode's per-step totals (tracer.count.records.stage_record) and its closed-form spans
+        "decode_steps": next((st.get("steps", []) for st in report["stages"] if st["name"] == "decode"), []),
+        "decode_series": next((st.get("series", []) for st in report["stages"] if st["name"] == "decode"), []),
         **({"kernels": report["kernels"], "kernel_layers": report["kernel_layers"], "device": report["device"],
             "kernel_time": report["kernel_time"], "roofline": report.get("roofline")} if report.get("kernels") else {}),
     }
