@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-
 #: decode steps from this many on are counted in closed form, the trace's (tracer.capture.series) and the analytic
 #: model's (analytic.series): step 0 apart, steps 1..n-1 from a few probes, each count affine in the step. Below it,
 #: tracing every step takes seconds at most and the report keeps every step's nodes.

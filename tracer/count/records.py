@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from tracer.capture.recorder import StageGraph
+from tracer.capture.series import STEP_SUMS
 from tracer.capture.trace import Trace
 from tracer.core.conventions import Conventions
 from tracer.core.modulepaths import STAGES, node_id
-from tracer.capture.series import STEP_SUMS
 from tracer.count.counter import count_graph, steps_in, totals
 from tracer.count.document import SCHEMA
 from tracer.count.memory import graph_memory, node_memory
