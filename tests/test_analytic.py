@@ -196,10 +196,11 @@ def test_analytic_and_flopdiff_share_flag_names_helps_and_defaults():
         return {a.option_strings[0]: a for a in p._actions if a.option_strings and a.dest != "help"}
 
     ours = actions(flopdiff_parser())
-    for theirs in (actions(analytic_parser()), actions(sweep_parser())):
+    for theirs, own in ((actions(analytic_parser()), ()), (actions(sweep_parser()), ("--decode-steps",))):
         for flag in set(ours) & set(theirs):
-            # a sweep's gate is per page, its folder another default; --mode: refused by the analytic command
-            if flag not in ("--max-gap", "--out", "--mode"):
+            # a sweep's gate is per page, its folder another default, its decode steps a list of lengths;
+            # --mode: refused by the analytic command
+            if flag not in ("--max-gap", "--out", "--mode", *own):
                 assert (ours[flag].help, ours[flag].default) == (theirs[flag].help, theirs[flag].default), flag
     theirs = actions(analytic_parser())
     assert {"--image-shape", "--text-tokens", "--decode-steps", "--resolution", "--analytic", "--policy"} <= set(theirs)

@@ -76,7 +76,7 @@ CASES = [
     ("text tokens and tokenizer", ["--tokenizer", "{tmp}", "--text-tokens", "3"], "give either --text-tokens or"),
     ("past the positions: steps", ["--decode-steps", "100000"], "exceed the model's 8192 positions"),
     ("past the positions: tokens", ["--text-tokens", "10000000"], "exceed the model's 8192 positions"),
-    ("minutes of capture", ["--decode-steps", "3000"], "pass --allow-long to run it anyway"),
+    ("minutes of capture", ["--decode-steps", "3000", "--every-step"], "pass --allow-long to run it anyway"),
     ("negative decode steps", ["--decode-steps", "-3"], "--decode-steps -3: must be 0 or more"),
     ("config layers -1", ["--config", "cfg:num_hidden_layers=-1"], "text_config.num_hidden_layers = -1 must be"),
     ("config hidden 0", ["--config", "cfg:hidden_size=0"], "text_config.hidden_size = 0 must be a positive"),

@@ -66,7 +66,8 @@ def test_killed_run_leaves_no_worker_no_scratch_and_the_old_set(sig, tmp_path):
         pytest.skip("the decode worker needs fork() and a second CPU; this machine has one")
     out = tmp_path / "out"
     old = _old_set(out)
-    proc = subprocess.Popen([sys.executable, "-m", "tracer.diff", "--quiet", "--decode-steps", "200", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "tracer.diff", "--quiet", "--decode-steps", "200", "--every-step",
+                             "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # the worker is forked once the model is built; its scratch folder is named after this process
