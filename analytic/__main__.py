@@ -54,6 +54,7 @@ def _si(n: int, unit: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.model = flags.model_of(args)
     preset_flag = flags.typed(argv, ("--analytic", *ALIASES["--analytic"]))
     try:
         variant(args.analytic, preset_flag)  # the flags as the user typed them, before the API's checks

@@ -18,11 +18,12 @@ from omegaconf import OmegaConf
 
 from analytic.blocks import VENDOR_CONSTANTS
 from analytic.layers import Block, Cost, Policy
-from analytic.models import BUILDERS
+from analytic.models import builder
 from analytic.plugin import is_plugin, load, plugin_tree, workload_of
 from analytic.request import ModelTree, Shape, Variant
 from tracer.core.configfile import read_json
 from tracer.core.errors import FlopdiffError
+from tracer.core.models import defaults_key, hf_config_dict, is_hf
 from tracer.core.workload import Workload
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -56,7 +57,7 @@ def split_overrides(overrides: list[str] | None) -> tuple[tuple[str, ...], dict[
 def compose(model: str, overrides: list[str] | tuple[str, ...] | None = None) -> Any:
     """defaults.yaml + its `key=value` overrides (OmegaConf dotlist; an unknown key is refused), read-only."""
     cfg = _composed(tuple(overrides or ()))
-    if model not in cfg.models:
+    if defaults_key(model) not in cfg.models:
         raise FlopdiffError(f"--model {model!r}: unknown model; choose one of {', '.join(cfg.models)}")
     return cfg
 
@@ -121,11 +122,18 @@ def build(model: str, shape: Shape, preset: str = "aligned", config: str | None 
     """`attention`: the implementation per part ({"decoder": ..., "vision": ...}; None: the vendor defaults), which
     says which op carries each attention's matmuls (what policy torch counts); `changes`: preset fields overridden
     (`clip_layers=2`); `policy`: what a plug-in model is told it is counted under (default full)."""
-    path = Path(config) if config else DATA / model / "config.json"
+    if is_hf(model):  # transformers' config for the model type: the file's keys over its class's defaults
+        path, cfg = config or model, _hf_config(model, config)
+    else:
+        path = Path(config) if config else DATA / model / "config.json"
+        cfg = _config(str(path))
     if is_plugin(preset):  # the workload it is told of: the vendor-exact model's views and prompt
-        base = BUILDERS[model](_config(str(path)), shape, where=f"--config {path}", attention=attention)
+        if is_hf(model):
+            raise FlopdiffError(f"--analytic {preset}: a plug-in model is for DeepSeek-OCR's adapters; for {model} "
+                                f"use the generic families (aligned) or a preset")
+        base = builder(model)(cfg, shape, where=f"--config {path}", attention=attention)
         c = VENDOR_CONSTANTS[model]
-        return plugin_tree(preset, model, _config(str(path)),
+        return plugin_tree(preset, model, cfg,
                            workload_of(model, shape, base.views, base.prompt_len, c["patch"], c["downsample"]),
                            base.views, policy or counting_policy("full"))
     chosen = variant(preset)
@@ -134,7 +142,7 @@ def build(model: str, shape: Shape, preset: str = "aligned", config: str | None 
             chosen = dataclasses.replace(chosen, **changes)
         except FlopdiffError as exc:
             raise FlopdiffError(f"override {exc}") from None
-    return BUILDERS[model](_config(str(path)), shape, where=f"--config {path}", variant=chosen, attention=attention)
+    return builder(model)(cfg, shape, where=f"--config {path}", variant=chosen, attention=attention)
 
 
 def model_text_tokens(model: str, given: int | None = None, overrides: tuple[str, ...] = ()) -> int:
@@ -143,7 +151,13 @@ def model_text_tokens(model: str, given: int | None = None, overrides: tuple[str
     if given is not None:
         return given
     cfg = compose(model, overrides)
-    return cfg.workload.text_tokens if cfg.workload.text_tokens is not None else cfg.models[model].text_tokens
+    return cfg.workload.text_tokens if cfg.workload.text_tokens is not None else cfg.models[defaults_key(model)].text_tokens
+
+
+@lru_cache(maxsize=16)
+def _hf_config(model: str, path: str | None) -> dict:
+    """An `hf:` model's config as transformers builds it (tracer.core.models.hf_config_dict), once per process."""
+    return hf_config_dict(model, path)
 
 
 @lru_cache(maxsize=16)
@@ -155,7 +169,7 @@ def _config(path: str) -> dict:
 def mode_knobs(model: str, mode: str | None = None, overrides: list[str] | None = None,
                flag: str = "--mode") -> Any:
     """A vendor resolution mode's base_size, tile_size and crop_mode (defaults.yaml; None: the model's default)."""
-    m = compose(model, overrides).models[model]
+    m = compose(model, overrides).models[defaults_key(model)]
     mode = mode or m.default_mode
     if mode not in m.modes:
         raise FlopdiffError(f"{flag} {mode!r}: {model} has the modes {', '.join(m.modes)}")

@@ -20,15 +20,16 @@ class Shape:
 
     width: int
     height: int
-    base_size: int
-    tile_size: int
+    base_size: int | None  # None: a model whose processor sizes the views itself (tracer.vendors.hf)
+    tile_size: int | None
     crop_mode: bool
     text_tokens: int
     decode_steps: int
 
     def __post_init__(self) -> None:
         """API input is checked here, by field name (the command lines check their flags before)."""
-        _require(self, {"width": _positive, "height": _positive, "base_size": _view, "tile_size": _view,
+        _require(self, {"width": _positive, "height": _positive, "base_size": _optional(_view),
+                        "tile_size": _optional(_view),
                         "crop_mode": _bool, "text_tokens": _count, "decode_steps": _count})
 
         if max(self.width, self.height) > MAX_SIDE or self.width * self.height > MAX_PIXELS:

@@ -23,6 +23,7 @@ Every `{name}` of a layer template must be captured by the pattern or be a call 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from tracer.core.errors import FlopdiffError
+from tracer.core.models import is_hf, model_type
 
 TABLES = Path(__file__).resolve().parent / "tables"
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -83,6 +85,7 @@ class Table:
     call_names: tuple[CallName, ...]
     scopes: tuple[Rule, ...] = ()  # module -> enclosing analytic block, for work no rule maps (CUDA kernels)
     kv_cache: str | None = None    # the layer id of decoder layer {i}'s KV cache (what the vendor returns per layer)
+    generic: bool = False          # one table for many models: a rule naming a layer the model lacks is skipped
 
 
 def compile_pattern(pattern: str, where: str) -> re.Pattern:
@@ -115,7 +118,17 @@ def _path(model_or_path: str) -> Path:
     p = Path(model_or_path)
     if p.suffix in (".yaml", ".yml"):
         return p
-    return TABLES / f"{model_or_path}.yaml"
+    return TABLES / f"{'hf' if is_hf(model_or_path) else model_or_path}.yaml"
+
+
+def _prefixes(model_or_path: str) -> dict[str, str]:
+    """An `hf:` model's module paths for the generic table's `${text}` and `${vision}` (its family's row)."""
+    if not is_hf(model_or_path):
+        return {}
+    from analytic.families import family_of
+
+    family = family_of(model_type(model_or_path))
+    return {"text": family.text if family else "model", "vision": (family and family.vision) or "no_vision"}
 
 
 @lru_cache(maxsize=16)
@@ -127,7 +140,8 @@ def load_table(model_or_path: str) -> Table:
         known = ", ".join(sorted(p.stem for p in TABLES.glob("*.yaml")))
         raise FlopdiffError(f"{where}: no such file (built-in tables: {known})")
     try:
-        raw: Any = OmegaConf.to_container(OmegaConf.load(path))
+        raw: Any = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(path), _prefixes(model_or_path)),
+                                          resolve=True)
     except Exception as exc:  # OmegaConf wraps the YAML parser's several error types
         raise FlopdiffError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("rules"), list) or "model" not in raw:
@@ -141,7 +155,8 @@ def load_table(model_or_path: str) -> Table:
     if kv_cache is not None and (not isinstance(kv_cache, str) or set(_FIELD.findall(kv_cache)) != {"i"}):
         raise FlopdiffError(f"{where}: kv_cache: expected a layer id template with {{i}} (the decoder layer's index), "
                             f"got {kv_cache!r}")
-    return Table(str(raw["model"]), str(path), rules, calls, scopes, kv_cache)
+    model = model_or_path if raw.get("generic") and is_hf(model_or_path) else str(raw["model"])
+    return Table(model, str(path), rules, calls, scopes, kv_cache, generic=bool(raw.get("generic")))
 
 
 def _rule(i: int, r: Any, where: str, call_fields: set[str], ops: bool = True) -> Rule:
@@ -164,13 +179,20 @@ def _globs(rule: dict[str, Any], key: str) -> tuple[str, ...]:
     return tuple(str(g) for g in ([value] if isinstance(value, str) else value))
 
 
-def check_layers(table: Table, catalogue: set[str]) -> None:
-    """Fail at load time when a rule names a layer the analytic model does not have."""
+def check_layers(table: Table, catalogue: set[str]) -> Table:
+    """Fail at load time when a rule names a layer the analytic model does not have; a generic table (one for many
+    models) comes back without those rules instead."""
     kv = (Rule(-1, "kv_cache", table.kv_cache),) if table.kv_cache else ()
+    has = lambda rule: any(template_regex(rule.layer).fullmatch(lid) for lid in catalogue)  # noqa: E731
+    if table.generic:
+        kept = [r for r in table.rules if has(r)]  # numbered anew: Mapping.rule_of indexes the rules by number
+        return dataclasses.replace(table, rules=tuple(dataclasses.replace(r, index=i) for i, r in enumerate(kept)),
+                                   scopes=tuple(r for r in table.scopes if has(r)),
+                                   kv_cache=table.kv_cache if not kv or has(kv[0]) else None)
     for rule in table.rules + table.scopes + kv:
-        rx = template_regex(rule.layer)
-        if not any(rx.fullmatch(lid) for lid in catalogue):
+        if not has(rule):
             near = sorted(lid for lid in catalogue if lid.split(".")[0] == rule.layer.split(".")[0])[:3]
             raise FlopdiffError(f"mapping table {table.source}: {rule.name()} names analytic layer {rule.layer!r}, "
                                 f"which the analytic model of {table.model} does not have "
                                 f"(layer ids look like: {', '.join(near) or '(none)'})")
+    return table

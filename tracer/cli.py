@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
+    args.model = flags.model_of(args)
     knobs = resolution_knobs(args.model, args.resolution, {k: getattr(args, k) for k in KNOBS})
     crop_mode = DEFAULT.crop_mode if knobs["crop_mode"] is None else knobs["crop_mode"]
     return Workload(model=args.model, image_wh=DEFAULT.image_wh if args.image else parse_image_shape(args.image_shape),

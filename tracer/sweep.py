@@ -268,7 +268,7 @@ def main(argv: list[str]) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    model = args.model
+    model = args.model = flags.model_of(args)
     text_tokens = model_text_tokens(model, args.text_tokens)
     given = {"base_size": args.base_size, "tile_size": args.tile_size, "crop_mode": args.crop_mode}
     lengths = args.decode_steps  # the decode lengths: each key is traced at the longest, which serves them all

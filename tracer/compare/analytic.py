@@ -102,5 +102,5 @@ def map_report(report: dict[str, Any], an: Analytic, table: str | None = None) -
     tiled = Shape(1000, 1400, an.shape.base_size, an.shape.tile_size, True, 1, 1)
     every = [catalogue(build(report["model"], tiled, config=an.config, attention=attention))
              for attention in (an.attention, {"decoder": "eager", "vision": "eager"}, None)]
-    check_layers(tab, set().union(*cat.values(), *(ids for c in every for ids in c.values())))
+    tab = check_layers(tab, set().union(*cat.values(), *(ids for c in every for ids in c.values())))
     return map_nodes(tab, report["nodes"], present_views(report), cat)

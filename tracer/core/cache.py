@@ -44,6 +44,7 @@ from typing import Any
 
 from tracer.core.inputs import digest
 from tracer.core.lifecycle import remove, sweep_dead
+from tracer.core.models import is_hf, model_type
 from tracer.core.workload import Workload
 
 FORMAT = 1
@@ -117,7 +118,10 @@ def _vendor_digest(model: str, vendor_dir: str | None) -> str:
     spec = importlib.util.find_spec("transformers")
     if spec is None or not spec.submodule_search_locations:
         return "absent"
-    package = Path(list(spec.submodule_search_locations)[0]) / "models" / "deepseek_ocr2"
+    # the model's own package (an hf: model's by its model type, as transformers names the folder; the version is
+    # in the key beside, for the code the models share)
+    folder_name = model_type(model).replace("-", "_") if is_hf(model) else "deepseek_ocr2"
+    package = Path(list(spec.submodule_search_locations)[0]) / "models" / folder_name
     return _digest_files([p for p in package.glob("*.py")]) if package.is_dir() else "absent"
 
 

@@ -10,11 +10,11 @@ import importlib.metadata
 from typing import Any
 
 from tracer.core.conventions import CLOSED_FORM_STEPS
+from tracer.core.models import DEFAULT_MODEL, model_for_config
 
 Row = tuple[tuple[str, ...], dict[str, Any]]
 
-MODELS = ("deepseek-ocr", "deepseek-ocr-2")
-DEFAULT_MODEL = "deepseek-ocr-2"
+MODELS = ("deepseek-ocr", "deepseek-ocr-2", "hf:MODEL_TYPE")
 DEFAULT_SHAPE = "1000x1400"
 DEFAULT_DECODE_STEPS = 1
 DESCRIPTION = ("Where the FLOPs of a vendor vision-language model go, node by node: traced weight-free, counted as "
@@ -39,7 +39,8 @@ IMAGE = [
     (("--image-shape",), dict(default=DEFAULT_SHAPE, metavar="WxH", help="the size of a white page to measure")),
 ]
 WORKLOAD: list[Row] = [
-    (("--model",), dict(default=DEFAULT_MODEL, help=f"the vendor model: {', '.join(MODELS)}")),
+    (("--model",), dict(help=f"the vendor model: {', '.join(MODELS)} (any transformers model; default: the one "
+                             f"--config names, else {DEFAULT_MODEL})")),
     (("--base-size",), dict(type=int, metavar="PX", help="global view size (default: the vendor processor's)")),
     (("--tile-size",), dict(type=int, metavar="PX", help="tile size (default: the vendor processor's)")),
     (("--crop-mode",), dict(action=argparse.BooleanOptionalAction, default=None,
@@ -148,3 +149,8 @@ def typed(argv: list[str], names: tuple[str, ...]) -> str:
             if arg == name or arg.startswith(name + "="):
                 return name
     return names[0]
+
+
+def model_of(args: argparse.Namespace) -> str:
+    """--model, else the model the --config file names (tracer.core.models), else the default model."""
+    return args.model or model_for_config(getattr(args, "config", None))

@@ -30,8 +30,9 @@ class _Terminal(Console):
 
 def terminal() -> Console:
     """Standard output for the tables: piped, 140 columns (full numbers, no ellipsis); no markup, so that paths and
-    vendor strings print as they are (`--out 'o[/bold]'` raised a MarkupError, `o[red]x` printed `ox`)."""
-    return _Terminal(width=None if sys.stdout.isatty() else 140, markup=False)
+    vendor strings print as they are (`--out 'o[/bold]'` raised a MarkupError, `o[red]x` printed `ox`); no emoji codes
+    (`hf:llama:` printed a llama)."""
+    return _Terminal(width=None if sys.stdout.isatty() else 140, markup=False, emoji=False)
 
 
 COMPACT_BELOW = 140  # columns: a narrower terminal gets compact numbers (the full tables need about 140)

@@ -7,10 +7,12 @@ must be shimmed to run the vendor code weight-free is declared in the adapter wi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tracer.core.errors import FlopdiffError
+from tracer.core.models import check_hf, is_hf
 from tracer.vendors.options import BuildOptions, parse_impl
 
 if TYPE_CHECKING:  # the protocol's module imports torch: the registry stays torch-free (tracer.core.cache)
@@ -35,11 +37,21 @@ VENDORS: dict[str, Callable[[], "Vendor"]] = {"deepseek-ocr": _deepseek_ocr, "de
 
 
 def check_model(name: str) -> None:
-    """An unknown --model, without importing any adapter (they import torch)."""
+    """An unknown --model, without importing any adapter (they import torch; an `hf:` name asks transformers)."""
+    if is_hf(name):
+        return check_hf(name)
     if name not in VENDORS:
-        raise FlopdiffError(f"--model {name!r}: unknown model; choose one of {', '.join(sorted(VENDORS))}")
+        raise FlopdiffError(f"--model {name!r}: unknown model; choose one of {', '.join(sorted(VENDORS))}, or "
+                            f"hf:MODEL_TYPE for any transformers model (hf:llama, hf:mixtral, hf:llava, ...)")
+
+
+@functools.cache
+def _hf(name: str) -> "Vendor":
+    from tracer.vendors.hf import HFVendor
+
+    return HFVendor(name)
 
 
 def get_vendor(name: str) -> "Vendor":
     check_model(name)
-    return VENDORS[name]()
+    return _hf(name) if is_hf(name) else VENDORS[name]()

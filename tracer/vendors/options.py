@@ -55,8 +55,8 @@ def attention_parts(model: str, options: BuildOptions) -> dict[str, str]:
     if model == "deepseek-ocr":
         return {"decoder": options.attn or "eager", "vision": "sdpa"}
     attn = options.attn or "sdpa"
-    experts = options.experts or DEFAULT_EXPERTS[model]
-    experts = experts if isinstance(experts, str) else experts.get("text_config", experts.get("", DEFAULT_EXPERTS[model]))
+    experts = options.experts or DEFAULT_EXPERTS.get(model, "grouped_mm")  # transformers' default elsewhere
+    experts = experts if isinstance(experts, str) else experts.get("text_config", experts.get("", DEFAULT_EXPERTS.get(model, "grouped_mm")))
     if isinstance(attn, str):
         return {"decoder": attn, "vision": attn, "experts": experts}
     return {"decoder": attn.get("text_config", attn.get("", "sdpa")),
