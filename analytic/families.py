@@ -132,7 +132,8 @@ def _latent_attention(t: Text, p: str, new: int, kv_len: int, attn_op: str) -> l
         rms_norm(f"{p}.kv_a_layernorm", new, kv_rank),
         Linear(f"{p}.kv_b_proj", tokens=kv_len, d_in=kv_rank, d_out=heads * (nope + v)),
         rope_apply(f"{p}.rope_apply", new, heads, 1, rope),
-        Attention(f"{p}.attn", op=attn_op, heads=heads, s_q=new, s_k=kv_len, d=qk, d_v=v, causal=True),
+        Attention(f"{p}.attn", op="sdpa_unequal" if attn_op == "sdpa" and qk != v else attn_op, heads=heads, s_q=new,
+                  s_k=kv_len, d=qk, d_v=v, causal=True),
         Linear(f"{p}.o_proj", tokens=new, d_in=heads * v, d_out=h),
         # the latent and the rope key, as KVCache's "keys and values" of one head (their mean width)
         KVCache(f"{p}.kv_cache", positions=kv_len, kv_heads=1, d=(kv_rank + rope) / 2),

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from analytic.api import build, counting_policy, evaluate_tree
+from analytic.families import FAMILIES, family_of
 from analytic.layers import Policy
 from analytic.request import ModelTree, Shape
 from mapping.engine import Mapping, map_nodes
 from mapping.table import check_layers, load_table
 from tracer.core.errors import FlopdiffError
+from tracer.core.models import is_hf, model_type
 
 
 @dataclass
@@ -103,4 +105,9 @@ def map_report(report: dict[str, Any], an: Analytic, table: str | None = None) -
     every = [catalogue(build(report["model"], tiled, config=an.config, attention=attention))
              for attention in (an.attention, {"decoder": "eager", "vision": "eager"}, None)]
     tab = check_layers(tab, set().union(*cat.values(), *(ids for c in every for ids in c.values())))
-    return map_nodes(tab, report["nodes"], present_views(report), cat)
+    mapping = map_nodes(tab, report["nodes"], present_views(report), cat)
+    if is_hf(report["model"]) and family_of(model_type(report["model"])) is None:  # say why, not "no rule"
+        kinds = ", ".join(f"{f.name} ({', '.join(f.model_types)})" for f in FAMILIES)
+        mapping.unmapped = {nid: f"{report['model']}: no analytic family describes this model type (the families: "
+                                 f"{kinds}; analytic/families.py)" for nid in mapping.unmapped}
+    return mapping

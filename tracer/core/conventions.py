@@ -61,6 +61,9 @@ CARRIERS: dict[str, dict[str, tuple[str, ...]]] = {
     "sdpa": {"cpu": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
              "cuda": ("aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
                       "aten::_scaled_dot_product_cudnn_attention")},
+    # SDPA with the values narrower than the keys (DeepSeek-V3's latent attention): the CPU flash kernel refuses it and
+    # the math path's matmuls run (bmm); CUDA's memory-efficient kernel takes it
+    "sdpa_unequal": {"cpu": ("aten::bmm",), "cuda": ("aten::_scaled_dot_product_efficient_attention", "aten::bmm")},
 }
 
 

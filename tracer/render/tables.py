@@ -178,6 +178,9 @@ def gap_table(report: dict[str, Any], top: int = 12, compact: bool = False, widt
     what = "the gap" if metric == "tc_flops" else f"the {METRICS[metric].label} gap"
     if not report["gap_groups"]:
         side = _measured(report) if metric == "tc_flops" else "traced"
+        if unmapped := report.get("coverage", {}).get("unmapped"):  # what no layer holds: the nodes without one
+            return (f"where {what} comes from: no analytic layer has a gap; {unmapped} FLOP-bearing nodes have no "
+                    f"analytic layer (listed below)")
         return f"where {what} comes from: no gap on any layer ({side} = analytic everywhere)"
     return _fitted(lambda drop: _gap_table(report, top, compact, drop, metric, what), ("why", "layers", "% of gap"),
                    width)
@@ -222,6 +225,13 @@ def unmapped_table(report: dict[str, Any], top: int = 20):
         table.add_column(col, justify="right" if col == "full" else "left", overflow="fold")
     for n in sorted(rows, key=lambda n: -n["flops_full"])[:top]:
         table.add_row(Text(n["id"]), Text(n["op"]), Text(n["module"]), _fmt(n["flops_full"]), Text(n["unmapped"]))
+    by_class: dict[str, list[int]] = {}  # what the model's modules are, where no analytic layer says it
+    for n in rows:
+        entry = by_class.setdefault(n.get("module_class") or "(no module)", [0, 0])
+        entry[0] += 1
+        entry[1] += n["flops_full"]
+    table.caption = "by module class: " + ", ".join(f"{cls} {k} nodes ({_fmt(f, True)} FLOPs)" for cls, (k, f) in
+                                                    sorted(by_class.items(), key=lambda kv: -kv[1][1]))
     return table
 
 

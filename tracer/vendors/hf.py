@@ -78,9 +78,9 @@ class HFVendor:
         if getattr(config, "is_encoder_decoder", False):  # the decoder starts from its own start token
             inputs["decoder_input_ids"] = torch.tensor([[getattr(config, "decoder_start_token_id", None) or 0]])
         inputs["input_ids"] = torch.tensor([ids])
-        derived = Derived(image_wh=(w, h), base_size=px or None, tile_size=px or None, views=1 if px else 0,
-                          crop_grid_wh=(1, 1),
-                          image_tokens=image_tokens, prompt_len=len(ids))
+        # the processor sizes the one view itself (base and tile sizes are DeepSeek-OCR's knobs): its side in `extra`
+        derived = Derived(image_wh=(w, h), base_size=None, tile_size=None, views=1 if px else 0, crop_grid_wh=(1, 1),
+                          image_tokens=image_tokens, prompt_len=len(ids), extra={"view_px": px} if px else {})
         return Prepared(inputs, derived, notes=[] if self.vision_modules else
                         [f"{self.name}: a text model; the image ({w}x{h}) is not an input"])
 
@@ -88,7 +88,8 @@ class HFVendor:
         from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
                                   AutoModelForSeq2SeqLM)
 
-        config._attn_implementation = options.attn if isinstance(options.attn, str) else "sdpa"
+        if options.attn:  # else transformers' own choice: sdpa where the model has it (a state-space model has none)
+            config._attn_implementation = options.attn if isinstance(options.attn, str) else options.attn.get("", "sdpa")
         if options.experts:
             config._experts_implementation = options.experts
         dtype = getattr(torch, options.dtype)
@@ -153,6 +154,9 @@ class HFVendor:
         kwargs = _accepted(model, use_cache=True, logits_to_keep=1)
         if "decoder_input_ids" in names:  # encoder-decoder: the encoder's states from the prefill, the new token
             encoder = getattr(previous, "encoder_last_hidden_state", None)
+            if encoder is None:  # the decode worker's template (no forward before): nothing to attend to
+                raise FlopdiffError(f"--model {self.name}: an encoder-decoder decode step reads the prefill's encoder "
+                                    f"states")
             return lambda: model(decoder_input_ids=ids, encoder_outputs=(encoder,), **{cache_arg: cache}, **kwargs)
         return lambda: model(input_ids=ids, **{cache_arg: cache}, **kwargs)
 
