@@ -28,8 +28,8 @@ class Shape:
 
     def __post_init__(self) -> None:
         """API input is checked here, by field name (the command lines check their flags before)."""
-        _require(self, {"width": _positive, "height": _positive, "base_size": _optional(_view),
-                        "tile_size": _optional(_view),
+        _require(self, {"width": _positive, "height": _positive, "base_size": _sized_view,
+                        "tile_size": _sized_view,
                         "crop_mode": _bool, "text_tokens": _count, "decode_steps": _count})
 
         if max(self.width, self.height) > MAX_SIDE or self.width * self.height > MAX_PIXELS:
@@ -99,6 +99,8 @@ _bool = (lambda v: type(v) is bool, "true or false")
 
 
 _view = (lambda v: type(v) is int and v >= 64 and v % 16 == 0, "a multiple of the patch size 16, at least 64")
+# None: an `hf:` model, whose processor sizes its one view itself (tracer.vendors.hf)
+_sized_view = (lambda v: v is None or _view[0](v), f"{_view[1]} (or null: a model whose processor sizes its views)")
 
 
 def _optional(rule: tuple) -> tuple:

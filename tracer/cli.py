@@ -45,10 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
-    args.model = flags.model_of(args)
-    knobs = resolution_knobs(args.model, args.resolution, {k: getattr(args, k) for k in KNOBS})
+    knobs = resolution_knobs(model := flags.model_of(args), args.resolution, {k: getattr(args, k) for k in KNOBS})
     crop_mode = DEFAULT.crop_mode if knobs["crop_mode"] is None else knobs["crop_mode"]
-    return Workload(model=args.model, image_wh=DEFAULT.image_wh if args.image else parse_image_shape(args.image_shape),
+    return Workload(model=model, image_wh=DEFAULT.image_wh if args.image else parse_image_shape(args.image_shape),
                     image_path=args.image, base_size=knobs["base_size"], tile_size=knobs["tile_size"],
                     crop_mode=crop_mode, text_tokens=args.text_tokens, prompt=args.prompt, tokenizer=args.tokenizer,
                     decode_steps=args.decode_steps)
