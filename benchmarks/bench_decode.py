@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 
-from harness import flopdiff, table
+from harness import ChildFailed, flopdiff, table
 
 RUNS = {
     "v1": ("DeepSeek-OCR 1000x1400 (7 views, 9 text tokens), 2,000 decode steps",
@@ -46,12 +46,19 @@ def main() -> None:
         argv = [a.format(dir=folder) for a in argv]
     os.environ["FLOPDIFF_CACHE_DIR"] = tempfile.mkdtemp(prefix="flopdiff-bench-cache-")
     sides = {"closed form": flopdiff([*argv, "--no-cache"], totals=columns, repeat=args.repeat)}
+    failed = None
     if not args.skip_every_step:
-        sides["every step traced (--every-step)"] = flopdiff([*argv, "--no-cache", "--every-step", "--allow-long"],
-                                                             totals=columns)
+        try:  # its peak RSS is the kernel's (one run: no second, sampled run)
+            sides["every step traced (--every-step)"] = flopdiff([*argv, "--no-cache", "--every-step", "--allow-long"],
+                                                                 totals=columns, may_fail=True)
+        except ChildFailed as exc:
+            failed = exc
     got = {name: json.loads(cols) for name, (_, _, cols) in sides.items()}
-    table(title, [(f"flopdiff cold, {name}", wall, peak, json.dumps({s: c[1] for s, c in got[name].items()}))
-                  for name, (wall, peak, _) in sides.items()])
+    rows = [(f"flopdiff cold, {name}", wall, peak, json.dumps({s: c[1] for s, c in got[name].items()}))
+            for name, (wall, peak, _) in sides.items()]
+    if failed is not None:
+        rows.append(("flopdiff cold, every step traced (--every-step): FAILED", failed.wall, failed.peak, str(failed)))
+    table(title, rows)
     print("columns per stage (" + ", ".join(COLUMNS) + "):")
     for name, cols in got.items():
         print(f"  {name}: {json.dumps(cols)}")

@@ -13,13 +13,26 @@ import tempfile
 import time
 
 
-def measure(argv: list[str], again: bool = False) -> tuple[float, float, str]:
+class ChildFailed(Exception):
+    """A benchmarked command that did not finish (`may_fail`): its status, what it took, its last stderr line."""
+
+    def __init__(self, returncode: int, wall: float, peak: float, last: str):
+        super().__init__(f"exit {returncode} after {wall:.0f} s at {peak:.1f} GiB peak RSS: {last}")
+        self.returncode, self.wall, self.peak = returncode, wall, peak
+
+
+def measure(argv: list[str], again: bool = False, may_fail: bool = False) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (GiB) of a fresh process running `argv`, and its last stderr line. The kernel keeps
-    one maximum over all children: `again` (the same command once more) expects no new peak."""
+    one maximum over all children: `again` (the same command once more) expects no new peak. A failed child ends
+    the benchmark, or with `may_fail` raises ChildFailed (a side that runs out of memory is a finding)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    if proc.returncode and may_fail:
+        tail = proc.stderr.strip().splitlines()
+        raise ChildFailed(proc.returncode, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+                          tail[-1] if tail else "killed (no message: out of memory?)")
     if proc.returncode:
         sys.exit(f"benchmark child failed:\n{proc.stderr}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -77,20 +90,21 @@ def peak_pss(argv: list[str], every: float = 0.25) -> float:
 
 def flopdiff(args: list[str], report: str = "report.json",
              totals=lambda doc: {s["name"]: [s["flops_torch"], s["flops_full"]] for s in doc["stages"]},
-             repeat: int = 1, own_memory: bool = False) -> tuple[float, float, str]:
+             repeat: int = 1, own_memory: bool = False, may_fail: bool = False) -> tuple[float, float, str]:
     """The command line a user runs (`python -m tracer.diff ARGS`), timed from process start to exit (the median
     of `repeat` runs; each run's time goes to stderr); the per-stage totals are read from its report afterwards,
     outside the measured time. Memory: the larger of the largest process's peak RSS and the sampled peak PSS of
     all its processes (a run of its own, on Linux). `own_memory`: the sampled peak alone (the kernel's peak RSS of
-    children is one maximum over all earlier ones: a warm run after a cold one would show the cold one's)."""
+    children is one maximum over all earlier ones: a warm run after a cold one would show the cold one's).
+    `may_fail`: a failed run raises ChildFailed (measure) instead of ending the benchmark."""
     out = tempfile.mkdtemp(prefix="flopdiff-bench-")
     argv = [sys.executable, "-m", "tracer.diff", *args, "--out", out, "--quiet"]
-    runs = [measure(argv, again=i > 0)[:2] for i in range(repeat)]
+    runs = [measure(argv, again=i > 0, may_fail=may_fail)[:2] for i in range(repeat)]
     walls = sorted(w for w, _ in runs)
     peak = max(p for _, p in runs)
     if repeat > 1:
         print(f"flopdiff runs: {', '.join(f'{w:.1f}' for w, _ in runs)} s (median in the table)", file=sys.stderr)
-    if os.path.exists("/proc/self/smaps_rollup"):
+    if os.path.exists("/proc/self/smaps_rollup") and not may_fail:  # a long side is not run twice
         peak = peak_pss(argv, every=0.05) if own_memory else max(peak, peak_pss(argv))
     return statistics.median(walls), peak, json.dumps(totals(head(f"{out}/{report}")))
 
