@@ -284,3 +284,44 @@ def test_roofline_chart_of_a_cuda_report(browser, tmp_path, width, height):
     assert box["width"] <= width and box["x"] >= 0  # inside the page at this width
     assert errors == []
     pg.close()
+
+
+def test_decode_step_charts_of_a_closed_form_decode(browser, tmp_path):
+    """A 40-step decode (steps 1-39 in closed form) of a reduced Llama (its MLP wide enough to hold the activation
+    peak at every step: a narrower one moves the peak onto the growing cache, and the proof falls back): two charts (FLOPs, KV cache) with a point per
+    step, their y ticks at the least and the largest step's value as report.json lists them, and the note stating
+    the closed form's span and per-step form."""
+    import transformers
+
+    from tracer.core.workload import Workload
+    from tracer.pipeline import Options, run
+
+    config = tmp_path / "llama.json"
+    transformers.LlamaConfig(hidden_size=64, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=256).to_json_file(config)
+    report = run(Workload(model="hf:llama", text_tokens=6, decode_steps=40), Options(config=str(config))).report
+    decode = next(s for s in report["stages"] if s["name"] == "decode")
+    steps, (series,) = decode["steps"], decode["series"]
+    assert len(steps) == 40 and series["steps"] == [1, 39]
+    path = tmp_path / "report.html"
+    path.write_text(render_html(report))
+    pg = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(path.as_uri())
+    pg.wait_for_selector("#decode-steps svg.steps-chart")
+    charts = pg.locator("#decode-steps svg.steps-chart")
+    assert [charts.nth(i).get_attribute("data-column") for i in range(charts.count())] == ["flops_full", "kv_bytes"]
+    for i, key in enumerate(("flops_full", "kv_bytes")):
+        points = charts.nth(i).locator("polyline").get_attribute("points").split()
+        assert len(points) == 40
+        ticks = [int(t.replace(",", "")) for t in charts.nth(i).locator("text.tick.y").all_text_contents()]
+        values = [s[key] for s in steps]
+        assert ticks[0] == min(values) and ticks[-1] == max(values) and min(values) < max(values)
+        ys = [float(p.split(",")[1]) for p in points]
+        assert ys == sorted(ys, reverse=True)  # both grow with the KV length: the line climbs (SVG y points down)
+    note = pg.locator("#decode-steps p.note").inner_text()
+    assert "40 steps" in note and "steps 1-39 in closed form" in note
+    assert f"{series['flops_full'][1]:,} * step" in note
+    assert errors == []
+    pg.close()
