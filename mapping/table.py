@@ -34,7 +34,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from tracer.core.errors import FlopdiffError
-from tracer.core.models import is_hf, model_type
+from tracer.core.models import is_hf, model, model_type
 
 TABLES = Path(__file__).resolve().parent / "tables"
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -118,7 +118,10 @@ def _path(model_or_path: str) -> Path:
     p = Path(model_or_path)
     if p.suffix in (".yaml", ".yml"):
         return p
-    return TABLES / f"{'hf' if is_hf(model_or_path) else model_or_path}.yaml"
+    try:  # a model name: its row's table (the generic one for an hf: model), else a table of that name
+        return TABLES / f"{model(model_or_path).table or model_or_path}.yaml"
+    except KeyError:
+        return TABLES / f"{model_or_path}.yaml"
 
 
 def _prefixes(model_or_path: str) -> dict[str, str]:

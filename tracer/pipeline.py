@@ -38,10 +38,11 @@ from tracer.compare.metrics import check_metric, parse_max_gap
 from tracer.core import cache
 from tracer.core.errors import FlopdiffError
 from tracer.core.inputs import Pinned
+from tracer.core.models import model
 from tracer.core.workload import Workload, validate
 from tracer.result import Result
 from tracer.vendors import BuildOptions, check_model
-from tracer.vendors.options import DEFAULT_EXPERTS, attention_parts, implementations, resolve_vendor_dir
+from tracer.vendors.options import attention_parts, implementations, resolve_vendor_dir
 
 # The modules that import torch (tracing, counting, kernels, ONNX, attention plugins) are imported where a run needs
 # them, not here: a run served from the trace cache (tracer.core.cache) never imports torch or transformers.
@@ -197,7 +198,7 @@ def _run(workload: Workload, options: Options, progress: Callable[[str], None],
     vendor_dir = resolve_vendor_dir(options.build.vendor_dir, options.build.trust_remote_code)
     options = replace(options, build=replace(options.build, vendor_dir=vendor_dir))
     build = replace(options.build, mode=options.mode,
-                    experts=options.build.experts or DEFAULT_EXPERTS.get(workload.model))
+                    experts=options.build.experts or model(workload.model).default_experts)
     entry = None
     if cache.usable(options.mode, build.device, options.graph, build.attn_plugins, options.keep_graphs,
                     bool(options.ncu or options.nvtx_module), options.cache):

@@ -44,7 +44,7 @@ from typing import Any
 
 from tracer.core.inputs import digest
 from tracer.core.lifecycle import remove, sweep_dead
-from tracer.core.models import is_hf, model_type
+from tracer.core.models import model
 from tracer.core.workload import Workload
 
 FORMAT = 1
@@ -111,17 +111,17 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def _vendor_digest(model: str, vendor_dir: str | None) -> str:
-    if model == "deepseek-ocr":
+def _vendor_digest(name: str, vendor_dir: str | None) -> str:
+    """The code that runs: the remote-code folder's files, or the model's package in transformers (an hf: model's by
+    its model type, as transformers names the folder; the version is in the key beside, for the code models share)."""
+    where = model(name).code
+    if where == "vendor-dir":
         folder_ = Path(vendor_dir or "")
         return _digest_files(_files(folder_, VENDOR_SUFFIXES)) if folder_.is_dir() else f"absent:{vendor_dir}"
     spec = importlib.util.find_spec("transformers")
     if spec is None or not spec.submodule_search_locations:
         return "absent"
-    # the model's own package (an hf: model's by its model type, as transformers names the folder; the version is
-    # in the key beside, for the code the models share)
-    folder_name = model_type(model).replace("-", "_") if is_hf(model) else "deepseek_ocr2"
-    package = Path(list(spec.submodule_search_locations)[0]) / "models" / folder_name
+    package = Path(list(spec.submodule_search_locations)[0]) / "models" / where.split(":", 1)[1]
     return _digest_files([p for p in package.glob("*.py")]) if package.is_dir() else "absent"
 
 

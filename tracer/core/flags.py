@@ -10,11 +10,11 @@ import importlib.metadata
 from typing import Any
 
 from tracer.core.conventions import CLOSED_FORM_STEPS
-from tracer.core.models import DEFAULT_MODEL, model_for_config
+from tracer.core.models import DEFAULT_MODEL, MODELS, model_for_config
 
 Row = tuple[tuple[str, ...], dict[str, Any]]
 
-MODELS = ("deepseek-ocr", "deepseek-ocr-2", "hf:MODEL_TYPE")
+MODEL_NAMES = (*MODELS, "hf:MODEL_TYPE")
 DEFAULT_SHAPE = "1000x1400"
 DEFAULT_DECODE_STEPS = 1
 DESCRIPTION = ("Where the FLOPs of a vendor vision-language model go, node by node: traced weight-free, counted as "
@@ -39,7 +39,7 @@ IMAGE = [
     (("--image-shape",), dict(default=DEFAULT_SHAPE, metavar="WxH", help="the size of a white page to measure")),
 ]
 WORKLOAD: list[Row] = [
-    (("--model",), dict(help=f"the vendor model: {', '.join(MODELS)} (any transformers model; default: the one "
+    (("--model",), dict(help=f"the vendor model: {', '.join(MODEL_NAMES)} (any transformers model; default: the one "
                              f"--config names, else {DEFAULT_MODEL})")),
     (("--base-size",), dict(type=int, metavar="PX", help="global view size (default: the vendor processor's)")),
     (("--tile-size",), dict(type=int, metavar="PX", help="tile size (default: the vendor processor's)")),

@@ -7,15 +7,50 @@ only for an `hf:` name: the DeepSeek paths stay as light as before."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tracer.core.errors import FlopdiffError
 
 HF = "hf:"
-#: DeepSeek-OCR's adapters, by the model_type their config.json carries
-OWN = {"deepseek-ocr": "deepseek_vl_v2", "deepseek-ocr-2": "deepseek_ocr2"}
 DEFAULT_MODEL = "deepseek-ocr-2"
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model's facts that need no vendor code: one row per model (`MODELS`; an `hf:` model's is `HF_MODEL`'s with its
+    type). The rest of a model lives in its adapter (tracer.vendors.<adapter>), its analytic builder, its mapping table
+    (mapping/tables/<table>.yaml) and its workload defaults (analytic/presets/defaults.yaml, row `defaults_key`)."""
+
+    name: str
+    model_type: str               # the `model_type` its config.json carries
+    adapter: str                  # the module whose VENDOR is its adapter
+    analytic: str                 # its analytic builder, module:function
+    code: str                     # where the code that runs lives: "vendor-dir" (remote code) or "transformers:<package>"
+    decoder_attn: str = "sdpa"    # the decoder's attention implementation when --attn is not given
+    vision_attn: str | None = None  # fixed by the vendor code (None: what --attn gives the vision tower, else sdpa)
+    default_experts: str | None = None  # the experts implementation when --experts is not given (None: the model's)
+    experts_choice: bool = True   # whether --experts means anything (v1's remote code has its own loop)
+    table: str = ""               # its mapping table's name (default: the model's)
+
+
+MODELS = {m.name: m for m in (
+    # v1's SAM and CLIP call scaled_dot_product_attention themselves: --attn is the decoder's (transformers 4.46, eager)
+    Model("deepseek-ocr", "deepseek_vl_v2", "tracer.vendors.deepseek_ocr", "analytic.deepseek_ocr:build_v1",
+          "vendor-dir", decoder_attn="eager", vision_attn="sdpa", experts_choice=False),
+    Model("deepseek-ocr-2", "deepseek_ocr2", "tracer.vendors.deepseek_ocr2", "analytic.deepseek_ocr2:build_v2",
+          "transformers:deepseek_ocr2", default_experts="grouped_mm"),
+)}
+HF_MODEL = Model(HF, "", "tracer.vendors.hf", "analytic.families:build_hf", "transformers:", table="hf")
+
+
+def model(name: str) -> Model:
+    """The row of a model name (an `hf:` name: the generic row, with its type; an unknown name: KeyError)."""
+    if is_hf(name):
+        kind = model_type(name)
+        return replace(HF_MODEL, name=name, model_type=kind, code=f"transformers:{kind.replace('-', '_')}")
+    return MODELS[name]
 
 
 def is_hf(model: str) -> bool:
@@ -55,7 +90,7 @@ def model_for_config(path: str | None) -> str:
     if not isinstance(kind, str):
         raise FlopdiffError(f"--config {path}: no `model_type`; give --model (deepseek-ocr, deepseek-ocr-2 or "
                             f"hf:MODEL_TYPE)")
-    own = {v: k for k, v in OWN.items()}
+    own = {m.model_type: m.name for m in MODELS.values()}
     return own.get(kind, f"{HF}{kind}")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tracer.core.errors import FlopdiffError
+from tracer.core.models import DEFAULT_MODEL
 
 MAX_SIDE = 20_000  # px; larger pages are almost certainly a typo
 MAX_PIXELS = 150_000_000  # an A0 sheet at 300 dpi is 139.5 Mpx; the decoded RGB page alone is 450 MB here
@@ -26,7 +27,7 @@ MIN_VIEW = 64
 class Workload:
     """One request. `None` for a knob means "the vendor's default" (read from its processor)."""
 
-    model: str = "deepseek-ocr-2"
+    model: str = DEFAULT_MODEL
     image_wh: tuple[int, int] = (1000, 1400)
     image_path: str | None = None
     base_size: int | None = None

@@ -8,11 +8,12 @@ must be shimmed to run the vendor code weight-free is declared in the adapter wi
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tracer.core.errors import FlopdiffError
-from tracer.core.models import check_hf, is_hf
+from tracer.core.models import MODELS, check_hf, is_hf, model
 from tracer.vendors.options import BuildOptions, parse_impl
 
 if TYPE_CHECKING:  # the protocol's module imports torch: the registry stays torch-free (tracer.core.cache)
@@ -21,19 +22,12 @@ if TYPE_CHECKING:  # the protocol's module imports torch: the registry stays tor
 __all__ = ["VENDORS", "BuildOptions", "check_model", "get_vendor", "parse_impl"]
 
 
-def _deepseek_ocr2() -> "Vendor":
-    from tracer.vendors import deepseek_ocr2
-
-    return deepseek_ocr2.VENDOR
+def _adapter(module: str) -> "Vendor":
+    return importlib.import_module(module).VENDOR
 
 
-def _deepseek_ocr() -> "Vendor":
-    from tracer.vendors import deepseek_ocr
-
-    return deepseek_ocr.VENDOR
-
-
-VENDORS: dict[str, Callable[[], "Vendor"]] = {"deepseek-ocr": _deepseek_ocr, "deepseek-ocr-2": _deepseek_ocr2}
+#: the adapters by model name (tracer.core.models: each model's row names its module), loaded on first use
+VENDORS: dict[str, Callable[[], "Vendor"]] = {m.name: functools.partial(_adapter, m.adapter) for m in MODELS.values()}
 
 
 def check_model(name: str) -> None:
@@ -47,9 +41,8 @@ def check_model(name: str) -> None:
 
 @functools.cache
 def _hf(name: str) -> "Vendor":
-    from tracer.vendors.hf import HFVendor
-
-    return HFVendor(name)
+    """An `hf:` model's adapter: one per model type (tracer.vendors.hf)."""
+    return importlib.import_module(model(name).adapter).HFVendor(name)
 
 
 def get_vendor(name: str) -> "Vendor":

@@ -35,7 +35,8 @@ from tracer.core.workload import Derived, Workload, load_image
 from tracer.vendors.base import Prepared, to_meta
 from tracer.vendors.deepseek_ocr_shims import (EVEN_SPLIT_NOTE, RealSums, cuda_identity, even_split_moe_infer,
                                                meta_autocast, quiet_transformers)
-from tracer.vendors.options import DEFAULT_EXPERTS, BuildOptions, attention_parts, resolve_vendor_dir
+from tracer.core.models import model
+from tracer.vendors.options import BuildOptions, attention_parts, resolve_vendor_dir
 
 VENDOR_FILES = ("modeling_deepseekocr.py", "modeling_deepseekv2.py", "deepencoder.py",
                 "configuration_deepseek_v2.py", "conversation.py")
@@ -86,7 +87,7 @@ class _Captured(Exception):
 class DeepseekOcrVendor:
     name = "deepseek-ocr"
     vision_modules = ("model.sam_model", "model.vision_model", "model.projector")
-    default_experts = DEFAULT_EXPERTS["deepseek-ocr"]
+    default_experts = model("deepseek-ocr").default_experts
 
     def __init__(self) -> None:
         self.folder: Path | None = None

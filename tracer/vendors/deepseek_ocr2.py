@@ -27,7 +27,7 @@ from tracer.core.configfile import check_config, read_json
 from tracer.core.errors import FlopdiffError
 from tracer.core.workload import Derived, Workload, load_image
 from tracer.vendors.base import Prepared, cache_of, to_meta
-from tracer.vendors.options import DEFAULT_EXPERTS as DEFAULTS
+from tracer.core.models import model
 from tracer.vendors.options import BuildOptions, attention_parts, implementations
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"
@@ -59,7 +59,7 @@ CONFIG_RELATIONS = (
 
 SHIMS = {"TRANSFORMERS_DISABLE_TORCH_CHECK": "1"}
 
-DEFAULT_EXPERTS = DEFAULTS["deepseek-ocr-2"]
+DEFAULT_EXPERTS = model("deepseek-ocr-2").default_experts
 EXPERTS = ("grouped_mm", "batched_mm", "eager")  # transformers' experts implementations (eager: --mode real only)
 META_ATTN, META_EXPERTS = {"sdpa", "eager"}, {"grouped_mm", "batched_mm"}  # what fake mode runs on meta tensors
 TEXT_PLACEHOLDER_ID = 1  # any non-image id: embeddings and FLOPs do not depend on the token value

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tracer.core.errors import FlopdiffError
+from tracer.core.models import model
 
 HUB = "hub:"  # --vendor-dir hub:ORG/NAME: the only way flopdiff reaches the network (code and config, no weights)
 
@@ -38,29 +39,26 @@ class BuildOptions:
     attn_plugins: tuple[str, ...] = ()  # [NAME=]module:function, registered as attention implementations
 
 
-#: the experts implementation when --experts is not given (None: the model has no such choice)
-DEFAULT_EXPERTS = {"deepseek-ocr": None, "deepseek-ocr-2": "grouped_mm"}
-
-
 def implementations(attn: str | dict[str, str] | None) -> set[str]:
     """The attention implementation names an --attn value chooses."""
     return set(attn.values()) if isinstance(attn, dict) else {attn} if attn else set()
 
 
-def attention_parts(model: str, options: BuildOptions) -> dict[str, str]:
+def attention_parts(name: str, options: BuildOptions) -> dict[str, str]:
     """The attention implementation of each analytic part the options choose ({"decoder": ..., "vision": ...}), and
-    deepseek-ocr-2's experts implementation ("experts": what carries their GEMMs and does their bookkeeping).
-    deepseek-ocr: --attn is the decoder's (SAM and CLIP call scaled_dot_product_attention themselves);
-    deepseek-ocr-2: text_config's runs the decoder, vision_config's SAM and the encoder (one name: both)."""
-    if model == "deepseek-ocr":
-        return {"decoder": options.attn or "eager", "vision": "sdpa"}
-    attn = options.attn or "sdpa"
-    experts = options.experts or DEFAULT_EXPERTS.get(model, "grouped_mm")  # transformers' default elsewhere
-    experts = experts if isinstance(experts, str) else experts.get("text_config", experts.get("", DEFAULT_EXPERTS.get(model, "grouped_mm")))
-    if isinstance(attn, str):
-        return {"decoder": attn, "vision": attn, "experts": experts}
-    return {"decoder": attn.get("text_config", attn.get("", "sdpa")),
-            "vision": attn.get("vision_config", attn.get("", "sdpa")), "experts": experts}
+    the experts implementation where the model has the choice ("experts": what carries their GEMMs and does their
+    bookkeeping), from the model's row (tracer.core.models): --attn NAME is every part's, SUBCONFIG=NAME text_config's
+    the decoder's and vision_config's the vision tower's, unless the vendor code fixes the tower's (deepseek-ocr:
+    SAM and CLIP call scaled_dot_product_attention themselves)."""
+    m = model(name)
+    attn = options.attn or m.decoder_attn
+    pick = lambda value, sub, default: value if isinstance(value, str) else value.get(sub, value.get("", default))  # noqa: E731
+    parts = {"decoder": pick(attn, "text_config", m.decoder_attn),
+             "vision": m.vision_attn or pick(attn, "vision_config", "sdpa")}
+    if m.experts_choice:  # transformers' own default where the row names none
+        parts["experts"] = pick(options.experts or m.default_experts or "grouped_mm", "text_config",
+                                m.default_experts or "grouped_mm")
+    return parts
 
 
 def resolve_vendor_dir(vendor_dir: str | None, trust_remote_code: bool) -> str | None:
