@@ -1,7 +1,7 @@
 """The analytic model of any transformers model flopdiff describes by family, from its config alone: the families'
-formulas, each written once from analytic.layers primitives, and the table that says which model types belong to
-which family and where the family's modules sit in the traced model (the generic mapping reads it:
-mapping/tables/hf.yaml).
+formulas, each written once from analytic.layers primitives (the table of which model types belong to which family,
+and where its modules sit in the traced model, is tracer.core.models.FAMILIES: the adapter and the generic mapping
+table read it too).
 
 Families (transformers 5 code, the one the generic adapter runs):
   * dense decoder (Llama, Mistral, Qwen2, Qwen3): RMSNorm, q/k/v/o projections (Qwen2: q, k, v with bias; Qwen3: an
@@ -36,32 +36,7 @@ from analytic.series import Steps
 from analytic.shapes import Views
 from tracer.core.conventions import CLOSED_FORM_STEPS
 from tracer.core.errors import FlopdiffError
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    model_types: tuple[str, ...]
-    text: str                 # the decoder's module path in the traced model (the base model's)
-    vision: str | None = None  # the vision tower's (vision-language families); its projector: model.multi_modal_projector
-
-
-FAMILIES = (
-    Family("dense decoder", ("llama", "mistral", "qwen2", "qwen3"), text="model"),
-    Family("MoE decoder", ("mixtral", "qwen2_moe", "qwen3_moe"), text="model"),
-    Family("DeepSeek-V3", ("deepseek_v3",), text="model"),
-    Family("LLaVA", ("llava",), text="model.language_model", vision="model.vision_tower"),
-)
-BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
-
-
-def family_of(model_type: str) -> Family | None:
-    return BY_TYPE.get(model_type)
-
-
-def vision_prefix(family: Family | None) -> str | None:
-    return family.vision if family else None
-
+from tracer.core.models import family_of
 
 # ---- the decoder families ---------------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from tracer.core.errors import FlopdiffError
-from tracer.core.models import is_hf, model, model_type
+from tracer.core.models import family_of, is_hf, model, model_type
 
 TABLES = Path(__file__).resolve().parent / "tables"
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -128,8 +128,6 @@ def _prefixes(model_or_path: str) -> dict[str, str]:
     """An `hf:` model's module paths for the generic table's `${text}` and `${vision}` (its family's row)."""
     if not is_hf(model_or_path):
         return {}
-    from analytic.families import family_of
-
     family = family_of(model_type(model_or_path))
     return {"text": family.text if family else "model", "vision": (family and family.vision) or "no_vision"}
 

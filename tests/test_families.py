@@ -12,10 +12,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from analytic.families import FAMILIES
 from tracer.compare.analytic import analytic_for, report_shape
 from tracer.core.errors import FlopdiffError
-from tracer.core.models import model_for_config
+from tracer.core.models import FAMILIES, model_for_config
 from tracer.core.workload import Workload
 from tracer.pipeline import Options, run
 from tracer.vendors import BuildOptions, check_model, get_vendor

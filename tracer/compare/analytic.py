@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from analytic.api import build, counting_policy, evaluate_tree
-from analytic.families import FAMILIES, family_of
 from analytic.layers import Policy
 from analytic.request import ModelTree, Shape
 from mapping.engine import Mapping, map_nodes
 from mapping.table import check_layers, load_table
 from tracer.core.errors import FlopdiffError
-from tracer.core.models import is_hf, model_type
+from tracer.core.models import FAMILIES, family_of, is_hf, model_type
 
 
 @dataclass

@@ -45,6 +45,31 @@ MODELS = {m.name: m for m in (
 HF_MODEL = Model(HF, "", "tracer.vendors.hf", "analytic.families:build_hf", "transformers:", table="hf")
 
 
+@dataclass(frozen=True)
+class Family:
+    """A family of transformers models analytic.families describes: its model types, and where its modules sit in
+    the traced model (the generic mapping table's `${text}` and `${vision}`, the adapter's vision stage)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    text: str                  # the decoder's module path (the base model's)
+    vision: str | None = None  # the vision tower's (vision-language families); its projector: model.multi_modal_projector
+
+
+FAMILIES = (
+    Family("dense decoder", ("llama", "mistral", "qwen2", "qwen3"), text="model"),
+    Family("MoE decoder", ("mixtral", "qwen2_moe", "qwen3_moe"), text="model"),
+    Family("DeepSeek-V3", ("deepseek_v3",), text="model"),
+    Family("LLaVA", ("llava",), text="model.language_model", vision="model.vision_tower"),
+)
+_BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+
+
+def family_of(kind: str) -> Family | None:
+    """The family of a transformers model type (None: no family describes it)."""
+    return _BY_TYPE.get(kind)
+
+
 def model(name: str) -> Model:
     """The row of a model name (an `hf:` name: the generic row, with its type; an unknown name: KeyError)."""
     if is_hf(name):

@@ -31,11 +31,11 @@ import torch
 from tracer.core.configfile import check_config, dig, read_json
 from tracer.core.errors import FlopdiffError
 from tracer.core.lifecycle import scratch
+from tracer.core.models import model
 from tracer.core.workload import Derived, Workload, load_image
 from tracer.vendors.base import Prepared, to_meta
 from tracer.vendors.deepseek_ocr_shims import (EVEN_SPLIT_NOTE, RealSums, cuda_identity, even_split_moe_infer,
                                                meta_autocast, quiet_transformers)
-from tracer.core.models import model
 from tracer.vendors.options import BuildOptions, attention_parts, resolve_vendor_dir
 
 VENDOR_FILES = ("modeling_deepseekocr.py", "modeling_deepseekv2.py", "deepencoder.py",

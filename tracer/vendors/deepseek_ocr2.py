@@ -25,9 +25,9 @@ import torch
 from analytic.api import model_text_tokens
 from tracer.core.configfile import check_config, read_json
 from tracer.core.errors import FlopdiffError
+from tracer.core.models import model
 from tracer.core.workload import Derived, Workload, load_image
 from tracer.vendors.base import Prepared, cache_of, to_meta
-from tracer.core.models import model
 from tracer.vendors.options import BuildOptions, attention_parts, implementations
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"

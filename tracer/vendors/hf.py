@@ -26,10 +26,9 @@ from typing import Any
 import torch
 
 from analytic.api import model_text_tokens
-from analytic.families import family_of, vision_prefix
 from tracer.core.configfile import read_json
 from tracer.core.errors import FlopdiffError
-from tracer.core.models import hf_config, model_type
+from tracer.core.models import family_of, hf_config, model_type
 from tracer.core.workload import Derived, Workload, load_image
 from tracer.vendors.base import Prepared, cache_of, to_meta
 from tracer.vendors.options import BuildOptions, attention_parts, implementations
@@ -85,8 +84,7 @@ class HFVendor:
                         [f"{self.name}: a text model; the image ({w}x{h}) is not an input"])
 
     def build(self, config: Any, options: BuildOptions) -> torch.nn.Module:
-        from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
-                                  AutoModelForSeq2SeqLM)
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
 
         if options.attn:  # else transformers' own choice: sdpa where the model has it (a state-space model has none)
             config._attn_implementation = options.attn if isinstance(options.attn, str) else options.attn.get("", "sdpa")
@@ -194,8 +192,8 @@ def _module(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
 def _vision_modules(config: Any) -> tuple[str, ...]:
     """The vision tower and the projector of a vision-language family flopdiff describes (analytic.families), as
     module paths: the nodes of the `vision` stage."""
-    prefix = vision_prefix(family_of(config.model_type))
-    return (prefix, "model.multi_modal_projector") if prefix else ()
+    family = family_of(config.model_type)
+    return (family.vision, "model.multi_modal_projector") if family and family.vision else ()
 
 
 def _image_token_id(config: Any) -> int:
