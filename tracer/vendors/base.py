@@ -5,9 +5,10 @@ tracer.vendors.options, torch-free)."""
 from __future__ import annotations
 
 import copy
+import os
 import types
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -111,3 +112,19 @@ def synthesized_state(template: Any, kv_len: int) -> Any:
         memo[id(t)] = torch.empty(shape, dtype=t.dtype, device=t.device)
     widened = copy.deepcopy(cache, memo)
     return types.SimpleNamespace(cache=widened, past_key_values=widened)
+
+
+@contextmanager
+def environment(variables: dict[str, str]) -> Iterator[None]:
+    """An adapter's environment shims (`Vendor.shims`): the variables set while capturing, the previous values back
+    after."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from tracer.core.configfile import check_config, read_json
 from tracer.core.errors import FlopdiffError
 from tracer.core.models import model
 from tracer.core.workload import Derived, Workload, load_image
-from tracer.vendors.base import Prepared, cache_of, to_meta
+from tracer.vendors.base import Prepared, cache_of, environment, to_meta
 from tracer.vendors.options import BuildOptions, attention_parts, implementations
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "deepseek-ocr-2" / "config.json"
@@ -159,18 +159,8 @@ class DeepseekOcr2Vendor:
             torch.set_default_dtype(previous)
         return model.eval()
 
-    @contextmanager
-    def shims(self) -> Iterator[None]:
-        saved = {k: os.environ.get(k) for k in SHIMS}
-        os.environ.update(SHIMS)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    def shims(self) -> AbstractContextManager[None]:
+        return environment(SHIMS)
 
     def prefill(self, model: torch.nn.Module, prepared: Prepared) -> Callable[[], Any]:
         inputs = dict(prepared.inputs)
