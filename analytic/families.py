@@ -4,7 +4,7 @@ and where its modules sit in the traced model, is tracer.core.models.FAMILIES: t
 table read it too).
 
 Families (transformers 5 code, the one the generic adapter runs):
-  * dense decoder (Llama, Mistral, Qwen2, Qwen3): RMSNorm, q/k/v/o projections (Qwen2: q, k, v with bias; Qwen3: an
+  * dense decoder (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2): RMSNorm, q/k/v/o projections (Qwen2: q, k, v with bias; Qwen3: an
     RMSNorm per head on q and k), RoPE, attention over the cache (GQA: the KV cache holds the kv heads), a gated MLP,
     lm_head on the one logit the forward keeps (logits_to_keep=1);
   * MoE decoder (Mixtral, Qwen2-MoE, Qwen3-MoE): the same attention; a router (linear over the experts) and the
@@ -25,7 +25,6 @@ node per family (the gaps say where they differ).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +51,7 @@ class Text:
     layers: int
     vocab: int
     model_type: str
+    where: str  # the config, as errors name it
 
     @classmethod
     def of(cls, cfg: dict, where: str) -> "Text":
@@ -59,7 +59,10 @@ class Text:
         heads = get("num_attention_heads")
         return cls(cfg, get("hidden_size"), heads, cfg.get("num_key_value_heads") or heads,
                    cfg.get("head_dim") or get("hidden_size") // heads, get("num_hidden_layers"), get("vocab_size"),
-                   cfg.get("model_type", ""))
+                   cfg.get("model_type", ""), where)
+
+    def get(self, key: str) -> Any:
+        return _get(self.cfg, key, self.where)
 
 
 def _get(cfg: dict, key: str, where: str) -> Any:
@@ -96,8 +99,8 @@ def _latent_attention(t: Text, p: str, new: int, kv_len: int, attn_op: str) -> l
     per position, as two one-head tensors); every forward expands the whole cache through kv_b_proj into the per-head
     nope keys and values (kv_len rows, not the new tokens': a decode step's kv_b_proj grows with the cache)."""
     c, h, heads = t.cfg, t.hidden, t.heads
-    nope, rope, v, kv_rank, q_rank = (c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"],
-                                      c.get("q_lora_rank"))
+    nope, rope, v, kv_rank, q_rank = (t.get("qk_nope_head_dim"), t.get("qk_rope_head_dim"), t.get("v_head_dim"),
+                                      t.get("kv_lora_rank"), c.get("q_lora_rank"))
     qk = nope + rope
     q = ([Linear(f"{p}.q_a_proj", tokens=new, d_in=h, d_out=q_rank), rms_norm(f"{p}.q_a_layernorm", new, q_rank),
           Linear(f"{p}.q_b_proj", tokens=new, d_in=q_rank, d_out=heads * qk)] if q_rank else
@@ -122,22 +125,36 @@ def _dense_mlp(p: str, new: int, hidden: int, inter: int) -> list[Layer]:
             Linear(f"{p}.down_proj", tokens=new, d_in=inter, d_out=hidden)]
 
 
-#: per MoE model type: (experts, top-k, expert width, shared expert width, router weight bytes) from its config
-MOE_NUMBERS: dict[str, Callable[[dict], tuple[int, int, int, int, int]]] = {
-    "mixtral": lambda c: (c["num_local_experts"], c["num_experts_per_tok"], c["intermediate_size"], 0, 2),
-    "qwen2_moe": lambda c: (c["num_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"],
-                            c.get("shared_expert_intermediate_size") or 0, 2),
-    "qwen3_moe": lambda c: (c["num_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"], 0, 2),
+#: per MoE model type, the config keys of (experts, top-k, expert width, shared expert width), its shared experts'
+#: count key (their width is n x the expert's) and the router weight's bytes; a key's alternatives in a tuple (the
+#: name transformers' attribute_map gives it and the one to_dict writes)
+MOE_KEYS: dict[str, tuple[tuple, str | None, int]] = {
+    "mixtral": ((("num_local_experts", "num_experts"), "num_experts_per_tok", "intermediate_size", None), None, 2),
+    "qwen2_moe": ((("num_experts", "num_local_experts"), "num_experts_per_tok", "moe_intermediate_size",
+                   "shared_expert_intermediate_size"), None, 2),
+    "qwen3_moe": ((("num_local_experts", "num_experts"), "num_experts_per_tok", "moe_intermediate_size", None), None, 2),
     # the router weighs in float32 (DeepseekV3TopkRouter: both operands cast)
-    "deepseek_v3": lambda c: (c["n_routed_experts"], c["num_experts_per_tok"], c["moe_intermediate_size"],
-                              c["moe_intermediate_size"] * (c.get("n_shared_experts") or 0), 4),
+    "deepseek_v3": (("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", None), "n_shared_experts", 4),
 }
+
+
+def _moe_numbers(t: "Text") -> tuple[int, int, int, int, int]:
+    (experts, k, inter, shared), count, router = MOE_KEYS[t.model_type]
+    c = t.cfg
+    pick = lambda keys: next((c[k] for k in ((keys,) if isinstance(keys, str) else keys) if c.get(k) is not None),  # noqa: E731
+                             None)
+    n, top, width = pick(experts), pick(k), pick(inter)
+    for key, value in ((experts, n), (k, top), (inter, width)):
+        if value is None:
+            raise FlopdiffError(f"{t.where}: missing key {key if isinstance(key, str) else key[0]!r}")
+    width_shared = (pick(shared) or 0) if shared else width * (c.get(count) or 0) if count else 0
+    return n, top, width, width_shared, router
 
 
 def _moe(t: Text, p: str, new: int, experts_op: str) -> list[Layer]:
     """Router, routed experts (top-k rows each through gate+up and down), and the shared expert(s) where the family
     has them (Qwen2-MoE: one, behind a sigmoid gate; DeepSeek-V3: n_shared_experts wide)."""
-    n, k, inter, shared, router = MOE_NUMBERS[t.model_type](t.cfg)
+    n, k, inter, shared, router = _moe_numbers(t)
     rows, h = new * k, t.hidden
     layers: list[Layer] = [
         Linear(f"{p}.gate", tokens=new, d_in=h, d_out=n, dtype_bytes=router,
@@ -156,7 +173,7 @@ def _moe(t: Text, p: str, new: int, experts_op: str) -> list[Layer]:
 def _dense_layers(t: Text) -> tuple[bool, ...]:
     """Per decoder layer: a dense MLP (True) or experts."""
     c = t.cfg
-    if t.model_type in ("llama", "mistral", "qwen2", "qwen3"):
+    if t.model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"):
         return (True,) * t.layers
     if t.model_type == "deepseek_v3":
         return tuple(i < c.get("first_k_dense_replace", 0) for i in range(t.layers))
@@ -171,11 +188,11 @@ def decoder(t: Text, prefix: str, new: int, kv_len: int, attn_op: str, experts_o
     attend = _latent_attention if t.model_type == "deepseek_v3" else _attention
     kids: list[Layer] = [Embedding(f"{prefix}.embed_tokens", tokens=new, d=t.hidden, vocab=t.vocab),
                          rope_angles(f"{prefix}.rotary_emb.inv_freq", new,
-                                     t.cfg["qk_rope_head_dim"] if t.model_type == "deepseek_v3" else t.head_dim,
+                                     t.get("qk_rope_head_dim") if t.model_type == "deepseek_v3" else t.head_dim,
                                      ("positions", new))]
     for i, dense in enumerate(_dense_layers(t)):
         p = f"{prefix}.layers.{i}"
-        inter = t.cfg["intermediate_size"]
+        inter = t.get("intermediate_size")
         kids.append(Block(p, children=[
             rms_norm(f"{p}.input_layernorm", new, t.hidden),
             *attend(t, p, new, kv_len, attn_op),
@@ -226,7 +243,7 @@ def llava_vision(cfg: dict, where: str, text_hidden: int) -> tuple[Block, int]:
     vc = _get(cfg, "vision_config", where)
     tower, tokens = clip_tower("vision.tower", vc, where)
     image = tokens - (0 if cfg.get("vision_feature_select_strategy", "default") == "full" else 1)
-    width = vc["hidden_size"]
+    width = _get(vc, "hidden_size", where)
     projector = Block("vision.projector", children=[
         Linear("vision.projector.linear_1", op="addmm", tokens=image, d_in=width, d_out=text_hidden, bias=True),
         Elementwise("vision.projector.act", elements=image * text_hidden, per_element=K["silu"]),
@@ -258,7 +275,7 @@ def build_hf(cfg: dict, shape: Shape, where: str = "config", variant: Variant = 
     if family.vision:
         block, image = llava_vision(cfg, where, text.hidden)
         vision = [block]
-        px = cfg["vision_config"]["image_size"]
+        px = _get(cfg["vision_config"], "image_size", where)
         views = Views(crop_grid_wh=(1, 1), tiles=0, global_px=px, tile_px=px, image_tokens=image)
     prompt = 1 + views.image_tokens + shape.text_tokens
     tree = ModelTree(model, views, prompt)

@@ -31,7 +31,11 @@ def _configs() -> dict:
         "mistral": t.MistralConfig(**SMALL),
         "qwen2": t.Qwen2Config(**SMALL),
         "qwen3": t.Qwen3Config(**SMALL, head_dim=32),
+        "gemma": t.GemmaConfig(**SMALL, head_dim=32),
+        "gemma2": t.Gemma2Config(**SMALL, head_dim=32),  # no sdpa (softcapping): transformers runs eager itself
         "mixtral": t.MixtralConfig(**SMALL, num_local_experts=4),
+        "qwen3_moe": t.Qwen3MoeConfig(**SMALL, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                                      head_dim=32),
         "qwen2_moe": t.Qwen2MoeConfig(**SMALL, moe_intermediate_size=64, shared_expert_intermediate_size=96,
                                       num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2),
         "deepseek_v3": t.DeepseekV3Config(hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
@@ -132,6 +136,13 @@ def test_llama_7b_prefill_by_hand():
     prefill = next(s for s in r["stages"] if s["name"] == "prefill")
     assert prefill["flops_full"] == prefill["flops_analytic"] == expected
     assert prefill["kv_bytes"] == layers * 2 * t * kv * hd * 2  # bf16 keys and values
+
+
+def test_a_model_without_sdpa_records_the_attention_it_ran(reports):
+    r = reports["gemma2"]
+    assert r["options"]["attn"] == "eager" and r["analytic"]["attention"]["decoder"] == "eager"
+    assert {n["op"] for n in r["nodes"] if n.get("layer", "") and n["layer"].endswith(".attn") and n["flops_full"]} \
+        == {"aten::bmm"}
 
 
 def test_llava_image_tokens_follow_the_processor(reports):

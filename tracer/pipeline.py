@@ -227,7 +227,9 @@ def _diffed(workload: Workload, options: Options, build: BuildOptions, report: d
     progress(f"analytic model ({options.analytic}) and mapping")
     analytic = analytic_for(workload.model, report_shape(report["workload"]), options.analytic, options.causal_halving,
                             _analytic_config(options), report["workload"]["image_tokens"], options.policy,
-                            options.build.device, attention_parts(workload.model, build))
+                            options.build.device,
+                            # the implementation that ran: --attn, else the one a model without sdpa chose itself
+                            attention_parts(workload.model, replace(build, attn=build.attn or report["options"]["attn"])))
     mapping = map_report(report, analytic, options.mapping)
     report = with_diff(report, analytic, mapping, options.metric)
     ncu_csv = None

@@ -204,6 +204,8 @@ def _build_and_capture(new_trace: Callable[[], Trace], vendor: Any, roots: list[
     with attention_runtime(result.options):  # flash-attn or its stand-in, plugins, attention boundary nodes
         with fake, device, (_no_init() if mode == "fake" else contextlib.nullcontext()):
             model = vendor.build(result.config, result.options)
+        if result.options.attn is None and getattr(vendor, "attn_used", None):  # what the model chose for itself
+            result.options = dataclasses.replace(result.options, attn=vendor.attn_used)
         _capture_stages(result, inputs, vendor, model, roots, fake, device, parallel, instrument, progress, rows,
                         plan)
     return result

@@ -57,7 +57,7 @@ class Family:
 
 
 FAMILIES = (
-    Family("dense decoder", ("llama", "mistral", "qwen2", "qwen3"), text="model"),
+    Family("dense decoder", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), text="model"),
     Family("MoE decoder", ("mixtral", "qwen2_moe", "qwen3_moe"), text="model"),
     Family("DeepSeek-V3", ("deepseek_v3",), text="model"),
     Family("LLaVA", ("llava",), text="model.language_model", vision="model.vision_tower"),

@@ -41,6 +41,7 @@ class HFVendor:
     """One model type of transformers (`hf:<model_type>`); an instance per model type (tracer.vendors' registry)."""
 
     default_experts = None  # transformers' own default (grouped_mm where the model has experts)
+    attn_used: str | None = None  # the attention transformers chose where the model has no sdpa and --attn is not given
 
     def __init__(self, name: str):
         self.name = name
@@ -83,24 +84,44 @@ class HFVendor:
                         [f"{self.name}: a text model; the image ({w}x{h}) is not an input"])
 
     def build(self, config: Any, options: BuildOptions) -> torch.nn.Module:
-        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
-
-        if options.attn:  # else transformers' own choice: sdpa where the model has it (a state-space model has none)
-            config._attn_implementation = options.attn if isinstance(options.attn, str) else options.attn.get("", "sdpa")
+        """The auto classes' model for the config (image-text-to-text, causal LM, seq2seq, base), in the options'
+        dtype; attention sdpa unless --attn says (NAME, or SUBCONFIG=NAME per sub-config), and where the model has
+        no sdpa and --attn is not given, transformers' own choice (a state-space model has no attention at all)."""
         if options.experts:
             config._experts_implementation = options.experts
         dtype = getattr(torch, options.dtype)
         for c in (config, *(getattr(config, name) for name in getattr(config, "sub_configs", {}))):
             if c is not None:
                 c.dtype = dtype
+        chosen = options.attn or "sdpa"
+        self.attn_used = None
+        try:
+            return self._instantiate(config, chosen, dtype)
+        except ValueError as exc:
+            if options.attn is None:  # the implementation it chose is the run's (tracer.capture.trace records it)
+                try:
+                    built = self._instantiate(config, None, dtype)
+                    self.attn_used = built.config._attn_implementation
+                    return built
+                except ValueError:
+                    pass
+            raise FlopdiffError(f"--model {self.name} --attn {chosen}: transformers refused it: "
+                                f"{str(exc).splitlines()[0]}") from None
+
+    def _instantiate(self, config: Any, attn: str | dict[str, str] | None, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
+
+        for sub, impl in (attn.items() if isinstance(attn, dict) else [("", attn)]):
+            target = getattr(config, sub) if sub else config
+            target._attn_implementation = impl
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
             for auto in (AutoModelForImageTextToText, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel):
                 if type(config) in auto._model_mapping:
                     return auto.from_config(config).eval()
-        except (ValueError, ImportError, KeyError) as exc:
-            raise FlopdiffError(f"--model {self.name} --attn {options.attn or 'sdpa'}: transformers refused it: "
+        except (ImportError, KeyError) as exc:
+            raise FlopdiffError(f"--model {self.name}: transformers could not build it: "
                                 f"{str(exc).splitlines()[0]}") from None
         finally:
             torch.set_default_dtype(previous)
