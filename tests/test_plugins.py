@@ -93,13 +93,13 @@ def _plugin(tmp_path, body):
 
 ALIGNED_PLUS = """
     from analytic.layers import Linear
-    from analytic.models import BUILDERS
+    from analytic.models import builder
     from analytic.request import Shape
 
     def build(config, workload, policy):
         shape = Shape(*workload.image_wh, workload.base_size, workload.tile_size, workload.crop_mode,
                       workload.text_tokens, workload.decode_steps)
-        stages = dict(BUILDERS[workload.model](config, shape).stages)
+        stages = dict(builder(workload.model)(config, shape).stages)
         stages["prefill"] = [*stages["prefill"], Linear("my.extra", tokens=workload.prompt_len, d_in=8, d_out=8)]
         return stages
 """
