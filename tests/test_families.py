@@ -193,3 +193,29 @@ def test_a_config_for_another_model_type_is_refused(configs):
                         str(configs["llama"]), "--quiet"], capture_output=True, text=True)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "its model_type is 'llama', not 'mistral'" in p.stderr
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_generic_table_maps_every_module_the_parallel_plans_name(reports, kind):
+    """The roles transformers declares (the config class's tensor- and expert-parallel plans: module-path globs
+    per projection and for the experts; LLaVA's are its text config's) each resolve, wherever such a module runs,
+    to an analytic layer named after the role (`decoder.layers.N.<role>`, attention projections without `self_attn`)."""
+    import fnmatch
+
+    from tracer.core.models import family_of
+
+    config = _configs()[kind]
+    text = config.get_text_config()
+    plans = {**(type(text).base_model_tp_plan or {}), **(getattr(type(text), "base_model_ep_plan", None) or {})}
+    prefix = family_of(kind).text
+    nodes = [n for n in reports[kind]["nodes"] if n["flops_full"] and n["module"].startswith(prefix + ".layers.")]
+    checked = 0
+    for glob in plans:
+        # a plan key naming a parameter (experts.gate_up_proj) is its module's: the experts
+        module_glob = glob.rsplit(".", 1)[0] if glob.endswith(("experts.gate_up_proj", "experts.down_proj")) else glob
+        under = [n for n in nodes if fnmatch.fnmatchcase(n["module"], f"{prefix}.{module_glob}")]
+        role = module_glob.split(".", 2)[2].removeprefix("self_attn.")
+        for n in under:
+            assert n["layer"] and n["layer"].endswith("." + role), (kind, glob, n["module"], n["layer"])
+        checked += len(under)
+    assert checked > 0
