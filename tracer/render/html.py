@@ -53,6 +53,16 @@ class _Strings:
         return self._index[text]
 
 
+def _views(w: dict[str, Any]) -> str:
+    """The page and its views: DeepSeek-OCR's knobs, or (an hf: model, base_size null) the processor's one view, or
+    no image input at all (a text model)."""
+    page = f"{w['image_wh'][0]}x{w['image_wh'][1]} px"
+    if w["base_size"] is not None:
+        return (f"{page}, base {w['base_size']}, tile {w['tile_size']}, crop mode {'on' if w['crop_mode'] else 'off'}, "
+                f"{_plural(w['views'], 'view')}")
+    return f"{page}, one view as the model's processor makes it" if w["views"] else "a text model: no image input"
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -67,9 +77,7 @@ def page_data(report: dict[str, Any]) -> dict[str, Any]:
         "model": report["model"],
         "preset": report["analytic"]["preset"],
         "policy": policy,
-        "workload": (f"{w['image_wh'][0]}x{w['image_wh'][1]} px, base {w['base_size']}, tile {w['tile_size']}, "
-                     f"crop mode {'on' if w['crop_mode'] else 'off'}, {_plural(w['views'], 'view')}, "
-                     f"{w['image_tokens']} image tokens, prompt {w['prompt_len']} tokens, "
+        "workload": (f"{_views(w)}, {w['image_tokens']} image tokens, prompt {w['prompt_len']} tokens, "
                      f"{_plural(w['decode_steps'], 'decode step')}"),
         "notes": report["notes"],
         "colors": {"bounds": [b for b, _ in GAP_COLORS], "colors": [c for _, c in GAP_COLORS], "over": OVERCOUNT},
