@@ -25,11 +25,12 @@ node per family (the gaps say where they differ).
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
 from typing import Any
 
 from analytic.blocks import K, attention_op, gated, residual, rms_norm, rope_angles, rope_apply
-from analytic.layers import Attention, Block, Conv2d, Elementwise, Embedding, Experts, KVCache, Layer, Linear
+from analytic.layers import Attention, Block, Conv2d, Elementwise, Embedding, Experts, KVCache, Layer, Linear, Rope
 from analytic.request import ModelTree, Shape, Variant
 from analytic.series import Steps
 from analytic.shapes import Views
@@ -38,6 +39,17 @@ from tracer.core.errors import FlopdiffError
 from tracer.core.models import family_of
 
 # ---- the decoder families ---------------------------------------------------------------------------------------
+
+def _transformers_5() -> bool:
+    """Which transformers the adapter runs (its formulas follow that code; torch-free: the metadata only)."""
+    try:
+        return int(importlib.metadata.version("transformers").split(".")[0]) >= 5
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return True
+
+
+TRANSFORMERS_5 = _transformers_5()
+
 
 @dataclass(frozen=True)
 class Text:
@@ -186,10 +198,11 @@ def _dense_layers(t: Text) -> tuple[bool, ...]:
 def decoder(t: Text, prefix: str, new: int, kv_len: int, attn_op: str, experts_op: str) -> Block:
     """The decoder over `new` tokens attending to `kv_len` positions (cache included), lm_head on one logit."""
     attend = _latent_attention if t.model_type == "deepseek_v3" else _attention
-    kids: list[Layer] = [Embedding(f"{prefix}.embed_tokens", tokens=new, d=t.hidden, vocab=t.vocab),
-                         rope_angles(f"{prefix}.rotary_emb.inv_freq", new,
-                                     t.get("qk_rope_head_dim") if t.model_type == "deepseek_v3" else t.head_dim,
-                                     ("positions", new))]
+    rope_d = t.get("qk_rope_head_dim") if t.model_type == "deepseek_v3" else t.head_dim
+    # transformers 5 makes the angles by a broadcast product; 4.x by a matmul, inv_freq @ positions (a bmm)
+    angles = (rope_angles(f"{prefix}.rotary_emb.inv_freq", new, rope_d, ("positions", new)) if TRANSFORMERS_5 else
+              Rope(f"{prefix}.rotary_emb.inv_freq", positions=new, half_dim=rope_d // 2))
+    kids: list[Layer] = [Embedding(f"{prefix}.embed_tokens", tokens=new, d=t.hidden, vocab=t.vocab), angles]
     for i, dense in enumerate(_dense_layers(t)):
         p = f"{prefix}.layers.{i}"
         inter = t.get("intermediate_size")

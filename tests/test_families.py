@@ -219,3 +219,23 @@ def test_the_generic_table_maps_every_module_the_parallel_plans_name(reports, ki
             assert n["layer"] and n["layer"].endswith("." + role), (kind, glob, n["module"], n["layer"])
         checked += len(under)
     assert checked > 0
+
+
+@pytest.mark.v1
+def test_on_transformers_4_the_dense_family_is_exact_and_a_value_reading_model_says_what_to_do(tmp_path):
+    """transformers 4.46 (the v1 environment): Llama's RoPE angles are a matmul there (the family follows), its
+    logits kept by num_logits_to_keep; Mixtral's per-expert loop reads the routing, which fake mode cannot see: one
+    clear error naming the op and what to do, exit 2."""
+    import transformers
+
+    llama, mixtral = tmp_path / "llama.json", tmp_path / "mixtral.json"
+    transformers.LlamaConfig(**SMALL).to_json_file(llama)
+    transformers.MixtralConfig(**SMALL, num_local_experts=4).to_json_file(mixtral)
+    r = run(Workload(model="hf:llama", **WORKLOAD), Options(config=str(llama))).report
+    assert all(s["gap"] == 0 and s["flops_full"] == s["flops_analytic"] for s in r["stages"])
+    assert r["coverage"]["unmapped"] == 0
+    assert any(n["op"] == "aten::bmm" and n["layer"] == "decoder.rotary_emb.inv_freq" for n in r["nodes"])
+    p = subprocess.run([sys.executable, "-m", "tracer.diff", "--config", str(mixtral), "--quiet"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "reads tensor values (aten.nonzero.default) under transformers 4.46" in p.stderr

@@ -135,7 +135,7 @@ class HFVendor:
         dtype = next(model.parameters()).dtype
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        kwargs = _accepted(model, use_cache=True, logits_to_keep=1)
+        kwargs = _accepted(model, use_cache=True, logits_to_keep=1, num_logits_to_keep=1)
         expected = prepared.derived.image_tokens
 
         def run():
@@ -144,7 +144,7 @@ class HFVendor:
             hook = projector.register_forward_hook(lambda m, i, o: rows.append(o.shape[0] * o.shape[1])) \
                 if projector is not None else None
             try:
-                out = model(**inputs, **kwargs)
+                out = _seen(self.name, lambda: model(**inputs, **kwargs))
             finally:
                 if hook is not None:
                     hook.remove()
@@ -159,14 +159,15 @@ class HFVendor:
         ids = torch.tensor([[TEXT_PLACEHOLDER_ID]])
         names = inspect.signature(model.forward).parameters
         cache_arg = "cache" if "cache" in names else "past_key_values"
-        kwargs = _accepted(model, use_cache=True, logits_to_keep=1)
+        kwargs = _accepted(model, use_cache=True, logits_to_keep=1, num_logits_to_keep=1)
         if "decoder_input_ids" in names:  # encoder-decoder: the encoder's states from the prefill, the new token
             encoder = getattr(previous, "encoder_last_hidden_state", None)
             if encoder is None:  # the decode worker's template (no forward before): nothing to attend to
                 raise FlopdiffError(f"--model {self.name}: an encoder-decoder decode step reads the prefill's encoder "
                                     f"states")
-            return lambda: model(decoder_input_ids=ids, encoder_outputs=(encoder,), **{cache_arg: cache}, **kwargs)
-        return lambda: model(input_ids=ids, **{cache_arg: cache}, **kwargs)
+            return lambda: _seen(self.name, lambda: model(decoder_input_ids=ids, encoder_outputs=(encoder,),
+                                                          **{cache_arg: cache}, **kwargs))
+        return lambda: _seen(self.name, lambda: model(input_ids=ids, **{cache_arg: cache}, **kwargs))
 
     def meta_inputs(self, prepared: Prepared, options: BuildOptions) -> Prepared | None:
         """sdpa and eager attention with the grouped_mm and batched_mm experts run on meta tensors; anything else
@@ -186,8 +187,24 @@ class HFVendor:
         return attention_parts(self.name, options)
 
 
+def _seen(name: str, forward: Callable[[], Any]) -> Any:
+    """A forward whose code reads tensor values (a per-expert loop's `nonzero`, a check's `.item()`) cannot run on
+    fake tensors: said as such, with what to do (transformers 4.x's Mixtral and LLaVA do; 5's run)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    try:
+        return forward()
+    except (DataDependentOutputException, DynamicOutputShapeException) as exc:
+        import transformers
+
+        raise FlopdiffError(f"--model {name}: this model's code reads tensor values ({exc.func}) under transformers "
+                            f"{transformers.__version__}, which fake mode cannot see; use transformers >= 5 (its "
+                            f"experts and checks run weight-free) or --mode real on a reduced --config") from None
+
+
 def _accepted(model: torch.nn.Module, **kwargs: Any) -> dict[str, Any]:
-    """The keyword arguments the model's forward takes (logits_to_keep is not every model's)."""
+    """The keyword arguments the model's forward takes (logits_to_keep is not every model's; transformers 4.x
+    names it num_logits_to_keep)."""
     names = inspect.signature(model.forward).parameters
     return {k: v for k, v in kwargs.items() if k in names}
 
