@@ -156,8 +156,8 @@ def load_table(model_or_path: str) -> Table:
     if kv_cache is not None and (not isinstance(kv_cache, str) or set(_FIELD.findall(kv_cache)) != {"i"}):
         raise FlopdiffError(f"{where}: kv_cache: expected a layer id template with {{i}} (the decoder layer's index), "
                             f"got {kv_cache!r}")
-    model = model_or_path if raw.get("generic") and is_hf(model_or_path) else str(raw["model"])
-    return Table(model, str(path), rules, calls, scopes, kv_cache, generic=bool(raw.get("generic")))
+    name = model_or_path if raw.get("generic") and is_hf(model_or_path) else str(raw["model"])
+    return Table(name, str(path), rules, calls, scopes, kv_cache, generic=bool(raw.get("generic")))
 
 
 def _rule(i: int, r: Any, where: str, call_fields: set[str], ops: bool = True) -> Rule:

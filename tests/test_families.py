@@ -239,3 +239,10 @@ def test_on_transformers_4_the_dense_family_is_exact_and_a_value_reading_model_s
                        capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "reads tensor values (aten.nonzero.default) under transformers 4.46" in p.stderr
+
+
+def test_a_prompt_to_tokenize_is_refused_not_replaced_by_a_default_count(configs, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "tracer.diff", "--config", str(configs["llama"]), "--tokenizer",
+                        str(tmp_path), "--prompt", "<image>\nFree OCR.", "--quiet"], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--tokenizer/--prompt: not read for --model hf:llama" in p.stderr and "--text-tokens N" in p.stderr

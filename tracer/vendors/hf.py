@@ -62,6 +62,9 @@ class HFVendor:
                 getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", None) or 1)
 
     def prepare(self, workload: Workload, config: Any) -> Prepared:
+        if workload.tokenizer:  # never a count the user did not ask for in place of the prompt they gave
+            raise FlopdiffError(f"--tokenizer/--prompt: not read for --model {self.name} (the generic adapter lays out "
+                                f"BOS + image tokens + placeholder text); give the prompt's length as --text-tokens N")
         text = config.get_text_config()
         n = model_text_tokens(self.name, workload.text_tokens)
         bos = getattr(text, "bos_token_id", None)
