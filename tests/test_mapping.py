@@ -103,6 +103,24 @@ def test_v2_seed_naive_gap_attributed_to_named_layers(v2_page):
     assert {r["reason"] for r in enc if int(r["id"].split(".")[4]) >= 4 and r["flops_full"]} == {"missing"}
 
 
+def test_a_diff_in_place_is_the_composed_diff(v2_page):
+    """The pipeline diffs a document of its own in place (a copy of every node doubled the memory of a long decode
+    traced step by step): the same document, key for key and in the same order, as the composed diff; also on a
+    document diffed before, whose nodes carry a `layer` and some an `unmapped` the new mapping takes away."""
+    an = analytic_of_report(v2_page, "seed-naive")
+    mapping = map_report(v2_page, an)
+    composed = json.dumps(with_diff(v2_page, an, mapping))
+    first = next(i for i, layer in mapping.layer_of.items() if i.startswith("decode/"))
+    unmapped = copy.copy(mapping)  # that node left without a layer, as a table without its rule would
+    unmapped.layer_of = {i: layer for i, layer in mapping.layer_of.items() if i != first}
+    unmapped.unmapped = {**mapping.unmapped, first: "no rule matches"}
+    mine = copy.deepcopy(v2_page)
+    once = with_diff(mine, an, unmapped, in_place=True)
+    assert next(n for n in once["nodes"] if n["id"] == first)["unmapped"] == "no rule matches"
+    assert json.dumps(with_diff(mine, an, mapping, in_place=True)) == composed
+    assert json.dumps(with_diff(copy.deepcopy(v2_page), an, mapping, in_place=True)) == composed
+
+
 @pytest.mark.parametrize("ids, gaps, groups", [
     # a whole subtree with one reason is one group, whatever its depth
     (["v.tiles.a.0.x", "v.tiles.a.1.x", "v.tiles.b", "v.global.a"], [1, 1, 1, 0], ["v.tiles"]),

@@ -231,7 +231,7 @@ def _diffed(workload: Workload, options: Options, build: BuildOptions, report: d
                             # the implementation that ran: --attn, else the one a model without sdpa chose itself
                             attention_parts(workload.model, replace(build, attn=build.attn or report["options"]["attn"])))
     mapping = map_report(report, analytic, options.mapping)
-    report = with_diff(report, analytic, mapping, options.metric)
+    report = with_diff(report, analytic, mapping, options.metric, in_place=True)  # its own document: traced or loaded
     ncu_csv = None
     if options.build.device == "cuda":
         from tracer.cuda.kernels import attribute_kernels
@@ -262,12 +262,12 @@ def _traced(workload: Workload, options: Options, progress: Callable[[str], None
     from tracer.capture.trace import trace
     from tracer.core.conventions import Conventions
     from tracer.count.counter import count_graph
-    from tracer.count.records import as_rows, build_report
+    from tracer.count.records import Shared, as_rows, build_report
 
     conventions = Conventions(causal_halving=options.causal_halving)
     # graphs are counted where they are captured, as report rows (the decode worker's steps, and this process's own
-    # while it waits for the worker), unless the graphs themselves are kept
-    rows = None if options.keep_graphs else partial(as_rows, conventions=conventions)
+    # decode steps once captured), unless the graphs themselves are kept
+    rows = None if options.keep_graphs else partial(as_rows, conventions=conventions, shared=Shared())
     tr = trace(workload, options.build, options.config, progress=lambda msg: progress(f"tracing: {msg}"),
                mode=options.mode, parallel=not options.sequential, allow_long=options.allow_long,
                instrument=NvtxRanges(options.nvtx_module) if options.nvtx_module else None, rows=rows,

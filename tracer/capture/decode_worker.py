@@ -22,6 +22,7 @@ the vendor decode protocol's (tracer.vendors.base.synthesized_state), which the 
 
 from __future__ import annotations
 
+import gc
 import mmap
 import multiprocessing
 import os
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 
 from tracer.capture.graph_codec import from_bytes, to_bytes
-from tracer.capture.recorder import StageGraph, capture
+from tracer.capture.recorder import StageGraph, capture, collect_steps
 from tracer.core.forking import available, fork_child
 from tracer.core.lifecycle import temp_folder
 from tracer.vendors.base import EMPTY, cache_of, synthesized_state
@@ -111,7 +112,8 @@ class _Claims:
 class DecodeWorker:
     """Started with `fork()` right after the model is built (inside the fake mode and the vendor's shims)."""
 
-    def __init__(self, steps: int, only: tuple[int, ...] = ()):
+    def __init__(self, steps: int, only: tuple[int, ...] = (),
+                 rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None):
         self.steps = steps
         self.only = only  # these steps alone (a closed form's probes, tracer.capture.series), not a share of all
         self.claims = _Claims(steps)
@@ -119,6 +121,7 @@ class DecodeWorker:
         self.pid = 0
         self.status: int | None = None
         self.failure = ""
+        self.rows = rows or (lambda graphs: graphs)  # a step as it is sent and as it is received
 
     @classmethod
     def fork(cls, vendor: Any, model: torch.nn.Module, roots: list[str], prompt_len: int,
@@ -126,7 +129,7 @@ class DecodeWorker:
              only: tuple[int, ...] = ()) -> "DecodeWorker":
         """`rows` (tracer.count.records.as_rows): each captured step is sent counted, as its report rows; else as a
         graph. `only`: capture these steps and no other (this process claims none; `collect` returns them)."""
-        worker = cls(steps, only)
+        worker = cls(steps, only, rows)
 
         def body() -> None:
             # SIGTERM (the parent died: die_with_parent, or someone killed this worker): take the scratch
@@ -140,8 +143,11 @@ class DecodeWorker:
             # the parent's OpenMP threads did not survive the fork: ATen stays single-threaded here (fake
             # tensors compute nothing; a real side computation must not enter a parallel region)
             torch.set_num_threads(1)
+            # what it inherited stays out of its collections (tracer.capture.recorder.collect_steps): no scan of
+            # the parent's objects, no copy of their pages
+            gc.freeze()
             try:
-                worker._work(vendor, model, roots, prompt_len, rows or (lambda graphs: graphs))
+                worker._work(vendor, model, roots, prompt_len)
             except BaseException as exc:  # reported to the parent, which falls back
                 worker._write("error", f"{exc.__class__.__name__}: {exc}".encode())
                 raise
@@ -162,8 +168,7 @@ class DecodeWorker:
         except FileNotFoundError:
             return None
 
-    def _work(self, vendor: Any, model: torch.nn.Module, roots: list[str], prompt_len: int,
-              rows: Callable[[list[StageGraph]], list[StageGraph]]) -> None:
+    def _work(self, vendor: Any, model: torch.nn.Module, roots: list[str], prompt_len: int) -> None:
         warnings.simplefilter("ignore")  # the parent shows the vendor's warnings once, from its own steps
         start = model_signature(model)
         template = vendor.decode(model, EMPTY, 0)()
@@ -174,7 +179,9 @@ class DecodeWorker:
                               "decode", vendor_roots=roots, step=k, kv_len=prompt_len + k)
             if k == 0:  # what its own step 0 leaves for step 1, for the check when its step 0 is taken
                 self._write("after-0", pickle.dumps(signature(cache_of(out))))
-            self._write(f"step-{k}", to_bytes(rows([sg])[0]))
+            self._write(f"step-{k}", to_bytes(self.rows([sg])[0]))
+            del sg, out
+            collect_steps(k)
 
     def _expected(self) -> tuple[list[Any], Any] | None:
         """The caches the worker synthesized for steps 0 and 1 and the model it forked from (None: it failed)."""
@@ -254,7 +261,7 @@ class DecodeWorker:
             alive = self._alive()  # before reading: files written before the worker exits are all there
             for k in wanted:
                 if k not in graphs and (blob := self._read(f"step-{k}")) is not None:
-                    graphs[k] = from_bytes(blob)
+                    graphs[k] = self.rows([from_bytes(blob)])[0]  # rows: their values shared with the others'
             if not alive:
                 break
             if time.monotonic() > deadline:

@@ -26,7 +26,7 @@ from tracer.capture.attention import runtime as attention_runtime
 from tracer.capture.decode_worker import DecodeWorker, fallback_note, signature, worker_allowed
 from tracer.capture.instruments import Instrument, ProfilerRanges
 from tracer.capture.meta import MetaCapture
-from tracer.capture.recorder import StageGraph, capture, subgraph
+from tracer.capture.recorder import StageGraph, capture, collect_steps, subgraph
 from tracer.capture.series import NotAffine, probe_steps, prove
 from tracer.core.conventions import CLOSED_FORM_STEPS
 from tracer.core.errors import FlopdiffError
@@ -239,27 +239,28 @@ def _capture_stages(result: Trace, inputs: Prepared, vendor: Any, model: torch.n
                 return
             started = time.perf_counter()
             decode, out, k = capture_decode(vendor, model, out, steps, prompt_len, roots, worker, progress,
-                                            instrument)
+                                            instrument, rows=rows if worker is not None else None)
             if k == 0 and steps and worker is not None and not worker.step0_taken(out, model):
                 # the worker took every step, but its step 0 did not read the prefill's cache: step 0 here
                 progress(f"decode step 1/{steps}")
                 sg, out = capture(vendor.decode(model, out, 0), model, "decode", vendor_roots=roots, step=0,
                                   kv_len=prompt_len, instrument=instrument)
-                decode, k = [sg], 1
+                decode, k = rows([sg]) if rows is not None else [sg], 1
                 if not worker.failure:
                     worker.check(out, model)
             per_step = (time.perf_counter() - started) / max(k, 1)
         vision = subgraph(prefill, "vision", _under(vendor.vision_modules))
         if k < steps:  # the worker's share: from its files, or captured here when it could not deliver
             waiting = f"decode steps {k + 1}-{steps}/{steps} (worker process)"
-            if rows is not None and not worker.failure:  # while the worker finishes: this process's graphs as rows
-                progress(f"{waiting}, counting this process's graphs meanwhile")
-                vision, prefill, *decode = rows([vision, prefill, *decode])
+            if rows is not None and not worker.failure:  # while the worker finishes: the prefill as rows
+                progress(f"{waiting}, counting the prefill meanwhile")
+                vision, prefill = rows([vision, prefill])
             progress(waiting)
             got = worker.collect(k, timeout=60 + 20 * per_step)
             if got is None:
                 with _capturing(fake, device, vendor):
-                    got, _, _ = capture_decode(vendor, model, out, steps, prompt_len, roots, None, progress, first=k)
+                    got, _, _ = capture_decode(vendor, model, out, steps, prompt_len, roots, None, progress, first=k,
+                                               rows=rows)
             else:
                 result.worker_steps = [sg.step for sg in got]
             decode += got
@@ -296,7 +297,8 @@ def _closed_form(vendor: Any, model: torch.nn.Module, previous: Any, steps: int,
             template = vendor.decode(model, EMPTY, 0)()
             if signature(cache_of(out)) != signature(cache_of(synthesized_state(template, prompt_len + 3))):
                 raise NotAffine("the cache step 3 reads is not the synthesized one")
-            probes = dict(zip(probe_steps(steps), rows(graphs[1:3])))
+            graphs[1:3] = rows(graphs[1:3])  # their graphs consumed: the chain holds the rows
+            probes = dict(zip(probe_steps(steps), graphs[1:3]))
             for k in probe_steps(steps)[2:]:
                 progress(f"decode step {k + 1}/{steps} (a probe: steps 2-{steps} in closed form)")
                 sg, _ = capture(vendor.decode(model, synthesized_state(template, prompt_len + k), k), model,
@@ -307,16 +309,18 @@ def _closed_form(vendor: Any, model: torch.nn.Module, previous: Any, steps: int,
         why = f"the decode steps are not in closed form ({exc})"
         plan.check(closed_form=False, why=why)
         more, _, _ = capture_decode(vendor, model, out, steps, prompt_len, roots, None, progress,
-                                    first=len(graphs))
+                                    first=len(graphs), rows=rows)
         return graphs + more, f"{why}: every step traced"
 
 
 def capture_decode(vendor: Any, model: torch.nn.Module, previous: Any, steps: int, prompt_len: int,
                    roots: list[str], worker: DecodeWorker | None, progress: Callable[[str], None],
-                   instrument: Instrument | None = None, first: int = 0) -> tuple[list[StageGraph], Any, int]:
+                   instrument: Instrument | None = None, first: int = 0,
+                   rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None) -> tuple[list[StageGraph], Any, int]:
     """This process's share of the decode steps, from the real cache: every step from `first` without a
-    worker, else steps from 0 until the worker's claims meet them. Returns the graphs, the last output and
-    the next step (where the worker's steps begin)."""
+    worker, else steps from 0 until the worker's claims meet them. Returns the graphs (each step as its rows once
+    captured, `rows` given: a step's graph is 3.7 MB on DeepSeek-OCR-2, its rows half that), the last output and the
+    next step (where the worker's steps begin)."""
     graphs = []
     k = first
     while k < steps:
@@ -328,8 +332,11 @@ def capture_decode(vendor: Any, model: torch.nn.Module, previous: Any, steps: in
         progress(f"decode step {k + 1}/{steps}")
         sg, previous = capture(vendor.decode(model, previous, k), model, "decode", vendor_roots=roots, step=k,
                                kv_len=prompt_len + k, instrument=instrument)
-        graphs.append(sg)
+        graphs += rows([sg]) if rows is not None else [sg]
         if k == 0 and worker is not None and not worker.failure:
             worker.check(previous, model)
+        if rows is not None:  # its graph is garbage now
+            del sg
+            collect_steps(k)
         k += 1
     return graphs, previous, k

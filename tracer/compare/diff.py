@@ -34,15 +34,18 @@ def _row(base: dict[str, Any], analytic: int, torch_: int, full: int, measured: 
     return {**base, "flops_analytic": analytic, **counts, "gap": gap, "gap_pct": round(gap_pct(gap, counts[measured]), 4)}
 
 
-def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping, metric: str = "tc_flops") -> dict[str, Any]:
-    """The report composed with its diff (the input is left as it was): `flops_analytic`, gap and coverage per
-    stage, `layer` (or `unmapped`) per node, then `analytic`, `layers` (each with its formula and, when flopdiff can
-    name it, the cause of its gap), `coverage`, `gap_groups` (per stage, tracer.compare.groups.gap_groups; prefill's
-    leave out the vision layers, which are vision's groups) and `unseen` (per stage and op, what FlopCounterMode cannot
-    see). The gap compares the analytic count with the measured one of its policy (full, or torch: FlopCounterMode's).
-    Every stage and layer also carries `metrics` (every column traced / analytic / gap, tracer.compare.metrics);
-    `metric` names the one the gap groups follow (default tensor-core FLOPs, the `gap` of the rows);
-    `gap_groups_by_metric` has every diffed metric's (report.html switches between them)."""
+def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping, metric: str = "tc_flops",
+              in_place: bool = False) -> dict[str, Any]:
+    """The report composed with its diff: `flops_analytic`, gap and coverage per stage, `layer` (or `unmapped`) per
+    node, then `analytic`, `layers` (each with its formula and, when flopdiff can name it, the cause of its gap),
+    `coverage`, `gap_groups` (per stage, tracer.compare.groups.gap_groups; prefill's leave out the vision layers,
+    which are vision's groups) and `unseen` (per stage and op, what FlopCounterMode cannot see). The gap compares
+    the analytic count with the measured one of its policy (full, or torch: FlopCounterMode's). Every stage and
+    layer also carries `metrics` (every column traced / analytic / gap, tracer.compare.metrics); `metric` names the
+    one the gap groups follow (default tensor-core FLOPs, the `gap` of the rows); `gap_groups_by_metric` has every
+    diffed metric's (report.html switches between them).
+    The input is left as it was; `in_place` (the pipeline, on a document of its own) gives its nodes their `layer`
+    where they are rather than in copies of them, which doubled the memory of a long decode traced step by step."""
     measured = an.measured
     counting, preset = an.counting(), variant(an.preset)
     leaves: dict[tuple[str, str], list[Any]] = defaultdict(list)
@@ -53,7 +56,12 @@ def with_diff(report: dict[str, Any], an: Analytic, mapping: Mapping, metric: st
     nodes = []
     per_layer: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for n in report["nodes"]:
-        n = {**n, "layer": mapping.layer_of.get(n["id"]) or mapping.rest.get(n["id"])}
+        layer = mapping.layer_of.get(n["id"]) or mapping.rest.get(n["id"])
+        if in_place:  # as the copy would be: `layer` after the node's own keys, then `unmapped` where it is
+            n.pop("unmapped", None)
+            n["layer"] = layer
+        else:
+            n = {**n, "layer": layer}
         if n["layer"] is not None:
             per_layer[(n["stage"], n["layer"])].append(n)
         elif n["id"] in mapping.unmapped:

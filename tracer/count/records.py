@@ -55,15 +55,58 @@ def node_record(sg: StageGraph, node, memory: dict[str, Any] | None = None) -> d
     }
 
 
-def as_rows(graphs: list[StageGraph], conventions: Conventions) -> list[StageGraph]:
+class Shared:
+    """Equal values of many graphs' rows held once: the strings (op, module, source lines, statuses) and the lists
+    (shapes, dtypes, storage records) of a row, each by its content. A decode traced step by step repeats nearly
+    every value at every step, and a step's rows arrive as objects of their own (unpickled from the decode worker,
+    or built from a graph of their own): DeepSeek-OCR-2's 1,359 rows a step were 3.0 MB of objects, 1.5 MB of it
+    repeats, and 4,000 steps did not fit in 23 GB. No pass changes a row's values in place (they read them, or put
+    a new value under a key), so the sharing is invisible in the report. Node ids are unique per step: not kept."""
+
+    def __init__(self) -> None:
+        self._strings: dict[str, str] = {}
+        self._lists: dict[str, list] = {}
+
+    def rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        strings, lists = self._strings, self._lists
+        for r in rows:
+            for key, v in r.items():
+                if key == "id":
+                    continue
+                if type(v) is str:
+                    r[key] = strings.setdefault(v, v)
+                elif type(v) is list:  # ints, strings and lists of them: equal reprs are equal values
+                    r[key] = lists.setdefault(repr(v), v)
+        return rows
+
+
+def as_rows(graphs: list[StageGraph], conventions: Conventions, shared: Shared | None = None) -> list[StageGraph]:
     """Captured graphs counted and turned into their report rows (a selection, vision, is counted with the graph its
-    nodes belong to, which must be among `graphs`). The decode worker sends its steps so (a v1 step's rows unpickle in
-    3 ms; its graph took 30 ms to rebuild and 8 more to count and turn into rows here), and this process turns its
-    own graphs so while it waits for the worker's last step."""
+    nodes belong to, which must be among `graphs`), their values `shared` with the rows before them where given
+    (stages that came as rows too: the decode worker's, unpickled). A graph given is consumed (its nodes' metadata
+    dropped): use the stages returned. The decode worker sends its steps so (a v1 step's rows unpickle in 3 ms; its
+    graph took 30 ms to rebuild and 8 more to count and turn into rows here), and this process turns each of its
+    own steps so once captured."""
     for sg in graphs:
         if sg.selection is None and sg.rows is None:
             count_graph(sg, conventions)
-    return [sg if sg.rows is not None else _as_rows(sg) for sg in graphs]
+    out = [sg if sg.rows is not None else _as_rows(sg) for sg in graphs]
+    for sg in graphs:  # consumed: its tensors freed now, by reference counts (see _release)
+        if sg.rows is None and sg.selection is None:
+            _release(sg.graph)
+    if shared is not None:
+        for sg in out:
+            shared.rows(sg.rows)
+    return out
+
+
+def _release(graph) -> None:
+    """A graph whose rows are made: its nodes' metadata (the meta tensors, the records) dropped. A graph is a cycle
+    (each node points to it and to its neighbours), so only the cyclic collector frees it; DeepSeek-OCR-2's step
+    graph is 25,000 objects, which that collector freed in 30 ms, and its metadata, 80% of them, dropped here frees
+    in 2 (tracer.capture.recorder.collect_steps frees the rest)."""
+    for node in graph.nodes:
+        node.meta = {}
 
 
 def _as_rows(sg: StageGraph) -> StageGraph:
