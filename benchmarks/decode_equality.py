@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,14 @@ def main() -> None:
     todo = runs(args.v1_steps, args.v2_steps, args.only)
     os.environ["FLOPDIFF_CACHE_DIR"] = tempfile.mkdtemp(prefix="flopdiff-equality-cache-")
     work = tempfile.mkdtemp(prefix="flopdiff-equality-")
+    try:
+        compare(todo, work, args)
+    finally:  # the reports are gigabytes: the numbers are in OUTDIR
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(os.environ["FLOPDIFF_CACHE_DIR"], ignore_errors=True)
+
+
+def compare(todo: dict[str, tuple[str, list[str]]], work: str, args: argparse.Namespace) -> None:
     result: dict = {}
     for name, (site, argv) in todo.items():  # the closed forms one after the other (seconds each)
         proc, t0 = start(site, argv, f"{work}/{name}-closed")
