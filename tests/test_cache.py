@@ -49,6 +49,36 @@ def test_warm_run_is_served_with_byte_identical_reports(cache_on, tmp_path, tiny
     assert naive.cached and naive.report["analytic"]["policy"] == "torch" and naive.gap_groups
 
 
+def test_an_entry_is_written_in_pieces_byte_for_byte_the_whole_json(cache_on, tiny_v2_config, monkeypatch):
+    """The entry is streamed (a long decode traced step by step is gigabytes of JSON, once held whole twice over):
+    the same bytes as json.dumps of the whole document, its node list cut into many slices here."""
+    monkeypatch.setattr(cache, "ITEMS_PER_PIECE", 7)
+    report = _run(tiny_v2_config).report
+    doc = {**report, "cache_key": "k"}
+    assert len(doc["nodes"]) > 7 * 20
+    assert "".join(cache.pieces(doc)) == json.dumps(doc, separators=(",", ":"))
+    (entry,) = cache_on.glob("*.json.gz")
+    stored = json.loads(gzip.decompress(entry.read_bytes()))
+    counted = [{k: v for k, v in n.items() if k not in ("layer", "unmapped")} for n in report["nodes"]]  # undiffed
+    assert stored["nodes"] == json.loads(json.dumps(counted))  # the cache kept what was counted
+
+
+def test_report_json_is_written_in_pieces_one_node_a_line(tiny_v2_config, tmp_path, monkeypatch):
+    """report.json is streamed into the output set in slices of nodes: valid JSON whatever the slices, the document
+    itself, a line per node."""
+    from tracer.core.lifecycle import OutputSet
+    from tracer.count import document
+
+    monkeypatch.setattr(document, "NODES_PER_PIECE", 5)
+    result = _run(tiny_v2_config)
+    with OutputSet(tmp_path / "out") as outputs:
+        result.write(outputs)
+    text = (tmp_path / "out" / "report.json").read_text()
+    assert text == result.to_json() and json.loads(text) == json.loads(json.dumps(result.report))
+    lines = text.splitlines()
+    assert len(lines) == len(result.report["nodes"]) + 2 and lines[1].startswith('{"id":"vision/')
+
+
 @pytest.mark.parametrize("change", ["text_tokens", "decode_steps", "image_wh", "attn", "causal_halving", "config",
                                     "flopdiff source", "torch version"])
 def test_any_part_of_the_key_changed_is_a_miss(change, cache_on, tmp_path, tiny_v2_config, monkeypatch):

@@ -16,7 +16,7 @@ from tracer.core.errors import FlopdiffError
 from tracer.core.forking import forked
 from tracer.core.lifecycle import OutputSet
 from tracer.core.schema import Coverage, GapGroup, Kernel, LayerDiff, Node, Stage, Unseen, typed
-from tracer.count.document import dumps
+from tracer.count.document import dumps, encoded
 from tracer.render.html import render_html
 from tracer.render.model_explorer import ME_GRAPH, ME_OVERLAY, graph_collection, overlay
 from tracer.render.tables import terminal_tables
@@ -103,7 +103,7 @@ class Result:
         # the largest file, independent of the others: built and encoded in a forked child meanwhile
         graph_written = forked(lambda: outputs.write(ME_GRAPH, json.dumps(
             graph_collection(self.trace, self.report), separators=(",", ":")))) if model_explorer else (lambda: None)
-        outputs.write("report.json", self.to_json(only_flops))
+        outputs.write("report.json", encoded(self.report, only_flops))
         outputs.write("report.html", self.to_html())
         names = ["report.json", "report.html"]
         if model_explorer:

@@ -32,7 +32,7 @@ import re
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -227,12 +227,14 @@ class OutputSet:
         assert name.split("/")[0] in OUTPUT_NAMES, name
         return self.staging / name
 
-    def write(self, name: str, data: str | bytes) -> None:
+    def write(self, name: str, data: str | bytes | Iterable[str]) -> None:
+        """`data` whole, or in pieces written as they come (tracer.count.document.encoded)."""
         path = self.path(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as f:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                for piece in [data] if isinstance(data, (str, bytes)) else data:
+                    f.write(piece.encode("utf-8") if isinstance(piece, str) else piece)
         except OSError as exc:
             raise self._failed(f"cannot write {name}", exc) from None
 
