@@ -6,6 +6,7 @@ byte-identical output (no timestamps, node order = execution order).
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any
 
@@ -61,13 +62,18 @@ class Shared:
     every value at every step, and a step's rows arrive as objects of their own (unpickled from the decode worker,
     or built from a graph of their own): DeepSeek-OCR-2's 1,359 rows a step were 3.0 MB of objects, 1.5 MB of it
     repeats, and 4,000 steps did not fit in 23 GB. No pass changes a row's values in place (they read them, or put
-    a new value under a key), so the sharing is invisible in the report. Node ids are unique per step: not kept."""
+    a new value under a key), so the sharing is invisible in the report. Node ids are unique per step: not kept.
+    Only in the process that made it: a forked decode worker's steps are shared where they arrive (unpickled, they
+    are objects of their own again), and sharing them before they leave took 9 ms a step."""
 
     def __init__(self) -> None:
         self._strings: dict[str, str] = {}
         self._lists: dict[str, list] = {}
+        self._pid = os.getpid()
 
     def rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if os.getpid() != self._pid:
+            return rows
         strings, lists = self._strings, self._lists
         for r in rows:
             for key, v in r.items():
