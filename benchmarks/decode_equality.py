@@ -1,12 +1,13 @@
-"""Issue 29's end-to-end check at the full lengths, on a machine with the memory for tracing every step (the
-project's 23 GB box runs out at about 2,000 v1 steps): DeepSeek-OCR's 1000x1400 page (9 text tokens) with 2,000
+"""Issue 29's end-to-end check at the full lengths: DeepSeek-OCR's 1000x1400 page (9 text tokens) with 2,000
 decode steps and DeepSeek-OCR-2's default page with 4,000, each in closed form and with `--every-step --allow-long`,
-cold; the two every-step runs at once (each forks its decode worker). Prints each run's wall time, peak RSS and exit,
-then whether closed form = every step in every column of every stage and every layer row, and writes the numbers to
+cold; the two every-step runs at once (each forks its decode worker; measured on the project's 2-core box: 7.1 and
+9.3 GiB peak, so one at a time there: `--only`). Prints each run's wall time, peak RSS and exit, then whether closed
+form = every step in every column of every stage and every layer row, and writes the numbers to
 OUTDIR/decode-equality.json.
 
-    SITE_V1=DIR SITE_V2=DIR V1_DIR=DIR python benchmarks/decode_equality.py OUTDIR [--limit S]
-(SITE_*: the folders holding each environment's packages, put first on PYTHONPATH.)
+    SITE_V1=DIR SITE_V2=DIR V1_DIR=DIR python benchmarks/decode_equality.py OUTDIR [--limit S] [--only v1|v2]
+(SITE_*: the folders holding each environment's packages, put first on PYTHONPATH; an empty folder where the running
+environment has them.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# benchmarks/decode_equality.py on the lent GPU machine's CPUs (128 GiB: tracing 2,000 and 4,000 steps one by one
-# fits there), each environment's wheels installed into a folder of its own first.
+# benchmarks/decode_equality.py on the lent GPU machine's CPUs (128 GiB, 16 cores: both models at once), each
+# environment's wheels installed into a folder of its own first. Its 600 s per command is short of v2's 4,000 steps
+# traced one by one there (killed at 530 s, no bytecode cache): `--only v1` there, v2 on a machine of your own.
 #   WHEELS_V1=DIR WHEELS_V2=DIR V1_DIR=DIR bash benchmarks/decode_equality.sh OUTDIR
 set -uo pipefail
 out=${1:?OUTDIR}

@@ -92,6 +92,38 @@ def test_killed_run_leaves_no_worker_no_scratch_and_the_old_set(sig, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_signal_whose_exception_a_finalizer_swallowed_still_ends_the_run(tmp_path, capsys):
+    """Python ignores an exception raised in a finalizer, and freeing a decode step's graph runs thousands of them
+    (tracer.capture.recorder.collect_steps): a SIGINT taken there once let a run go on, replace its output set and
+    exit 0. The signal is raised again at the next check and before any commit, with no traceback on stderr."""
+    import weakref
+
+    from tracer.core.lifecycle import raise_caught, signals_as_exceptions
+
+    class Thing:
+        pass
+
+    def signalled_in_a_finalizer(sig: int) -> None:
+        thing = Thing()
+        ref = weakref.ref(thing, lambda _: os.kill(os.getpid(), sig))
+        del thing  # the callback's handler raises inside it: swallowed
+        assert ref() is None
+
+    out = tmp_path / "out"
+    old = _old_set(out)
+    for sig, exc in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, BaseException)):
+        with pytest.raises(exc) as info:
+            with signals_as_exceptions(), OutputSet(out) as outputs:
+                signalled_in_a_finalizer(sig)
+                outputs.write("report.json", "new")  # the block goes on to its commit, which refuses
+        assert getattr(info.value, "signum", signal.SIGINT) == sig
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+        assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing staged left
+    with signals_as_exceptions():  # a block after one that was interrupted starts clean
+        raise_caught()
+    assert capsys.readouterr().err == ""
+
+
 # Every step of a run's writing, in order, each a place the process may die (os._exit: no cleanup at all).
 WRITE_SCRIPT = """
 import os, sys

@@ -46,6 +46,7 @@ from torch.utils.flop_counter import flop_registry
 from tracer.capture.instruments import Instrument
 from tracer.capture.meta import CPU_OUTPUT_DTYPES, active_kernels, cpu_output_dtypes
 from tracer.capture.provenance import ModuleStack, SourceLocator, module_hooks
+from tracer.core.lifecycle import raise_caught
 from tracer.vendors.base import cache_of, cache_tensors
 
 # Views whose schema carries no alias annotation: their output is a view of the first argument all the same
@@ -394,6 +395,7 @@ def collect_steps(step: int) -> None:
     last one, never a rescan of the rows before them."""
     if step % STEPS_PER_COLLECTION == STEPS_PER_COLLECTION - 1:
         gc.collect(0)
+        raise_caught()  # a signal's exception raised in a finalizer the collection ran is swallowed: raised here
 
 
 @contextmanager

@@ -18,7 +18,8 @@ Contract, whatever ends the run (a bad input, an exception, SIGINT, SIGTERM, SIG
   * `die_with_parent`: a forked child (the decode worker, the report writer) gets SIGTERM when its parent
     dies (Linux `PR_SET_PDEATHSIG`), so no child outlives a killed run; the child removes its own scratch.
   * `signals_as_exceptions`: SIGTERM (and SIGHUP) raise `Interrupted` in the main thread like SIGINT's
-    KeyboardInterrupt, so the same `finally` blocks clean up; the command line prints one line for it.
+    KeyboardInterrupt, so the same `finally` blocks clean up; the command line prints one line for it. A signal
+    whose exception a finalizer swallowed is raised again (`raise_caught`), at the latest before the commit.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -133,18 +135,45 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+_CAUGHT: list[int] = []  # the signals signals_as_exceptions' handler took, for raise_caught
+
+
+def _exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum)
+
+
 @contextmanager
 def signals_as_exceptions() -> Iterator[None]:
-    """While inside: SIGTERM and SIGHUP raise `Interrupted` (restored on the way out)."""
+    """While inside: SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP `Interrupted`, each signal also noted for
+    raise_caught, which a block ending normally after a signal calls on its way out (handlers restored then)."""
     def handler(signum, frame):
-        raise Interrupted(signum)
+        _CAUGHT.append(signum)
+        raise _exception(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    def unraisable(info) -> None:  # the swallowed one is raised again: no traceback for it on stderr
+        if not isinstance(info.exc_value, (KeyboardInterrupt, Interrupted)):
+            hook(info)
+
+    _CAUGHT.clear()
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
+        raise_caught()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        sys.unraisablehook = hook
+        _CAUGHT.clear()
+
+
+def raise_caught() -> None:
+    """Raise again the exception of a signal taken inside signals_as_exceptions, where the handler's was swallowed:
+    Python ignores an exception raised in a finalizer (a weakref callback, `__del__`), and freeing a decode step's
+    graph runs thousands of them (tracer.capture.recorder.collect_steps): a run interrupted there went on to the
+    end, replaced its output set and exited 0. Called where that can happen and before an output set commits."""
+    if _CAUGHT:
+        raise _exception(_CAUGHT[0])
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -217,8 +246,14 @@ class OutputSet:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        """Commit when the block ends normally; discard on anything raised (a signal's exception included)."""
+        """Commit when the block ends normally; discard on anything raised (a signal's exception included, and that
+        of a signal a finalizer swallowed: raise_caught)."""
         if exc_type is None:
+            try:
+                raise_caught()
+            except BaseException:
+                self.discard()
+                raise
             self.commit()
         else:
             self.discard()
