@@ -316,7 +316,8 @@ def _closed_form(vendor: Any, model: torch.nn.Module, previous: Any, steps: int,
 def capture_decode(vendor: Any, model: torch.nn.Module, previous: Any, steps: int, prompt_len: int,
                    roots: list[str], worker: DecodeWorker | None, progress: Callable[[str], None],
                    instrument: Instrument | None = None, first: int = 0,
-                   rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None) -> tuple[list[StageGraph], Any, int]:
+                   rows: Callable[[list[StageGraph]], list[StageGraph]] | None = None,
+                   ) -> tuple[list[StageGraph], Any, int]:
     """This process's share of the decode steps, from the real cache: every step from `first` without a
     worker, else steps from 0 until the worker's claims meet them. Returns the graphs (each step as its rows once
     captured, `rows` given: a step's graph is 3.7 MB on DeepSeek-OCR-2, its rows half that), the last output and the
