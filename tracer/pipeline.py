@@ -266,8 +266,9 @@ def _traced(workload: Workload, options: Options, progress: Callable[[str], None
 
     conventions = Conventions(causal_halving=options.causal_halving)
     # graphs are counted where they are captured, as report rows (the decode worker's steps, and this process's own
-    # decode steps once captured), unless the graphs themselves are kept
-    rows = None if options.keep_graphs else partial(as_rows, conventions=conventions, shared=Shared())
+    # decode steps once captured), unless the graphs themselves are kept or read later (CUDA: kernels by node)
+    keep = options.keep_graphs or options.build.device == "cuda"
+    rows = None if keep else partial(as_rows, conventions=conventions, shared=Shared())
     tr = trace(workload, options.build, options.config, progress=lambda msg: progress(f"tracing: {msg}"),
                mode=options.mode, parallel=not options.sequential, allow_long=options.allow_long,
                instrument=NvtxRanges(options.nvtx_module) if options.nvtx_module else None, rows=rows,

@@ -133,7 +133,7 @@ def trace(workload: Workload, options: BuildOptions = BuildOptions(), config_pat
     (fake mode, `rows` given, CLOSED_FORM_STEPS steps or more): steps 1..n-1 from probes (tracer.capture.series).
     `instrument` (real mode; tracer.capture.instruments): told of every module call and op; on CUDA the default is
     ProfilerRanges (every kernel recorded with its node). `rows` (tracer.count.records.as_rows): graphs counted and turned into
-    report rows where they were captured: the decode worker's steps, and this process's while it waits for them."""
+    report rows where they were captured: each decode step (the decode worker's, this process's once captured)."""
     workload = validate(workload)
     vendor = get_vendor(workload.model)
     options = dataclasses.replace(options, mode=mode, experts=options.experts or vendor.default_experts)
@@ -239,7 +239,7 @@ def _capture_stages(result: Trace, inputs: Prepared, vendor: Any, model: torch.n
                 return
             started = time.perf_counter()
             decode, out, k = capture_decode(vendor, model, out, steps, prompt_len, roots, worker, progress,
-                                            instrument, rows=rows if worker is not None else None)
+                                            instrument, rows=rows)
             if k == 0 and steps and worker is not None and not worker.step0_taken(out, model):
                 # the worker took every step, but its step 0 did not read the prefill's cache: step 0 here
                 progress(f"decode step 1/{steps}")
